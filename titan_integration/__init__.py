@@ -1,0 +1,1 @@
+"""torchtitan integration of dualpipe_fx."""
