@@ -10,7 +10,9 @@ Calling conventions (all arguments and results are tuples of tensors, flat):
 ``buffer_names`` order. ``inputs`` are the previous stage's outputs (in its
 ``output_names`` order) followed by this stage's ``external_inputs`` (model inputs for
 the first stage, the target for the last). ``outputs`` go to the next stage; the last
-stage's single output is the scalar loss of one micro-batch. ``grad_inputs`` has one
+stage's outputs are ``(loss, *model_outputs)``: the scalar loss of one micro-batch,
+then the model's own outputs (for forward-only use); its ``backward_input`` takes
+``grad_outputs=(grad_loss,)`` only. ``grad_inputs`` has one
 entry per non-external input (``None`` where the input is not differentiable, e.g.
 token ids). ``param_grads`` has one entry per ``param_names`` entry. Nothing here
 touches ranks or processes.
