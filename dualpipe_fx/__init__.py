@@ -1,5 +1,6 @@
 """dualpipe_fx: automatic DualPipe/DualPipeV pipeline parallelism as torch.fx passes."""
 from dualpipe_fx.schedules import Action, Program
+from dualpipe_fx.schedules import SCHEDULES, ScheduleSpec, generate, get_schedule, validate_program  # noqa: F401
 
 __all__ = ["Action", "Program"]
 __version__ = "0.1.0"

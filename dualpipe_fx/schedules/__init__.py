@@ -1,4 +1,12 @@
-"""Pipeline schedules as plain data: the action IR and the program generators."""
+"""Pipeline schedules as plain data: the action IR, the program generators and their registry."""
 from dualpipe_fx.schedules.ir import KINDS, Action, Program, F, B, I, W, FB
+from dualpipe_fx.schedules.validate import validate_program
+from dualpipe_fx.schedules.dualpipev import dualpipev
+from dualpipe_fx.schedules.baselines import gpipe, one_f_one_b
+from dualpipe_fx.schedules.registry import SCHEDULES, ScheduleSpec, generate, get_schedule
 
-__all__ = ["KINDS", "Action", "Program", "F", "B", "I", "W", "FB"]
+__all__ = [
+    "KINDS", "Action", "Program", "F", "B", "I", "W", "FB",
+    "validate_program", "dualpipev", "gpipe", "one_f_one_b",
+    "SCHEDULES", "ScheduleSpec", "generate", "get_schedule",
+]

@@ -80,11 +80,29 @@ class Program(dict):
     """
 
     def __init__(self, actions: dict[int, list[Action]], *, chains: tuple[tuple[int, ...], ...],
-                 num_microbatches: int, name: str = "") -> None:
+                 num_microbatches: int, name: str = "",
+                 model_parts: Optional[tuple[int, ...]] = None) -> None:
         super().__init__(actions)
         self.chains = tuple(tuple(c) for c in chains)
         self.num_microbatches = num_microbatches
         self.name = name
+        # model_parts[stage] = the model part (stage graph) that stage runs; None = identity.
+        self.model_parts = None if model_parts is None else tuple(model_parts)
+
+    def model_part(self, stage: int) -> int:
+        """The model part (index into the stage graphs) that ``stage`` runs.
+
+        Identity for every single-direction schedule. Bidirectional DualPipe runs the
+        model twice, so its stage ``N + s`` runs part ``s`` (a mirror copy of stage ``s``).
+        """
+        if not 0 <= stage < self.num_stages:
+            raise ValueError(f"stage {stage} is not in 0..{self.num_stages - 1}; pass a stage of this program")
+        return stage if self.model_parts is None else self.model_parts[stage]
+
+    @property
+    def num_model_parts(self) -> int:
+        """How many distinct model parts the stages run (N for DualPipe, S otherwise)."""
+        return self.num_stages if self.model_parts is None else len(set(self.model_parts))
 
     @property
     def num_ranks(self) -> int:
@@ -127,3 +145,51 @@ class Program(dict):
     def format(self) -> str:
         """One line per rank, actions in order, e.g. ``rank 0: F0.0 F0.1 ...``."""
         return "\n".join(f"rank {r}: " + " ".join(str(a) for a in acts) for r, acts in sorted(self.items()))
+
+
+class RankBuilder:
+    """Appends one rank's actions, numbering micro-batches per stage as they are used.
+
+    Generators name only stages (``f(s)``, ``b(s)``); the builder hands out the next
+    micro-batch for that stage and kind, as every pipeline runtime does with its
+    per-stage counters. Split backwards (``b(s, split=True)``) emit an ``I`` and queue
+    its ``W``; ``w()`` emits the oldest queued ``W`` (first in, first out).
+    """
+
+    def __init__(self) -> None:
+        self.actions: list[Action] = []
+        self._next_f: dict[int, int] = {}
+        self._next_b: dict[int, int] = {}
+        self._pending_w: list[Action] = []
+
+    def _take(self, counters: dict[int, int], stage: int) -> int:
+        mb = counters.get(stage, 0)
+        counters[stage] = mb + 1
+        return mb
+
+    def _backward(self, stage: int, split: bool) -> Action:
+        mb = self._take(self._next_b, stage)
+        if split:
+            self._pending_w.append(W(stage, mb))
+            return I(stage, mb)
+        return B(stage, mb)
+
+    def f(self, stage: int) -> None:
+        self.actions.append(F(stage, self._take(self._next_f, stage)))
+
+    def b(self, stage: int, split: bool = False) -> None:
+        self.actions.append(self._backward(stage, split))
+
+    def w(self) -> None:
+        """Run the oldest deferred weight gradient (no-op when none is pending)."""
+        if self._pending_w:
+            self.actions.append(self._pending_w.pop(0))
+
+    def fb(self, f_stage: int, b_stage: int, split: bool = False) -> None:
+        """An overlapped pair: forward of ``f_stage`` with the backward of ``b_stage``."""
+        fwd = F(f_stage, self._take(self._next_f, f_stage))
+        self.actions.append(FB(fwd, self._backward(b_stage, split)))
+
+    @property
+    def pending_w(self) -> int:
+        return len(self._pending_w)
