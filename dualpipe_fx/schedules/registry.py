@@ -10,6 +10,7 @@ from types import MappingProxyType
 from typing import Callable, Mapping
 
 from dualpipe_fx.schedules import baselines
+from dualpipe_fx.schedules.dualpipe import dualpipe
 from dualpipe_fx.schedules.dualpipev import dualpipev
 from dualpipe_fx.schedules.ir import Program
 
@@ -49,6 +50,9 @@ def _specs() -> dict[str, ScheduleSpec]:
     specs = [
         ScheduleSpec("dualpipev", dualpipev, 2, lambda n: 2 * n, "C >= 2N", has_fb=True,
                      description="DeepSeek DualPipeV: V placement, overlapped F&B, zero-bubble W"),
+        ScheduleSpec("dualpipe", dualpipe, 2, lambda n: 2 * n, "C >= 2N, N and C even", has_fb=True,
+                     bidirectional=True,
+                     description="DeepSeek DualPipe: two directions, C/2 micro-batches each, model held twice"),
         ScheduleSpec("gpipe", baselines.gpipe, 1, lambda n: 1, "C >= 1",
                      description="GPipe: all forwards, then all backwards"),
         ScheduleSpec("1f1b", baselines.one_f_one_b, 1, lambda n: n, "C >= N",
