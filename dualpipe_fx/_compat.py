@@ -15,3 +15,29 @@ from torch.distributed.pipelining.schedules import FULL_BACKWARD  # noqa: F401
 from torch.distributed.pipelining.schedules import BACKWARD_INPUT  # noqa: F401
 from torch.distributed.pipelining.schedules import BACKWARD_WEIGHT  # noqa: F401
 from torch.distributed.pipelining.schedules import OVERLAP_F_B  # noqa: F401
+# --- runtime entries (restored after a write race; names as tests/test_compat.py uses them) ---
+# TorchAction: the same _Action, under the name the runtime uses.
+from torch.distributed.pipelining.schedules import _Action as TorchAction  # noqa: F401
+# TorchComputationType: the same _ComputationType, incl. SEND_F/RECV_F/SEND_B/RECV_B/REDUCE_GRAD.
+from torch.distributed.pipelining.schedules import _ComputationType as TorchComputationType  # noqa: F401
+# PipelineScheduleRuntime: torch's runtime that executes a pipeline_order with comms (runtime/).
+from torch.distributed.pipelining.schedules import _PipelineScheduleRuntime as PipelineScheduleRuntime  # noqa: F401
+# PipelineStageBase: base of torch's pipeline stages; the runtime's stage subclasses it.
+from torch.distributed.pipelining.stage import _PipelineStageBase as PipelineStageBase  # noqa: F401
+# add_send_recv(actions, stage_to_rank, num_stages): inserts SEND/RECV actions into a compute-only order.
+from torch.distributed.pipelining.schedules import _add_send_recv as add_send_recv  # noqa: F401
+# --- expert-parallel entries (examples_moe, runtime/overlap) ---
+# Importing torch's functional collectives registers the autograd of the
+# _c10d_functional ops (all_to_all_single's backward is the reverse all_to_all).
+import torch.distributed._functional_collectives  # noqa: F401,E402
+import torch as _torch  # noqa: E402
+
+
+def functional_all_to_all_single(x, output_split_sizes, input_split_sizes, group_name):
+    """``_c10d_functional.all_to_all_single``: issue an async all_to_all, traceable into FX."""
+    return _torch.ops._c10d_functional.all_to_all_single(x, output_split_sizes, input_split_sizes, group_name)
+
+
+def functional_wait_tensor(x):
+    """``_c10d_functional.wait_tensor``: block until the collective producing ``x`` is done."""
+    return _torch.ops._c10d_functional.wait_tensor(x)

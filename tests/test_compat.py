@@ -21,3 +21,41 @@ def test_add_send_recv_lowers_a_two_rank_forward_to_a_send_and_a_recv():
     lowered = _compat.add_send_recv(actions, stage_to_rank=lambda s: s, num_stages=2)
     assert [str(a) for a in lowered[0]] == ["0F0", "0SEND_F0", "0RECV_B0", "0B0"]
     assert [str(a) for a in lowered[1]] == ["1RECV_F0", "1F0", "1B0", "1SEND_B0"]
+
+
+def test_functional_all_to_all_single_has_autograd_and_traces():
+    import torch
+    import torch.distributed as dist
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        name = dist.group.WORLD.group_name
+        x = torch.arange(6.0).view(3, 2).requires_grad_()
+        y = _compat.functional_wait_tensor(_compat.functional_all_to_all_single(x, [3], [3], name))
+        (y * 2).sum().backward()
+        assert torch.equal(y, x.detach()) and torch.equal(x.grad, torch.full((3, 2), 2.0))
+        gm = make_fx(lambda t: _compat.functional_wait_tensor(
+            _compat.functional_all_to_all_single(t, [3], [3], name)))(x.detach())
+        targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+        assert targets == ["_c10d_functional.all_to_all_single.default", "_c10d_functional.wait_tensor.default"]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_schedule_lowering_entries_are_torch_compute_kinds():
+    # lowering maps F/B/I/W/FB onto exactly these torch kinds; their string values are torch's IR letters
+    assert [_compat.FORWARD.value, _compat.FULL_BACKWARD.value, _compat.BACKWARD_INPUT.value,
+            _compat.BACKWARD_WEIGHT.value, _compat.OVERLAP_F_B.value] == ["F", "B", "I", "W", "OVERLAP_F_B"]
+    assert _compat._ComputationType is _compat.TorchComputationType
+    assert _compat._Action is _compat.TorchAction
+
+
+def test_action_tuple_layout_matches_lowering():
+    # lowering builds _Action(stage, kind, mb) and _Action(-1, OVERLAP_F_B, None, (f, b))
+    f = _compat._Action(3, _compat.FORWARD, 7)
+    pair = _compat._Action(-1, _compat.OVERLAP_F_B, None, (f, _compat._Action(2, _compat.FULL_BACKWARD, 1)))
+    assert (f.stage_index, f.computation_type, f.microbatch_index, f.sub_actions) == (3, _compat.FORWARD, 7, None)
+    assert str(f) == "3F7" and str(pair) == "(3F7;2B1)OVERLAP_F_B"
+    assert f.is_compute_op and pair.is_compute_op
