@@ -1,0 +1,143 @@
+"""MoEDecoder: dense == naive per-token experts; 2-rank expert parallelism == dense model."""
+from __future__ import annotations
+
+import io
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from dualpipe_fx.examples_moe import (MoEConfig, MoEDecoder, ep_average_grads, expert_shard,
+                                      moe_batch, moe_loss)
+
+CFG = MoEConfig(vocab_size=32, dim=16, n_layers=2, n_heads=2, n_experts=4, top_k=2, expert_hidden=24)
+
+
+# ----------------------------------------------------------------------------- spawn helper
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank, world, port, fn, args, queue):
+    os.environ.update(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        import datetime
+        torch.distributed.init_process_group("gloo", rank=rank, world_size=world,
+                                             timeout=datetime.timedelta(seconds=60))
+        # Tensors travel as bytes: shared-memory handles die with the rank's process.
+        buf = io.BytesIO()
+        torch.save(fn(rank, world, *args), buf)
+        queue.put((rank, "ok", buf.getvalue()))
+    except BaseException:  # report every failure, the parent re-raises it
+        queue.put((rank, "error", traceback.format_exc()))
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def spawn_ranks(fn, world: int, *args, timeout: float = 240.0) -> list:
+    """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks; their results, rank order.
+
+    ``fn`` must be a top-level function; a rank that fails or outlives ``timeout``
+    fails the test (stragglers are killed, never waited for).
+    """
+    ctx = mp.get_context("spawn")
+    queue, port = ctx.Queue(), _free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, world, port, fn, args, queue), daemon=True)
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    results = {}
+    try:
+        for _ in range(world):
+            rank, status, value = queue.get(timeout=timeout)
+            if status == "error":
+                raise AssertionError(f"rank {rank} failed:\n{value}")
+            results[rank] = torch.load(io.BytesIO(value), weights_only=False)
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+    return [results[r] for r in range(world)]
+
+
+# ----------------------------------------------------------------------------- single process
+def _naive_moe(moe, x):
+    """Per token, per chosen expert: the textbook top-k mixture."""
+    xs = x.reshape(-1, x.shape[-1])
+    top_logits, experts = moe.router(xs).topk(moe.top_k, dim=-1)
+    weights = top_logits.softmax(-1)
+    rows = []
+    for t in range(xs.shape[0]):
+        rows.append(sum(weights[t, j] * (F.silu(xs[t] @ moe.w1[e]) @ moe.w2[e])
+                        for j, e in enumerate(experts[t].tolist())))
+    return torch.stack(rows).view(x.shape)
+
+
+def test_dense_moe_equals_naive_top_k_mixture():
+    moe = MoEDecoder(CFG, seed=1).layers[0].moe
+    x = torch.randn(3, 5, CFG.dim, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(moe(x), _naive_moe(moe, x), rtol=1e-5, atol=1e-6)
+
+
+def test_same_seed_same_model_and_bad_config():
+    a, b = MoEDecoder(CFG, seed=3), MoEDecoder(CFG, seed=3)
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), n
+    with pytest.raises(ValueError, match="top_k=5"):
+        MoEConfig(n_experts=4, top_k=5)
+
+
+# ----------------------------------------------------------------------------- expert parallel
+def _ep_rank(rank, world):
+    group = torch.distributed.new_group(list(range(world)))
+    tokens, target = moe_batch(CFG, 2 * world, 6, seed=5)
+    model = MoEDecoder(CFG, seed=2, group=group)
+    shard = slice(2 * rank, 2 * rank + 2)  # each EP rank routes its own tokens
+    loss = moe_loss(model(tokens[shard]), target[shard])
+    loss.backward()
+    ep_average_grads(model.named_parameters(), group)
+    losses = [torch.zeros(()) for _ in range(world)]
+    torch.distributed.all_gather(losses, loss.detach(), group=group)
+    return torch.stack(losses).mean(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_expert_parallel_two_ranks_equals_dense():
+    results = spawn_ranks(_ep_rank, 2)
+    dense = MoEDecoder(CFG, seed=2)
+    tokens, target = moe_batch(CFG, 4, 6, seed=5)
+    ref_loss = moe_loss(dense(tokens), target)
+    ref_loss.backward()
+    for rank, (loss, grads) in enumerate(results):
+        torch.testing.assert_close(loss, ref_loss.detach(), rtol=1e-6, atol=0)
+        for name, p in dense.named_parameters():
+            torch.testing.assert_close(grads[name], expert_shard(name, p.grad, rank, 2),
+                                       rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def _size_one_group_rank(rank, world):
+    group = torch.distributed.new_group([0])
+    tokens, target = moe_batch(CFG, 2, 6, seed=7)
+    model = MoEDecoder(CFG, seed=4, group=group)
+    loss = moe_loss(model(tokens), target)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_expert_group_of_one_is_bitwise_dense():
+    (loss, grads), = spawn_ranks(_size_one_group_rank, 1)
+    dense = MoEDecoder(CFG, seed=4)
+    tokens, target = moe_batch(CFG, 2, 6, seed=7)
+    ref = moe_loss(dense(tokens), target)
+    ref.backward()
+    assert torch.equal(loss, ref.detach())
+    for name, p in dense.named_parameters():
+        assert torch.equal(grads[name], p.grad), name
