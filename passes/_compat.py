@@ -1,0 +1,60 @@
+"""Every private torch API the passes use, in one place, so a torch upgrade breaks one file.
+
+Each name below is re-exported under a stable local name and covered by
+``tests/passes/test_compat.py``.
+"""
+from __future__ import annotations
+
+import torch
+from torch.fx.experimental.proxy_tensor import get_proxy_mode as _get_proxy_mode
+from torch.fx.experimental.proxy_tensor import get_proxy_slot as _get_proxy_slot
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
+
+__all__ = [
+    "DATA_DEPENDENT_ERRORS",
+    "FakeTensorMode",
+    "current_fx_node",
+    "current_tracer_graph",
+    "make_fx",
+    "TreeSpec",
+    "tree_flatten",
+    "tree_unflatten",
+]
+
+# Errors torch raises when Python control flow depends on tensor values during tracing.
+DATA_DEPENDENT_ERRORS: tuple[type[BaseException], ...] = (
+    GuardOnDataDependentSymNode,
+    DataDependentOutputException,
+)
+
+
+def current_tracer_graph() -> "torch.fx.Graph | None":
+    """The FX graph that the active make_fx/export tracer is recording into, or None."""
+    mode = _get_proxy_mode()
+    if mode is None:
+        return None
+    return mode.tracer.graph
+
+
+def current_fx_node(t: torch.Tensor) -> "torch.fx.Node | None":
+    """The node of the active tracer's graph that produced tensor ``t``, or None."""
+    mode = _get_proxy_mode()
+    if mode is None or not isinstance(t, torch.Tensor):
+        return None
+    slot = _get_proxy_slot(t, mode.tracer, default=None)
+    return None if slot is None else slot.proxy.node
+
+
+def decomposes_implicitly(op) -> bool:
+    """True when ATen ``op`` is CompositeImplicitAutograd: it runs as other ATen ops.
+
+    The cost model only runs such ops (and ops with a FLOP formula) through the FLOP
+    counter; every other op is a leaf kernel whose FLOPs the counter does not count.
+    """
+    has_kernel = getattr(op, "has_kernel_for_dispatch_key", None)
+    if has_kernel is None:
+        return True  # not an OpOverload (higher-order op, Python callable): run it to see
+    return bool(has_kernel(torch._C.DispatchKey.CompositeImplicitAutograd))
