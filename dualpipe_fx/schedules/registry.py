@@ -57,6 +57,13 @@ def _specs() -> dict[str, ScheduleSpec]:
                      description="GPipe: all forwards, then all backwards"),
         ScheduleSpec("1f1b", baselines.one_f_one_b, 1, lambda n: n, "C >= N",
                      description="1F1B: one forward, one backward in steady state"),
+        ScheduleSpec("zb1p", baselines.zb1p, 1, lambda n: 1, "C >= 1",
+                     description="ZB-H1: 1F1B with I/W split, W fills the cool-down bubble"),
+        ScheduleSpec("zbv", baselines.zbv, 2, lambda n: 1, "C >= 1",
+                     description="ZB-V: V placement, every backward split, W fills bubbles"),
+        ScheduleSpec("interleaved_1f1b", baselines.interleaved_1f1b, 2, lambda n: 1,
+                     "C >= 1 and C a multiple of max(1, C // N)",
+                     description="Megatron interleaved 1F1B, stage s on rank s mod N"),
     ]
     return {s.name: s for s in specs}
 
