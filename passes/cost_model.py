@@ -1,0 +1,241 @@
+"""Cost model: FLOPs, bytes and (optionally) measured time of every node of an FX graph.
+
+**Contract**: ``node_costs(gm, *, measured=False, repeats=3) -> Mapping[str, NodeCost]``
+(node name -> cost, for every ``call_*`` node; placeholders, ``get_attr`` and the output
+cost nothing and are absent), ``edge_bytes(gm) -> Mapping[(producer, consumer), int]``,
+``scalar_costs(gm, cost) -> Mapping[str, float]`` with ``cost`` in ``"flops"``,
+``"measured"`` or a callable ``cost(node) -> float``. Pure functions: ``gm`` is only read.
+
+**Pseudocode**:
+    for node in gm.graph.nodes if node.op starts with "call":
+        args = fresh fake tensors shaped like the args' meta["val"]
+        flops = FlopCounterMode total of node.target(*args)       # fwd FLOPs only
+        bytes = bytes of tensor args + bytes of the result; out_bytes = result bytes
+        time  = median of `repeats` timed runs on random real tensors (measured only)
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, Union
+
+import torch
+import torch.fx as fx
+from torch.fx.node import map_aggregate
+from torch.utils.flop_counter import FlopCounterMode
+
+from passes._compat import FakeTensorMode, decomposes_implicitly
+
+CostSpec = Union[str, Callable[[fx.Node], float]]
+
+
+@dataclass(frozen=True)
+class NodeCost:
+    """Cost of one node: forward FLOPs, bytes read + written, bytes of its result, seconds."""
+
+    flops: float
+    bytes: int
+    out_bytes: int
+    time: float = 0.0
+
+
+def _sdpa_cpu_flop(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+    # q: [b, h, s_q, d] @ k^T -> [b, h, s_q, s_k]; @ v: [.., s_k, d_v]: two batched matmuls
+    *batch, s_q, d_q = q_shape
+    s_k, d_v = k_shape[-2], v_shape[-1]
+    n = 1
+    for b in batch:
+        n *= b
+    return 2 * n * s_q * s_k * d_q + 2 * n * s_q * s_k * d_v
+
+
+def _sdpa_cpu_backward_flop(grad_shape, q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+    # five matmuls of the same sizes (dV, dP, dS->dQ, dK, plus recomputed scores)
+    return _sdpa_cpu_flop(q_shape, k_shape, v_shape) * 5 // 2
+
+
+def _custom_flop_formulas() -> dict:
+    """FLOP formulas torch's counter lacks: the CPU flash-attention kernels SDPA picks on CPU."""
+    aten = torch.ops.aten
+    table = {}
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        table[aten._scaled_dot_product_flash_attention_for_cpu] = _sdpa_cpu_flop
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):
+        table[aten._scaled_dot_product_flash_attention_for_cpu_backward] = _sdpa_cpu_backward_flop
+    return table
+
+
+def _concrete(size) -> int:
+    """A plain int for a size that may be a SymInt (its hint under dynamic shapes)."""
+    if isinstance(size, torch.SymInt):
+        return int(size.node.hint)
+    return int(size)
+
+
+def _storage_numel(shape, stride) -> int:
+    if any(s == 0 for s in shape):
+        return 0
+    return 1 + sum((s - 1) * st for s, st in zip(shape, stride))
+
+
+def _tensor_like(val: torch.Tensor, real: bool) -> torch.Tensor:
+    """A tensor with ``val``'s shape, strides, dtype and device: random if ``real``, else empty."""
+    shape = [_concrete(s) for s in val.shape]
+    stride = [_concrete(s) for s in val.stride()]
+    if not real:
+        return torch.empty_strided(shape, stride, dtype=val.dtype, device=val.device)
+    n = _storage_numel(shape, stride)
+    if val.dtype.is_floating_point or val.dtype.is_complex:
+        base = torch.randn(n, dtype=val.dtype, device=val.device)
+    else:
+        # zeros are valid indices (embedding, cross-entropy targets) and valid masks
+        base = torch.zeros(n, dtype=val.dtype, device=val.device)
+    return base.as_strided(shape, stride)
+
+
+def _materialize(node: fx.Node, real: bool) -> tuple[tuple, dict]:
+    """The node's args with every graph value replaced by a fresh tensor like its meta["val"]."""
+    def one(a):
+        if isinstance(a, fx.Node):
+            val = a.meta.get("val")
+            if isinstance(val, torch.Tensor):
+                return _tensor_like(val, real)
+            if isinstance(val, (list, tuple)):
+                return type(val)(_tensor_like(v, real) if isinstance(v, torch.Tensor) else v for v in val)
+            if isinstance(val, torch.SymInt):
+                return _concrete(val)
+            return val
+        if isinstance(a, torch.Tensor):
+            return _tensor_like(a, real)
+        return a
+    return map_aggregate(node.args, one), map_aggregate(node.kwargs, one)
+
+
+def _nbytes(vals: Any) -> int:
+    if isinstance(vals, torch.Tensor):
+        return _concrete(vals.numel()) * vals.element_size()
+    if isinstance(vals, (list, tuple)):
+        return sum(_nbytes(v) for v in vals)
+    return 0
+
+
+def activation_bytes(node: fx.Node) -> int:
+    """Bytes of the value ``node`` produces (per micro-batch), from its ``meta["val"]``."""
+    return _nbytes(node.meta.get("val"))
+
+
+def _node_flops(node: fx.Node, counter: FlopCounterMode) -> float:
+    """FLOPs of one node; ``counter`` (entered, inside a fake mode) accumulates across calls."""
+    packet = getattr(node.target, "overloadpacket", None)
+    if packet not in counter.flop_registry and not decomposes_implicitly(node.target):
+        return 0.0  # a leaf kernel without a FLOP formula: the counter would say 0 anyway
+    before = counter.get_total_flops()
+    try:
+        args, kwargs = _materialize(node, real=False)
+        node.target(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - an op the fake kernels cannot run costs no FLOPs
+        return 0.0
+    return float(counter.get_total_flops() - before)
+
+
+def _node_time(node: fx.Node, repeats: int) -> float:
+    try:
+        args, kwargs = _materialize(node, real=True)
+        with torch.no_grad():
+            node.target(*args, **kwargs)  # warm-up: first-call allocations and dispatch caches
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                node.target(*args, **kwargs)
+                times.append(time.perf_counter() - start)
+    except Exception:  # noqa: BLE001 - an op that cannot run on random inputs is not timed
+        return 0.0
+    return statistics.median(times)
+
+
+def _is_compute(node: fx.Node) -> bool:
+    return node.op in ("call_function", "call_method") and callable(node.target)
+
+
+def node_costs(gm: fx.GraphModule, *, measured: bool = False, repeats: int = 3) -> Mapping[str, NodeCost]:
+    """Per-node FLOPs, bytes read + written, output bytes and (optionally) measured time.
+
+    **Contract**: ``GraphModule`` with ``meta["val"]`` on its nodes -> frozen mapping
+    ``node.name -> NodeCost`` for every ``call_function`` / ``call_method`` node.
+
+    **Pseudocode**:
+        for each call node: fake args from the args' meta["val"]
+            flops <- FlopCounterMode over node.target(*fake args)
+            bytes <- sizes of args + result; time <- median of timed real runs if measured
+
+    Args:
+        gm: the graph to cost; it is never modified.
+        measured: also time each op on random real tensors of the recorded shapes.
+        repeats: timed runs per op (after one warm-up); the median is kept.
+
+    Returns:
+        ``MappingProxyType`` of node name -> ``NodeCost``.
+
+    Raises:
+        ValueError: ``repeats < 1``.
+    """
+    if repeats < 1:
+        raise ValueError(f"node_costs: repeats={repeats}; expected >= 1")
+    nodes = [n for n in gm.graph.nodes if _is_compute(n)]
+    # one fake mode and one counter for the whole graph: entering them per node is slow.
+    # Tensors made inside the fake mode are fake: no real memory, even for huge shapes.
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        with FlopCounterMode(display=False, custom_mapping=_custom_flop_formulas()) as counter:
+            flops = {n.name: _node_flops(n, counter) for n in nodes}
+    table = {}
+    for node in nodes:
+        out_bytes = activation_bytes(node)
+        in_bytes = sum(activation_bytes(a) for a in node.all_input_nodes)
+        table[node.name] = NodeCost(
+            flops=flops[node.name],
+            bytes=in_bytes + out_bytes,
+            out_bytes=out_bytes,
+            time=_node_time(node, repeats) if measured else 0.0,
+        )
+    return MappingProxyType(table)
+
+
+def edge_bytes(gm: fx.GraphModule) -> Mapping[tuple[str, str], int]:
+    """Activation bytes on every data edge ``(producer name, consumer name)`` of ``gm``."""
+    table = {}
+    for node in gm.graph.nodes:
+        for src in node.all_input_nodes:
+            table[(src.name, node.name)] = activation_bytes(src)
+    return MappingProxyType(table)
+
+
+def scalar_costs(gm: fx.GraphModule, cost: CostSpec = "flops") -> Mapping[str, float]:
+    """One number per call node: its FLOPs, its measured seconds or ``cost(node)``.
+
+    **Contract**: ``(GraphModule, "flops" | "measured" | callable) -> Mapping[str, float]``.
+
+    **Pseudocode**:
+        callable -> {n.name: float(cost(n))}; else node_costs(gm, measured=...) field
+
+    Raises:
+        ValueError: an unknown cost name, or a callable returning a negative or NaN cost.
+        TypeError: ``cost`` neither a string nor a callable.
+    """
+    if callable(cost):
+        table = {}
+        for node in gm.graph.nodes:
+            if _is_compute(node):
+                value = float(cost(node))
+                if not value >= 0.0:
+                    raise ValueError(f"cost({node.name}) returned {value}; expected a finite number >= 0")
+                table[node.name] = value
+        return MappingProxyType(table)
+    if not isinstance(cost, str):
+        raise TypeError(f"cost={cost!r}; expected 'flops', 'measured' or a callable cost(node) -> float")
+    if cost not in ("flops", "measured"):
+        raise ValueError(f"cost={cost!r}; expected 'flops', 'measured' or a callable cost(node) -> float")
+    costs = node_costs(gm, measured=cost == "measured")
+    field = "flops" if cost == "flops" else "time"
+    return MappingProxyType({name: float(getattr(c, field)) for name, c in costs.items()})
