@@ -58,3 +58,22 @@ def decomposes_implicitly(op) -> bool:
     if has_kernel is None:
         return True  # not an OpOverload (higher-order op, Python callable): run it to see
     return bool(has_kernel(torch._C.DispatchKey.CompositeImplicitAutograd))
+
+
+# --- multiplex entries: functional collectives ---
+# Functional collectives live in private op namespaces; a node calling one of them issues
+# an asynchronous collective, and `_c10d_functional.wait_tensor` waits for it.
+_COLLECTIVE_NAMESPACES = ("_c10d_functional", "_c10d_functional_autograd")
+
+
+def is_functional_wait(node: "torch.fx.Node") -> bool:
+    """Whether ``node`` calls ``_c10d_functional.wait_tensor``."""
+    return node.op == "call_function" and node.target is torch.ops._c10d_functional.wait_tensor.default
+
+
+def is_functional_collective(node: "torch.fx.Node") -> bool:
+    """Whether ``node`` issues a functional collective (all_to_all_single, all_gather, ...)."""
+    target = node.target
+    return (node.op == "call_function" and isinstance(target, torch._ops.OpOverload)
+            and target.namespace in _COLLECTIVE_NAMESPACES and not is_functional_wait(node))
+
