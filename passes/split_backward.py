@@ -1,0 +1,378 @@
+"""split_backward: one stage graph -> forward, backward-input (I) and backward-weight (W).
+
+The joint forward+backward graph of the stage is traced with ``make_fx`` (post-autograd
+ATen) over a function that runs the stage graph and calls ``torch.autograd.grad``. Custom
+``autograd.Function`` regions (see ``passes.capture``) are replayed through the Function
+itself, so the user's own ``backward`` is what gets traced. The joint graph's nodes are
+then partitioned by dataflow:
+
+- forward  F = ancestors of the stage outputs (plus getitems of F nodes);
+- input    I = ancestors of the input grads, minus F;
+- weight   W = ancestors of the param grads, minus F and I.
+
+``saved`` = F values (params and inputs included) that I or W read; W reads F values only
+through I: ``saved_for_weight`` = values of F, I or the grad outputs that W reads, and I
+returns them unchanged (a reference, not a copy), so each tensor is saved once per edge.
+Fused backward kernels with an ``output_mask`` (layer norm, convolution, group/batch
+norm) are split into an input-grad call (in I) and a weight-grad call (in W) first, so
+that I does no weight-grad work.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.fx
+from torch.fx import GraphModule, Node
+
+from passes import _compat
+from passes.stage_graphs import StageGraphs
+
+__all__ = ["split_backward"]
+
+_F, _G, _I, _W = "F", "G", "I", "W"
+
+
+# --------------------------------------------------------------------------------------
+# Running a stage graph with custom Function regions replayed
+
+
+class _ReplayInterpreter(torch.fx.Interpreter):
+    """Runs a stage graph; each custom-Function region runs as ``Fn.apply`` (user backward)."""
+
+    def __init__(self, gm: GraphModule):
+        super().__init__(gm)
+        self.entries: dict[int, dict[int, Node]] = {}
+        for node in gm.graph.nodes:
+            if "dpfx_region_input" in node.meta:
+                self.entries.setdefault(node.meta["dpfx_region"], {})[node.meta["dpfx_region_input"]] = node
+        self.replayed: dict[int, tuple] = {}
+
+    def run_node(self, n: Node) -> Any:
+        rid = n.meta.get("dpfx_region")
+        if rid is None:
+            return super().run_node(n)
+        if rid not in self.replayed:
+            spec = n.meta["dpfx_region_spec"]
+            entries = self.entries.get(rid, {})
+            missing = [i for i in range(spec.num_inputs) if i not in entries or entries[i].args[0] not in self.env]
+            assert not missing, f"region {rid} ({spec.fn.__qualname__}): inputs {missing} not ready at {n}"
+            self.replayed[rid] = spec.call([self.env[entries[i].args[0]] for i in range(spec.num_inputs)])
+        j = n.meta.get("dpfx_region_output")
+        return None if j is None else self.replayed[rid][j]
+
+
+# --------------------------------------------------------------------------------------
+# Stage graph inspection
+
+
+def _placeholders(gm: GraphModule, kinds: Sequence[str]) -> list[Node]:
+    return [n for n in gm.graph.nodes if n.op == "placeholder" and n.meta.get("dpfx_kind") in kinds]
+
+
+def _output_args(gm: GraphModule) -> list:
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    args = out.args[0]
+    return list(args) if isinstance(args, (tuple, list)) else [args]
+
+
+def _infer_is_last(gm: GraphModule) -> bool:
+    """Last stage: marked so in meta, or it reads the target, or it has no activations out."""
+    for holder in (gm.meta, next(n for n in gm.graph.nodes if n.op == "output").meta):
+        if "dpfx_is_last" in holder:
+            return bool(holder["dpfx_is_last"])
+    if _placeholders(gm, ("target",)):
+        return True
+    first = _output_args(gm)[0]
+    val = first.meta.get("val") if isinstance(first, Node) else None
+    return isinstance(val, torch.Tensor) and val.dim() == 0 and not _placeholders(gm, ("activation",))
+
+
+def _output_names(gm: GraphModule, is_last: bool) -> tuple[str, ...]:
+    args = _output_args(gm)
+    if is_last:
+        return ("loss", *(f"output:{i}" for i in range(len(args) - 1)))
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    names = out.meta.get("dpfx_output_names")
+    if names is not None:
+        return tuple(names)
+    return tuple(a.meta.get("dpfx_name", a.name) if a.op == "placeholder" else a.name for a in args)
+
+
+def _fake_like(mode, val) -> Any:
+    if not isinstance(val, torch.Tensor):
+        return val
+    with mode:
+        return torch.empty_strided(tuple(val.shape), tuple(val.stride()), dtype=val.dtype, device=val.device)
+
+
+def _differentiable(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and (t.dtype.is_floating_point or t.dtype.is_complex)
+
+
+# --------------------------------------------------------------------------------------
+# The joint trace
+
+
+def _joint_fn(stage_gm: GraphModule, order: list[Node], n_params: int, n_bufs: int, n_inputs: int,
+              diff_out: list[int]):
+    """f(*params, *buffers, *inputs, *grad_outs) -> (*outputs, *grad_inputs, *param_grads)."""
+    pos = {n: i for i, n in enumerate(order)}
+    ph_order = [n for n in stage_gm.graph.nodes if n.op == "placeholder"]
+
+    def fn(*flat):
+        args = list(flat[: len(order)])
+        grads_out = flat[len(order):]
+        params = [p.detach().requires_grad_(True) if _differentiable(p) else p for p in args[:n_params]]
+        inputs = [x.detach().requires_grad_(True) if _differentiable(x) else x
+                  for x in args[n_params + n_bufs: n_params + n_bufs + n_inputs]]
+        vals = params + args[n_params: n_params + n_bufs] + inputs + args[n_params + n_bufs + n_inputs:]
+        with torch.enable_grad():
+            outs = _ReplayInterpreter(stage_gm).run(*[vals[pos[n]] for n in ph_order])
+            outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+            pairs = [(outs[i], g) for i, g in zip(diff_out, grads_out) if getattr(outs[i], "requires_grad", False)]
+            wrt = [t for t in inputs + params if isinstance(t, torch.Tensor) and t.requires_grad]
+            grads = torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs],
+                                        allow_unused=True) if pairs and wrt else [None] * len(wrt)
+        by_id = {id(t): g for t, g in zip(wrt, grads)}
+        g_in = [_grad_or_zero(x, by_id) for x in inputs]
+        g_par = [_grad_or_zero(p, by_id) for p in params]
+        return (*outs, *g_in, *g_par)
+
+    return fn
+
+
+def _grad_or_zero(t, by_id):
+    if not _differentiable(t):
+        return None
+    g = by_id.get(id(t))
+    return torch.zeros_like(t) if g is None else g
+
+
+# --------------------------------------------------------------------------------------
+# Partition
+
+
+_MASKED_BACKWARDS = {
+    torch.ops.aten.native_layer_norm_backward.default,
+    torch.ops.aten.convolution_backward.default,
+    torch.ops.aten.native_group_norm_backward.default,
+    torch.ops.aten.native_batch_norm_backward.default,
+}
+
+
+def _split_masked_backwards(graph: torch.fx.Graph) -> None:
+    """op(..., mask=[a, b, c]) -> op(..., [a, F, F]) for the input grad, op(..., [F, b, c])."""
+    for node in list(graph.nodes):
+        if node.target not in _MASKED_BACKWARDS:
+            continue
+        mask = list(node.args[-1])
+        users = {u.args[1]: u for u in node.users if u.target is operator.getitem}
+        if not mask[0] or not any(mask[1:]) or 0 not in users:
+            continue
+        with graph.inserting_after(node):
+            w_call = graph.call_function(node.target, (*node.args[:-1], [False, *mask[1:]]), node.kwargs)
+        with graph.inserting_after(node):
+            i_call = graph.call_function(node.target, (*node.args[:-1], [True, False, False]), node.kwargs)
+        for k, user in users.items():
+            user.replace_input_with(node, i_call if k == 0 else w_call)
+        for new in (i_call, w_call):
+            new.meta.update(node.meta)
+        graph.erase_node(node)
+
+
+def _ancestors(roots: Sequence[Any], stop: set) -> set:
+    seen: set = set()
+    stack = [r for r in roots if isinstance(r, Node)]
+    while stack:
+        n = stack.pop()
+        if n in seen or n in stop:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return seen
+
+
+def _phases(graph, phs_fwd, phs_grad, outs, g_in, g_par) -> dict[Node, str]:
+    phase: dict[Node, str] = {n: _F for n in phs_fwd}
+    phase.update({n: _G for n in phs_grad})
+    for ph, roots in ((_F, outs), (_I, g_in), (_W, g_par)):
+        for n in _ancestors(roots, set(phase)):
+            phase[n] = ph
+    # A getitem must live with its tuple-producing source; tuples never cross graphs.
+    for n in graph.nodes:
+        if n.op == "call_function" and n.target is operator.getitem and n in phase:
+            src = n.args[0]
+            if phase.get(src) in (_F, _I) and phase[src] != phase[n]:
+                phase[n] = phase[src]
+    return phase
+
+
+def _reads(nodes, outputs, phase, allowed) -> list[Node]:
+    """Nodes with a phase in ``allowed`` read by ``nodes`` or listed in ``outputs``, in order."""
+    found: dict[Node, None] = {}
+    for n in nodes:
+        for a in n.all_input_nodes:
+            if phase.get(a) in allowed:
+                found[a] = None
+    for o in outputs:
+        if isinstance(o, Node) and phase.get(o) in allowed:
+            found[o] = None
+    return list(found)
+
+
+def _sub_graph(joint: GraphModule, inputs: Sequence[Node], body: Sequence[Node], outputs: Sequence) -> GraphModule:
+    graph = torch.fx.Graph()
+    env: dict[Node, Node] = {}
+    for n in inputs:
+        env[n] = graph.placeholder(n.name)
+        env[n].meta.update(n.meta)
+    for n in body:
+        env[n] = graph.node_copy(n, lambda a: env[a])
+    graph.output(tuple(env[o] if isinstance(o, Node) else o for o in outputs))
+    graph.eliminate_dead_code()
+    graph.lint()
+    return GraphModule(joint, graph)
+
+
+# --------------------------------------------------------------------------------------
+# Callables following the stage-graph calling conventions
+
+
+class StageForward:
+    """``forward(params, inputs) -> (outputs, saved)``; ``.gm`` takes them flat."""
+
+    def __init__(self, gm: GraphModule, num_outputs: int):
+        self.gm, self.num_outputs = gm, num_outputs
+
+    def __call__(self, params: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]):
+        with torch.no_grad():
+            res = self.gm(*params, *inputs)
+        return tuple(res[: self.num_outputs]), tuple(res[self.num_outputs:])
+
+
+class StageBackwardInput:
+    """``backward_input(saved, grad_outputs) -> (grad_inputs, saved_for_weight)``.
+
+    ``grad_outputs`` has one entry per stage output (last stage: ``(grad_loss,)``);
+    entries for outputs that need no grad are ignored and may be None; a None entry for an
+    output that needs one counts as zeros.
+    """
+
+    def __init__(self, gm: GraphModule, num_grad_inputs: int, grad_slots: Sequence[int],
+                 used: Sequence[bool], grad_vals: Sequence[Any]):
+        self.gm, self.num_grad_inputs = gm, num_grad_inputs
+        self.grad_slots, self.used, self.grad_vals = tuple(grad_slots), tuple(used), tuple(grad_vals)
+
+    def __call__(self, saved: Sequence[torch.Tensor], grad_outputs: Sequence[Optional[torch.Tensor]]):
+        grads = []
+        for slot, used, val in zip(self.grad_slots, self.used, self.grad_vals):
+            g = grad_outputs[slot] if slot < len(grad_outputs) else None
+            if used and g is None:
+                g = torch.zeros(val.shape, dtype=val.dtype, device=val.device)
+            grads.append(g if used else None)
+        with torch.no_grad():
+            res = self.gm(*saved, *grads)
+        return tuple(res[: self.num_grad_inputs]), tuple(res[self.num_grad_inputs:])
+
+
+class StageBackwardWeight:
+    """``backward_weight(saved_for_weight) -> param_grads`` (empty for a stage without params)."""
+
+    def __init__(self, gm: GraphModule):
+        self.gm = gm
+
+    def __call__(self, saved_for_weight: Sequence[torch.Tensor]):
+        with torch.no_grad():
+            return tuple(self.gm(*saved_for_weight))
+
+
+# --------------------------------------------------------------------------------------
+
+
+def _trace_joint(stage_gm, params, bufs, inputs, diff_out, out_vals):
+    order = params + bufs + inputs
+    fn = _joint_fn(stage_gm, order, len(params), len(bufs), len(inputs), diff_out)
+    mode = _compat.FakeTensorMode()
+    example = [_fake_like(mode, n.meta["val"]) for n in order]
+    example += [_fake_like(mode, out_vals[i]) for i in diff_out]
+    joint = _compat.make_fx(fn, tracing_mode="fake")(*example)
+    _split_masked_backwards(joint.graph)
+    return joint
+
+
+def split_backward(stage_gm: GraphModule, *, index: Optional[int] = None,
+                   is_last: Optional[bool] = None) -> StageGraphs:
+    """Split one stage graph into forward, backward-input and backward-weight graphs.
+
+    **Contract**: ``stage_gm(*params, *buffers, *activations, *external) -> outputs``
+    (annotated as by ``split_stages``/``capture``) becomes ``StageGraphs`` with
+    ``forward(params, inputs) -> (outputs, saved)``,
+    ``backward_input(saved, grad_outputs) -> (grad_inputs, saved_for_weight)``,
+    ``backward_weight(saved_for_weight) -> param_grads`` (``params`` = params + buffers,
+    ``inputs`` = activations + external; see ``passes.stage_graphs``). ``grad_inputs``
+    has one entry per activation: None when it is not floating point, zeros when it does
+    not reach a differentiated output. Each callable has a flat ``.gm``.
+
+    **Pseudocode**::
+
+        joint = make_fx(run stage (regions via Fn.apply); autograd.grad(outs, inputs+params))
+        split fused masked backward ops into input-grad and weight-grad calls
+        F = anc(outputs); I = anc(grad_inputs) - F; W = anc(param_grads) - F - I
+        saved = F values read by I or W; saved_for_weight = values W reads (via I)
+        copy F, I, W into three graphs; wrap them in the calling conventions
+
+    Args:
+        stage_gm: the stage graph; not mutated.
+        index: the stage's index (recorded on the result); default
+            ``stage_gm.meta["dpfx_stage"]`` or 0.
+        is_last: whether the stage computes the loss (outputs ``(loss, *model_outputs)``,
+            only the loss differentiated); inferred from annotations when None.
+
+    Returns:
+        :class:`passes.stage_graphs.StageGraphs`.
+    """
+    is_last = _infer_is_last(stage_gm) if is_last is None else is_last
+    index = stage_gm.meta.get("dpfx_stage", 0) if index is None else index
+    params = _placeholders(stage_gm, ("param",))
+    bufs = _placeholders(stage_gm, ("buffer",))
+    acts = _placeholders(stage_gm, ("activation",))
+    ext = _placeholders(stage_gm, ("input", "target"))
+    out_args = _output_args(stage_gm)
+    out_vals = [a.meta.get("val") if isinstance(a, Node) else a for a in out_args]
+    diff_out = [0] if is_last else [i for i, v in enumerate(out_vals) if _differentiable(v)]
+    joint = _trace_joint(stage_gm, params, bufs, acts + ext, diff_out, out_vals)
+    return _partition(stage_gm, joint, index, is_last, params, bufs, acts, ext, out_args, diff_out, out_vals)
+
+
+def _partition(stage_gm, joint, index, is_last, params, bufs, acts, ext, out_args, diff_out, out_vals):
+    phs = [n for n in joint.graph.nodes if n.op == "placeholder"]
+    n_fwd = len(params) + len(bufs) + len(acts) + len(ext)
+    flat_out = list(_output_args(joint))
+    n_out = len(out_args)
+    outs = flat_out[:n_out]
+    g_in = flat_out[n_out: n_out + len(acts)]  # grads of external inputs are not returned
+    g_par = flat_out[n_out + len(acts) + len(ext):]
+    phase = _phases(joint.graph, phs[:n_fwd], phs[n_fwd:], outs, g_in, g_par)
+    body = {ph: [n for n in joint.graph.nodes if phase.get(n) == ph and n.op != "placeholder"]
+            for ph in (_F, _I, _W)}
+    sfw = _reads(body[_W], g_par, phase, (_F, _G, _I))
+    saved = _reads(body[_I] + body[_W], g_in, phase, (_F,))
+    saved = saved + [n for n in sfw if phase[n] == _F and n not in saved]
+    fwd = _sub_graph(joint, phs[:n_fwd], body[_F], outs + saved)
+    bwd_i = _sub_graph(joint, saved + phs[n_fwd:], body[_I], g_in + sfw)
+    bwd_w = _sub_graph(joint, sfw, body[_W], g_par)
+    used = [len(g.users) > 0 for g in phs[n_fwd:]]
+    return StageGraphs(
+        index=index,
+        param_names=tuple(p.meta["dpfx_name"] for p in params),
+        buffer_names=tuple(b.meta["dpfx_name"] for b in bufs),
+        input_names=tuple(a.meta["dpfx_name"] for a in acts),
+        external_inputs=tuple(e.meta["dpfx_name"] for e in ext),
+        output_names=_output_names(stage_gm, is_last),
+        forward=StageForward(fwd, n_out),
+        backward_input=StageBackwardInput(bwd_i, len(acts), diff_out, used, [out_vals[i] for i in diff_out]),
+        backward_weight=StageBackwardWeight(bwd_w),
+        is_last=is_last,
+    )
