@@ -1,0 +1,109 @@
+"""Run torchtitan 0.2.2's trainer on CPU with gloo when no GPU is present.
+
+torchtitan assumes CUDA in these places; :func:`use_cpu_when_no_gpu` handles each one:
+
+1. ``torchtitan.tools.utils.device_type`` falls back to ``"cuda"`` when no accelerator is
+   found, and ``device_module`` to ``torch.cuda``. The trainer builds
+   ``torch.device(f"{device_type}:{LOCAL_RANK}")`` and calls ``device_module.set_device``.
+   -> ``"cpu"`` and :class:`CpuDeviceModule`, in every module that imported them by name
+   (``tools.utils``, ``distributed.utils``, ``distributed.parallel_dims``,
+   ``components.metrics``, ``tools.profiling``).
+2. The process-group backend comes from that ``device_type`` (``nccl`` for cuda).
+   -> with ``"cpu"`` torch's default map gives ``gloo``.
+3. The device mesh is built on ``device_type``. -> ``"cpu"`` mesh (gloo groups).
+4. ``DeviceMemoryMonitor`` calls ``torch.cuda.get_device_name / get_device_properties /
+   memory_stats / reset_peak_memory_stats / empty_cache``. -> :class:`CpuDeviceModule`
+   answers with the machine's RAM and this process's peak resident set size.
+5. ``set_pg_timeouts`` calls ``barrier(device_ids=[current_device()])`` and
+   ``torch.cuda.synchronize()``. -> ``current_device() == 0``, ``synchronize`` a no-op.
+6. Single-device runs autocast the forward to ``training.mixed_precision_param`` (bf16 by
+   default) on ``device_type``. -> :func:`disable_cpu_autocast` (the trainer calls it): CPU
+   runs in ``training.dtype`` (fp32), so a 1-rank baseline and a pipelined run (which
+   torchtitan never autocasts) compute the same thing.
+7. Memory snapshots (``profiling.enable_memory_snapshot``) use ``torch.cuda.memory``.
+   -> rejected on CPU by :func:`check_cpu_config`, naming the key.
+8. ``checkpoint.async_mode = "async_with_pinned_mem"`` pins host memory for a GPU copy.
+   -> rejected on CPU by :func:`check_cpu_config`, naming the key.
+
+MFU uses a GPU peak-FLOPs table (CPU falls back to A100 with a warning): ignore ``mfu`` on CPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import resource
+from types import SimpleNamespace
+
+import torch
+
+# Modules that did `from torchtitan.tools.utils import device_type, device_module`.
+_DEVICE_IMPORTERS = ("torchtitan.tools.utils", "torchtitan.distributed.utils",
+                     "torchtitan.distributed.parallel_dims", "torchtitan.components.metrics",
+                     "torchtitan.tools.profiling")
+
+
+class CpuDeviceModule:
+    """The subset of the ``torch.cuda`` API torchtitan calls, answered for the CPU."""
+
+    def set_device(self, device) -> None:
+        return None
+
+    def current_device(self) -> int:
+        return 0
+
+    def device_count(self) -> int:
+        return 1
+
+    def synchronize(self, device=None) -> None:
+        return None
+
+    def get_device_name(self, device=None) -> str:
+        return "CPU"
+
+    def get_device_properties(self, device=None) -> SimpleNamespace:
+        return SimpleNamespace(total_memory=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+    def memory_stats(self, device=None) -> dict[str, int]:
+        # ru_maxrss is in KiB on Linux; the closest CPU analogue of CUDA's peak reserved bytes.
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return {"active_bytes.all.peak": peak, "reserved_bytes.all.peak": peak,
+                "num_alloc_retries": 0, "num_ooms": 0}
+
+    def reset_peak_memory_stats(self, device=None) -> None:
+        return None
+
+    def empty_cache(self) -> None:
+        return None
+
+
+def use_cpu_when_no_gpu() -> bool:
+    """Point torchtitan at the CPU (and gloo) when ``torch.cuda`` has no device.
+
+    Returns:
+        True when the CPU path was set up, False when a GPU is present (nothing changed).
+    """
+    if torch.cuda.is_available():
+        return False
+    device_module = CpuDeviceModule()
+    for name in _DEVICE_IMPORTERS:
+        module = importlib.import_module(name)
+        module.device_type = "cpu"
+        if hasattr(module, "device_module"):
+            module.device_module = device_module
+    return True
+
+
+def check_cpu_config(job_config) -> None:
+    """Reject the options that need a GPU, naming the key (items 7 and 8 above)."""
+    if job_config.profiling.enable_memory_snapshot:
+        raise ValueError("profiling.enable_memory_snapshot = true needs CUDA (torch.cuda.memory); "
+                         "set it to false for CPU runs")
+    if job_config.checkpoint.async_mode == "async_with_pinned_mem":
+        raise ValueError("checkpoint.async_mode = \"async_with_pinned_mem\" needs CUDA; use "
+                         "\"disabled\" or \"async\" on CPU")
+
+
+def disable_cpu_autocast(trainer) -> None:
+    """Item 6: run CPU training in ``training.dtype`` instead of a bf16 autocast."""
+    trainer.maybe_enable_amp = contextlib.nullcontext()

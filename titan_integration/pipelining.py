@@ -1,0 +1,278 @@
+"""torchtitan pipelining function: ``dualpipe_fx.compile`` instead of the FQN module split.
+
+torchtitan 0.2.2's trainer calls ``train_spec.pipelining_fn(model, parallel_dims,
+job_config, device, model_args, parallelize_fn, loss_fn)`` and expects
+``(schedule, model_parts, has_first_stage, has_last_stage)``. Its own ``pipeline_llm``
+deep-copies the model per stage and deletes modules by FQN; :func:`pipeline_dualpipe_fx`
+instead traces the whole model with its loss, lets dualpipe_fx cut and balance the
+stages, split every backward into I and W, and build the rank's DualPipeV program.
+
+What the trainer gets back:
+
+- ``schedule``: a :class:`DualPipeFxSchedule`, whose ``step(*inputs, target=, losses=,
+  return_outputs=)`` has the signature the trainer calls;
+- ``model_parts``: one :class:`StageLocalModel` per rank holding exactly this rank's
+  parameters under the model's own FQNs (optimizer, grad clipping and DCP checkpoints
+  work on it unchanged). The weights are already initialised: ``to_empty`` and
+  ``init_weights`` are no-ops on it;
+- ``has_first_stage`` / ``has_last_stage`` from the schedule's placement (DualPipeV puts
+  both on rank 0).
+
+**Loss scaling** (torchtitan issues 1733, 2972). torchtitan's loss is a *sum* over tokens
+and a non-pipelined step back-propagates ``sum_mb loss_sum(mb) / global_valid_tokens``.
+Its own PP path back-propagates the raw sums and divides only the logged value, so PP
+gradients come out ``global_valid_tokens`` times larger. dualpipe_fx returns the *mean*
+over the ``C`` micro-batches and its gradients are those of that mean, so
+:meth:`DualPipeFxSchedule.step_normalized` multiplies the step's gradient contribution by
+``C / global_valid_tokens`` on every rank (every rank knows ``global_valid_tokens``:
+torchtitan counts it before the step) and returns ``mean * C / global_valid_tokens``:
+the same loss and gradients as the non-pipelined step.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from titan_integration.config import num_microbatches
+
+
+class StageLocalModel(nn.Module):
+    """This rank's parameters (and persistent buffers) under the original model's FQNs.
+
+    A skeleton module tree built from ``named_parameters()`` of the pipeline, so that
+    ``state_dict()`` keys, optimizer FQNs and DCP checkpoints match the unsplit model's.
+    The tensors are the pipeline's own objects: optimizer updates and checkpoint loads
+    act on what the stage graphs read.
+    """
+
+    def __init__(self, named_params, named_buffers=()) -> None:
+        super().__init__()
+        for fqn, param in named_params:
+            owner, leaf = self._owner(fqn)
+            owner.register_parameter(leaf, param)
+        for fqn, buf in named_buffers:
+            owner, leaf = self._owner(fqn)
+            owner.register_buffer(leaf, buf)
+
+    def _owner(self, fqn: str) -> tuple[nn.Module, str]:
+        *path, leaf = fqn.split(".")
+        module: nn.Module = self
+        for name in path:
+            if not hasattr(module, name):
+                module.add_module(name, nn.Module())
+            module = getattr(module, name)
+        return module, leaf
+
+    def to_empty(self, *, device=None, recurse: bool = True) -> "StageLocalModel":
+        # Weights were materialised and initialised before tracing (see _materialize);
+        # replacing them would cut them off from the stage graphs.
+        return self
+
+    def init_weights(self, *args, **kwargs) -> None:
+        return None
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("StageLocalModel holds parameters only; run the step through "
+                           "the DualPipeFxSchedule returned with it")
+
+
+class DualPipeFxSchedule:
+    """A ``dualpipe_fx.Pipeline`` with the ``step`` signature torchtitan's trainer calls."""
+
+    def __init__(self, pipeline, num_microbatches: int, has_first_stage: bool,
+                 has_last_stage: bool, loss_owner: int, group) -> None:
+        self.pipeline = pipeline
+        self.num_microbatches = num_microbatches
+        self.has_first_stage = has_first_stage
+        self.has_last_stage = has_last_stage
+        self.loss_owner = loss_owner  # global rank that holds the loss
+        self.group = group
+
+    def step(self, *inputs, target=None, losses: Optional[list] = None,
+             return_outputs: bool = False, **kwargs) -> None:
+        """torchtitan's call: run one pipelined step; append the summed loss to ``losses``.
+
+        Gradients are those of the mean over micro-batches (dualpipe_fx's convention); the
+        trainer in ``titan_integration.train`` uses :meth:`step_normalized` instead, which
+        rescales them to torchtitan's ``sum / global_valid_tokens``.
+        """
+        if kwargs:
+            raise ValueError(f"dualpipe_fx pipelines take the token batch only; got extra model "
+                             f"inputs {sorted(kwargs)} (flex/varlen attention masks, positions); "
+                             f"use [model] flavors with attn_type = \"sdpa\"")
+        loss = self.pipeline.step(*inputs, target=target)
+        if losses is not None and loss is not None:
+            # One entry = sum of the micro-batch losses, so torch.sum(torch.stack(losses))
+            # in the trainer is still the step's summed loss.
+            losses.append(loss.detach() * self.num_microbatches)
+        return None
+
+    def step_normalized(self, inputs: torch.Tensor, labels: torch.Tensor,
+                        global_valid_tokens: torch.Tensor) -> torch.Tensor:
+        """One step whose loss and gradients equal torchtitan's non-pipelined step.
+
+        **Contract**: ``(tokens [B, S], labels [B, S], G) -> loss`` (a 0-d tensor, the same
+        on every rank of the pipeline group); gradients accumulated into ``.grad`` are those
+        of ``sum_mb loss_sum(mb) / G``, on top of earlier accumulation steps.
+
+        **Pseudocode**::
+
+            factor = C / G
+            existing grads *= 1 / factor     # into dualpipe_fx's mean convention
+            loss = pipeline.step(inputs, target=labels)
+            all grads *= factor; loss *= factor
+            broadcast loss from the rank holding it
+        """
+        factor = self.num_microbatches / float(global_valid_tokens)
+        self._scale_grads(1.0 / factor)
+        loss = self.pipeline.step(inputs, target=labels)
+        self._scale_grads(factor)
+        return self._shared_loss(loss, factor, inputs.device)
+
+    @torch.no_grad()
+    def _scale_grads(self, factor: float) -> None:
+        grads = [p.grad for p in self.pipeline.parameters() if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, factor)
+
+    def _shared_loss(self, loss, factor: float, device) -> torch.Tensor:
+        # Every rank logs the real loss (torchtitan would print -1 on the others).
+        value = (loss.detach().float() * factor).reshape(()) if loss is not None else \
+            torch.zeros((), dtype=torch.float32, device=device)
+        value = value.to(device).clone()
+        dist.broadcast(value, src=self.loss_owner, group=self.group)
+        return value
+
+
+def _materialize(model: nn.Module, job_config, device: torch.device) -> None:
+    """Allocate the meta-built model on ``device`` and run its own ``init_weights``.
+
+    The same calls the trainer makes for an unsplit model, under ``debug.seed`` exactly
+    as a single-process run seeds them, so every rank holds the weights the non-pipelined
+    run starts from (each rank keeps only its stages' part after compile).
+    """
+    buffer_device = None
+    if job_config.training.enable_cpu_offload:
+        buffer_device, device = device, torch.device("cpu")
+    model.to_empty(device=device)
+    seed = job_config.debug.seed
+    rng = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
+    with rng, torch.no_grad():
+        if seed is not None:
+            torch.manual_seed(seed)
+        model.init_weights(buffer_device=buffer_device)
+    model.train()
+
+
+def _compile_kwargs(compile_fn, section) -> dict[str, Any]:
+    """Map the ``[dualpipe_fx]`` keys onto ``dualpipe_fx.compile``'s keyword arguments."""
+    wanted = {"schedule": section.schedule, "compile_stages": section.compile_stages,
+              "balance": section.balance, "overlap": section.overlap,
+              "split_points": list(section.split_points) or None}
+    defaults = {"balance": "flops", "overlap": True, "split_points": None}
+    accepted = inspect.signature(compile_fn).parameters
+    kwargs = {}
+    for key, value in wanted.items():
+        if key in accepted:
+            kwargs[key] = value
+        elif key in defaults and value != defaults[key]:
+            raise ValueError(f"dualpipe_fx.{key} = {value!r} is not supported by this "
+                             f"dualpipe_fx.compile; remove it from [dualpipe_fx]")
+    return kwargs
+
+
+def _compile(model, loss_fn, job_config, device, group, num_mb: int):
+    """``dualpipe_fx.compile`` on one example micro-batch; trace failures name the model."""
+    import dualpipe_fx
+
+    mb_size = job_config.parallelism.pipeline_parallel_microbatch_size
+    seq_len = job_config.training.seq_len
+    tokens = torch.zeros(mb_size, seq_len, dtype=torch.long, device=device)
+    labels = torch.zeros(mb_size, seq_len, dtype=torch.long, device=device)
+    kwargs = _compile_kwargs(dualpipe_fx.compile, job_config.dualpipe_fx)
+    try:
+        return dualpipe_fx.compile(model, loss_fn, (tokens,), labels, num_microbatches=num_mb,
+                                   group=group, **kwargs)
+    except Exception as err:
+        if not _is_trace_error(err):
+            raise
+        name = f"{job_config.model.name} {job_config.model.flavor}"
+        raise ValueError(f"model.name = {job_config.model.name!r} (flavor "
+                         f"{job_config.model.flavor!r}) does not trace with dualpipe_fx: "
+                         f"{err}. Run {name} with --dualpipe_fx.no-enable (torchtitan's own "
+                         f"pipeline split) or make its forward traceable") from err
+
+
+def _is_trace_error(err: BaseException) -> bool:
+    try:
+        from passes.capture import TraceError
+    except ImportError:  # capture not importable: treat every error as a build error
+        return False
+    return isinstance(err, TraceError)
+
+
+def _placement(schedule: str, num_mb: int, group) -> tuple[bool, bool, int]:
+    """``(has_first_stage, has_last_stage, global rank holding the loss)`` for this rank.
+
+    Read off the schedule's program (pure data, the same one the runtime executes).
+    """
+    from dualpipe_fx.schedules import generate
+
+    rank_in_group = dist.get_rank(group)
+    program = generate(schedule, dist.get_world_size(group), num_mb)
+    placement = program.stage_to_rank()
+    firsts = {placement[chain[0]] for chain in program.chains}
+    lasts = [placement[chain[-1]] for chain in program.chains]
+    owner = dist.get_global_rank(group, lasts[0])
+    return rank_in_group in firsts, rank_in_group in set(lasts), owner
+
+
+def _check_parallel_dims(parallel_dims) -> None:
+    for name in ("dp_replicate", "dp_shard", "cp", "tp", "ep"):
+        degree = getattr(parallel_dims, name, 1)
+        if degree > 1:
+            raise ValueError(f"dualpipe_fx.enable runs pipeline parallelism only, but the "
+                             f"resolved {name} degree is {degree}; set the matching "
+                             f"parallelism.* degree to 1 (world size = pipeline_parallel_degree)")
+
+
+def pipeline_dualpipe_fx(model: nn.Module, parallel_dims, job_config, device: torch.device,
+                         model_args, parallelize_fn, loss_fn):
+    """torchtitan ``pipelining_fn`` that pipelines ``model`` with ``dualpipe_fx.compile``.
+
+    **Contract**: torchtitan's ``PipeliningFunction``: ``(meta model, parallel_dims,
+    job_config, device, model_args, parallelize_fn, loss_fn) -> (schedule, [part],
+    has_first_stage, has_last_stage)``. ``parallelize_fn`` is not applied (no TP/FSDP/AC
+    on FX stage graphs; ``validate_job_config`` rejects configs that would need it).
+
+    **Pseudocode**::
+
+        materialise the meta model on device; init_weights under debug.seed
+        C = local_batch_size / pipeline_parallel_microbatch_size
+        pipeline = dualpipe_fx.compile(model, loss_fn, one micro-batch, group=pp group)
+        part = StageLocalModel(pipeline.named_parameters())
+        return DualPipeFxSchedule(pipeline), [part], first/last from the placement
+
+    Raises:
+        ValueError: the model does not trace (naming ``model.name``), or the resolved
+            parallel degrees use something other than pipeline parallelism.
+    """
+    del parallelize_fn, model_args
+    _check_parallel_dims(parallel_dims)
+    group = parallel_dims.get_mesh("pp").get_group()
+    device = torch.device(device.type)  # the trainer's "cpu:<LOCAL_RANK>" is just "cpu"
+    _materialize(model, job_config, device)
+    num_mb = num_microbatches(job_config)
+    pipeline = _compile(model, loss_fn, job_config, device, group, num_mb)
+    persistent = set(model.state_dict(keep_vars=True))  # llama's freqs_cis is not
+    named_buffers = getattr(pipeline, "named_buffers", lambda: ())()
+    part = StageLocalModel(pipeline.named_parameters(),
+                           [(n, b) for n, b in named_buffers if n in persistent])
+    has_first, has_last, owner = _placement(job_config.dualpipe_fx.schedule, num_mb, group)
+    schedule = DualPipeFxSchedule(pipeline, num_mb, has_first, has_last, owner, group)
+    return schedule, [part], has_first, has_last
