@@ -1,6 +1,7 @@
 """dualpipe_fx: automatic DualPipe/DualPipeV pipeline parallelism as torch.fx passes."""
 from dualpipe_fx.schedules import Action, Program
 from dualpipe_fx.schedules import SCHEDULES, ScheduleSpec, generate, get_schedule, validate_program  # noqa: F401
+from dualpipe_fx.split import Split, split  # noqa: F401
 
 __all__ = ["Action", "Program"]
 __version__ = "0.1.0"

@@ -1,0 +1,162 @@
+"""``dualpipe_fx.split``: capture, stage split and I/W split of a model, checkable in one process.
+
+``split(model, loss_fn, example_inputs, example_target, num_stages=4)`` runs the three
+passes (``capture`` -> ``split_stages`` -> ``split_backward`` per stage) and returns a
+:class:`Split`. ``Split.run(inputs, target)`` executes every stage's forward, then every
+``backward_input`` (last stage first), then every ``backward_weight``, and returns the
+loss and a grad per original parameter FQN, which is how a user checks a split against
+plain autograd before going distributed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from passes.capture import capture
+from passes.cost_model import activation_bytes, node_costs
+from passes.split_backward import split_backward
+from passes.split_stages import StagePartition, default_placement, split_stages
+from passes.stage_graphs import StageGraphs
+
+__all__ = ["Split", "split"]
+
+
+def _check_placement(partition: StagePartition, placement: Mapping[int, int]) -> None:
+    """A parameter used by stages on two ranks cannot be updated consistently: refuse it."""
+    for fqn, stages in partition.param_stages.items():
+        ranks = sorted({placement[s] for s in stages})
+        if len(ranks) > 1:
+            raise ValueError(
+                f"parameter {fqn!r} is used by stages {list(stages)} which sit on ranks "
+                f"{ranks}; expected all its stages on one rank. Fix: give those stages the "
+                "same rank in `placement`, or untie/duplicate the parameter."
+            )
+
+
+def _stage_io_bytes(gm: torch.fx.GraphModule) -> tuple[int, int]:
+    """Activation bytes a stage receives (activation placeholders) and sends (outputs)."""
+    acts_in = sum(activation_bytes(n) for n in gm.graph.nodes
+                  if n.op == "placeholder" and n.meta.get("dpfx_kind") == "activation")
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    acts_out = sum(activation_bytes(a) for a in out.all_input_nodes)
+    return acts_in, acts_out
+
+
+@dataclass(frozen=True)
+class Split:
+    """The result of :func:`split`: per-stage graphs and the partition they came from."""
+
+    stages: tuple[StageGraphs, ...]
+    partition: StagePartition
+    model: nn.Module
+    placement: Mapping[int, int]
+
+    @property
+    def balance(self) -> float:
+        """Largest stage cost over the mean stage cost (1.0 is perfect)."""
+        return self.partition.balance
+
+    def describe(self) -> str:
+        """A table: per stage, its rank, param count (elements), FLOPs, activation bytes in/out."""
+        named = dict(self.model.named_parameters())
+        rows = [("stage", "rank", "params", "fwd FLOPs", "act in (B)", "act out (B)")]
+        for sg, gm in zip(self.stages, self.partition.stages):
+            n_params = sum(named[n].numel() for n in sg.param_names)
+            flops = sum(c.flops for c in node_costs(gm).values())
+            a_in, a_out = _stage_io_bytes(gm)
+            out_desc = "loss" if sg.is_last else f"{a_out:,}"
+            rows.append((str(sg.index), str(self.placement[sg.index]), f"{n_params:,}",
+                         f"{flops:,.0f}", f"{a_in:,}", out_desc))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+        lines.append(f"balance (max/mean cost): {self.balance:.3f}")
+        return "\n".join(lines)
+
+    def _stage_params(self, sg: StageGraphs) -> list[torch.Tensor]:
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        bufs = dict(self.model.named_buffers(remove_duplicate=False))
+        return [params[n] for n in sg.param_names] + [bufs[n] for n in sg.buffer_names]
+
+    def run(self, inputs, target=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Forward all stages, then backward_input (last first), then backward_weight.
+
+        Args:
+            inputs: a tensor or tuple of tensors: one micro-batch, as ``example_inputs``.
+            target: the target, if the loss takes one.
+
+        Returns:
+            ``(loss, grads)``: the scalar loss and a grad per original parameter FQN
+            (tied aliases included; a shared parameter's grads summed over its stages).
+        """
+        inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+        external = {f"input:{i}": x for i, x in enumerate(inputs)}
+        external["target"] = target
+        acts: tuple = ()
+        saved = []
+        for sg in self.stages:
+            ext = tuple(external[n] for n in sg.external_inputs)
+            acts, s = sg.forward(self._stage_params(sg), (*acts, *ext))
+            saved.append(s)
+        loss = acts[0]
+        grad_out: tuple = (torch.ones_like(loss),)
+        for_weight: list[Any] = [None] * len(self.stages)
+        for sg in reversed(self.stages):
+            grad_out, for_weight[sg.index] = sg.backward_input(saved[sg.index], grad_out)
+            saved[sg.index] = None  # what W needs now lives in for_weight
+        grads: dict[str, torch.Tensor] = {}
+        for sg in self.stages:
+            for name, g in zip(sg.param_names, sg.backward_weight(for_weight[sg.index])):
+                grads[name] = g if name not in grads else grads[name] + g
+            for_weight[sg.index] = None
+        return loss.detach(), self._with_aliases(grads)
+
+    def _with_aliases(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        for root, aliases in self.partition.captured.param_aliases.items():
+            for alias in aliases:
+                if root in grads:
+                    grads[alias] = grads[root]
+        return grads
+
+
+def split(model: nn.Module, loss_fn: Callable, example_inputs, example_target=None, num_stages: int = 4,
+          *, cost="flops", split_points: Optional[Sequence[str]] = None,
+          placement: Optional[Mapping[int, int]] = None) -> Split:
+    """Capture ``model`` + ``loss_fn``, cut it into stages, split each stage's backward.
+
+    **Contract**: ``(model, loss_fn, one example micro-batch) -> Split`` with
+    ``Split.stages[s]`` a ``StageGraphs`` (``forward``, ``backward_input``,
+    ``backward_weight``), ``Split.partition`` the ``StagePartition``.
+
+    **Pseudocode**::
+
+        captured = capture(model, loss_fn, example_inputs, example_target)
+        partition = split_stages(captured, num_stages, cost, split_points, placement)
+        refuse a parameter shared by stages on two ranks
+        stages = [split_backward(gm, index=s, is_last=s == S-1) for s, gm in enumerate(partition.stages)]
+
+    Args:
+        model, loss_fn, example_inputs, example_target: as ``passes.capture.capture``.
+        num_stages: number of pipeline stages ``S``.
+        cost: ``"flops"``, ``"measured"`` or ``cost(node) -> float`` (see ``split_stages``).
+        split_points: module FQNs where a stage must start (e.g. ``["layers.4"]``).
+        placement: ``{stage: rank}``; default DualPipeV (rank r holds stages r and S-1-r)
+            when S is even, else one rank per stage.
+
+    Returns:
+        :class:`Split`.
+
+    Raises:
+        passes.capture.TraceError: the model cannot be traced (names the source line).
+        ValueError: a parameter used by stages on different ranks (names both), or an
+            invalid ``num_stages``/``split_points``/``placement``.
+    """
+    captured = capture(model, loss_fn, example_inputs, example_target)
+    placement = default_placement(num_stages) if placement is None else dict(placement)
+    partition = split_stages(captured, num_stages, cost=cost, split_points=split_points, placement=placement)
+    _check_placement(partition, placement)
+    last = len(partition.stages) - 1
+    stages = tuple(split_backward(gm, index=s, is_last=s == last) for s, gm in enumerate(partition.stages))
+    return Split(stages=stages, partition=partition, model=model, placement=placement)
