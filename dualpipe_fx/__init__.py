@@ -2,6 +2,8 @@
 from dualpipe_fx.schedules import Action, Program
 from dualpipe_fx.schedules import SCHEDULES, ScheduleSpec, generate, get_schedule, validate_program  # noqa: F401
 from dualpipe_fx.split import Split, split  # noqa: F401
+from dualpipe_fx.simulate import Costs, SimResult, simulate  # noqa: F401
+from dualpipe_fx.visualize import visualize  # noqa: F401
 
 __all__ = ["Action", "Program"]
 __version__ = "0.1.0"

@@ -258,6 +258,22 @@ def _peak_activations(actions: list[Action]) -> int:
     return peak
 
 
+def readme_bubble(schedule: str, num_stages: int, costs: Costs) -> Optional[float]:
+    """The DualPipe README's bubble formula for ``schedule``, or None if the table has no row.
+
+    ``num_stages`` is the README's PP: the stages one micro-batch flows through (one
+    chain's length: N for 1F1B, ZB1P and DualPipe, 2N for DualPipeV on N ranks).
+    """
+    F, B, W, FB = costs.F, costs.B, costs.W, costs.overlapped
+    if schedule == "1f1b":
+        return (num_stages - 1) * (F + B)
+    if schedule == "zb1p":
+        return (num_stages - 1) * (F + B - 2 * W)
+    if schedule in ("dualpipe", "dualpipev"):
+        return (num_stages / 2 - 1) * (FB + B - 3 * W)
+    return None
+
+
 def simulate(program: Program, costs: Costs) -> SimResult:
     """Simulate ``program`` with ``costs``; see the module docstring for the model.
 

@@ -1,0 +1,177 @@
+"""The ``dualpipe-fx`` command line.
+
+``dualpipe-fx schedule --schedule dualpipev --ranks 4 --microbatches 10
+[--costs F=1,B=2,W=1,FB=2.5,comm=0] [--png out.png] [--trace out.json]`` prints the
+program one rank per row, then one table comparing every registered schedule at the
+same ranks, micro-batches and costs (bubble, bubble ratio, peak activations, makespan,
+and the DualPipe README's bubble formula where it has one).
+
+Bad input prints one line ``dualpipe-fx: error: ...`` naming the value and the rule,
+and exits with status 2.
+
+A subcommand is a ``(name, help, add_arguments, handler)`` entry of ``_subcommands()``;
+``handler(args) -> int`` is the exit status. Another module adds one by appending a line.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Optional, Sequence
+
+from dualpipe_fx.schedules.ir import Program
+from dualpipe_fx.simulate import Costs, SimResult, readme_bubble, simulate
+
+_PROG = "dualpipe-fx"
+_COST_KEYS = ("F", "B", "W", "FB", "comm")
+_DEFAULT_COSTS = "F=1,B=2,W=1"
+_TABLE_BLOCK = 16  # actions per printed block of the per-rank table
+
+
+class UsageError(ValueError):
+    """Input the user can fix; printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage dump) and exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+
+def parse_costs(text: str) -> Costs:
+    """``"F=1,B=2,W=1,FB=2.5,comm=0"`` -> ``Costs``; keys left out keep ``F=1,B=2,W=1`` (FB = F+B, comm = 0).
+
+    Raises:
+        UsageError: a malformed pair, an unknown or repeated key, or a value that is not a number.
+        ValueError: a cost that breaks a ``Costs`` rule (negative, ``W > B``, ...).
+    """
+    values: dict[str, float] = {"F": 1.0, "B": 2.0, "W": 1.0}
+    seen: set[str] = set()
+    for pair in filter(None, (p.strip() for p in text.split(","))):
+        key, eq, value = (s.strip() for s in pair.partition("="))
+        if not eq or key not in _COST_KEYS or key in seen:
+            why = "is not KEY=VALUE" if not eq else ("repeats a key" if key in seen else f"has unknown key {key!r}")
+            raise UsageError(f"--costs {text!r}: {pair!r} {why}; expected comma-separated KEY=VALUE with "
+                             f"keys {', '.join(_COST_KEYS)}, e.g. {_DEFAULT_COSTS},FB=2.5,comm=0")
+        try:
+            values[key] = float(value)
+        except ValueError:
+            raise UsageError(f"--costs {text!r}: {key}={value!r} is not a number; use e.g. {key}=1.5") from None
+        seen.add(key)
+    return Costs(**values)
+
+
+def _format_costs(costs: Costs) -> str:
+    return f"F={costs.F:g} B={costs.B:g} W={costs.W:g} FB={costs.overlapped:g} comm={costs.comm:g}"
+
+
+def format_program(program: Program, block: int = _TABLE_BLOCK) -> str:
+    """The per-rank action table: one row per rank, columns aligned, ``block`` actions per band."""
+    cells = {r: [str(a) for a in acts] for r, acts in sorted(program.items())}
+    width = max((len(c) for row in cells.values() for c in row), default=4)
+    longest = max((len(row) for row in cells.values()), default=0)
+    bands = []
+    for lo in range(0, longest, block):
+        head = "step    " + " ".join(f"{i:<{width}}" for i in range(lo, min(lo + block, longest)))
+        rows = [f"rank {r:<3}" + " ".join(f"{c:<{width}}" for c in row[lo:lo + block]) for r, row in cells.items()]
+        bands.append("\n".join([head.rstrip()] + [row.rstrip() for row in rows]))
+    return "\n\n".join(bands)
+
+
+def _row(name: str, num_ranks: int, num_microbatches: int, costs: Costs) -> list[str]:
+    """One comparison-table row: the simulated figures, or ``n/a: <why>``."""
+    from dualpipe_fx.schedules.registry import generate
+
+    try:
+        program = generate(name, num_ranks, num_microbatches)
+    except (ValueError, TypeError) as err:
+        return [name, f"n/a: {err}"]
+    sim = simulate(program, costs)
+    pp = len(program.chains[0])
+    ref = readme_bubble(name, pp, costs)
+    return [name, str(program.num_stages), f"{sim.bubble:g}", f"{sim.bubble_ratio:.3f}",
+            str(sim.max_peak_activations), f"{sim.makespan:g}", "-" if ref is None else f"{ref:g} (PP={pp})"]
+
+
+def format_comparison(num_ranks: int, num_microbatches: int, costs: Costs) -> str:
+    """One table: every registered schedule at the same ranks, micro-batches and costs."""
+    from dualpipe_fx.schedules.registry import SCHEDULES
+
+    head = ["schedule", "stages", "bubble", "ratio", "peak act", "makespan", "README bubble"]
+    rows = [_row(name, num_ranks, num_microbatches, costs) for name in SCHEDULES]
+    widths = [max(len(r[i]) for r in [head] + rows if len(r) == len(head)) for i in range(len(head))]
+    lines = ["  ".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(head, widths)))]
+    for row in rows:
+        if len(row) == len(head):
+            lines.append("  ".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(row, widths))))
+        else:
+            lines.append(f"{row[0]:<{widths[0]}}  {row[1]}")
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _add_schedule_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--schedule", default="dualpipev", help="a registered schedule (default dualpipev)")
+    parser.add_argument("--ranks", type=int, required=True, help="N, the number of pipeline ranks")
+    parser.add_argument("--microbatches", type=int, required=True, help="C, micro-batches per step")
+    parser.add_argument("--costs", default=_DEFAULT_COSTS,
+                        help=f"KEY=VALUE,... with keys {', '.join(_COST_KEYS)} (default {_DEFAULT_COSTS}, "
+                             "FB=F+B, comm=0)")
+    parser.add_argument("--png", help="write the simulated timeline picture here (.png)")
+    parser.add_argument("--trace", help="write a Perfetto/Chrome trace here (.json)")
+
+
+def _run_schedule(args: argparse.Namespace) -> int:
+    from dualpipe_fx.schedules.registry import generate, get_schedule
+
+    for flag, path, suffix in (("--png", args.png, ".png"), ("--trace", args.trace, ".json")):
+        if path is not None and not path.lower().endswith(suffix):
+            raise UsageError(f"{flag} {path!r} must end in {suffix}")
+    costs = parse_costs(args.costs)
+    spec = get_schedule(args.schedule)
+    program = generate(spec.name, args.ranks, args.microbatches)
+    sim: SimResult = simulate(program, costs)
+    print(f"{spec.name}: {program.num_ranks} ranks, {program.num_stages} stages, "
+          f"{args.microbatches} micro-batches; costs {_format_costs(costs)}")
+    print(format_program(program))
+    print()
+    print(format_comparison(args.ranks, args.microbatches, costs))
+    for path in (args.png, args.trace):
+        if path is not None:
+            from dualpipe_fx.visualize import visualize
+
+            print(f"wrote {visualize(program, path, sim=sim)}")
+    return 0
+
+
+def _subcommands() -> list[tuple[str, str, Callable, Callable[[argparse.Namespace], int]]]:
+    return [
+        ("schedule", "print a schedule's program and compare all schedules in simulation",
+         _add_schedule_arguments, _run_schedule),
+    ]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=_PROG, description="Automatic DualPipe/DualPipeV pipeline parallelism.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name, help_text, add_arguments, handler in _subcommands():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_arguments(p)
+        p.set_defaults(handler=handler)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 2 bad input)."""
+    try:
+        args = build_parser().parse_args(argv)
+        return args.handler(args)
+    except SystemExit as done:  # --help
+        return int(done.code or 0)
+    except ValueError as err:  # UsageError, or a rule of the sizes or the costs
+        message = " ".join(str(err).split())  # one line
+        print(f"{_PROG}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
