@@ -7,9 +7,7 @@ generator's docstring.
 """
 from __future__ import annotations
 
-from typing import Callable
-
-from dualpipe_fx.schedules.ir import Action, F, I, Program, RankBuilder, W
+from dualpipe_fx.schedules.ir import Action, Program, RankBuilder
 from dualpipe_fx.schedules.validate import check_sizes
 
 
@@ -105,10 +103,14 @@ def _interleaved_rank(rank: int, num_ranks: int, num_microbatches: int, *, local
     # Step 1: nF -- warm-up
     for step in range(warmup):
         p.f(fwd_stage(step))
-    # Step 2: nFB (or nFIW) -- steady state; Step 3: nB (or nIW) -- cool-down
-    for step in range(warmup, total + warmup):
-        if step < total:
-            p.f(fwd_stage(step))
+    # Step 2: nFB (zero bubble: nFIW, the first r Ws held back) -- steady state
+    for step in range(warmup, total):
+        p.f(fwd_stage(step))
+        p.b(bwd_stage(step), split=zero_bubble)
+        if zero_bubble and step - warmup >= rank:
+            p.w()
+    # Step 3: nB (zero bubble: nIW, each W in the wait for the next gradient) -- cool-down
+    for step in range(total, total + warmup):
         p.b(bwd_stage(step), split=zero_bubble)
         if zero_bubble and step - warmup >= rank:
             p.w()

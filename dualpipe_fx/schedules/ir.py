@@ -6,7 +6,7 @@ lists (with sends and receives) at the last moment.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Optional
 
 KINDS = ("F", "B", "I", "W", "FB")

@@ -8,8 +8,7 @@ from collections import Counter
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from dualpipe_fx.schedules import (SCHEDULES, Action, Program, generate, get_schedule,
-                                   validate_program)
+from dualpipe_fx.schedules import SCHEDULES, Program, generate, get_schedule, validate_program
 from dualpipe_fx.schedules.ir import F, B, I, W, FB
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
