@@ -315,6 +315,39 @@ def _check_mutations(ep) -> None:
         )
 
 
+def _mutated_base(node: torch.fx.Node) -> Optional[torch.fx.Node]:
+    """The placeholder an in-place op of ``node`` writes into (through views), if any."""
+    schema = getattr(node.target, "_schema", None)
+    if node.op != "call_function" or schema is None:
+        return None
+    for i, arg in enumerate(schema.arguments):
+        if arg.alias_info is None or not arg.alias_info.is_write:
+            continue
+        value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+        while isinstance(value, torch.fx.Node) and value.op == "call_function" and \
+                getattr(value.target, "is_view", False):
+            value = value.args[0]
+        if isinstance(value, torch.fx.Node) and value.op == "placeholder":
+            return value
+    return None
+
+
+def _check_inplace(graph: torch.fx.Graph) -> None:
+    """Reject in-place writes into params, buffers or inputs (export keeps them as ops)."""
+    for node in graph.nodes:
+        base = _mutated_base(node)
+        if base is None:
+            continue
+        what = f"{base.meta.get('dpfx_kind', 'graph input')} {base.meta.get('dpfx_name', base.name)!r}"
+        where = node.meta.get("dpfx_module") or "top-level code"
+        raise TraceError(
+            f"{what} is written in place by {node.target} in module {where!r} (e.g. BatchNorm "
+            "running stats in train mode); expected forward() to leave params, buffers and "
+            "inputs unchanged. Fix: put that module in eval() mode, use "
+            "track_running_stats=False, or clone the tensor before writing into it."
+        )
+
+
 def _canonical_names(model: nn.Module) -> tuple[dict[str, str], dict[str, tuple[str, ...]]]:
     """FQN -> first FQN of the same tensor, and first FQN -> its aliases (tied weights)."""
     first: dict[int, str] = {}
@@ -473,6 +506,7 @@ def capture(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
     gm = ep.graph_module
     params, buffers, aliases = _lift_placeholders(gm, ep, model, len(inputs), example_target is not None)
     _annotate_modules(gm.graph)
+    _check_inplace(gm.graph)
     regions = _collect_regions(gm.graph)
     num_outputs = _check_outputs(gm)
     gm.graph.lint()
