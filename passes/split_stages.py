@@ -230,7 +230,7 @@ def _fewest_bytes(lay: _Layout, cuts, forced, num_stages: int, limit: float) -> 
 
 
 def _choose_cuts(lay: _Layout, num_stages: int, forced: Sequence[int], banned: set[int]) -> Optional[tuple[int, ...]]:
-    cuts = [k for k in lay.allowed if k not in banned or k in forced]
+    cuts = [k for k in lay.allowed if k not in banned]
     if len(cuts) < num_stages - 1:
         return None
     if not _fits(lay, cuts, forced, num_stages, lay.prefix[-1]):
@@ -302,11 +302,47 @@ def _conflicts(param_stages, placement) -> dict[fx.Node, tuple[int, ...]]:
     return {ph: st for ph, st in param_stages.items() if len({placement[s] for s in st}) > 1}
 
 
-def _use_span(lay: _Layout, ph: fx.Node) -> set[int]:
-    """Cuts that would separate two uses of placeholder ``ph``."""
-    n = len(lay.nodes)
-    uses = [lay.pos.get(u, n - 1) for u in ph.users]
-    return set(range(min(uses) + 1, max(uses) + 1))
+def _ban_options(lay: _Layout, ph: fx.Node, placement, num_stages: int, best: float) -> list[set[int]]:
+    """Sets of cuts to ban so that shared placeholder ``ph``'s uses land on one rank.
+
+    First (when stage 0 and the last stage share a rank, as in DualPipeV): the uses before
+    the widest gap between uses stay in stage 0, the rest in the last stage (a tied
+    embedding and LM head). Then, if the uses and everything between them cost no more
+    than the best stage (``best``), all uses in one stage (a layer applied twice).
+    """
+    n, p = len(lay.nodes), lay.prefix
+    uses = sorted(lay.pos.get(u, n - 1) for u in ph.users)
+    options = []
+    if num_stages > 1 and placement[0] == placement[num_stages - 1] and len(uses) > 1:
+        gap = max(range(len(uses) - 1), key=lambda i: uses[i + 1] - uses[i])
+        options.append(set(range(1, uses[gap] + 1)) | set(range(uses[gap + 1] + 1, n)))
+    if p[uses[-1] + 1] - p[uses[0]] <= best * (1 + _TIE_RTOL):
+        options.append(set(range(uses[0] + 1, uses[-1] + 1)))
+    return options
+
+
+def _cuts_for_shared_params(lay: _Layout, num_stages: int, forced, placement) -> tuple[int, ...]:
+    """The best cuts under which every shared parameter's stages sit on one rank."""
+    banned: set[int] = set()
+    first_conflicts, best = None, None
+    while True:
+        cuts = _choose_cuts(lay, num_stages, forced, banned)
+        assert cuts is not None, "bans are only kept when a split remains feasible"
+        bounds = zip((0, *cuts), (*cuts, len(lay.nodes)))
+        best = best or max(lay.prefix[b] - lay.prefix[a] for a, b in bounds)
+        conflicts = _conflicts(_param_stages(lay, cuts), placement)
+        if not conflicts:
+            return cuts
+        first_conflicts = first_conflicts or conflicts
+        ph = next(iter(conflicts))
+        for option in _ban_options(lay, ph, placement, num_stages, best):
+            trial = banned | option
+            if option - banned and not option & set(forced) and \
+                    _choose_cuts(lay, num_stages, forced, trial) is not None:
+                banned = trial
+                break
+        else:
+            raise _shared_param_error(first_conflicts, placement, num_stages)
 
 
 def _shared_param_error(conflicts, placement, num_stages) -> ValueError:
@@ -414,7 +450,7 @@ def split_stages(captured, num_stages: int, *, cost: CostSpec = "flops", split_p
         order compute nodes; cost each; crossing set of cut k = values made before k, used after
         T* = least max-stage cost (bisection on a greedy feasibility test over allowed cuts)
         cuts = windowed DP: every stage <= T*, fewest crossing bytes in total
-        while a shared param's stages sit on two ranks: ban cuts between its uses, redo
+        while a shared param's stages sit on two ranks: ban cuts that split its uses, redo
         build each stage graph: copy its nodes, placeholders for its reads, outputs = next crossing
 
     Args:
@@ -442,18 +478,7 @@ def split_stages(captured, num_stages: int, *, cost: CostSpec = "flops", split_p
                          f"({len(lay.nodes)} ops) has {len(lay.allowed)} places to cut; use "
                          f"num_stages <= {len(lay.allowed) + 1}")
     forced = _forced_cuts(lay, split_points, num_stages)
-    cuts, banned, first_conflicts = None, set(), None
-    while True:
-        cuts = _choose_cuts(lay, num_stages, forced, banned)
-        assert cuts is not None or first_conflicts, "without bans every split is feasible"
-        if cuts is None:
-            raise _shared_param_error(first_conflicts, placement, num_stages)
-        conflicts = _conflicts(_param_stages(lay, cuts), placement)
-        if not conflicts:
-            break
-        first_conflicts = first_conflicts or conflicts
-        for ph in conflicts:
-            banned |= _use_span(lay, ph)
+    cuts = _cuts_for_shared_params(lay, num_stages, forced, placement)
     bounds = list(zip((0, *cuts), (*cuts, len(lay.nodes))))
     stages = tuple(_build_stage(gm, lay, b, i, num_stages) for i, b in enumerate(bounds))
     costs = tuple(lay.prefix[b] - lay.prefix[a] for a, b in bounds)
