@@ -34,15 +34,23 @@ How the figures are counted:
   its backward runs, so it counts both. The count depends only on program order.
 
 With these definitions the DualPipe README table ("based on the same number of PP
-stages", PP = number of stages per chain, C micro-batches per chain, ``comm = 0``)
-comes out exactly, for the generators in ``dualpipe_fx.schedules``:
+stages": PP = the stages one micro-batch flows through, i.e. one chain's length; C
+micro-batches per chain at least the generator's minimum; ``comm = 0``) comes out
+exactly for the generators in ``dualpipe_fx.schedules`` (checked on a grid of costs for
+PP up to 8; ``readme_bubble`` computes the formulas):
 
-| schedule | bubble | peak | exact when |
+| schedule (ranks) | bubble | peak | the bubble formula is exact when |
 | --- | --- | --- | --- |
-| 1F1B (PP ranks) | (PP-1)(F+B) | PP | any costs |
-| ZB1P (PP ranks) | (PP-1)(F+B-2W) | PP | F = B - W = W |
-| DualPipe (PP ranks) | (PP/2-1)(F&B+B-3W) | PP+1 | see ``README_ASSUMPTIONS`` |
-| DualPipeV (PP/2 ranks) | (PP/2-1)(F&B+B-3W) | PP+1 | see ``README_ASSUMPTIONS`` |
+| 1f1b (PP) | (PP-1)(F+B) | PP | always |
+| zb1p (PP) | (PP-1)(F+B-2W) | PP | W <= F and W <= B-W (e.g. F = B-W = W) |
+| dualpipe (PP) | (PP/2-1)(F&B+B-3W) | PP+1 | B-W = F, W <= F, F&B <= F+B |
+| dualpipev (PP/2) | (PP/2-1)(F&B+B-3W) | PP+1 | B-W = F, W <= F, F&B <= F+B |
+
+e.g. ``Costs(F=1, B=2, W=1, FB=2.5)`` meets every row. Outside those conditions the
+simulator is the ground truth and the formula only an estimate (for a large ``W`` the
+DualPipe formula can even turn negative). Peaks hold for any costs; the other schedules
+peak at: gpipe C, zbv 2·min(N, C), interleaved_1f1b
+min(2C, 2(N-1) + C // max(1, C // N) + 1) (torch's warm-up count, plus one).
 """
 from __future__ import annotations
 
