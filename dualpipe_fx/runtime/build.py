@@ -1,0 +1,128 @@
+"""Build this rank's ``Pipeline`` from the split stage graphs and the schedule's program.
+
+**Contract**: ``build_pipeline(model, parts, program, examples, target, num_microbatches,
+group, timeout, compile_stages) -> Pipeline``; ``parts[k]`` is model part ``k``'s
+``StageGraphs``; stage ``s`` of the program runs ``parts[program.model_part(s)]``.
+
+**Pseudocode**
+    metas = run every part's forward once on the example micro-batch (local, no comms)
+    for each stage this rank runs: GraphStage(part graphs, neighbours, model's own params, metas)
+    schedule = torch _PipelineScheduleRuntime over those stages, loaded with the program + comms
+    executor = handlers for every compute kind, registered on the schedule
+    return Pipeline(...)
+"""
+from __future__ import annotations
+
+import dataclasses
+from datetime import timedelta
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dualpipe_fx import _compat
+from dualpipe_fx.runtime.executor import Executor
+from dualpipe_fx.runtime.lowering import load_program
+from dualpipe_fx.runtime.pipeline import Pipeline
+from dualpipe_fx.runtime.stage import GraphStage, StagePlace, TensorMeta
+from dualpipe_fx.runtime.sync import shared_holders
+from dualpipe_fx.schedules.ir import Program
+from passes.stage_graphs import StageGraphs
+
+
+class _GraphSchedule(_compat.PipelineScheduleRuntime):
+    """torch's runtime, minus its metadata inference: metas come from the local trace."""
+
+    def _initialize_stages(self, *args, **kwargs) -> None:
+        return None
+
+
+def _meta(t: torch.Tensor) -> TensorMeta:
+    return TensorMeta(tuple(t.shape), t.dtype)
+
+
+def _externals(k: int, parts: Sequence[StageGraphs], examples: tuple, target) -> tuple:
+    """External inputs of part ``k``: model inputs (first part), then the target (last part)."""
+    ext = tuple(examples) if k == 0 else ()
+    if k == len(parts) - 1 and target is not None:
+        ext += (target,)
+    assert len(ext) == len(parts[k].external_inputs), (k, parts[k].external_inputs, len(ext))
+    return ext
+
+
+def trace_metas(parts: Sequence[StageGraphs], params: Sequence[tuple], examples: tuple,
+                target) -> tuple[list[tuple[TensorMeta, ...]], tuple[TensorMeta, ...]]:
+    """Per part, the metas of its outputs; and the model outputs' metas (last part)."""
+    outs_metas, prev = [], ()
+    with torch.no_grad():
+        for k, graphs in enumerate(parts):
+            outputs, _ = graphs.forward(params[k], prev + _externals(k, parts, examples, target))
+            prev = tuple(outputs)
+            outs_metas.append(tuple(_meta(t) for t in prev))
+    return outs_metas, outs_metas[-1][1:]
+
+
+def part_params(model: nn.Module, graphs: StageGraphs) -> tuple[torch.Tensor, ...]:
+    """The model's own parameters then buffers of one part, in the graphs' order."""
+    named = dict(model.named_parameters(remove_duplicate=False))
+    buffers = dict(model.named_buffers(remove_duplicate=False))
+    return tuple(named[n] for n in graphs.param_names) + tuple(buffers[n] for n in graphs.buffer_names)
+
+
+def compile_graphs(graphs: StageGraphs) -> StageGraphs:
+    """The same stage with each graph wrapped in ``torch.compile`` (compiled on first call)."""
+    return dataclasses.replace(graphs, forward=torch.compile(graphs.forward, dynamic=False),
+                               backward_input=torch.compile(graphs.backward_input, dynamic=False),
+                               backward_weight=torch.compile(graphs.backward_weight, dynamic=False))
+
+
+def _place(program: Program, stage: int, placement: dict[int, int]) -> StagePlace:
+    prev, nxt = program.previous_stage(stage), program.next_stage(stage)
+    return StagePlace(stage, program.num_stages, prev, nxt,
+                      None if prev is None else placement[prev],
+                      None if nxt is None else placement[nxt], placement[stage])
+
+
+def _make_stages(model, parts, program, rank, metas, group, device, compile_stages) -> dict[int, GraphStage]:
+    placement = program.stage_to_rank()
+    compiled: dict[int, StageGraphs] = {}  # part -> graphs; DualPipe mirrors share one compile
+    stages = {}
+    for stage in sorted(s for s, r in placement.items() if r == rank):
+        k = program.model_part(stage)
+        if k not in compiled:
+            compiled[k] = compile_graphs(parts[k]) if compile_stages else parts[k]
+        place = _place(program, stage, placement)
+        in_metas = metas[program.model_part(place.prev_stage)] if place.prev_stage is not None else ()
+        out_metas = metas[k] if place.next_stage is not None else ()
+        stages[stage] = GraphStage(compiled[k], place, part_params(model, parts[k]),
+                                   in_metas, out_metas, group, device)
+    return stages
+
+
+def _names_by_rank(parts, program) -> dict[int, set[str]]:
+    names: dict[int, set[str]] = {}
+    for stage, rank in program.stage_to_rank().items():
+        names.setdefault(rank, set()).update(parts[program.model_part(stage)].param_names)
+    return names
+
+
+def build_pipeline(model: nn.Module, parts: Sequence[StageGraphs], program: Program, examples: tuple,
+                   target: Optional[torch.Tensor], num_microbatches: int,
+                   group: Optional[dist.ProcessGroup], timeout: timedelta,
+                   compile_stages: bool = False) -> Pipeline:
+    """This rank's pipeline (see the module docstring)."""
+    rank = dist.get_rank(group)
+    device = examples[0].device
+    params = [part_params(model, g) for g in parts]
+    metas, output_metas = trace_metas(parts, params, examples, target)
+    stages = _make_stages(model, parts, program, rank, metas, group, device, compile_stages)
+    schedule = _GraphSchedule(list(stages.values()), program.num_microbatches, loss_fn=None,
+                              scale_grads=False)
+    load_program(schedule, program)
+    executor = Executor(stages, rank, timeout)
+    executor.register(schedule)
+    return Pipeline(model=model, program=program, stages=stages, schedule=schedule, executor=executor,
+                    examples=examples, example_target=target, num_microbatches=num_microbatches,
+                    group=group, timeout=timeout, holders=shared_holders(_names_by_rank(parts, program)),
+                    output_metas=output_metas)

@@ -1,0 +1,218 @@
+"""``Pipeline``: one rank's share of a pipelined model, trained with ``step()``.
+
+The loss rule: ``step`` returns the mean of the micro-batch losses,
+``sum(loss_fn(model(x_i), y_i)) / C`` over the ``C`` micro-batches, and every grad is the
+grad of that mean. For a mean-reduced ``loss_fn`` and equal micro-batches this equals
+``loss_fn(model(x), y)`` on the whole batch, so the step matches single-process training.
+A sum-reduced ``loss_fn`` gives ``1/C`` of the whole-batch sum: scale it by ``C`` yourself.
+"""
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dualpipe_fx.runtime.errors import PeerTimeoutError, check_batch, check_inputs
+from dualpipe_fx.runtime.sync import exchange, sync_shared_grads
+
+
+class Pipeline:
+    """This rank's stages of a pipelined model, run by torch.distributed.pipelining.
+
+    Built by ``dualpipe_fx.compile``. Call ``step(*inputs, target=y)`` with the full
+    batch on every rank (ranks that hold neither the first nor the last stage may pass
+    nothing); it returns the loss on the ranks that hold a last stage and ``None``
+    elsewhere. Under ``torch.no_grad()`` ``step`` runs forward only and returns the model
+    outputs (concatenated over micro-batches) instead of the loss.
+    """
+
+    def __init__(self, *, model, program, stages, schedule, executor, examples, example_target,
+                 num_microbatches, group, timeout, holders, output_metas) -> None:
+        self.model = model
+        self.program = program
+        self.stages = stages
+        self.schedule = schedule
+        self._executor = executor
+        self.examples = tuple(examples)
+        self.example_target = example_target
+        self.num_microbatches = num_microbatches
+        self.group = group
+        self.timeout: timedelta = timeout
+        self.rank = dist.get_rank(group)
+        self.device = self.examples[0].device
+        self._holders = holders
+        self._output_metas = output_metas
+        self._params = self._local_named_params()
+        self._loss_ranks = tuple(sorted({program.stage_to_rank()[c[-1]] for c in program.chains}))
+
+    # -- parameters and checkpoints ------------------------------------------------------
+
+    def _local_named_params(self) -> dict[str, nn.Parameter]:
+        named: dict[str, nn.Parameter] = {}
+        for stage in self.stages.values():
+            for name, param in zip(stage.graphs.param_names, stage.params):
+                named.setdefault(name, param)
+        return dict(sorted(named.items()))
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """This rank's parameters under their original FQNs (the model's own objects)."""
+        yield from self._params.items()
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        yield from self._params.values()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for param in self._params.values():
+            if set_to_none:
+                param.grad = None
+            elif param.grad is not None:
+                param.grad.zero_()
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        """Local params and persistent buffers under every FQN the model's state_dict uses."""
+        local = {id(p) for p in self._params.values()}
+        for stage in self.stages.values():
+            local.update(id(b) for b in stage.params[stage.num_params:])
+        keep = self.model.state_dict(keep_vars=True)
+        return {k: v for k, v in keep.items() if id(v) in local}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """This rank's share of ``model.state_dict()``; the union over ranks is all of it."""
+        return {k: v.detach().clone() for k, v in self._state().items()}
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
+        """Copy this rank's entries from ``state_dict`` (a full or a per-rank checkpoint).
+
+        Keys of other ranks' parameters are ignored; with ``strict`` a missing local key
+        raises ``KeyError`` naming it.
+        """
+        state = self._state()
+        missing = sorted(set(state) - set(state_dict))
+        if strict and missing:
+            raise KeyError(f"load_state_dict: rank {self.rank} needs {missing} but the checkpoint lacks "
+                           f"them; pass a checkpoint from this model or strict=False")
+        with torch.no_grad():
+            for key, tensor in state.items():
+                if key in state_dict:
+                    tensor.copy_(state_dict[key])
+
+    # -- step ------------------------------------------------------------------------------
+
+    def _has(self, first: bool) -> list:
+        """This rank's stages that start (``first``) or end a chain."""
+        return [s for s in self.stages.values()
+                if (s.place.prev_stage if first else s.place.next_stage) is None]
+
+    def _check(self, inputs: tuple, target, forward_only: bool) -> None:
+        if self._has(first=True) or inputs:
+            check_inputs(inputs, self.examples, self.num_microbatches, self.device)
+        needs_target = self.example_target is not None and self._has(first=False) and not forward_only
+        if needs_target and target is None:
+            raise ValueError(f"step(): rank {self.rank} holds the loss but got target=None; pass "
+                             f"target= (the full batch of targets)")
+        if target is not None and self.example_target is not None:
+            check_batch("target", target, self.example_target, self.num_microbatches, self.device)
+
+    def _data_index(self, stage: int, mb: int) -> int:
+        """Micro-batch ``mb`` of ``stage``'s chain, as an index into the step's batch."""
+        chain = next(i for i, c in enumerate(self.program.chains) if stage in c)
+        return chain * self.program.num_microbatches + mb
+
+    def _feed(self, inputs: tuple, target) -> None:
+        n = self.num_microbatches
+        input_mbs = list(zip(*(t.tensor_split(n) for t in inputs))) if inputs else None
+        if target is None and self.example_target is not None:  # forward only: the loss is ignored
+            target = self.example_target.new_zeros((n * self.example_target.shape[0],
+                                                    *self.example_target.shape[1:]))
+        target_mbs = target.tensor_split(n) if target is not None else None
+        grad_loss = torch.tensor(1.0 / n, device=self.device)
+        for stage in self.stages.values():
+            stage.clear_runtime_states()
+            stage.grad_loss = grad_loss
+            for mb in range(self.program.num_microbatches):
+                ext = ()
+                if stage.place.prev_stage is None:
+                    ext += tuple(input_mbs[self._data_index(stage.stage_index, mb)])
+                if stage.place.next_stage is None and target_mbs is not None:
+                    ext += (target_mbs[self._data_index(stage.stage_index, mb)],)
+                stage.external[mb] = ext
+
+    def _run(self, forward_only: bool) -> None:
+        self._executor.forward_only = forward_only
+        try:
+            with torch.no_grad():
+                self.schedule._step_microbatches()
+        except PeerTimeoutError:
+            raise
+        except RuntimeError as err:
+            if not _is_comm_error(err):
+                raise
+            peers = sorted({r for s in self.stages.values() for r in (s.place.prev_rank, s.place.next_rank)
+                            if r is not None and r != self.rank})
+            raise PeerTimeoutError(self.rank, peers[0] if len(peers) == 1 else None,
+                                   f"a send or receive (peers {peers})", self.timeout, err) from err
+
+    def step(self, *inputs: torch.Tensor, target: Optional[torch.Tensor] = None):
+        """Run one pipelined step on the full batch; see the class docstring.
+
+        Raises:
+            ValueError/TypeError: before any communication, for a batch that does not
+                divide into micro-batches, shapes other than the example's, inputs on
+                another device or a missing target.
+            PeerTimeoutError: a peer rank died or did not answer within ``timeout``.
+        """
+        forward_only = not torch.is_grad_enabled()
+        self._check(inputs, target, forward_only)
+        self._feed(inputs, target)
+        self._run(forward_only)
+        if forward_only:
+            return self._gather_outputs()
+        if self._holders:
+            sync_shared_grads(self._params, self._holders, self.group, self.rank, self.timeout)
+        return self._gather_loss()
+
+    def _chain_last_mbs(self) -> list[tuple[int, object]]:
+        """(data index, stage) of each micro-batch that ends on this rank, in data order."""
+        ends = self._has(first=False)
+        return sorted((self._data_index(s.stage_index, mb), s) for s in ends
+                      for mb in range(self.program.num_microbatches))
+
+    def _peer_loss_ranks(self) -> list[int]:
+        return [r for r in self._loss_ranks if r != self.rank]
+
+    def _gather_loss(self) -> Optional[torch.Tensor]:
+        if self.rank not in self._loss_ranks:
+            return None
+        parts = {self.rank: sum(s.losses[i % self.program.num_microbatches].detach()
+                                for i, s in self._chain_last_mbs())}
+        for peer in self._peer_loss_ranks():  # DualPipe: two ranks each hold half the losses
+            (parts[peer],) = exchange([parts[self.rank]], peer, self.group, self.rank, self.timeout, "loss")
+        return sum(parts[r] for r in sorted(parts)) / self.num_microbatches
+
+    def _gather_outputs(self):
+        if self.rank not in self._loss_ranks:
+            return None
+        per_mb = {i: s.model_outputs[i % self.program.num_microbatches] for i, s in self._chain_last_mbs()}
+        mine = sorted(per_mb)
+        for peer in self._peer_loss_ranks():
+            flat = [t for i in mine for t in per_mb[i]]
+            got = exchange(flat, peer, self.group, self.rank, self.timeout, "model outputs")
+            width = len(self._output_metas)
+            theirs = [i for i in range(self.num_microbatches) if i not in mine]
+            for j, i in enumerate(theirs):
+                per_mb[i] = tuple(got[j * width:(j + 1) * width])
+        outs = tuple(torch.cat([per_mb[i][k] for i in sorted(per_mb)]) for k in range(len(self._output_metas)))
+        return outs[0] if len(outs) == 1 else outs
+
+    def profile(self, *inputs, target=None, steps: int = 3):
+        """Measure ``steps`` steps; see ``dualpipe_fx.profile.profile_pipeline``."""
+        from dualpipe_fx.profile import profile_pipeline
+        return profile_pipeline(self, inputs, target, steps)
+
+
+def _is_comm_error(err: RuntimeError) -> bool:
+    text = str(err)
+    return any(k in text for k in ("gloo", "Connection", "Timed out", "closed", "timeout", "NCCL"))

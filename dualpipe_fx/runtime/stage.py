@@ -1,0 +1,194 @@
+"""One pipeline stage on torch.distributed.pipelining, running the split graphs.
+
+**Contract**: ``GraphStage(graphs, place, params, ...)`` is a ``_PipelineStageBase`` whose
+compute is ``StageGraphs.forward / backward_input / backward_weight`` (no autograd), and
+whose ``get_{fwd,bwd}_{send,recv}_ops`` give torch's runtime the P2P ops for its SEND_*/
+RECV_* actions. Param grads accumulate into the model's own ``nn.Parameter.grad``.
+
+**Pseudocode**
+    forward(mb):   inputs = received or handed-over tensors + external inputs
+                   outputs, saved[mb] = graphs.forward(params, inputs)
+    backward_input(mb):  grad_inputs, saved_w[mb] = graphs.backward_input(saved[mb], grad_out[mb])
+    backward_weight(mb): param.grad += graphs.backward_weight(saved_w[mb])
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dualpipe_fx._compat import PipelineStageBase
+from passes.stage_graphs import StageGraphs
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """Shape and dtype of one tensor crossing a stage boundary (one micro-batch)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def differentiable(self) -> bool:
+        return self.dtype.is_floating_point or self.dtype.is_complex
+
+    def empty(self, device: torch.device) -> torch.Tensor:
+        return torch.empty(self.shape, dtype=self.dtype, device=device)
+
+
+@dataclass(frozen=True)
+class StagePlace:
+    """Where a stage sits: its neighbours in its chain and the ranks that hold them."""
+
+    stage: int
+    num_stages: int
+    prev_stage: Optional[int]
+    next_stage: Optional[int]
+    prev_rank: Optional[int]  # group rank; None when there is no previous stage
+    next_rank: Optional[int]
+    rank: int
+
+
+class GraphStage(PipelineStageBase):
+    """A pipeline stage whose F, I and W run ``StageGraphs`` callables.
+
+    Args:
+        graphs: the stage's three graphs (maybe compiled).
+        place: the stage's neighbours and their ranks.
+        params: the model's own parameters then buffers, in ``graphs.param_names`` then
+            ``graphs.buffer_names`` order.
+        input_metas: one ``TensorMeta`` per received input (the previous stage's outputs).
+        output_metas: one ``TensorMeta`` per output sent on (empty for a chain's last stage).
+        group: the pipeline's process group; device: where tensors live.
+    """
+
+    def __init__(self, graphs: StageGraphs, place: StagePlace, params: Sequence[torch.Tensor],
+                 input_metas: Sequence[TensorMeta], output_metas: Sequence[TensorMeta],
+                 group: Optional[dist.ProcessGroup], device: torch.device) -> None:
+        super().__init__(nn.Module(), place.stage, place.num_stages, device, group)
+        self.graphs = graphs
+        self.place = place
+        self.params = tuple(params)
+        self.num_params = len(graphs.param_names)
+        self.input_metas = tuple(input_metas)
+        self.output_metas = tuple(output_metas)
+        self.external: dict[int, tuple] = {}   # mb -> external inputs, set by the pipeline each step
+        self.grad_loss: Optional[torch.Tensor] = None  # d(step loss)/d(micro-batch loss)
+        self.losses: dict[int, torch.Tensor] = {}
+        self.model_outputs: dict[int, tuple] = {}
+        self._inputs: dict[int, tuple] = {}
+        self._outputs: dict[int, tuple] = {}
+        self._saved: dict[int, tuple] = {}
+        self._saved_w: dict[int, tuple] = {}
+        self._grad_out: dict[int, tuple] = {}
+        self._grad_in: dict[int, tuple] = {}
+
+    @property
+    def is_chain_last(self) -> bool:
+        return self.place.next_stage is None
+
+    # -- compute -------------------------------------------------------------------
+
+    def run_forward(self, mb: int, keep_saved: bool = True) -> tuple:
+        """Run F for micro-batch ``mb``; returns the outputs (sent on, or the loss...)."""
+        inputs = self._inputs.pop(mb, ()) + tuple(self.external.get(mb, ()))
+        outputs, saved = self.graphs.forward(self.params, inputs)
+        outputs = tuple(outputs)
+        if keep_saved:
+            self._saved[mb] = saved
+        if self.is_chain_last:
+            self.losses[mb] = outputs[0]
+            self.model_outputs[mb] = outputs[1:]
+        else:
+            self._outputs[mb] = outputs
+        return outputs
+
+    def run_backward_input(self, mb: int) -> tuple:
+        """Run I for ``mb``: input grads (kept for the send / hand-over) and W's saved values."""
+        grad_out = (self.grad_loss,) if self.is_chain_last else self._grad_out.pop(mb)
+        grad_inputs, saved_w = self.graphs.backward_input(self._saved.pop(mb), grad_out)
+        self._saved_w[mb] = saved_w
+        grad_inputs = tuple(grad_inputs)
+        if self.place.prev_stage is not None:
+            self._grad_in[mb] = grad_inputs
+        return grad_inputs
+
+    def run_backward_weight(self, mb: int) -> None:
+        """Run W for ``mb``: accumulate its param grads into the parameters' ``.grad``."""
+        saved_w = self._saved_w.pop(mb)
+        grads = self.graphs.backward_weight(saved_w)
+        aliased = {t.data_ptr() for t in saved_w if isinstance(t, torch.Tensor)}
+        for param, grad in zip(self.params[: self.num_params], grads):
+            if grad is None:
+                continue
+            if param.grad is None:
+                # A grad that shares memory with a saved value is not ours to keep.
+                param.grad = grad.clone() if grad.data_ptr() in aliased else grad.detach()
+            else:
+                param.grad.add_(grad)
+
+    # -- hand-over between two stages on the same rank -------------------------------
+
+    def take_outputs(self, mb: int) -> tuple:
+        return self._outputs.pop(mb)
+
+    def take_grad_inputs(self, mb: int) -> tuple:
+        grads = self._grad_in.pop(mb)
+        return tuple(g for g, m in zip(grads, self.input_metas) if m.differentiable)
+
+    def set_inputs(self, mb: int, tensors: tuple) -> None:
+        self._inputs[mb] = tuple(tensors)
+
+    def set_grad_outputs(self, mb: int, grads: tuple) -> None:
+        it = iter(grads)
+        self._grad_out[mb] = tuple(next(it) if m.differentiable else None for m in self.output_metas)
+
+    # -- P2P ops for torch's SEND_*/RECV_* actions ------------------------------------
+
+    def _op(self, op, tensor: torch.Tensor, peer: int) -> dist.P2POp:
+        return dist.P2POp(op, tensor, group=self.group, group_peer=peer)
+
+    def get_fwd_recv_ops(self, fwd_chunk_id: int) -> list[dist.P2POp]:
+        bufs = tuple(m.empty(self.device) for m in self.input_metas)
+        self._inputs[fwd_chunk_id] = bufs
+        return [self._op(dist.irecv, b, self.place.prev_rank) for b in bufs]
+
+    def get_fwd_send_ops(self, fwd_chunk_id: int) -> list[dist.P2POp]:
+        outputs = self._outputs.pop(fwd_chunk_id)
+        return [self._op(dist.isend, t, self.place.next_rank) for t in outputs]
+
+    def get_bwd_recv_ops(self, bwd_chunk_id: int) -> list[dist.P2POp]:
+        bufs = tuple(m.empty(self.device) if m.differentiable else None for m in self.output_metas)
+        self._grad_out[bwd_chunk_id] = bufs
+        return [self._op(dist.irecv, b, self.place.next_rank) for b in bufs if b is not None]
+
+    def get_bwd_send_ops(self, bwd_chunk_id: int) -> list[dist.P2POp]:
+        grads = self._grad_in.pop(bwd_chunk_id)
+        ops = []
+        for grad, meta in zip(grads, self.input_metas):
+            if meta.differentiable:
+                grad = torch.zeros(meta.shape, dtype=meta.dtype, device=self.device) if grad is None else grad
+                ops.append(self._op(dist.isend, grad.contiguous(), self.place.prev_rank))
+        return ops
+
+    # -- torch's metadata inference: not needed, metas come from the local trace -----
+
+    def _prepare_forward_infra(self, num_microbatches, args, kwargs=None, has_backward=False):
+        self.chunks = num_microbatches
+        return None
+
+    def _prepare_backward_infra(self, num_microbatches, loss_fn=None, target=None,
+                                received_grad_meta=None, loss_kwargs=None):
+        return None
+
+    def _create_grad_recv_info(self, act_send_info):
+        return ()
+
+    def clear_runtime_states(self) -> None:
+        """Drop every per-micro-batch value of the last step (after an error, for one)."""
+        for store in (self._inputs, self._outputs, self._saved, self._saved_w, self._grad_out,
+                      self._grad_in, self.losses, self.model_outputs, self.external):
+            store.clear()
