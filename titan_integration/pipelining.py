@@ -50,14 +50,14 @@ class StageLocalModel(nn.Module):
     act on what the stage graphs read.
     """
 
-    def __init__(self, named_params, named_buffers=()) -> None:
+    def __init__(self, named_tensors) -> None:
         super().__init__()
-        for fqn, param in named_params:
+        for fqn, tensor in named_tensors:
             owner, leaf = self._owner(fqn)
-            owner.register_parameter(leaf, param)
-        for fqn, buf in named_buffers:
-            owner, leaf = self._owner(fqn)
-            owner.register_buffer(leaf, buf)
+            if isinstance(tensor, nn.Parameter):
+                owner.register_parameter(leaf, tensor)  # a tied weight may appear twice, as in the model
+            else:
+                owner.register_buffer(leaf, tensor)
 
     def _owner(self, fqn: str) -> tuple[nn.Module, str]:
         *path, leaf = fqn.split(".")
@@ -232,6 +232,18 @@ def _placement(schedule: str, num_mb: int, group) -> tuple[bool, bool, int]:
     return rank_in_group in firsts, rank_in_group in set(lasts), owner
 
 
+def _local_tensors(model: nn.Module, pipeline) -> list[tuple[str, torch.Tensor]]:
+    """This rank's params and persistent buffers: the model's own tensors, state_dict FQNs.
+
+    ``pipeline.state_dict()`` names this rank's share (tied weights under every FQN);
+    the tensors themselves are taken from the model so that they stay the live objects.
+    """
+    full = model.state_dict(keep_vars=True)  # non-persistent buffers (llama's freqs_cis) are absent
+    local = dict(pipeline.named_parameters())
+    local.update((k, full[k]) for k in pipeline.state_dict() if k in full)
+    return sorted(local.items())
+
+
 def _check_parallel_dims(parallel_dims) -> None:
     for name in ("dp_replicate", "dp_shard", "cp", "tp", "ep"):
         degree = getattr(parallel_dims, name, 1)
@@ -269,10 +281,7 @@ def pipeline_dualpipe_fx(model: nn.Module, parallel_dims, job_config, device: to
     _materialize(model, job_config, device)
     num_mb = num_microbatches(job_config)
     pipeline = _compile(model, loss_fn, job_config, device, group, num_mb)
-    persistent = set(model.state_dict(keep_vars=True))  # llama's freqs_cis is not
-    named_buffers = getattr(pipeline, "named_buffers", lambda: ())()
-    part = StageLocalModel(pipeline.named_parameters(),
-                           [(n, b) for n, b in named_buffers if n in persistent])
+    part = StageLocalModel(_local_tensors(model, pipeline))
     has_first, has_last, owner = _placement(job_config.dualpipe_fx.schedule, num_mb, group)
     schedule = DualPipeFxSchedule(pipeline, num_mb, has_first, has_last, owner, group)
     return schedule, [part], has_first, has_last
