@@ -1,0 +1,68 @@
+"""Each private torch API that ``passes/_compat.py`` re-exports still behaves as the passes expect."""
+import pytest
+import torch
+from torch import nn
+
+from passes import _compat
+
+
+def test_tracer_graph_and_node_outside_tracing_are_none():
+    assert _compat.current_tracer_graph() is None
+    assert _compat.current_fx_node(torch.ones(2)) is None
+
+
+def test_tracer_graph_and_node_inside_make_fx():
+    seen = {}
+
+    def fn(x):
+        y = torch.sin(x)
+        seen["graph"] = _compat.current_tracer_graph()
+        seen["node"] = _compat.current_fx_node(y)
+        return y
+
+    gm = _compat.make_fx(fn, tracing_mode="fake")(torch.ones(3))
+    assert seen["graph"] is gm.graph or isinstance(seen["graph"], torch.fx.Graph)
+    assert seen["node"].target is torch.ops.aten.sin.default
+    assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == [torch.ops.aten.sin.default]
+
+
+def test_make_fx_traces_autograd_grad():
+    def fn(x, w):
+        w = w.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad((x @ w).sum(), [w])
+        return g
+
+    gm = _compat.make_fx(fn, tracing_mode="fake")(torch.randn(2, 3), torch.randn(3, 4))
+    x, w = torch.randn(2, 3), torch.randn(3, 4)
+    torch.testing.assert_close(gm(x, w)[0] if isinstance(gm(x, w), (list, tuple)) else gm(x, w),
+                               x.sum(0)[:, None].expand(3, 4))
+
+
+def test_fake_tensor_mode_makes_fake_tensors():
+    with _compat.FakeTensorMode():
+        t = torch.empty(4, 5)
+    assert type(t).__name__ == "FakeTensor" and t.shape == (4, 5)
+
+
+def test_data_dependent_errors_are_what_export_raises():
+    class M(nn.Module):
+        def forward(self, x):
+            return x * 2 if x.sum() > 0 else x
+
+    with pytest.raises(_compat.DATA_DEPENDENT_ERRORS):
+        torch.export.export(M(), (torch.randn(3),), strict=False)
+
+
+def test_pytree_round_trip():
+    tree = ((torch.ones(1), 2.0), {"k": torch.zeros(2)})
+    leaves, spec = _compat.tree_flatten(tree)
+    assert len(leaves) == 3 and isinstance(spec, _compat.TreeSpec)
+    again = _compat.tree_unflatten(leaves, spec)
+    assert again[0][1] == 2.0 and again[1]["k"].shape == (2,)
+
+
+@pytest.mark.skipif(not hasattr(_compat, "decomposes_implicitly"), reason="cost-model entry not present")
+def test_decomposes_implicitly():
+    assert _compat.decomposes_implicitly(torch.ops.aten.linear.default)
+    assert not _compat.decomposes_implicitly(torch.ops.aten.mm.default)
