@@ -27,6 +27,7 @@ from dualpipe_fx.runtime.lowering import load_program
 from dualpipe_fx.runtime.pipeline import Pipeline
 from dualpipe_fx.runtime.stage import GraphStage, StagePlace, TensorMeta
 from dualpipe_fx.runtime.sync import shared_holders
+from dualpipe_fx.runtime.values import external_values
 from dualpipe_fx.schedules.ir import Program
 from passes.stage_graphs import StageGraphs
 
@@ -42,22 +43,13 @@ def _meta(t: torch.Tensor) -> TensorMeta:
     return TensorMeta(tuple(t.shape), t.dtype)
 
 
-def _externals(k: int, parts: Sequence[StageGraphs], examples: tuple, target) -> tuple:
-    """External inputs of part ``k``: model inputs (first part), then the target (last part)."""
-    ext = tuple(examples) if k == 0 else ()
-    if k == len(parts) - 1 and target is not None:
-        ext += (target,)
-    assert len(ext) == len(parts[k].external_inputs), (k, parts[k].external_inputs, len(ext))
-    return ext
-
-
 def trace_metas(parts: Sequence[StageGraphs], params: Sequence[tuple], examples: tuple,
                 target) -> tuple[list[tuple[TensorMeta, ...]], tuple[TensorMeta, ...]]:
     """Per part, the metas of its outputs; and the model outputs' metas (last part)."""
     outs_metas, prev = [], ()
     with torch.no_grad():
         for k, graphs in enumerate(parts):
-            outputs, _ = graphs.forward(params[k], prev + _externals(k, parts, examples, target))
+            outputs, _ = graphs.forward(params[k], prev + external_values(graphs, examples, target))
             prev = tuple(outputs)
             outs_metas.append(tuple(_meta(t) for t in prev))
     return outs_metas, outs_metas[-1][1:]

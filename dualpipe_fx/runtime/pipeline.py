@@ -17,6 +17,7 @@ from torch import nn
 
 from dualpipe_fx.runtime.errors import PeerTimeoutError, check_batch, check_inputs
 from dualpipe_fx.runtime.sync import exchange, sync_shared_grads
+from dualpipe_fx.runtime.values import external_values
 
 
 class Pipeline:
@@ -133,12 +134,9 @@ class Pipeline:
             stage.clear_runtime_states()
             stage.grad_loss = grad_loss
             for mb in range(self.program.num_microbatches):
-                ext = ()
-                if stage.place.prev_stage is None:
-                    ext += tuple(input_mbs[self._data_index(stage.stage_index, mb)])
-                if stage.place.next_stage is None and target_mbs is not None:
-                    ext += (target_mbs[self._data_index(stage.stage_index, mb)],)
-                stage.external[mb] = ext
+                i = self._data_index(stage.stage_index, mb)
+                stage.external[mb] = external_values(stage.graphs, input_mbs[i] if input_mbs else (),
+                                                     target_mbs[i] if target_mbs is not None else None)
 
     def _run(self, forward_only: bool) -> None:
         self._executor.forward_only = forward_only

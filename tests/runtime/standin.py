@@ -34,7 +34,7 @@ def _part(model, loss_fn, k, lo, hi, last):
         out, g, *ps = saved_w
         return torch.autograd.grad(out, ps, g)
 
-    ext = (("x",) if k == 0 else ()) + (("target",) if last else ())
+    ext = (("input:0",) if k == 0 else ()) + (("target",) if last else ())
     return StageGraphs(k, names, (), ("h",) * (k > 0) + ext, ext, ("loss", "out") if last else ("h",),
                        forward, backward_input, backward_weight, is_last=last)
 

@@ -1,0 +1,89 @@
+"""``dualpipe_fx.compile``: one call from a model to this rank's pipelined trainer.
+
+**Contract**: ``compile(model, loss_fn, example_inputs, example_target, *, schedule,
+num_microbatches, group, ...) -> Pipeline``, called on every rank of ``group`` with the
+same model (same weights) and example; nothing is communicated until ``step()``.
+
+**Pseudocode**
+    check the schedule fits the world size and micro-batch count, and the devices agree
+    program = the schedule's per-rank actions (N ranks, C micro-batches)
+    split = capture + cut into the program's model parts + I/W split (every rank, same result)
+    return build_pipeline(model, split.stages, program, ...)   # keeps this rank's stages
+"""
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dualpipe_fx.runtime.build import build_pipeline
+from dualpipe_fx.runtime.errors import check_world
+from dualpipe_fx.runtime.pipeline import Pipeline
+from dualpipe_fx.schedules import generate, get_schedule
+from dualpipe_fx.schedules.ir import Program
+from dualpipe_fx.split import split
+
+
+def _as_tuple(example_inputs) -> tuple[torch.Tensor, ...]:
+    return (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+
+
+def _check_devices(model: nn.Module, examples: tuple, target) -> None:
+    devices = {p.device for p in model.parameters()}
+    tensors = [*examples] + ([target] if target is not None else [])
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"compile(): example input {i} is a {type(t).__name__}; expected tensors")
+        if devices and t.device not in devices:
+            raise ValueError(f"compile(): example {'target' if i == len(examples) else f'input {i}'} is on "
+                             f"{t.device} but the model's parameters are on {sorted(map(str, devices))}; "
+                             f"move both to one device")
+
+
+def _part_placement(program: Program) -> dict[int, int]:
+    """Rank of each model part, for the splitter's shared-parameter check (mirrors: first copy)."""
+    placement: dict[int, int] = {}
+    for stage, rank in sorted(program.stage_to_rank().items()):
+        placement.setdefault(program.model_part(stage), rank)
+    return placement
+
+
+def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=None, *,
+            schedule: str = "dualpipev", num_microbatches: int, group: Optional[dist.ProcessGroup] = None,
+            compile_stages: bool = False, timeout: timedelta = timedelta(seconds=300),
+            cost="flops", split_points: Optional[Sequence[str]] = None) -> Pipeline:
+    """Pipeline ``model`` over the ranks of ``group`` with ``schedule``.
+
+    Args:
+        model, loss_fn: the model and ``loss_fn(model_output, target) -> scalar``.
+        example_inputs, example_target: ONE micro-batch (a tensor or a tuple of tensors).
+        schedule: a name from ``dualpipe_fx.schedules.SCHEDULES`` (dualpipev, dualpipe, zbv,
+            1f1b, gpipe, interleaved_1f1b, zb1p).
+        num_microbatches: micro-batches per step; ``step`` splits its batch into this many.
+        group: the pipeline's process group (default: the world).
+        compile_stages: wrap each stage graph in ``torch.compile``.
+        timeout: how long a rank waits for a peer before ``PeerTimeoutError``.
+        cost, split_points: how to cut the model (see ``dualpipe_fx.split``).
+
+    Returns:
+        this rank's ``Pipeline``.
+
+    Raises:
+        ValueError: the schedule does not fit the world size / micro-batch count, or the
+            examples and the model are on different devices (before any communication).
+    """
+    if not dist.is_initialized():
+        raise ValueError("compile(): torch.distributed is not initialized; call "
+                         "torch.distributed.init_process_group(...) on every rank first")
+    examples = _as_tuple(example_inputs)
+    world = dist.get_world_size(group)
+    check_world(schedule, world, num_microbatches, get_schedule(schedule))
+    _check_devices(model, examples, example_target)
+    program = generate(schedule, world, num_microbatches)
+    parts = split(model, loss_fn, examples, example_target, program.num_model_parts, cost=cost,
+                  split_points=split_points, placement=_part_placement(program))
+    return build_pipeline(model, parts.stages, program, examples, example_target, num_microbatches,
+                          group, timeout, compile_stages)
