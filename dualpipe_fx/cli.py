@@ -134,6 +134,8 @@ def _run_schedule(args: argparse.Namespace) -> int:
           f"{args.microbatches} micro-batches; costs {_format_costs(costs)}")
     print(format_program(program))
     print()
+    print(f"every schedule on {args.ranks} ranks, {args.microbatches} micro-batches, the same costs per chunk "
+          f"(chunk = one stage of one micro-batch; stage counts differ, so compare ratios):")
     print(format_comparison(args.ranks, args.microbatches, costs))
     for path in (args.png, args.trace):
         if path is not None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Optional
 
 from dualpipe_fx.schedules.ir import Action, Program
@@ -30,10 +31,10 @@ from dualpipe_fx.timeline import TimelineEntry
 DEFAULT_COSTS = Costs(F=1.0, B=2.0, W=1.0)
 
 # The README figure's palette: orange forward, green backward, blue weight grad.
-_COLORS = {"F": "#f6a93b", "B": "#5cb85c", "I": "#9ee37d", "W": "#74b9f2"}
+_COLORS = MappingProxyType({"F": "#f6a93b", "B": "#5cb85c", "I": "#9ee37d", "W": "#74b9f2"})
 _LEGEND = (("F", "Forward"), ("B", "Backward"), ("I", "Backward for input"), ("W", "Backward for weights"))
 # Microseconds per time unit, for traces.
-_US_PER_UNIT = {"s": 1e6, "ms": 1e3, "us": 1.0, "unit": 1e3}
+_US_PER_UNIT = MappingProxyType({"s": 1e6, "ms": 1e3, "us": 1.0, "unit": 1e3})
 
 
 def _forward_share(action: Action, costs: Optional[Costs]) -> float:
