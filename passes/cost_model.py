@@ -56,8 +56,12 @@ def _sdpa_cpu_backward_flop(grad_shape, q_shape, k_shape, v_shape, *args, out_sh
     return _sdpa_cpu_flop(q_shape, k_shape, v_shape) * 5 // 2
 
 
-def _custom_flop_formulas() -> dict:
-    """FLOP formulas torch's counter lacks: the CPU flash-attention kernels SDPA picks on CPU."""
+def extra_flop_formulas() -> dict:
+    """FLOP formulas torch's counter lacks: the CPU flash-attention kernels SDPA picks on CPU.
+
+    Pass as ``FlopCounterMode(custom_mapping=extra_flop_formulas())`` to count eager code
+    the way :func:`node_costs` counts graphs.
+    """
     aten = torch.ops.aten
     table = {}
     if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
@@ -126,11 +130,28 @@ def activation_bytes(node: fx.Node) -> int:
     return _nbytes(node.meta.get("val"))
 
 
-def _node_flops(node: fx.Node, counter: FlopCounterMode) -> float:
+def _signature(node: fx.Node) -> str:
+    """What a node's FLOPs depend on: its op, its args' shapes/strides/dtypes, other args."""
+    def one(a):
+        val = a.meta.get("val") if isinstance(a, fx.Node) else a
+        if isinstance(val, torch.Tensor):
+            return ("T", tuple(val.shape), tuple(val.stride()), val.dtype)
+        return val
+    return repr((node.target, map_aggregate(node.args, one), map_aggregate(node.kwargs, one)))
+
+
+def _node_flops(node: fx.Node, counter: FlopCounterMode, memo: dict) -> float:
     """FLOPs of one node; ``counter`` (entered, inside a fake mode) accumulates across calls."""
     packet = getattr(node.target, "overloadpacket", None)
     if packet not in counter.flop_registry and not decomposes_implicitly(node.target):
         return 0.0  # a leaf kernel without a FLOP formula: the counter would say 0 anyway
+    key = _signature(node)  # repeated layers repeat signatures: count each once
+    if key not in memo:
+        memo[key] = _count_flops(node, counter)
+    return memo[key]
+
+
+def _count_flops(node: fx.Node, counter: FlopCounterMode) -> float:
     before = counter.get_total_flops()
     try:
         args, kwargs = _materialize(node, real=False)
@@ -187,8 +208,9 @@ def node_costs(gm: fx.GraphModule, *, measured: bool = False, repeats: int = 3) 
     # one fake mode and one counter for the whole graph: entering them per node is slow.
     # Tensors made inside the fake mode are fake: no real memory, even for huge shapes.
     with FakeTensorMode(allow_non_fake_inputs=True):
-        with FlopCounterMode(display=False, custom_mapping=_custom_flop_formulas()) as counter:
-            flops = {n.name: _node_flops(n, counter) for n in nodes}
+        with FlopCounterMode(display=False, custom_mapping=extra_flop_formulas()) as counter:
+            memo: dict[str, float] = {}
+            flops = {n.name: _node_flops(n, counter, memo) for n in nodes}
     table = {}
     for node in nodes:
         out_bytes = activation_bytes(node)
