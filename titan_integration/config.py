@@ -17,8 +17,9 @@ calls it right after parsing) and raises ``ValueError`` naming the offending key
 """
 # No `from __future__ import annotations`: torchtitan merges these dataclasses by their
 # real field types (dataclasses.is_dataclass(field.type)), which strings would hide.
+import inspect
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 BALANCE_MODES = ("flops", "measured")
 
@@ -69,6 +70,31 @@ def num_microbatches(job_config) -> int:
             f"parallelism.pipeline_parallel_microbatch_size = {mb_size} must be >= 1 and divide "
             f"training.local_batch_size = {batch}; pick a micro-batch size that divides the batch")
     return batch // mb_size
+
+
+# [dualpipe_fx] key -> (dualpipe_fx.compile keyword, value that needs no keyword)
+_COMPILE_KEYWORDS = {"schedule": ("schedule", None), "compile_stages": ("compile_stages", None),
+                     "balance": ("cost", "flops"), "split_points": ("split_points", None),
+                     "overlap": ("overlap", True)}
+
+
+def compile_kwargs(compile_fn, section) -> dict[str, Any]:
+    """Map the ``[dualpipe_fx]`` keys onto ``dualpipe_fx.compile``'s keyword arguments.
+
+    A key whose keyword this ``compile`` lacks is fine at its default (e.g. ``overlap =
+    true``: overlapped FB actions are what the runtime runs); any other value raises.
+    """
+    accepted = inspect.signature(compile_fn).parameters
+    kwargs = {}
+    for key, (keyword, default) in _COMPILE_KEYWORDS.items():
+        value = getattr(section, key)
+        value = (list(value) or None) if key == "split_points" else value
+        if keyword in accepted:
+            kwargs[keyword] = value
+        elif value != default:
+            raise ValueError(f"dualpipe_fx.{key} = {value!r} is not supported by this "
+                             f"dualpipe_fx.compile (no {keyword!r} argument); use {default!r}")
+    return kwargs
 
 
 def _check_enable(job_config) -> None:
@@ -178,6 +204,7 @@ def validate_job_config(job_config) -> None:
         C = local_batch_size / microbatch_size fits the schedule (e.g. C >= 2N)
         no activation checkpointing (selective + split backward named explicitly)
         no TP/CP/DP/EP, no torch.compile of model parts, split_points count
+        every key maps onto a dualpipe_fx.compile argument
 
     Args:
         job_config: torchtitan's JobConfig merged with :class:`JobConfig`.
@@ -187,9 +214,12 @@ def validate_job_config(job_config) -> None:
     """
     if not job_config.dualpipe_fx.enable:
         return
+    import dualpipe_fx
+
     _check_enable(job_config)
     spec = _check_schedule(job_config)
     program = _check_microbatches(job_config, spec)
     _check_activation_checkpoint(job_config, spec, program)
     _check_other_parallelisms(job_config)
     _check_split_points(job_config, spec)
+    compile_kwargs(dualpipe_fx.compile, job_config.dualpipe_fx)

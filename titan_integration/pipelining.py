@@ -32,13 +32,14 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from datetime import timedelta
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from titan_integration.config import num_microbatches
+from titan_integration.config import compile_kwargs, num_microbatches
 
 
 class StageLocalModel(nn.Module):
@@ -169,23 +170,6 @@ def _materialize(model: nn.Module, job_config, device: torch.device) -> None:
     model.train()
 
 
-def _compile_kwargs(compile_fn, section) -> dict[str, Any]:
-    """Map the ``[dualpipe_fx]`` keys onto ``dualpipe_fx.compile``'s keyword arguments."""
-    wanted = {"schedule": section.schedule, "compile_stages": section.compile_stages,
-              "balance": section.balance, "overlap": section.overlap,
-              "split_points": list(section.split_points) or None}
-    defaults = {"balance": "flops", "overlap": True, "split_points": None}
-    accepted = inspect.signature(compile_fn).parameters
-    kwargs = {}
-    for key, value in wanted.items():
-        if key in accepted:
-            kwargs[key] = value
-        elif key in defaults and value != defaults[key]:
-            raise ValueError(f"dualpipe_fx.{key} = {value!r} is not supported by this "
-                             f"dualpipe_fx.compile; remove it from [dualpipe_fx]")
-    return kwargs
-
-
 def _compile(model, loss_fn, job_config, device, group, num_mb: int):
     """``dualpipe_fx.compile`` on one example micro-batch; trace failures name the model."""
     import dualpipe_fx
@@ -194,7 +178,9 @@ def _compile(model, loss_fn, job_config, device, group, num_mb: int):
     seq_len = job_config.training.seq_len
     tokens = torch.zeros(mb_size, seq_len, dtype=torch.long, device=device)
     labels = torch.zeros(mb_size, seq_len, dtype=torch.long, device=device)
-    kwargs = _compile_kwargs(dualpipe_fx.compile, job_config.dualpipe_fx)
+    kwargs = compile_kwargs(dualpipe_fx.compile, job_config.dualpipe_fx)
+    if "timeout" in inspect.signature(dualpipe_fx.compile).parameters:
+        kwargs["timeout"] = timedelta(seconds=job_config.comm.init_timeout_seconds)
     try:
         return dualpipe_fx.compile(model, loss_fn, (tokens,), labels, num_microbatches=num_mb,
                                    group=group, **kwargs)
@@ -204,7 +190,7 @@ def _compile(model, loss_fn, job_config, device, group, num_mb: int):
         name = f"{job_config.model.name} {job_config.model.flavor}"
         raise ValueError(f"model.name = {job_config.model.name!r} (flavor "
                          f"{job_config.model.flavor!r}) does not trace with dualpipe_fx: "
-                         f"{err}. Run {name} with --dualpipe_fx.no-enable (torchtitan's own "
+                         f"{str(err).rstrip('.')}. Run {name} with --dualpipe_fx.no-enable (torchtitan's own "
                          f"pipeline split) or make its forward traceable") from err
 
 
