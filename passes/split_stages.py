@@ -57,6 +57,7 @@ class _Layout:
     producer order; the model inputs (produced "at -1") come first.
     """
 
+    graph: fx.Graph
     nodes: tuple[fx.Node, ...]
     pos: Mapping[fx.Node, int]
     prefix: tuple[float, ...]  # prefix[k] = cost of nodes[:k]
@@ -85,22 +86,21 @@ def _kind(node: fx.Node) -> Optional[str]:
     return node.meta.get("dpfx_kind") if node.op == "placeholder" else None
 
 
-def _last_uses(nodes: Sequence[fx.Node], pos: Mapping[fx.Node, int]) -> dict[fx.Node, int]:
+def _last_uses(graph: fx.Graph, nodes: Sequence[fx.Node], pos: Mapping[fx.Node, int]) -> dict[fx.Node, int]:
     """Last position that reads each activation (the output node reads at N)."""
     last: dict[fx.Node, int] = {}
     n = len(nodes)
-    for value in list(pos) + [v for v in nodes[0].graph.nodes if _kind(v) == "input"]:
+    for value in list(pos) + [v for v in graph.nodes if _kind(v) == "input"]:
         uses = [pos.get(u, n) for u in value.users if u.op != "get_attr"]
         last[value] = max(uses, default=-1)
     return last
 
 
-def _crossings(nodes, pos) -> tuple[tuple, tuple]:
+def _crossings(graph: fx.Graph, nodes, pos) -> tuple[tuple, tuple]:
     """Crossing values and bytes at every cut, via a sweep over producer/last-use intervals."""
     n = len(nodes)
-    graph = nodes[0].graph
     inputs = [v for v in graph.nodes if _kind(v) == "input"]
-    last = _last_uses(nodes, pos)
+    last = _last_uses(graph, nodes, pos)
     starts: list[list[fx.Node]] = [[] for _ in range(n + 1)]
     for value in inputs + list(nodes):
         produced = -1 if _kind(value) == "input" else pos[value]
@@ -118,7 +118,7 @@ def _crossings(nodes, pos) -> tuple[tuple, tuple]:
     return tuple(crossing), cut_bytes
 
 
-def _forbidden_cuts(nodes, pos, crossing) -> dict[int, str]:
+def _forbidden_cuts(graph: fx.Graph, nodes, pos, crossing) -> dict[int, str]:
     """Cuts that would split a region, carry a non-tensor value or run the loss early."""
     n = len(nodes)
     why: dict[int, str] = {}
@@ -133,7 +133,7 @@ def _forbidden_cuts(nodes, pos, crossing) -> dict[int, str]:
         bad = [v.name for v in crossing[k] if not isinstance(v.meta.get("val"), torch.Tensor)]
         if bad:
             why.setdefault(k, f"non-tensor value(s) {bad} would cross it")
-    target_uses = [pos[u] for v in nodes[0].graph.nodes if _kind(v) == "target"
+    target_uses = [pos[u] for v in graph.nodes if _kind(v) == "target"
                    for u in v.users if u in pos]
     for k in range(min(target_uses, default=n) + 1, n):
         why.setdefault(k, "the target (loss) is used before it; the target lives in the last stage")
@@ -150,10 +150,10 @@ def _layout(gm: fx.GraphModule, cost: CostSpec) -> _Layout:
     prefix = [0.0]
     for c in costs:
         prefix.append(prefix[-1] + c)
-    crossing, cut_bytes = _crossings(nodes, pos)
-    why = _forbidden_cuts(nodes, pos, crossing)
+    crossing, cut_bytes = _crossings(gm.graph, nodes, pos)
+    why = _forbidden_cuts(gm.graph, nodes, pos, crossing)
     allowed = tuple(k for k in range(1, len(nodes)) if k not in why)
-    return _Layout(nodes, MappingProxyType(pos), tuple(prefix), crossing, cut_bytes, allowed,
+    return _Layout(gm.graph, nodes, MappingProxyType(pos), tuple(prefix), crossing, cut_bytes, allowed,
                    MappingProxyType(why))
 
 
@@ -291,7 +291,7 @@ def _param_stages(lay: _Layout, cuts) -> dict[fx.Node, tuple[int, ...]]:
     """For each param placeholder, the stages whose nodes (or the output) read it."""
     n = len(lay.nodes)
     result = {}
-    for ph in lay.nodes[0].graph.nodes:
+    for ph in lay.graph.nodes:
         if _kind(ph) == "param":
             stages = {_stage_of(cuts, lay.pos.get(u, n)) for u in ph.users}
             result[ph] = tuple(sorted(stages))
@@ -473,6 +473,9 @@ def split_stages(captured, num_stages: int, *, cost: CostSpec = "flops", split_p
     placement = _check_args(captured, num_stages, placement)
     gm = captured.gm
     lay = _layout(gm, cost)
+    if not lay.nodes:
+        raise ValueError("split_stages: the captured graph has no ops to split; the model and "
+                         "loss must compute something from their inputs")
     if len(lay.allowed) < num_stages - 1:
         raise ValueError(f"num_stages={num_stages} needs {num_stages - 1} cuts but the graph "
                          f"({len(lay.nodes)} ops) has {len(lay.allowed)} places to cut; use "
