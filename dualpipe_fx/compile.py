@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dualpipe_fx.runtime.build import build_pipeline
-from dualpipe_fx.runtime.errors import check_world
+from dualpipe_fx.runtime.errors import PeerTimeoutError, check_world  # noqa: F401  re-exported
 from dualpipe_fx.runtime.pipeline import Pipeline
 from dualpipe_fx.schedules import generate, get_schedule
 from dualpipe_fx.schedules.ir import Program

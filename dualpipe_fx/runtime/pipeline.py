@@ -24,8 +24,8 @@ class Pipeline:
     """This rank's stages of a pipelined model, run by torch.distributed.pipelining.
 
     Built by ``dualpipe_fx.compile``. Call ``step(*inputs, target=y)`` with the full
-    batch on every rank (ranks that hold neither the first nor the last stage may pass
-    nothing); it returns the loss on the ranks that hold a last stage and ``None``
+    batch on every rank (each rank checks it the same way, so a bad call fails on every
+    rank before any communication); it returns the loss on the ranks that hold a last stage and ``None``
     elsewhere. Under ``torch.no_grad()`` ``step`` runs forward only and returns the model
     outputs (concatenated over micro-batches) instead of the loss.
     """
@@ -108,12 +108,11 @@ class Pipeline:
                 if (s.place.prev_stage if first else s.place.next_stage) is None]
 
     def _check(self, inputs: tuple, target, forward_only: bool) -> None:
-        if self._has(first=True) or inputs:
-            check_inputs(inputs, self.examples, self.num_microbatches, self.device)
-        needs_target = self.example_target is not None and self._has(first=False) and not forward_only
-        if needs_target and target is None:
-            raise ValueError(f"step(): rank {self.rank} holds the loss but got target=None; pass "
-                             f"target= (the full batch of targets)")
+        # The same rule on every rank, so that a bad call fails everywhere before any send.
+        check_inputs(inputs, self.examples, self.num_microbatches, self.device)
+        if self.example_target is not None and target is None and not forward_only:
+            raise ValueError("step(): target=None, but the loss takes a target; pass target= (the full "
+                             "batch of targets) on every rank")
         if target is not None and self.example_target is not None:
             check_batch("target", target, self.example_target, self.num_microbatches, self.device)
 

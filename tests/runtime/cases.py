@@ -1,0 +1,165 @@
+"""Rank functions for the runtime tests (top level, so spawned ranks can import them).
+
+Each returns plain data (losses, grads, messages); the tests compare it with the
+single-process model on the same batch, computed in the parent.
+"""
+from __future__ import annotations
+
+import os
+import time
+from datetime import timedelta
+
+import torch
+from torch import nn
+
+import dualpipe_fx
+from dualpipe_fx import examples as ex
+
+
+class TiedLM(nn.Module):
+    """Embedding -> 4 x (Linear + tanh) -> head whose weight IS the embedding's (tied)."""
+
+    def __init__(self, vocab: int = 16, dim: int = 8, seed: int = 0) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.emb = nn.Embedding(vocab, dim)
+            self.layers = nn.ModuleList(nn.Linear(dim, dim) for _ in range(4))
+            self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.emb(tokens)
+        for layer in self.layers:
+            h = torch.tanh(layer(h))
+        return self.head(h)
+
+
+def tied_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten())
+
+
+def make_case(kind: str, num_microbatches: int, seed: int = 0):
+    """(model, loss_fn, x, y) for a tiny model; the batch holds ``num_microbatches`` micro-batches."""
+    if kind == "linear":
+        model, loss_fn = ex.LinearGeluStack(depth=8, width=8, seed=seed), ex.mse_loss
+        x, y = ex.linear_gelu_batch(8, batch=2 * num_microbatches, seed=1)
+    elif kind == "llama":
+        cfg = ex.LlamaConfig(vocab_size=32, dim=16, n_layers=4, n_heads=2, ffn_hidden=24, max_seq_len=8)
+        model, loss_fn = ex.LlamaDecoder(cfg, seed=seed), ex.llama_loss
+        x, y = ex.llama_batch(cfg, batch=num_microbatches, seq=4, seed=1)
+    elif kind == "tied":
+        model, loss_fn = TiedLM(seed=seed), tied_loss
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randint(0, 16, (num_microbatches, 3), generator=gen)
+        y = torch.randint(0, 16, (num_microbatches, 3), generator=gen)
+    else:
+        raise ValueError(kind)
+    return model, loss_fn, x, y
+
+
+def _compile(kind, schedule, num_microbatches, **kw):
+    model, loss_fn, x, y = make_case(kind, num_microbatches)
+    mb = x.shape[0] // num_microbatches
+    pipe = dualpipe_fx.compile(model, loss_fn, (x[:mb],), y[:mb], schedule=schedule,
+                               num_microbatches=num_microbatches, **kw)
+    return pipe, x, y
+
+
+def _grads(pipe) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in pipe.named_parameters() if p.grad is not None}
+
+
+def one_step_per_schedule(rank, world, kind, schedules, compile_stages=False):
+    """For each (schedule, C): the loss and the grads of one step."""
+    out = {}
+    for schedule, num_microbatches in schedules:
+        pipe, x, y = _compile(kind, schedule, num_microbatches, compile_stages=compile_stages)
+        loss = pipe.step(x, target=y)
+        out[schedule] = {"loss": None if loss is None else loss.item(), "grads": _grads(pipe),
+                         "names": [n for n, _ in pipe.named_parameters()]}
+    return out
+
+
+def optimizer_trajectory(rank, world, kind, schedule, num_microbatches, steps=3):
+    """Losses and final params of ``steps`` Adam steps on the same batch."""
+    pipe, x, y = _compile(kind, schedule, num_microbatches)
+    opt = torch.optim.Adam(pipe.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = pipe.step(x, target=y)
+        losses.append(None if loss is None else loss.item())
+        opt.step()
+    return {"losses": losses, "params": {n: p.detach().clone() for n, p in pipe.named_parameters()}}
+
+
+def checkpoint_and_forward(rank, world, kind, schedule, num_microbatches):
+    """state_dict of a trained pipe; a pipe of another seed after load_state_dict; no_grad outputs."""
+    pipe, x, y = _compile(kind, schedule, num_microbatches)
+    opt = torch.optim.SGD(pipe.parameters(), lr=0.1)
+    pipe.step(x, target=y)
+    opt.step()
+    state = pipe.state_dict()
+    model2, loss_fn, _, _ = make_case(kind, num_microbatches, seed=7)
+    mb = x.shape[0] // num_microbatches
+    pipe2 = dualpipe_fx.compile(model2, loss_fn, (x[:mb],), y[:mb], schedule=schedule,
+                                num_microbatches=num_microbatches)
+    pipe2.load_state_dict(state)
+    with torch.no_grad():
+        outputs = pipe2.step(x)
+    return {"state": state, "reloaded": pipe2.state_dict(), "outputs": outputs,
+            "loss_after_reload": pipe2.step(x, target=y)}
+
+
+def _expect_value_error(fn) -> str:
+    try:
+        fn()
+    except (ValueError, TypeError) as err:
+        return f"{type(err).__name__}: {err}"
+    return "NO ERROR"
+
+
+def step_errors(rank, world):
+    """Each user error of step()/compile() raised on every rank, then a good step still works."""
+    pipe, x, y = _compile("linear", "dualpipev", 4)
+    errors = {
+        "indivisible": _expect_value_error(lambda: pipe.step(x[:-1], target=y[:-1])),
+        "shape": _expect_value_error(lambda: pipe.step(torch.cat([x, x]), target=torch.cat([y, y]))),
+        "width": _expect_value_error(lambda: pipe.step(torch.zeros(8, 9), target=y)),
+        "device": _expect_value_error(lambda: pipe.step(x.to("meta"), target=y.to("meta"))),
+        "no_target": _expect_value_error(lambda: pipe.step(x)),
+        "few_microbatches": _expect_value_error(lambda: _compile("linear", "dualpipev", world)),
+    }
+    loss = pipe.step(x, target=y)
+    return {"errors": errors, "loss": None if loss is None else loss.item(), "grads": _grads(pipe)}
+
+
+def world_size_error(rank, world):
+    """DualPipe needs an even number of ranks: compile on an odd world must refuse."""
+    return _expect_value_error(lambda: _compile("linear", "dualpipe", 4))
+
+
+def dead_or_hung_peer(rank, world, mode, timeout_s):
+    """Rank 1 dies (``exit``) or stalls (``hang``) in its 3rd forward of step 2; rank 0 reports."""
+    pipe, x, y = _compile("linear", "dualpipev", 4, timeout=timedelta(seconds=timeout_s))
+    pipe.step(x, target=y)
+    if rank == 1:
+        stage = pipe.stages[1]
+        real = stage.run_forward
+
+        def failing(mb, keep_saved=True):
+            if mb == 2:
+                if mode == "exit":
+                    os._exit(3)
+                time.sleep(timeout_s * 4)
+            return real(mb, keep_saved)
+
+        stage.run_forward = failing
+    start = time.monotonic()
+    try:
+        pipe.step(x, target=y)
+    except dualpipe_fx.PeerTimeoutError as err:
+        return {"error": str(err), "type": type(err).__name__, "peer": err.peer,
+                "seconds": time.monotonic() - start}
+    return {"error": None}
