@@ -93,3 +93,35 @@ def test_run_accepts_a_bare_tensor_and_new_batches():
     ref.backward()
     torch.testing.assert_close(loss, ref.detach())
     torch.testing.assert_close(grads["head.weight"], case.model.head.weight.grad, rtol=1e-5, atol=1e-7)
+
+
+class _SteFirst(torch.nn.Module):
+    """Each block starts with a custom Function, so a cut at a block feeds it an activation."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(_SteBlock() for _ in range(3))
+
+    def forward(self, x):
+        for blk in self.blocks:
+            x = blk(x)
+        return x
+
+
+class _SteBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        y, _ = models.ScaledMul.apply(x, self.fc.bias, 3.0)
+        return torch.tanh(self.fc(y))
+
+
+def test_custom_function_fed_by_an_activation_across_a_cut():
+    torch.manual_seed(0)
+    case = models.Case("ste-first", _SteFirst(), models.mse, (torch.randn(4, 8),), torch.randn(4, 8))
+    sp = check_split(case, 3, split_points=["blocks.1", "blocks.2"])
+    for sg, gm in zip(sp.stages[1:], sp.partition.stages[1:]):
+        entry = next(n for n in gm.graph.nodes if n.meta.get("dpfx_region_input") == 0)
+        assert entry.args[0].meta["dpfx_kind"] == "activation"
