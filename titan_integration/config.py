@@ -73,7 +73,7 @@ def num_microbatches(job_config) -> int:
 
 
 # [dualpipe_fx] key -> (dualpipe_fx.compile keyword, value that needs no keyword)
-_COMPILE_KEYWORDS = {"schedule": ("schedule", None), "compile_stages": ("compile_stages", None),
+_COMPILE_KEYWORDS = {"schedule": ("schedule", "dualpipev"), "compile_stages": ("compile_stages", False),
                      "balance": ("cost", "flops"), "split_points": ("split_points", None),
                      "overlap": ("overlap", True)}
 

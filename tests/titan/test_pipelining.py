@@ -1,0 +1,166 @@
+"""The pipelining function's pieces, in one process: the stage-local model part, torchtitan's
+loss scaling, the [dualpipe_fx] -> compile() argument mapping and the not-traceable error."""
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+pytest.importorskip("torchtitan", reason="torchtitan is the optional 'titan' extra")
+
+from titan_integration import config as dpfx_config  # noqa: E402
+from titan_integration import pipelining  # noqa: E402
+from titan_integration.train import parse_job_config  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TOML = os.path.join(REPO, "titan_integration", "configs", "llama3_debug_dualpipe.toml")
+
+
+@pytest.fixture(scope="module")
+def world_of_one():
+    """A 1-rank gloo group, for the loss broadcast in step_normalized."""
+    if dist.is_initialized():
+        yield dist.group.WORLD
+        return
+    with tempfile.TemporaryDirectory() as d:
+        dist.init_process_group("gloo", init_method=f"file://{d}/store", rank=0, world_size=1)
+        try:
+            yield dist.group.WORLD
+        finally:
+            dist.destroy_process_group()
+
+
+class _Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 8)
+        self.blocks = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8)])
+        self.out = nn.Linear(8, 11, bias=False)
+        self.register_buffer("scale", torch.ones(8))
+
+    def forward(self, tokens):
+        h = self.emb(tokens) * self.scale
+        for block in self.blocks:
+            h = torch.tanh(block(h))
+        return self.out(h)
+
+
+def _sum_ce(pred, labels):  # torchtitan's loss: a sum over tokens
+    return nn.functional.cross_entropy(pred.flatten(0, 1), labels.flatten(0, 1), reduction="sum")
+
+
+class _MeanPipeline:
+    """Stands in for dualpipe_fx.Pipeline's documented rule: loss = mean over C micro-batches,
+    grads of that mean accumulated into .grad."""
+
+    def __init__(self, model, c):
+        self.model, self.c = model, c
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def step(self, tokens, target):
+        losses = [_sum_ce(self.model(x), y) for x, y in zip(tokens.tensor_split(self.c), target.tensor_split(self.c))]
+        loss = sum(losses) / self.c
+        loss.backward()
+        return loss.detach()
+
+
+def test_stage_local_model_keeps_fqns_and_objects():
+    model = _Tiny()
+    keep = ["blocks.1.weight", "blocks.1.bias", "out.weight"]
+    named = [(k, v) for k, v in model.state_dict(keep_vars=True).items() if k in keep or k == "scale"]
+    part = pipelining.StageLocalModel(named)
+    assert sorted(part.state_dict()) == sorted(keep + ["scale"])
+    assert dict(part.named_parameters())["blocks.1.weight"] is model.blocks[1].weight
+    assert dict(part.named_buffers())["scale"] is model.scale
+    # the trainer's to_empty/init_weights must not replace the live tensors
+    part.to_empty(device="meta")
+    part.init_weights(buffer_device=None)
+    assert dict(part.named_parameters())["out.weight"] is model.out.weight
+
+
+@pytest.mark.parametrize("accumulation_steps", [1, 2])
+def test_step_normalized_matches_torchtitans_unpipelined_scaling(world_of_one, accumulation_steps):
+    torch.manual_seed(0)
+    model, reference = _Tiny(), _Tiny()
+    reference.load_state_dict(model.state_dict())
+    c = 4
+    schedule = pipelining.DualPipeFxSchedule(_MeanPipeline(model, c), c, True, True, 0, world_of_one)
+    batches = [(torch.randint(0, 11, (4, 5)), torch.randint(0, 11, (4, 5)))
+               for _ in range(accumulation_steps)]
+    tokens = torch.tensor(float(sum(y.numel() for _, y in batches)))  # global_valid_tokens
+    losses = [schedule.step_normalized(x, y, tokens) for x, y in batches]
+    # torchtitan without PP: loss = loss_sum / global_valid_tokens per accumulation step
+    ref_losses = []
+    for x, y in batches:
+        loss = _sum_ce(reference(x), y) / tokens
+        loss.backward()
+        ref_losses.append(loss.detach())
+    for got, want in zip(losses, ref_losses):
+        torch.testing.assert_close(got, want)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+def test_step_appends_the_summed_loss_for_the_stock_trainer(world_of_one):
+    model = _Tiny()
+    schedule = pipelining.DualPipeFxSchedule(_MeanPipeline(model, 2), 2, True, True, 0, world_of_one)
+    x, y = torch.randint(0, 11, (2, 3)), torch.randint(0, 11, (2, 3))
+    losses = []
+    schedule.step(x, target=y, losses=losses, return_outputs=False)
+    with torch.no_grad():
+        want = _sum_ce(model(x[:1]), y[:1]) + _sum_ce(model(x[1:]), y[1:])
+    torch.testing.assert_close(torch.sum(torch.stack(losses)), want)
+    with pytest.raises(ValueError, match="attention_masks"):
+        schedule.step(x, target=y, attention_masks=None)
+
+
+def test_section_keys_map_onto_compile_arguments():
+    import dualpipe_fx
+
+    cfg = parse_job_config(["--job.config_file", TOML, "--dualpipe_fx.balance", "measured",
+                            "--dualpipe_fx.split_points", "layers.1,layers.3,layers.5"])
+    kwargs = dpfx_config.compile_kwargs(dualpipe_fx.compile, cfg.dualpipe_fx)
+    assert kwargs["schedule"] == "dualpipev" and kwargs["compile_stages"] is False
+    assert kwargs["cost"] == "measured"
+    assert kwargs["split_points"] == ["layers.1", "layers.3", "layers.5"]
+
+    def compile_without_overlap(model, loss_fn, inputs, target=None, *, schedule, num_microbatches):
+        raise AssertionError("not called")
+
+    cfg.dualpipe_fx.balance, cfg.dualpipe_fx.split_points = "flops", []  # defaults need no argument
+    assert "cost" not in dpfx_config.compile_kwargs(compile_without_overlap, cfg.dualpipe_fx)
+    cfg.dualpipe_fx.overlap = False
+    with pytest.raises(ValueError, match="dualpipe_fx.overlap"):
+        dpfx_config.compile_kwargs(compile_without_overlap, cfg.dualpipe_fx)
+
+
+def test_model_that_does_not_trace_is_named(monkeypatch):
+    """deepseek_v3's MoE routing (torch.histc on int64 counts) does not capture; the error
+    names model.name and flavor. compile() is cut down to its capture step, which is what
+    fails, so that no process group is needed."""
+    import dualpipe_fx
+    from passes.capture import capture
+    from torchtitan.protocols.train_spec import get_train_spec
+
+    cfg = parse_job_config(["--job.config_file", TOML, "--model.name", "deepseek_v3",
+                            "--training.seq_len", "16"])
+    spec = get_train_spec("deepseek_v3")
+    args = spec.model_args["debugmodel"]
+    args.update_from_config(cfg)
+    with torch.device("meta"):
+        model = spec.model_cls(args)
+    pipelining._materialize(model, cfg, torch.device("cpu"))
+
+    def capture_only(model, loss_fn, inputs, target=None, **kwargs):
+        return capture(model, loss_fn, inputs, target)
+
+    monkeypatch.setattr(dualpipe_fx, "compile", capture_only)
+    with pytest.raises(ValueError) as info:
+        pipelining._compile(model, _sum_ce, cfg, torch.device("cpu"), None, 4)
+    message = str(info.value)
+    assert "model.name = 'deepseek_v3'" in message and "debugmodel" in message, message
+    assert "does not trace" in message
