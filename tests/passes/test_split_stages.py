@@ -142,7 +142,7 @@ def check_layout(part, cap):
         assert ("target" in kinds) == (s == len(stages) - 1 and cap.has_target)
         assert s > 0 or "activation" not in kinds
         for node in gm.graph.nodes:
-            assert "val" in node.meta or node.op == "output"
+            assert "val" in node.meta or node.op in ("output", "get_attr")
     owners: dict[str, list[int]] = {}
     for s, gm in enumerate(stages):
         for p in _placeholders(gm):
@@ -266,6 +266,32 @@ def test_transformer_encoder_splits():
 
 # --------------------------------------------------------------------------------------
 # Specific behaviours
+
+
+class OddOps(nn.Module):
+    """A multi-output op (chunk), a no_grad block (a higher-order op with a submodule),
+    a buffer, a tensor made in forward, and an early value reused at the end."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(8, 16), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.register_buffer("scale", torch.tensor(2.0))
+
+    def forward(self, x):
+        u, v = self.a(x).chunk(2, dim=-1)
+        with torch.no_grad():
+            z = (u * 0 + 1).sum()
+        h = self.b(F.silu(u) * v) * self.scale + torch.ones(8) * z
+        return self.c(h) + u
+
+
+@pytest.mark.parametrize("num_stages", [2, 3, 4])
+def test_odd_ops_split(num_stages):
+    model, x, y = OddOps(), torch.randn(3, 8), torch.randn(3, 8)
+    cap = capture(model, mse, (x,), y)
+    part = split_stages(cap, num_stages)
+    check_layout(part, cap)
+    check_equal(part, cap, model, (x,), y)
 
 
 def _mlp_capture(**kw):
