@@ -161,15 +161,25 @@ def _count_flops(node: fx.Node, counter: FlopCounterMode) -> float:
     return float(counter.get_total_flops() - before)
 
 
+def _sync(device: torch.device) -> None:
+    # GPU kernels run asynchronously: wait for them so the timer sees the op itself
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _node_time(node: fx.Node, repeats: int) -> float:
+    val = node.meta.get("val")
+    device = val.device if isinstance(val, torch.Tensor) else torch.device("cpu")
     try:
         args, kwargs = _materialize(node, real=True)
         with torch.no_grad():
             node.target(*args, **kwargs)  # warm-up: first-call allocations and dispatch caches
             times = []
             for _ in range(repeats):
+                _sync(device)
                 start = time.perf_counter()
                 node.target(*args, **kwargs)
+                _sync(device)
                 times.append(time.perf_counter() - start)
     except Exception:  # noqa: BLE001 - an op that cannot run on random inputs is not timed
         return 0.0
