@@ -15,16 +15,14 @@ import difflib
 from collections import deque
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 import torch.fx as fx
 
-from passes.cost_model import activation_bytes, scalar_costs
+from passes.cost_model import CostSpec, activation_bytes, scalar_costs
 
 __all__ = ["StagePartition", "default_placement", "split_stages"]
-
-CostSpec = Union[str, Callable[[fx.Node], float]]
 
 # Stage costs within this relative distance of the optimum count as ties (float noise).
 _TIE_RTOL = 1e-9

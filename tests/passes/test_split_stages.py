@@ -11,7 +11,6 @@ import itertools
 
 import pytest
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
