@@ -252,6 +252,21 @@ def test_generated_transformers_rebuild_the_graph(n_layers, tied, num_stages):
         assert part.param_stages["tok_embeddings.weight"] == (0, num_stages - 1)
 
 
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_generated_split_points_start_stages(data):
+    depth = data.draw(st.integers(2, 5))
+    num_stages = data.draw(st.integers(2, 4))
+    points = data.draw(st.lists(st.integers(1, depth - 1), unique=True, max_size=num_stages - 1))
+    model, inputs, y, cap = _mlp_capture(depth=depth, residual=data.draw(st.booleans()))
+    part = split_stages(cap, num_stages, split_points=[f"layers.{i}" for i in points])
+    firsts = [next(n for n in g.graph.nodes if n.op == "call_function") for g in part.stages]
+    starts = {f.meta["dpfx_module"] for f in firsts}
+    assert {f"layers.{i}" for i in points} <= starts
+    check_layout(part, cap)
+    check_equal(part, cap, model, inputs, y)
+
+
 def test_transformer_encoder_splits():
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, dropout=0.0, batch_first=True)
