@@ -147,7 +147,8 @@ def _grad_or_zero(t, by_id):
     if not _differentiable(t):
         return None
     g = by_id.get(id(t))
-    return torch.zeros_like(t) if g is None else g
+    # zeros from the shape alone: a zeros_like(t) would make backward_input save t
+    return torch.zeros(t.shape, dtype=t.dtype, device=t.device) if g is None else g
 
 
 # --------------------------------------------------------------------------------------

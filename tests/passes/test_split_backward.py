@@ -197,17 +197,21 @@ def test_stage_without_params_and_int_inputs():
                   dpfx_name="x")
     ids = graph.placeholder("ids")
     ids.meta.update(val=case.inputs[0], dpfx_kind="activation", dpfx_name="ids")
+    unused = graph.placeholder("unused")
+    unused.meta.update(val=x.meta["val"], dpfx_kind="activation", dpfx_name="unused")
     y = graph.call_function(torch.ops.aten.mul.Tensor, (x, 2.0))
     y.meta["val"] = x.meta["val"]
     graph.output((y, ids))
     sg = split_backward(torch.fx.GraphModule({}, graph), is_last=False)
     val = x.meta["val"]
     xt = torch.randn(val.shape)
-    (out, ids_out), saved = sg.forward((), (xt, case.inputs[0]))
+    (out, ids_out), saved = sg.forward((), (xt, case.inputs[0], torch.randn(val.shape)))
     torch.testing.assert_close(out, xt * 2)
+    assert saved == ()  # y = 2x needs nothing from forward, and zero grads need no input
     grad_in, for_weight = sg.backward_input(saved, (torch.ones_like(xt), None))
     torch.testing.assert_close(grad_in[0], torch.full_like(xt, 2.0))
-    assert grad_in[1] is None
+    assert grad_in[1] is None  # int input
+    torch.testing.assert_close(grad_in[2], torch.zeros_like(xt))  # unused float input
     assert sg.backward_weight(for_weight) == ()
 
 
