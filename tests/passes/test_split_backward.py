@@ -1,6 +1,5 @@
 """split_backward: forward, then backward_input, then backward_weight rebuild torch.autograd's
 loss, input grads and param grads; I does no weight-only work; nothing is saved twice."""
-import operator
 
 import pytest
 import torch
