@@ -247,3 +247,18 @@ def test_input_graph_is_not_modified():
     before = c.gm.code
     split_backward(c.gm, is_last=True)
     assert c.gm.code == before
+
+
+def test_forwarded_activation_gets_its_grad_passed_through():
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    x.meta.update(val=torch.empty(3, 4), dpfx_kind="activation", dpfx_name="x")
+    y = graph.call_function(torch.ops.aten.mul.Tensor, (x, x))
+    y.meta["val"] = torch.empty(3, 4)
+    graph.output((y, x))  # x is forwarded unchanged to a later stage
+    sg = split_backward(torch.fx.GraphModule({}, graph), is_last=False)
+    xt, g_y, g_x = torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 4)
+    (out_y, out_x), saved = sg.forward((), (xt,))
+    torch.testing.assert_close(out_x, xt)
+    (grad_x,), _ = sg.backward_input(saved, (g_y, g_x))
+    torch.testing.assert_close(grad_x, 2 * xt * g_y + g_x)
