@@ -277,6 +277,25 @@ def data_dependent(seed: int = 0) -> Case:
                 _randn(seed + 2, 2, 4))
 
 
+class NoGradModel(nn.Module):
+    """Part of forward under ``torch.no_grad()`` (export wraps it in a higher-order op)."""
+
+    def __init__(self, dim=8):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        h = self.a(x)
+        with torch.no_grad():
+            scale = self.b(h).abs().mean() + 1
+        return self.c(h / scale) + h.detach()
+
+
+def no_grad_part(seed: int = 0) -> Case:
+    """``b``'s params get no grad from autograd (None); the passes give zeros."""
+    return Case("no-grad", _seeded(seed, NoGradModel), mse, (_randn(seed + 1, 4, 8),), _randn(seed + 2, 4, 8))
+
+
 class BatchNormModel(nn.Module):
     def __init__(self):
         super().__init__()
