@@ -191,6 +191,19 @@ def _check_split_points(job_config, spec) -> None:
             f"{stages} stages, so give exactly {stages - 1} boundaries or none (automatic)")
 
 
+def _check_validation(job_config) -> None:
+    """The validator runs the same pipeline forward-only: same batch shape as training."""
+    val, train = job_config.validation, job_config.training
+    if not val.enable:
+        return
+    for key, got, want in (("local_batch_size", val.local_batch_size, train.local_batch_size),
+                           ("seq_len", val.seq_len, train.seq_len)):
+        if got != want:
+            raise ValueError(f"validation.{key} = {got} differs from training.{key} = {want}; the "
+                             f"pipeline validates with the training batch shape, so set "
+                             f"validation.{key} = {want}")
+
+
 def validate_job_config(job_config) -> None:
     """Check a parsed torchtitan JobConfig's ``[dualpipe_fx]`` section against the rest.
 
@@ -204,7 +217,7 @@ def validate_job_config(job_config) -> None:
         C = local_batch_size / microbatch_size fits the schedule (e.g. C >= 2N)
         no activation checkpointing (selective + split backward named explicitly)
         no TP/CP/DP/EP, no torch.compile of model parts, split_points count
-        every key maps onto a dualpipe_fx.compile argument
+        validation batch shape == training's; keys map onto dualpipe_fx.compile arguments
 
     Args:
         job_config: torchtitan's JobConfig merged with :class:`JobConfig`.
@@ -222,4 +235,5 @@ def validate_job_config(job_config) -> None:
     _check_activation_checkpoint(job_config, spec, program)
     _check_other_parallelisms(job_config)
     _check_split_points(job_config, spec)
+    _check_validation(job_config)
     compile_kwargs(dualpipe_fx.compile, job_config.dualpipe_fx)

@@ -15,8 +15,10 @@ What the trainer gets back:
   parameters under the model's own FQNs (optimizer, grad clipping and DCP checkpoints
   work on it unchanged). The weights are already initialised: ``to_empty`` and
   ``init_weights`` are no-ops on it;
-- ``has_first_stage`` / ``has_last_stage`` from the schedule's placement (DualPipeV puts
-  both on rank 0).
+- ``has_first_stage = has_last_stage = True`` on every rank: dualpipe_fx's ``step()`` takes
+  the full batch and target on every rank (it uses them where its stages need them), and
+  the adapter broadcasts the loss from the rank holding it (rank 0 for DualPipeV), so every
+  rank logs the real loss instead of torchtitan's ``-1``.
 
 **Loss scaling** (torchtitan issues 1733, 2972). torchtitan's loss is a *sum* over tokens
 and a non-pipelined step back-propagates ``sum_mb loss_sum(mb) / global_valid_tokens``.
@@ -77,41 +79,71 @@ class StageLocalModel(nn.Module):
     def init_weights(self, *args, **kwargs) -> None:
         return None
 
+    def get_attention_masks(self, *args, **kwargs):
+        # torchtitan's validator asks every model part for masks and skips them on
+        # TypeError, which is what its sdpa models raise; dualpipe_fx pipelines are sdpa-only.
+        raise TypeError("dualpipe_fx pipelines take no attention masks (sdpa attention only)")
+
     def forward(self, *args, **kwargs):
         raise RuntimeError("StageLocalModel holds parameters only; run the step through "
                            "the DualPipeFxSchedule returned with it")
 
 
 class DualPipeFxSchedule:
-    """A ``dualpipe_fx.Pipeline`` with the ``step`` signature torchtitan's trainer calls."""
+    """A ``dualpipe_fx.Pipeline`` with the ``step``/``eval`` signatures torchtitan calls.
 
-    def __init__(self, pipeline, num_microbatches: int, has_first_stage: bool,
-                 has_last_stage: bool, loss_owner: int, group) -> None:
+    dualpipe_fx's ``step()`` takes the full batch (and target) on every rank, and this
+    adapter broadcasts the loss from the rank that holds it, so every rank is both a
+    "first stage" (feeds the batch) and a "last stage" (reports the loss) to torchtitan.
+    """
+
+    def __init__(self, pipeline, num_microbatches: int, *, loss_owner: int, group, loss_fn) -> None:
         self.pipeline = pipeline
         self.num_microbatches = num_microbatches
-        self.has_first_stage = has_first_stage
-        self.has_last_stage = has_last_stage
         self.loss_owner = loss_owner  # global rank that holds the loss
         self.group = group
+        self.loss_fn = loss_fn  # torchtitan's (sum-reduced) loss, for eval()
+        self.device = getattr(pipeline, "device", torch.device("cpu"))
+
+    @staticmethod
+    def _token_batch_only(kwargs) -> None:
+        if kwargs:
+            raise ValueError(f"dualpipe_fx pipelines take the token batch only; got extra model "
+                             f"inputs {sorted(kwargs)} (flex/varlen attention masks, positions); "
+                             f"use [model] flavors with attn_type = \"sdpa\"")
+
+    def _shared(self, value: Optional[torch.Tensor]) -> torch.Tensor:
+        """``value`` from the loss rank, on every rank of the group (a 0-d fp32 tensor)."""
+        shared = torch.zeros((), dtype=torch.float32, device=self.device) if value is None \
+            else value.detach().float().reshape(()).to(self.device).clone()
+        dist.broadcast(shared, src=self.loss_owner, group=self.group)
+        return shared
 
     def step(self, *inputs, target=None, losses: Optional[list] = None,
              return_outputs: bool = False, **kwargs) -> None:
-        """torchtitan's call: run one pipelined step; append the summed loss to ``losses``.
+        """torchtitan's call: one pipelined step; append the summed loss to ``losses``.
 
         Gradients are those of the mean over micro-batches (dualpipe_fx's convention); the
         trainer in ``titan_integration.train`` uses :meth:`step_normalized` instead, which
         rescales them to torchtitan's ``sum / global_valid_tokens``.
         """
-        if kwargs:
-            raise ValueError(f"dualpipe_fx pipelines take the token batch only; got extra model "
-                             f"inputs {sorted(kwargs)} (flex/varlen attention masks, positions); "
-                             f"use [model] flavors with attn_type = \"sdpa\"")
+        self._token_batch_only(kwargs)
         loss = self.pipeline.step(*inputs, target=target)
-        if losses is not None and loss is not None:
-            # One entry = sum of the micro-batch losses, so torch.sum(torch.stack(losses))
-            # in the trainer is still the step's summed loss.
-            losses.append(loss.detach() * self.num_microbatches)
-        return None
+        # One entry = the sum of the micro-batch losses, which is what torchtitan's
+        # torch.sum(torch.stack(losses)) expects.
+        summed = self._shared(None if loss is None else loss * self.num_microbatches)
+        if losses is not None:
+            losses.append(summed)
+
+    def eval(self, *inputs, target=None, losses: Optional[list] = None, **kwargs) -> None:
+        """torchtitan's validator call: forward only; append the summed loss to ``losses``."""
+        self._token_batch_only(kwargs)
+        with torch.no_grad():
+            outputs = self.pipeline.step(*inputs)  # model outputs on the loss rank, else None
+            summed = None if outputs is None or target is None else self.loss_fn(outputs, target)
+            summed = self._shared(summed)
+        if losses is not None:
+            losses.append(summed)
 
     def step_normalized(self, inputs: torch.Tensor, labels: torch.Tensor,
                         global_valid_tokens: torch.Tensor) -> torch.Tensor:
@@ -133,21 +165,13 @@ class DualPipeFxSchedule:
         self._scale_grads(1.0 / factor)
         loss = self.pipeline.step(inputs, target=labels)
         self._scale_grads(factor)
-        return self._shared_loss(loss, factor, inputs.device)
+        return self._shared(None if loss is None else loss * factor)
 
     @torch.no_grad()
     def _scale_grads(self, factor: float) -> None:
         grads = [p.grad for p in self.pipeline.parameters() if p.grad is not None]
         if grads:
             torch._foreach_mul_(grads, factor)
-
-    def _shared_loss(self, loss, factor: float, device) -> torch.Tensor:
-        # Every rank logs the real loss (torchtitan would print -1 on the others).
-        value = (loss.detach().float() * factor).reshape(()) if loss is not None else \
-            torch.zeros((), dtype=torch.float32, device=device)
-        value = value.to(device).clone()
-        dist.broadcast(value, src=self.loss_owner, group=self.group)
-        return value
 
 
 def _materialize(model: nn.Module, job_config, device: torch.device) -> None:
@@ -202,20 +226,12 @@ def _is_trace_error(err: BaseException) -> bool:
     return isinstance(err, TraceError)
 
 
-def _placement(schedule: str, num_mb: int, group) -> tuple[bool, bool, int]:
-    """``(has_first_stage, has_last_stage, global rank holding the loss)`` for this rank.
-
-    Read off the schedule's program (pure data, the same one the runtime executes).
-    """
+def _loss_owner(schedule: str, num_mb: int, group) -> int:
+    """Global rank holding the (first) last stage, read off the schedule's program."""
     from dualpipe_fx.schedules import generate
 
-    rank_in_group = dist.get_rank(group)
     program = generate(schedule, dist.get_world_size(group), num_mb)
-    placement = program.stage_to_rank()
-    firsts = {placement[chain[0]] for chain in program.chains}
-    lasts = [placement[chain[-1]] for chain in program.chains]
-    owner = dist.get_global_rank(group, lasts[0])
-    return rank_in_group in firsts, rank_in_group in set(lasts), owner
+    return dist.get_global_rank(group, program.stage_to_rank()[program.chains[0][-1]])
 
 
 def _local_tensors(model: nn.Module, pipeline) -> list[tuple[str, torch.Tensor]]:
@@ -254,7 +270,7 @@ def pipeline_dualpipe_fx(model: nn.Module, parallel_dims, job_config, device: to
         C = local_batch_size / pipeline_parallel_microbatch_size
         pipeline = dualpipe_fx.compile(model, loss_fn, one micro-batch, group=pp group)
         part = StageLocalModel(pipeline.named_parameters())
-        return DualPipeFxSchedule(pipeline), [part], first/last from the placement
+        return DualPipeFxSchedule(pipeline), [part], True, True  # every rank feeds data, sees loss
 
     Raises:
         ValueError: the model does not trace (naming ``model.name``), or the resolved
@@ -268,6 +284,7 @@ def pipeline_dualpipe_fx(model: nn.Module, parallel_dims, job_config, device: to
     num_mb = num_microbatches(job_config)
     pipeline = _compile(model, loss_fn, job_config, device, group, num_mb)
     part = StageLocalModel(_local_tensors(model, pipeline))
-    has_first, has_last, owner = _placement(job_config.dualpipe_fx.schedule, num_mb, group)
-    schedule = DualPipeFxSchedule(pipeline, num_mb, has_first, has_last, owner, group)
-    return schedule, [part], has_first, has_last
+    owner = _loss_owner(job_config.dualpipe_fx.schedule, num_mb, group)
+    schedule = DualPipeFxSchedule(pipeline, num_mb, loss_owner=owner, group=group, loss_fn=loss_fn)
+    # Every rank feeds the full batch and sees the (broadcast) loss; see DualPipeFxSchedule.
+    return schedule, [part], True, True

@@ -1,6 +1,7 @@
 """``python -m titan_integration.train``: torchtitan 0.2.2's trainer with dualpipe_fx.
 
-A thin entry point that takes torchtitan's normal arguments (``--job.config_file x.toml``,
+A thin entry point (under torchrun, or plain ``python -m`` for one rank) that takes
+torchtitan's normal arguments (``--job.config_file x.toml``,
 ``--training.steps 4``, ...) plus the ``[dualpipe_fx]`` section, e.g.::
 
     torchrun --nproc_per_node 2 -m titan_integration.train \\
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import sys
 from typing import Optional
 
@@ -116,11 +118,24 @@ def _prepare(job_config, on_cpu: bool) -> None:
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
+def _single_process_env() -> None:
+    """Without torchrun, run as a 1-rank job (torchtitan reads these variables)."""
+    if "LOCAL_RANK" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+        os.environ.setdefault(key, value)
+
+
 def main(args: Optional[list[str]] = None) -> None:
     """Parse, build :class:`DualPipeFxTrainer`, train, clean up (as ``torchtitan.train.main``)."""
     from torchtitan.tools.logging import init_logger, logger
 
     init_logger()
+    _single_process_env()
     on_cpu = use_cpu_when_no_gpu()
     register_tiny_dataset()
     job_config = parse_job_config(args)

@@ -59,6 +59,7 @@ def test_section_is_known_without_custom_config_module(tmp_path):
     (["--dualpipe_fx.split_points", "layers.3"], "dualpipe_fx.split_points", "exactly 3"),
     (["--parallelism.tensor_parallel_degree", "2"], "parallelism.tensor_parallel_degree", "= 1"),
     (["--compile.enable"], "compile.enable", "dualpipe_fx.compile_stages"),
+    (["--validation.enable", "--validation.seq_len", "32"], "validation.seq_len", "= 64"),
 ])
 def test_bad_config_error_names_the_key(extra, key, words):
     with pytest.raises(ValueError) as info:

@@ -61,11 +61,18 @@ class _MeanPipeline:
     def parameters(self):
         return self.model.parameters()
 
-    def step(self, tokens, target):
+    def step(self, tokens, target=None):
+        if not torch.is_grad_enabled():  # forward only: the model outputs, as Pipeline does
+            return self.model(tokens)
         losses = [_sum_ce(self.model(x), y) for x, y in zip(tokens.tensor_split(self.c), target.tensor_split(self.c))]
         loss = sum(losses) / self.c
         loss.backward()
         return loss.detach()
+
+
+def _schedule(model, c, group):
+    return pipelining.DualPipeFxSchedule(_MeanPipeline(model, c), c, loss_owner=0, group=group,
+                                         loss_fn=_sum_ce)
 
 
 def test_stage_local_model_keeps_fqns_and_objects():
@@ -88,7 +95,7 @@ def test_step_normalized_matches_torchtitans_unpipelined_scaling(world_of_one, a
     model, reference = _Tiny(), _Tiny()
     reference.load_state_dict(model.state_dict())
     c = 4
-    schedule = pipelining.DualPipeFxSchedule(_MeanPipeline(model, c), c, True, True, 0, world_of_one)
+    schedule = _schedule(model, c, world_of_one)
     batches = [(torch.randint(0, 11, (4, 5)), torch.randint(0, 11, (4, 5)))
                for _ in range(accumulation_steps)]
     tokens = torch.tensor(float(sum(y.numel() for _, y in batches)))  # global_valid_tokens
@@ -107,7 +114,7 @@ def test_step_normalized_matches_torchtitans_unpipelined_scaling(world_of_one, a
 
 def test_step_appends_the_summed_loss_for_the_stock_trainer(world_of_one):
     model = _Tiny()
-    schedule = pipelining.DualPipeFxSchedule(_MeanPipeline(model, 2), 2, True, True, 0, world_of_one)
+    schedule = _schedule(model, 2, world_of_one)
     x, y = torch.randint(0, 11, (2, 3)), torch.randint(0, 11, (2, 3))
     losses = []
     schedule.step(x, target=y, losses=losses, return_outputs=False)
@@ -116,6 +123,10 @@ def test_step_appends_the_summed_loss_for_the_stock_trainer(world_of_one):
     torch.testing.assert_close(torch.sum(torch.stack(losses)), want)
     with pytest.raises(ValueError, match="attention_masks"):
         schedule.step(x, target=y, attention_masks=None)
+    # the validator's forward-only call appends the same summed loss
+    eval_losses = []
+    schedule.eval(x, target=y, losses=eval_losses)
+    torch.testing.assert_close(eval_losses[0], want)
 
 
 def test_section_keys_map_onto_compile_arguments():
