@@ -94,6 +94,11 @@ class RegionInfo:
     def fn(self) -> type:
         return self.spec.fn
 
+    @property
+    def input_values(self) -> tuple[torch.fx.Node, ...]:
+        """The nodes (outside the region) whose values are passed to the Function."""
+        return tuple(entry.args[0] for entry in self.inputs)
+
 
 @dataclass(frozen=True)
 class Captured:

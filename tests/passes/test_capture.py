@@ -110,7 +110,8 @@ def test_custom_function_becomes_regions():
         assert region.fn is models.ScaledMul
         assert len(region.inputs) == 2 and len(region.outputs) == 2
         assert all(n.meta["dpfx_region"] == rid for n in region.nodes)
-        assert region.inputs[1].args[0].meta["dpfx_name"] == f"blocks.{rid}.gate"
+        assert region.input_values[1].meta["dpfx_name"] == f"blocks.{rid}.gate"
+        assert region.input_values[0].meta["dpfx_module"] == f"blocks.{rid}"  # gelu(fc1(x))
         assert region.spec.arg_leaves[2] == 2.0  # the non-tensor argument is kept
     tagged = [n for n in c.gm.graph.nodes if "dpfx_region" in n.meta]
     assert set(tagged) == {n for r in c.regions.values() for n in r.nodes}
