@@ -262,3 +262,16 @@ def test_forwarded_activation_gets_its_grad_passed_through():
     torch.testing.assert_close(out_x, xt)
     (grad_x,), _ = sg.backward_input(saved, (g_y, g_x))
     torch.testing.assert_close(grad_x, 2 * xt * g_y + g_x)
+
+
+def test_conv_and_group_norm_backward_split_by_output_mask():
+    model = models._seeded(0, lambda: torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.GroupNorm(2, 4), torch.nn.ReLU(),
+        torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(64, 2)))
+    case = models.Case("conv", model, models.mse, (torch.randn(2, 3, 4, 4),), torch.randn(2, 2))
+    sg = check_one_stage(case)
+    ops = (torch.ops.aten.convolution_backward.default, torch.ops.aten.native_group_norm_backward.default)
+    masks_i = [list(n.args[-1]) for n in _call_nodes(sg.backward_input.gm) if n.target in ops]
+    masks_w = [list(n.args[-1]) for n in _call_nodes(sg.backward_weight.gm) if n.target in ops]
+    assert masks_i == [[True, False, False]] * 3  # conv 2, group norm, conv 1 (its input is a model input)
+    assert masks_w == [[False, True, True]] * 3
