@@ -7,8 +7,8 @@ group, timeout, compile_stages) -> Pipeline``; ``parts[k]`` is model part ``k``'
 **Pseudocode**
     metas = run every part's forward once on the example micro-batch (local, no comms)
     for each stage this rank runs: GraphStage(part graphs, neighbours, model's own params, metas)
-    schedule = torch _PipelineScheduleRuntime over those stages, loaded with the program + comms
-    executor = handlers for every compute kind, registered on the schedule
+    schedules = torch _PipelineScheduleRuntime over those stages, loaded with the program + comms
+                (and one with its forwards only, for no_grad steps); handlers registered on both
     return Pipeline(...)
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from torch import nn
 
 from dualpipe_fx import _compat
 from dualpipe_fx.runtime.executor import Executor
-from dualpipe_fx.runtime.lowering import load_program
+from dualpipe_fx.runtime.lowering import forward_only, load_program
 from dualpipe_fx.runtime.pipeline import Pipeline
 from dualpipe_fx.runtime.stage import GraphStage, StagePlace, TensorMeta
 from dualpipe_fx.runtime.sync import shared_holders
@@ -109,12 +109,14 @@ def build_pipeline(model: nn.Module, parts: Sequence[StageGraphs], program: Prog
     params = [part_params(model, g) for g in parts]
     metas, output_metas = trace_metas(parts, params, examples, target)
     stages = _make_stages(model, parts, program, rank, metas, group, device, compile_stages)
-    schedule = _GraphSchedule(list(stages.values()), program.num_microbatches, loss_fn=None,
-                              scale_grads=False)
-    load_program(schedule, program)
     executor = Executor(stages, rank, timeout)
-    executor.register(schedule)
-    return Pipeline(model=model, program=program, stages=stages, schedule=schedule, executor=executor,
+    schedules = {}
+    for forwards in (False, True):  # training, and forward-only (no_grad) steps
+        schedules[forwards] = _GraphSchedule(list(stages.values()), program.num_microbatches,
+                                             loss_fn=None, scale_grads=False)
+        load_program(schedules[forwards], forward_only(program) if forwards else program, forwards)
+        executor.register(schedules[forwards])
+    return Pipeline(model=model, program=program, stages=stages, schedules=schedules, executor=executor,
                     examples=examples, example_target=target, num_microbatches=num_microbatches,
                     group=group, timeout=timeout, holders=shared_holders(_names_by_rank(parts, program)),
                     output_metas=output_metas)

@@ -83,10 +83,27 @@ def _is_single_chain(program: Program) -> bool:
     return len(program.chains) == 1 and program.chains[0] == tuple(range(program.num_stages))
 
 
-def load_program(schedule, program: Program) -> None:
-    """Lower ``program`` with communication into ``schedule`` (a _PipelineScheduleRuntime)."""
+def forward_only(program: Program) -> Program:
+    """The program's forwards alone, in the same order (F&B pairs keep their F)."""
+    actions = {r: [p for a in acts for p in a.parts() if p.kind == "F"] for r, acts in program.items()}
+    return Program(actions, chains=program.chains, num_microbatches=program.num_microbatches,
+                   name=f"{program.name} (forward only)", model_parts=program.model_parts)
+
+
+def load_program(schedule, program: Program, forwards_only: bool = False) -> None:
+    """Lower ``program`` with communication into ``schedule`` (a _PipelineScheduleRuntime).
+
+    ``forwards_only`` programs skip torch's validation, which insists on one backward per
+    forward, and go straight to the same send/recv lowering.
+    """
     actions = to_torch_actions(program)
-    if _is_single_chain(program):
+    if forwards_only:
+        place = program.stage_to_rank()
+        schedule.stage_index_to_group_rank = place
+        schedule.pipeline_order_with_comms = (
+            _compat.add_send_recv(actions, lambda s: place[s], program.num_stages)
+            if _is_single_chain(program) else add_send_recv_chains(actions, program))
+    elif _is_single_chain(program):
         schedule._prepare_schedule_with_comms(actions)
     else:
         schedule._prepare_schedule_with_comms(add_send_recv_chains(actions, program),

@@ -30,12 +30,13 @@ class Pipeline:
     outputs (concatenated over micro-batches) instead of the loss.
     """
 
-    def __init__(self, *, model, program, stages, schedule, executor, examples, example_target,
+    def __init__(self, *, model, program, stages, schedules, executor, examples, example_target,
                  num_microbatches, group, timeout, holders, output_metas) -> None:
         self.model = model
         self.program = program
         self.stages = stages
-        self.schedule = schedule
+        self.schedule = schedules[False]  # torch's runtime, loaded with this rank's program
+        self._schedules = schedules
         self._executor = executor
         self.examples = tuple(examples)
         self.example_target = example_target
@@ -141,7 +142,7 @@ class Pipeline:
         self._executor.forward_only = forward_only
         try:
             with torch.no_grad():
-                self.schedule._step_microbatches()
+                self._schedules[forward_only]._step_microbatches()
         except PeerTimeoutError:
             raise
         except RuntimeError as err:

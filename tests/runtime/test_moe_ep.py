@@ -1,0 +1,101 @@
+"""MoE under DualPipeV / DualPipe with overlapped F&B pairs (and expert parallelism) == one process.
+
+Every FB action runs as one multiplexed graph (``runtime/overlap.OverlapRunner``). The
+ranks' loss and grads must equal the unsplit model's on the same (whole) batch:
+- 2 pipeline ranks, experts local (dualpipev and dualpipe);
+- 2 pipeline ranks x 2 expert ranks = 4 processes: each EP rank routes its own half of
+  the batch, experts sharded over the EP group with all_to_all inside the stage graphs.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import dualpipe_fx
+from dualpipe_fx.examples_moe import (MoEConfig, MoEDecoder, ep_average_grads, expert_shard,
+                                      moe_batch, moe_loss)
+from dualpipe_fx.runtime.overlap import OverlapRunner
+from tests.runtime.dist_harness import run_ranks
+
+CFG = MoEConfig(vocab_size=32, dim=16, n_layers=4, n_heads=2, n_experts=4, top_k=2, expert_hidden=24)
+C = 4     # micro-batches per step (>= 2 x pipeline ranks)
+SEQ = 4
+
+
+def _step(model, x, y, schedule, group):
+    pipe = dualpipe_fx.compile(model, moe_loss, (x[:x.shape[0] // C],), y[:y.shape[0] // C],
+                               schedule=schedule, num_microbatches=C, group=group)
+    runner = pipe._executor.overlap
+    assert isinstance(runner, OverlapRunner), f"FB actions run by {runner}, not the multiplexed graph"
+    loss = pipe.step(x, target=y)
+    multiplexed = sum(gm is not None for gm in runner._graphs.values())
+    return pipe, loss, multiplexed
+
+
+def pipeline_only(rank, world):
+    """2 pipeline ranks, no expert parallelism: dualpipev then dualpipe."""
+    x, y = moe_batch(CFG, C, SEQ, seed=3)
+    out = {}
+    for schedule in ("dualpipev", "dualpipe"):
+        pipe, loss, multiplexed = _step(MoEDecoder(CFG, seed=1), x, y, schedule, None)
+        out[schedule] = {"loss": loss, "multiplexed": multiplexed,
+                         "grads": {n: p.grad.clone() for n, p in pipe.named_parameters() if p.grad is not None}}
+    return out
+
+
+def pipeline_x_expert(rank, world):
+    """Rank = 2 * pp_rank + ep_rank; EP groups {0,1}, {2,3}; pipeline groups {0,2}, {1,3}."""
+    pp_rank, ep_rank = divmod(rank, 2)
+    ep_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    pp_groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+    ep_group, pp_group = ep_groups[pp_rank], pp_groups[ep_rank]
+    x, y = moe_batch(CFG, 2 * C, SEQ, seed=5)
+    mine = slice(ep_rank * C, (ep_rank + 1) * C)  # this EP rank's half of the batch
+    pipe, loss, multiplexed = _step(MoEDecoder(CFG, seed=2, group=ep_group), x[mine], y[mine], "dualpipev", pp_group)
+    ep_average_grads(list(pipe.named_parameters()), ep_group)
+    if loss is not None:  # the EP group's mean of its ranks' losses
+        loss = loss.detach().clone()
+        dist.all_reduce(loss, group=ep_group)
+        loss /= 2
+    return {"loss": loss, "ep_rank": ep_rank, "multiplexed": multiplexed,
+            "grads": {n: p.grad.clone() for n, p in pipe.named_parameters() if p.grad is not None}}
+
+
+def _reference(seed, x, y):
+    model = MoEDecoder(CFG, seed=seed)
+    loss = moe_loss(model(x), y)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+def _check(results, ref_loss, ref_grads, ep_size):
+    losses = [r["loss"] for r in results if r["loss"] is not None]
+    assert losses, "no rank returned a loss"
+    for loss in losses:
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
+    seen = set()
+    for r in results:
+        assert r["multiplexed"] > 0, "no FB pair ran as a multiplexed graph"
+        for name, grad in r["grads"].items():
+            expect = expert_shard(name, ref_grads[name], r.get("ep_rank", 0), ep_size)
+            torch.testing.assert_close(grad, expect, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+            seen.add(name)
+    assert seen == set(ref_grads), sorted(set(ref_grads) - seen)
+
+
+@pytest.mark.timeout(600)
+def test_moe_dualpipev_and_dualpipe_with_multiplexed_pairs_equal_one_process():
+    results = run_ranks(pipeline_only, 2, timeout=500)
+    x, y = moe_batch(CFG, C, SEQ, seed=3)
+    ref_loss, ref_grads = _reference(1, x, y)
+    for schedule in ("dualpipev", "dualpipe"):
+        _check([r[schedule] for r in results], ref_loss, ref_grads, 1)
+
+
+@pytest.mark.timeout(600)
+def test_moe_dualpipev_times_expert_parallel_4_processes_equal_one_process():
+    results = run_ranks(pipeline_x_expert, 4, timeout=500)
+    x, y = moe_batch(CFG, 2 * C, SEQ, seed=5)
+    ref_loss, ref_grads = _reference(2, x, y)
+    _check(results, ref_loss, ref_grads, 2)
