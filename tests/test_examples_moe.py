@@ -1,72 +1,15 @@
 """MoEDecoder: dense == naive per-token experts; 2-rank expert parallelism == dense model."""
 from __future__ import annotations
 
-import io
-import os
-import socket
-import traceback
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from dualpipe_fx.examples_moe import (MoEConfig, MoEDecoder, ep_average_grads, expert_shard,
                                       moe_batch, moe_loss)
+from tests.runtime.dist_harness import run_ranks
 
 CFG = MoEConfig(vocab_size=32, dim=16, n_layers=2, n_heads=2, n_experts=4, top_k=2, expert_hidden=24)
-
-
-# ----------------------------------------------------------------------------- spawn helper
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank, world, port, fn, args, queue):
-    os.environ.update(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    try:
-        import datetime
-        torch.distributed.init_process_group("gloo", rank=rank, world_size=world,
-                                             timeout=datetime.timedelta(seconds=60))
-        # Tensors travel as bytes: shared-memory handles die with the rank's process.
-        buf = io.BytesIO()
-        torch.save(fn(rank, world, *args), buf)
-        queue.put((rank, "ok", buf.getvalue()))
-    except BaseException:  # report every failure, the parent re-raises it
-        queue.put((rank, "error", traceback.format_exc()))
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-
-def spawn_ranks(fn, world: int, *args, timeout: float = 240.0) -> list:
-    """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks; their results, rank order.
-
-    ``fn`` must be a top-level function; a rank that fails or outlives ``timeout``
-    fails the test (stragglers are killed, never waited for).
-    """
-    ctx = mp.get_context("spawn")
-    queue, port = ctx.Queue(), _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, fn, args, queue), daemon=True)
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    results = {}
-    try:
-        for _ in range(world):
-            rank, status, value = queue.get(timeout=timeout)
-            if status == "error":
-                raise AssertionError(f"rank {rank} failed:\n{value}")
-            results[rank] = torch.load(io.BytesIO(value), weights_only=False)
-    finally:
-        for p in procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
-    return [results[r] for r in range(world)]
 
 
 # ----------------------------------------------------------------------------- single process
@@ -111,7 +54,7 @@ def _ep_rank(rank, world):
 
 
 def test_expert_parallel_two_ranks_equals_dense():
-    results = spawn_ranks(_ep_rank, 2)
+    results = run_ranks(_ep_rank, 2)
     dense = MoEDecoder(CFG, seed=2)
     tokens, target = moe_batch(CFG, 4, 6, seed=5)
     ref_loss = moe_loss(dense(tokens), target)
@@ -133,7 +76,7 @@ def _size_one_group_rank(rank, world):
 
 
 def test_expert_group_of_one_is_bitwise_dense():
-    (loss, grads), = spawn_ranks(_size_one_group_rank, 1)
+    (loss, grads), = run_ranks(_size_one_group_rank, 1)
     dense = MoEDecoder(CFG, seed=4)
     tokens, target = moe_batch(CFG, 2, 6, seed=7)
     ref = moe_loss(dense(tokens), target)

@@ -18,7 +18,7 @@ from passes.capture import capture
 from passes.multiplex import multiplex
 from passes.split_backward import split_backward
 from passes.split_stages import split_stages
-from tests.test_examples_moe import spawn_ranks
+from tests.runtime.dist_harness import run_ranks
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -162,7 +162,7 @@ def _moe_pair_rank(rank, world):
 
 
 def test_moe_pair_with_all_to_all_over_gloo_equals_f_then_b():
-    orders = spawn_ranks(_moe_pair_rank, 2)
+    orders = run_ranks(_moe_pair_rank, 2, timeout=400)
     assert orders[0] == orders[1], "ranks must issue collectives in the same order"
     for order in orders[0]:
         chunks = [c for _, c in order]
