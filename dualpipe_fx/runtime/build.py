@@ -24,6 +24,7 @@ from torch import nn
 from dualpipe_fx import _compat
 from dualpipe_fx.runtime.executor import Executor
 from dualpipe_fx.runtime.lowering import forward_only, load_program
+from dualpipe_fx.runtime.overlap import OverlapRunner
 from dualpipe_fx.runtime.pipeline import Pipeline
 from dualpipe_fx.runtime.stage import GraphStage, StagePlace, TensorMeta
 from dualpipe_fx.runtime.sync import shared_holders
@@ -110,6 +111,7 @@ def build_pipeline(model: nn.Module, parts: Sequence[StageGraphs], program: Prog
     metas, output_metas = trace_metas(parts, params, examples, target)
     stages = _make_stages(model, parts, program, rank, metas, group, device, compile_stages)
     executor = Executor(stages, rank, timeout)
+    executor.overlap = OverlapRunner()  # every FB action runs as one multiplexed graph
     schedules = {}
     for forwards in (False, True):  # training, and forward-only (no_grad) steps
         schedules[forwards] = _GraphSchedule(list(stages.values()), program.num_microbatches,
