@@ -28,6 +28,11 @@ import sys
 from typing import Optional
 
 import torch
+import torchtitan.train
+from torchtitan.config import ConfigManager, JobConfig
+from torchtitan.protocols import train_spec as train_spec_module
+from torchtitan.tools.logging import init_logger, logger
+from torchtitan.train import Trainer
 
 from titan_integration import config as dpfx_config
 from titan_integration.cpu import check_cpu_config, disable_cpu_autocast, use_cpu_when_no_gpu
@@ -35,22 +40,17 @@ from titan_integration.data import register_tiny_dataset
 from titan_integration.pipelining import pipeline_dualpipe_fx
 
 
-def _config_manager_cls():
-    from torchtitan.config import ConfigManager, JobConfig
+class DualPipeFxConfigManager(ConfigManager):
+    """torchtitan's ConfigManager with ``[dualpipe_fx]`` always merged in, and validated."""
 
-    class DualPipeFxConfigManager(ConfigManager):
-        """torchtitan's ConfigManager with ``[dualpipe_fx]`` merged in and validated."""
+    def __init__(self) -> None:
+        super().__init__(ConfigManager._merge_configs(JobConfig, dpfx_config.JobConfig))
 
-        def __init__(self) -> None:
-            super().__init__(ConfigManager._merge_configs(JobConfig, dpfx_config.JobConfig))
-
-        def _validate_config(self) -> None:
-            super()._validate_config()
-            dpfx_config.validate_job_config(self.config)
-            if not torch.cuda.is_available():
-                check_cpu_config(self.config)
-
-    return DualPipeFxConfigManager
+    def _validate_config(self) -> None:
+        super()._validate_config()
+        dpfx_config.validate_job_config(self.config)
+        if not torch.cuda.is_available():
+            check_cpu_config(self.config)
 
 
 def parse_job_config(args: Optional[list[str]] = None):
@@ -59,35 +59,29 @@ def parse_job_config(args: Optional[list[str]] = None):
     Raises:
         ValueError: from :func:`titan_integration.config.validate_job_config`, naming the key.
     """
-    return _config_manager_cls()().parse_args(sys.argv[1:] if args is None else args)
+    return DualPipeFxConfigManager().parse_args(sys.argv[1:] if args is None else args)
 
 
-def _trainer_cls():
-    from torchtitan.train import Trainer
+class DualPipeFxTrainer(Trainer):
+    """torchtitan's Trainer whose pipelined step is dualpipe_fx's, scaled like non-PP."""
 
-    class DualPipeFxTrainer(Trainer):
-        """torchtitan's Trainer whose pipelined step is dualpipe_fx's, scaled like non-PP."""
+    def __init__(self, job_config) -> None:
+        super().__init__(job_config)
+        if self.device.type == "cpu":
+            disable_cpu_autocast(self)
 
-        def __init__(self, job_config) -> None:
-            super().__init__(job_config)
-            if self.device.type == "cpu":
-                disable_cpu_autocast(self)
-
-        def forward_backward_step(self, *, input_dict, labels, global_valid_tokens):
-            if not self.job_config.dualpipe_fx.enable:
-                return super().forward_backward_step(
-                    input_dict=input_dict, labels=labels, global_valid_tokens=global_valid_tokens)
-            inputs, labels, extra_inputs, extra_kwargs = self.post_dataloading_process(
-                input_dict, labels)
-            if extra_inputs or extra_kwargs:
-                raise ValueError(
-                    f"dualpipe_fx pipelines take the token batch only; this model/dataloader also "
-                    f"passes {sorted({**extra_inputs, **extra_kwargs})}; use an attn_type = "
-                    f"\"sdpa\" flavor and a plain text dataset")
-            with self.train_context():
-                return self.pp_schedule.step_normalized(inputs, labels, global_valid_tokens)
-
-    return DualPipeFxTrainer
+    def forward_backward_step(self, *, input_dict, labels, global_valid_tokens):
+        if not self.job_config.dualpipe_fx.enable:
+            return super().forward_backward_step(
+                input_dict=input_dict, labels=labels, global_valid_tokens=global_valid_tokens)
+        inputs, labels, extra_inputs, extra_kwargs = self.post_dataloading_process(input_dict, labels)
+        if extra_inputs or extra_kwargs:
+            raise ValueError(
+                f"dualpipe_fx pipelines take the token batch only; this model/dataloader also "
+                f"passes {sorted({**extra_inputs, **extra_kwargs})}; use an attn_type = "
+                f"\"sdpa\" flavor and a plain text dataset")
+        with self.train_context():
+            return self.pp_schedule.step_normalized(inputs, labels, global_valid_tokens)
 
 
 def register_dualpipe_fx(model_name: str) -> None:
@@ -96,8 +90,6 @@ def register_dualpipe_fx(model_name: str) -> None:
     torchtitan looks user-registered specs up before its built-in ones, so the trainer
     picks this one up; everything but ``pipelining_fn`` stays the model's own.
     """
-    from torchtitan.protocols import train_spec as train_spec_module
-
     spec = train_spec_module.get_train_spec(model_name)
     if spec.pipelining_fn is pipeline_dualpipe_fx:
         return
@@ -106,16 +98,12 @@ def register_dualpipe_fx(model_name: str) -> None:
     train_spec_module.register_train_spec(model_name, patched)
 
 
-def _prepare(job_config, on_cpu: bool) -> None:
+def _prepare(job_config) -> None:
     if job_config.dualpipe_fx.enable:
         register_dualpipe_fx(job_config.model.name)
-        import torchtitan.train
-
         # torchtitan warns that PP loss shows on the last rank only; DualPipeFxTrainer
         # broadcasts it to every rank, so that warning would be wrong here.
         torchtitan.train.ensure_pp_loss_visible = lambda *args, **kwargs: None
-    if on_cpu:
-        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 def _single_process_env() -> None:
@@ -132,19 +120,17 @@ def _single_process_env() -> None:
 
 def main(args: Optional[list[str]] = None) -> None:
     """Parse, build :class:`DualPipeFxTrainer`, train, clean up (as ``torchtitan.train.main``)."""
-    from torchtitan.tools.logging import init_logger, logger
-
     init_logger()
     _single_process_env()
     on_cpu = use_cpu_when_no_gpu()
     register_tiny_dataset()
     job_config = parse_job_config(args)
-    _prepare(job_config, on_cpu)
+    _prepare(job_config)
     logger.info(f"dualpipe_fx: enable={job_config.dualpipe_fx.enable} "
                 f"schedule={job_config.dualpipe_fx.schedule} device={'cpu' if on_cpu else 'cuda'}")
     trainer = None
     try:
-        trainer = _trainer_cls()(job_config)
+        trainer = DualPipeFxTrainer(job_config)
         if job_config.checkpoint.create_seed_checkpoint:
             trainer.checkpointer.save(curr_step=0, last_step=True)
         else:
