@@ -41,7 +41,6 @@ start the pipeline send while the rest of the pair still computes.
 """
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 

@@ -65,3 +65,20 @@ def test_pytree_round_trip():
 def test_decomposes_implicitly():
     assert _compat.decomposes_implicitly(torch.ops.aten.linear.default)
     assert not _compat.decomposes_implicitly(torch.ops.aten.mm.default)
+
+
+def test_functional_collective_and_wait_are_recognised():
+    import torch.distributed as dist
+
+    from dualpipe_fx import _compat as dcompat
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        name = dist.group.WORLD.group_name
+        gm = _compat.make_fx(lambda t: dcompat.functional_wait_tensor(
+            dcompat.functional_all_to_all_single(t * 2, [2], [2], name)))(torch.ones(2, 3))
+    finally:
+        dist.destroy_process_group()
+    kinds = [(_compat.is_functional_collective(n), _compat.is_functional_wait(n))
+             for n in gm.graph.nodes if n.op == "call_function"]
+    assert kinds == [(False, False), (True, False), (False, True)]
