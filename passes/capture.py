@@ -182,7 +182,7 @@ class _RegionRecorder:
     def _record(self, graph, orig_fn, cls, args, kwargs):
         rid = self.next_id
         self.next_id += 1
-        before = set(graph.nodes)
+        mark = next(iter(reversed(graph.nodes)))  # the tracer appends new nodes after it
         leaves, arg_spec = tree_flatten((args, kwargs))
         arg_leaves, new_leaves, n_in = [], [], 0
         for leaf in leaves:
@@ -197,21 +197,20 @@ class _RegionRecorder:
             new_leaves.append(leaf)
         args2, kwargs2 = tree_unflatten(new_leaves, arg_spec)
         out = orig_fn(cls, *args2, **kwargs2)
-        out, out_leaves, out_spec, n_out = self._tag_outputs(out, before)
+        out, out_leaves, out_spec, n_out = self._tag_outputs(out, _nodes_after(graph, mark))
         spec = RegionSpec(cls, tuple(arg_leaves), arg_spec, tuple(out_leaves), out_spec, n_in, n_out)
-        for node in graph.nodes:
-            if node not in before:
-                node.meta["dpfx_region"] = rid
-                node.meta["dpfx_region_spec"] = spec
+        for node in _nodes_after(graph, mark):
+            node.meta["dpfx_region"] = rid
+            node.meta["dpfx_region_spec"] = spec
         return out
 
-    def _tag_outputs(self, out, before):
+    def _tag_outputs(self, out, new_nodes):
         leaves, out_spec = tree_flatten(out)
         tmpl, new_leaves, n_out = [], [], 0
         for leaf in leaves:
             if isinstance(leaf, torch.Tensor):
                 node = _compat.current_fx_node(leaf)
-                if node is None or node in before or "dpfx_region_input" in node.meta:
+                if node is None or node not in new_nodes or "dpfx_region_input" in node.meta:
                     # forward returned (an alias of) its input: give the output its own node
                     leaf = torch.ops.aten.alias.default(leaf)
                     node = _compat.current_fx_node(leaf)
@@ -222,6 +221,15 @@ class _RegionRecorder:
                 tmpl.append(leaf)
             new_leaves.append(leaf)
         return tree_unflatten(new_leaves, out_spec), tmpl, out_spec, n_out
+
+
+def _nodes_after(graph: torch.fx.Graph, mark: torch.fx.Node) -> set[torch.fx.Node]:
+    found = set()
+    for node in reversed(graph.nodes):
+        if node is mark:
+            return found
+        found.add(node)
+    raise AssertionError("the tracer removed a node while a custom Function ran")
 
 
 def _tag(node: Optional[torch.fx.Node], key: str, value: int) -> None:

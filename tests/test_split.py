@@ -128,3 +128,45 @@ def test_custom_function_fed_by_an_activation_across_a_cut():
     for sg, gm in zip(sp.stages[1:], sp.partition.stages[1:]):
         entry = next(n for n in gm.graph.nodes if n.meta.get("dpfx_region_input") == 0)
         assert entry.args[0].meta["dpfx_kind"] == "activation"
+
+
+class _GradScale(torch.autograd.Function):
+    """forward returns its input itself; backward scales the grad (a gradient-scaling layer)."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.scale, None
+
+
+class _Outer(torch.autograd.Function):
+    """Calls another custom Function inside its forward: one region, the outer backward runs."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return models.StraightThroughRound.apply(x, 4.0) * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 5
+
+
+class _IdentityAndNested(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = _GradScale.apply(self.fc1(x), 0.5)
+        return self.fc2(_Outer.apply(torch.tanh(h)))
+
+
+def test_identity_and_nested_custom_functions():
+    torch.manual_seed(0)
+    case = models.Case("id-nested", _IdentityAndNested(), models.mse, (torch.randn(4, 8),), torch.randn(4, 8))
+    sp = check_split(case, 2)
+    assert sorted(r.fn.__name__ for r in sp.partition.captured.regions.values()) == ["_GradScale", "_Outer"]
