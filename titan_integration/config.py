@@ -191,6 +191,18 @@ def _check_split_points(job_config, spec) -> None:
             f"{stages} stages, so give exactly {stages - 1} boundaries or none (automatic)")
 
 
+def _check_replicated_params(job_config, spec) -> None:
+    """Bidirectional DualPipe holds every model part on two ranks; torchtitan's clipping
+    sums squared grad norms over the pipeline group and would count those twice."""
+    max_norm = job_config.training.max_norm
+    if spec.bidirectional and max_norm > 0:
+        raise ValueError(
+            f"training.max_norm = {max_norm} with dualpipe_fx.schedule = {spec.name!r}: DualPipe "
+            f"keeps a mirror copy of each model part on a second rank, and torchtitan's grad-norm "
+            f"all-reduce over the pipeline group would count those parameters twice (clipping too "
+            f"hard); use dualpipe_fx.schedule = \"dualpipev\" or set training.max_norm = 0")
+
+
 def _check_validation(job_config) -> None:
     """The validator runs the same pipeline forward-only: same batch shape as training."""
     val, train = job_config.validation, job_config.training
@@ -216,7 +228,7 @@ def validate_job_config(job_config) -> None:
         schedule known, balance in (flops, measured)
         C = local_batch_size / microbatch_size fits the schedule (e.g. C >= 2N)
         no activation checkpointing (selective + split backward named explicitly)
-        no TP/CP/DP/EP, no torch.compile of model parts, split_points count
+        no TP/CP/DP/EP, no torch.compile of model parts, split_points count, no clipping with DualPipe
         validation batch shape == training's; keys map onto dualpipe_fx.compile arguments
 
     Args:
@@ -235,5 +247,6 @@ def validate_job_config(job_config) -> None:
     _check_activation_checkpoint(job_config, spec, program)
     _check_other_parallelisms(job_config)
     _check_split_points(job_config, spec)
+    _check_replicated_params(job_config, spec)
     _check_validation(job_config)
     compile_kwargs(dualpipe_fx.compile, job_config.dualpipe_fx)
