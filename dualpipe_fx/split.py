@@ -94,6 +94,7 @@ class Split:
         inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
         external = {f"input:{i}": x for i, x in enumerate(inputs)}
         external["target"] = target
+        self._check_shapes(external)
         acts: tuple = ()
         saved = []
         for sg in self.stages:
@@ -112,6 +113,19 @@ class Split:
                 grads[name] = g if name not in grads else grads[name] + g
             for_weight[sg.index] = None
         return loss.detach(), self._with_aliases(grads)
+
+    def _check_shapes(self, external: Mapping[str, Any]) -> None:
+        """The graphs are specialised to the example micro-batch's shapes and dtypes."""
+        for node in self.partition.captured.gm.graph.nodes:
+            if node.op != "placeholder" or node.meta["dpfx_kind"] not in ("input", "target"):
+                continue
+            name, want = node.meta["dpfx_name"], node.meta["val"]
+            got = external.get(name)
+            if not isinstance(got, torch.Tensor) or got.shape != want.shape or got.dtype != want.dtype:
+                desc = f"{tuple(got.shape)} {got.dtype}" if isinstance(got, torch.Tensor) else repr(got)
+                raise ValueError(f"Split.run: {name} is {desc}; expected {tuple(want.shape)} {want.dtype} "
+                                 "like the example micro-batch. Fix: pass micro-batches of the example's "
+                                 "shape, or call dualpipe_fx.split again with an example of the new shape.")
 
     def _with_aliases(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         for root, aliases in self.partition.captured.param_aliases.items():

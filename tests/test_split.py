@@ -96,6 +96,10 @@ def test_run_accepts_a_bare_tensor_and_new_batches():
     ref.backward()
     torch.testing.assert_close(loss, ref.detach())
     torch.testing.assert_close(grads["head.weight"], case.model.head.weight.grad, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match=r"input:0 is \(5, 16\).*expected \(4, 16\)"):
+        sp.run(torch.randn(5, 16), t2)
+    with pytest.raises(ValueError, match=r"target is None"):
+        sp.run(x2)
 
 
 class _SteFirst(torch.nn.Module):
