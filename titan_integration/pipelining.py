@@ -208,22 +208,12 @@ def _compile(model, loss_fn, job_config, device, group, num_mb: int):
     try:
         return dualpipe_fx.compile(model, loss_fn, (tokens,), labels, num_microbatches=num_mb,
                                    group=group, **kwargs)
-    except Exception as err:
-        if not _is_trace_error(err):
-            raise
-        name = f"{job_config.model.name} {job_config.model.flavor}"
-        raise ValueError(f"model.name = {job_config.model.name!r} (flavor "
-                         f"{job_config.model.flavor!r}) does not trace with dualpipe_fx: "
-                         f"{str(err).rstrip('.')}. Run {name} with --dualpipe_fx.no-enable (torchtitan's own "
-                         f"pipeline split) or make its forward traceable") from err
-
-
-def _is_trace_error(err: BaseException) -> bool:
-    try:
-        from passes.capture import TraceError
-    except ImportError:  # capture not importable: treat every error as a build error
-        return False
-    return isinstance(err, TraceError)
+    except dualpipe_fx.TraceError as err:
+        name, flavor = job_config.model.name, job_config.model.flavor
+        raise ValueError(f"model.name = {name!r} (flavor {flavor!r}) does not trace with "
+                         f"dualpipe_fx: {str(err).rstrip('.')}. Run {name} {flavor} with "
+                         f"--dualpipe_fx.no-enable (torchtitan's own pipeline split) or make "
+                         f"its forward traceable") from err
 
 
 def _loss_owner(schedule: str, num_mb: int, group) -> int:
@@ -279,7 +269,8 @@ def pipeline_dualpipe_fx(model: nn.Module, parallel_dims, job_config, device: to
     del parallelize_fn, model_args
     _check_parallel_dims(parallel_dims)
     group = parallel_dims.get_mesh("pp").get_group()
-    device = torch.device(device.type)  # the trainer's "cpu:<LOCAL_RANK>" is just "cpu"
+    if device.type == "cpu":
+        device = torch.device("cpu")  # the trainer's "cpu:<LOCAL_RANK>" is the one CPU device
     _materialize(model, job_config, device)
     num_mb = num_microbatches(job_config)
     pipeline = _compile(model, loss_fn, job_config, device, group, num_mb)
