@@ -412,6 +412,7 @@ def _build_stage(gm: fx.GraphModule, lay: _Layout, bounds: tuple[int, int], inde
     graph.lint()
     stage = fx.GraphModule(gm, graph, class_name=f"Stage{index}")
     stage.meta["dpfx_stage"] = index
+    stage.meta["dpfx_is_last"] = index == num_stages - 1
     stage.recompile()
     return stage
 
