@@ -117,6 +117,13 @@ def _check_schedule(job_config):
     if section.balance not in BALANCE_MODES:
         raise ValueError(f"dualpipe_fx.balance = {section.balance!r} is not one of {BALANCE_MODES}; "
                          f"use \"flops\" (counted) or \"measured\" (timed on this machine)")
+    if section.balance == "measured":
+        # compile() times the ops on every rank separately; timings differ between ranks, so
+        # the ranks can cut the model at different places and the pipeline breaks mid-step.
+        raise ValueError("dualpipe_fx.balance = \"measured\" is not supported across ranks yet "
+                         "(each rank would time its own ops and could cut the model differently); "
+                         "use dualpipe_fx.balance = \"flops\", or pin the cuts with "
+                         "dualpipe_fx.split_points")
     return spec
 
 
