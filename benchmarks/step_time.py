@@ -1,0 +1,194 @@
+"""Step time of dualpipe_fx vs torch's own schedules, on the issue's configuration.
+
+2 gloo ranks with 1 thread each, ``LinearGeluStack(depth=8, width=1024)``, batch 512 in 8
+micro-batches. In ONE run it times (median of ``--steps`` steps after ``--warmup``):
+
+- single process, whole batch; single process, the same 8 micro-batches with grad accumulation;
+- dualpipe_fx (dualpipev) with eager graphs and with ``compile_stages=True``;
+- torch's ``ScheduleDualPipeV``, ``ScheduleZBVZeroBubble`` (4 stages, V placement) and
+  ``Schedule1F1B`` (2 stages) on equal manual stages (``nn.Sequential`` slices in ``PipelineStage``).
+
+It prints the ratios to torch's DualPipeV, the efficiency ``(single process, same
+micro-batches) / (ranks x step)``, each rank's measured bubble beside the simulator's
+prediction from the measured F/I/W costs, and the overhead (step time that is neither
+compute nor predicted bubble). It checks the load average first and writes ``--json``.
+
+    python benchmarks/step_time.py --json /tmp/step_time.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dualpipe_fx import examples as ex  # noqa: E402
+from tests.runtime.dist_harness import run_ranks  # noqa: E402
+
+RANKS, DEPTH, WIDTH, BATCH, MICROBATCHES = 2, 8, 1024, 512, 8
+
+
+def _median_time(fn, warmup: int, steps: int, sync=None) -> tuple[float, list[float]]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        if sync:
+            sync()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def single_process(warmup: int, steps: int) -> dict:
+    """Whole batch at once, and the same micro-batches with grad accumulation (1 thread)."""
+    torch.set_num_threads(1)
+    model = ex.LinearGeluStack(DEPTH, WIDTH)
+    x, y = ex.linear_gelu_batch(WIDTH, BATCH)
+
+    def whole():
+        model.zero_grad(set_to_none=True)
+        ex.mse_loss(model(x), y).backward()
+
+    def accumulate():
+        model.zero_grad(set_to_none=True)
+        for xm, ym in zip(x.chunk(MICROBATCHES), y.chunk(MICROBATCHES)):
+            (ex.mse_loss(model(xm), ym) / MICROBATCHES).backward()
+
+    return {"whole_batch": _median_time(whole, warmup, steps)[0],
+            "grad_accumulation": _median_time(accumulate, warmup, steps)[0]}
+
+
+def _dist_median(step, warmup: int, steps: int) -> float:
+    """Median over steps of the slowest rank's step time."""
+    _, times = _median_time(step, warmup, steps, sync=dist.barrier)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, times)
+    return statistics.median(max(ts[i] for ts in gathered) for i in range(steps))
+
+
+def _torch_schedule(name: str, model, x, y, rank: int):
+    from torch.distributed.pipelining import PipelineStage
+    from torch.distributed.pipelining.schedules import (Schedule1F1B, ScheduleDualPipeV,
+                                                        ScheduleZBVZeroBubble)
+    layers = list(model.layers)
+    if name == "torch 1F1B":
+        per = DEPTH // RANKS
+        stages = [PipelineStage(torch.nn.Sequential(*layers[rank * per:(rank + 1) * per]), rank, RANKS,
+                                torch.device("cpu"))]
+        sched = Schedule1F1B(stages[0], MICROBATCHES, loss_fn=ex.mse_loss)
+    else:
+        per, n = DEPTH // (2 * RANKS), 2 * RANKS
+        stages = [PipelineStage(torch.nn.Sequential(*layers[s * per:(s + 1) * per]), s, n, torch.device("cpu"))
+                  for s in (rank, n - 1 - rank)]
+        cls = ScheduleDualPipeV if name == "torch DualPipeV" else ScheduleZBVZeroBubble
+        sched = cls(stages, MICROBATCHES, loss_fn=ex.mse_loss)
+    first = any(s.is_first for s in stages)
+    last = any(s.is_last for s in stages)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        sched.step(*((x,) if first else ()), target=y if last else None)
+    return step
+
+
+def _profile_figures(pipe, x, y) -> dict | None:
+    prof = pipe.profile(x, target=y, steps=3)
+    if prof is None:
+        return None
+    step = statistics.median(prof.step_times)
+    sim_idle = prof.simulated.idle
+    return {
+        "table": prof.table(),
+        "measured_bubble": prof.bubble_ratio_per_rank,
+        "simulated_bubble": prof.simulated_bubble_ratio_per_rank,
+        "busy_s": prof.busy,
+        "overhead_s": {r: step - prof.busy[r] - sim_idle.get(r, 0.0) for r in prof.busy},
+        "costs_ms": {k: getattr(prof.costs, k) * 1e3 for k in ("F", "B", "W")} | {"FB": prof.costs.overlapped * 1e3},
+        "profiled_step_s": step,
+    }
+
+
+def distributed(rank: int, world: int, warmup: int, steps: int) -> dict:
+    import dualpipe_fx
+    x, y = ex.linear_gelu_batch(WIDTH, BATCH)
+    mb = BATCH // MICROBATCHES
+    out: dict = {"times": {}, "profiles": {}}
+    for label, compiled in (("dualpipe_fx eager", False), ("dualpipe_fx compiled", True)):
+        model = ex.LinearGeluStack(DEPTH, WIDTH)
+        pipe = dualpipe_fx.compile(model, ex.mse_loss, (x[:mb],), y[:mb], schedule="dualpipev",
+                                   num_microbatches=MICROBATCHES, compile_stages=compiled)
+
+        def step():
+            pipe.zero_grad()
+            pipe.step(x, target=y)
+        out["times"][label] = _dist_median(step, warmup + (2 if compiled else 0), steps)
+        out["profiles"][label] = _profile_figures(pipe, x, y)
+    for label in ("torch DualPipeV", "torch ZBV", "torch 1F1B"):
+        model = ex.LinearGeluStack(DEPTH, WIDTH)
+        out["times"][label] = _dist_median(_torch_schedule(label, model, x, y, rank), warmup, steps)
+    return out
+
+
+def _check_load() -> float:
+    load = os.getloadavg()[0] / (os.cpu_count() or 1)
+    if load > 0.5:
+        print(f"!!! WARNING: load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores "
+              f"({load:.2f} per core > 0.5): other processes share the CPUs, the figures are noisy !!!")
+    return load
+
+
+def report(single: dict, dist_out: dict, load: float) -> dict:
+    times = dist_out["times"]
+    ref = times["torch DualPipeV"]
+    acc = single["grad_accumulation"]
+    print(f"load per core at start: {load:.2f}")
+    print(f"single process: whole batch {single['whole_batch'] * 1e3:.1f} ms, "
+          f"grad accumulation over {MICROBATCHES} micro-batches {acc * 1e3:.1f} ms")
+    print(f"{'run':<22}{'step ms':>9}{'vs torch DualPipeV':>20}{'efficiency':>12}")
+    rows = {}
+    for label, t in times.items():
+        rows[label] = {"step_s": t, "ratio_to_torch_dualpipev": t / ref, "efficiency": acc / (RANKS * t)}
+        print(f"{label:<22}{t * 1e3:9.1f}{t / ref:20.3f}{acc / (RANKS * t):12.3f}")
+    for label, prof in dist_out["profiles"].items():
+        if prof:
+            print(f"\n{label}: measured vs simulated (simulator fed the measured F/I/W costs)")
+            print(prof["table"])
+            print("overhead (step - busy - simulated idle), ms: "
+                  + ", ".join(f"rank {r}: {v * 1e3:.1f}" for r, v in sorted(prof["overhead_s"].items())))
+    return {"config": {"ranks": RANKS, "depth": DEPTH, "width": WIDTH, "batch": BATCH,
+                       "microbatches": MICROBATCHES, "threads_per_rank": 1},
+            "load_per_core": load, "single_process_s": single, "runs": rows,
+            "profiles": {k: {kk: vv for kk, vv in v.items() if kk != "table"} if v else None
+                         for k, v in dist_out["profiles"].items()}}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=7)
+    args = parser.parse_args(argv)
+    if args.steps < 5:
+        parser.error(f"--steps {args.steps}: take the median of at least 5 steps")
+    load = _check_load()
+    single = single_process(args.warmup, args.steps)
+    results = run_ranks(distributed, RANKS, (args.warmup, args.steps), timeout=1800)
+    dist_out = results[0]
+    figures = report(single, dist_out, load)
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2, default=str))
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
