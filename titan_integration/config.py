@@ -37,7 +37,9 @@ class DualPipeFx:
     ``parallelism.pipeline_parallel_schedule`` is ignored when dualpipe_fx is enabled."""
 
     balance: Literal["flops", "measured"] = "flops"
-    """How stages are balanced: by counted FLOPs, or by times measured on this machine."""
+    """How stages are balanced: by counted FLOPs, or by times measured on this machine
+    (``measured`` is rejected for now: each rank would time its own ops and could cut
+    the model differently)."""
 
     split_points: list[str] = field(default_factory=list)
     """Optional stage boundaries (module FQNs such as ``layers.3``); empty = automatic.
