@@ -167,7 +167,8 @@ def bench_all_to_all(args, rank):
     log_s, log_m = [], []
     seq = (_timed_waits(pair.f, log_s), _timed_waits(pair.i, log_s), _timed_waits(pair.w, log_s))
     mx = _timed_waits(pair.gm, log_m)
-    rows = {"seq": [], "mx": [], "wait_seq": [], "wait_mx": [], "wait_seq_f": [], "wait_seq_b": []}
+    rows = {"seq": [], "mx": [], "wait_seq": [], "wait_mx": [], "wait_seq_f": [], "wait_seq_b": [],
+            "cpu_seq": [], "cpu_mx": []}
     with torch.no_grad():
         equal = _equal(pair.sequential(*seq), mx(*pair.f_args, *pair.b_args))
         for it in range(args.warmup + args.iters):
@@ -175,11 +176,12 @@ def bench_all_to_all(args, rank):
                 log = log_s if kind == "seq" else log_m
                 log.clear()
                 dist.barrier()
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.thread_time()
                 pair.sequential(*seq) if kind == "seq" else mx(*pair.f_args, *pair.b_args)
                 elapsed = time.perf_counter() - start
                 if it >= args.warmup:
                     rows[kind].append(elapsed)
+                    rows["cpu_" + kind].append(time.thread_time() - cpu)
                     rows["wait_" + kind].append(sum(log))
                     if kind == "seq":  # F's two waits come first, then B's two
                         rows["wait_seq_f"].append(sum(log[:2]))
@@ -348,7 +350,9 @@ def summarize(results: list[dict], transport: str) -> dict:
                               for r in results) and none["numerics_equal"],
         "all_to_all": {"fb_seq_s": seq, "fb_multiplexed_s": mx, "speedup": seq / mx, "comm_s": comm,
                        "exposed_comm_multiplexed_s": exposed, "comm_f_s": f_comm, "comm_b_s": b_comm,
-                       "compute_s": compute, "overlap_fraction": _fraction(comm, exposed)},
+                       "compute_s": compute, "overlap_fraction": _fraction(comm, exposed),
+                       "compute_thread_cpu_seq_s": statistics.mean(r["cpu_seq"] for r in a2a),
+                       "compute_thread_cpu_multiplexed_s": statistics.mean(r["cpu_mx"] for r in a2a)},
         "pipeline_send": {"pair_alone_s": pipe["alone"], "sends_alone_s": pipe["comm"],
                           "fb_then_send_s": pipe["seq"], "fb_multiplexed_early_send_s": pipe["mx"],
                           "overlap_fraction_seq": _fraction(pipe["comm"], pipe_exposed_seq),
@@ -371,6 +375,8 @@ def print_table(s: dict) -> None:
     print(f"{'no communication':<34}{ms(n['fb_seq_s']):>12}{ms(n['fb_multiplexed_s']):>14}{n['speed_ratio']:>7.2f}x{'-':>9}")
     print(f"all_to_all: comm {ms(a['comm_s'])} (F {ms(a['comm_f_s'])}, B {ms(a['comm_b_s'])}), "
           f"compute {ms(a['compute_s'])}, exposed when multiplexed {ms(a['exposed_comm_multiplexed_s'])}")
+    print(f"all_to_all: compute thread CPU time {ms(a['compute_thread_cpu_seq_s'])} (F then B), "
+          f"{ms(a['compute_thread_cpu_multiplexed_s'])} (multiplexed): wall time beyond it is CPU share lost to load")
     print(f"pipeline: pair alone {ms(p['pair_alone_s'])}, sends alone {ms(p['sends_alone_s'])} (arrival); "
           f"overlap F then B {p['overlap_fraction_seq']:.2f}, multiplexed {p['overlap_fraction']:.2f}")
     print(f"numerics equal (bitwise): {s['numerics_equal']}; "
