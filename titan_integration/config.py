@@ -33,8 +33,8 @@ class DualPipeFx:
     Needs ``parallelism.pipeline_parallel_degree >= 2``."""
 
     schedule: str = "dualpipev"
-    """dualpipe_fx schedule name (``dualpipev``, ``dualpipe``, ``1f1b``, ``gpipe``).
-    ``parallelism.pipeline_parallel_schedule`` is ignored when dualpipe_fx is enabled."""
+    """A ``dualpipe_fx.SCHEDULES`` name (``dualpipev``, ``dualpipe``, ``zbv``, ``1f1b``,
+    ``gpipe``, ...). ``parallelism.pipeline_parallel_schedule`` is ignored when enabled."""
 
     balance: Literal["flops", "measured"] = "flops"
     """How stages are balanced: by counted FLOPs, or by times measured on this machine
@@ -49,7 +49,9 @@ class DualPipeFx:
     """``torch.compile`` every stage graph (use this instead of ``compile.enable``)."""
 
     overlap: bool = True
-    """Run overlapped forward&backward (FB) actions as one multiplexed graph."""
+    """Run the schedule's overlapped forward&backward (FB) pairs overlapped. The current
+    ``dualpipe_fx.compile`` always does (it has no ``overlap`` argument), so ``false`` is
+    rejected at validation."""
 
 
 @dataclass
