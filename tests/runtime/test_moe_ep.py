@@ -99,3 +99,27 @@ def test_moe_dualpipev_times_expert_parallel_4_processes_equal_one_process():
     x, y = moe_batch(CFG, 2 * C, SEQ, seed=5)
     ref_loss, ref_grads = _reference(2, x, y)
     _check(results, ref_loss, ref_grads, 2)
+
+
+def test_run_overlapped_equals_f_then_b_and_reports_each_sent_value_once():
+    from dualpipe_fx.runtime.overlap import run_overlapped
+    from dualpipe_fx.split import split
+
+    model = MoEDecoder(CFG, seed=4)
+    x, y = moe_batch(CFG, 2, SEQ, seed=6)
+    sg = split(model, moe_loss, (x[:1],), y[:1], num_stages=2).stages
+    named = dict(model.named_parameters())
+    params = [[named[n].detach() for n in s.param_names] for s in sg]
+    outs, _ = sg[0].forward(params[0], [x[:1]])
+    _, saved1 = sg[1].forward(params[1], list(outs) + [y[:1]])
+    ready = []
+    (f_out, f_saved), (grad_in, param_grads) = run_overlapped(
+        sg[0], (params[0], [x[1:]]), sg[1], (saved1, (torch.ones(()),)),
+        on_ready=lambda kind, i, t: ready.append((kind, i, t)))
+    ref_out, ref_saved = sg[0].forward(params[0], [x[1:]])
+    ref_grad_in, saved_w = sg[1].backward_input(saved1, (torch.ones(()),))
+    for got, want in zip((f_out, f_saved, grad_in, param_grads),
+                         (ref_out, ref_saved, ref_grad_in, sg[1].backward_weight(saved_w))):
+        assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))
+    assert sorted((k, i) for k, i, _ in ready) == [("B", i) for i in range(len(grad_in))] + [
+        ("F", i) for i in range(len(f_out))]
