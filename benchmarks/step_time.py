@@ -1,9 +1,11 @@
 """Step time of dualpipe_fx vs torch's own schedules, on the issue's configuration.
 
 2 gloo ranks with 1 thread each, ``LinearGeluStack(depth=8, width=1024)``, batch 512 in 8
-micro-batches. In ONE run it times (median of ``--steps`` steps after ``--warmup``):
+micro-batches. In ONE run it times (median of ``--steps`` rounds after ``--warmup``; each round runs one
+step of every variant in turn, so a load change on a shared machine hits all of them):
 
-- single process, whole batch; single process, the same 8 micro-batches with grad accumulation;
+- single process, whole batch; single process, the same 8 micro-batches with grad accumulation
+  (on rank 0 while rank 1 waits);
 - dualpipe_fx (dualpipev) with eager graphs and with ``compile_stages=True``;
 - torch's ``ScheduleDualPipeV``, ``ScheduleZBVZeroBubble`` (4 stages, V placement) and
   ``Schedule1F1B`` (2 stages) on equal manual stages (``nn.Sequential`` slices in ``PipelineStage``).
@@ -36,22 +38,8 @@ from tests.runtime.dist_harness import run_ranks  # noqa: E402
 RANKS, DEPTH, WIDTH, BATCH, MICROBATCHES = 2, 8, 1024, 512, 8
 
 
-def _median_time(fn, warmup: int, steps: int, sync=None) -> tuple[float, list[float]]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        if sync:
-            sync()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), times
-
-
-def single_process(warmup: int, steps: int) -> dict:
+def _single_process_steps() -> dict:
     """Whole batch at once, and the same micro-batches with grad accumulation (1 thread)."""
-    torch.set_num_threads(1)
     model = ex.LinearGeluStack(DEPTH, WIDTH)
     x, y = ex.linear_gelu_batch(WIDTH, BATCH)
 
@@ -64,16 +52,13 @@ def single_process(warmup: int, steps: int) -> dict:
         for xm, ym in zip(x.chunk(MICROBATCHES), y.chunk(MICROBATCHES)):
             (ex.mse_loss(model(xm), ym) / MICROBATCHES).backward()
 
-    return {"whole_batch": _median_time(whole, warmup, steps)[0],
-            "grad_accumulation": _median_time(accumulate, warmup, steps)[0]}
+    return {"whole_batch": whole, "grad_accumulation": accumulate}
 
 
-def _dist_median(step, warmup: int, steps: int) -> float:
-    """Median over steps of the slowest rank's step time."""
-    _, times = _median_time(step, warmup, steps, sync=dist.barrier)
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, times)
-    return statistics.median(max(ts[i] for ts in gathered) for i in range(steps))
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def _torch_schedule(name: str, model, x, y, rank: int):
@@ -118,24 +103,50 @@ def _profile_figures(pipe, x, y) -> dict | None:
     }
 
 
-def distributed(rank: int, world: int, warmup: int, steps: int) -> dict:
+def _pipelines(x, y, rank: int) -> dict:
+    """Every distributed variant's step function, built once."""
     import dualpipe_fx
-    x, y = ex.linear_gelu_batch(WIDTH, BATCH)
     mb = BATCH // MICROBATCHES
-    out: dict = {"times": {}, "profiles": {}}
+    steps, pipes = {}, {}
     for label, compiled in (("dualpipe_fx eager", False), ("dualpipe_fx compiled", True)):
-        model = ex.LinearGeluStack(DEPTH, WIDTH)
-        pipe = dualpipe_fx.compile(model, ex.mse_loss, (x[:mb],), y[:mb], schedule="dualpipev",
-                                   num_microbatches=MICROBATCHES, compile_stages=compiled)
+        pipe = dualpipe_fx.compile(ex.LinearGeluStack(DEPTH, WIDTH), ex.mse_loss, (x[:mb],), y[:mb],
+                                   schedule="dualpipev", num_microbatches=MICROBATCHES,
+                                   compile_stages=compiled)
+        pipes[label] = pipe
 
-        def step():
+        def step(pipe=pipe):
             pipe.zero_grad()
             pipe.step(x, target=y)
-        out["times"][label] = _dist_median(step, warmup + (2 if compiled else 0), steps)
-        out["profiles"][label] = _profile_figures(pipe, x, y)
+        steps[label] = step
     for label in ("torch DualPipeV", "torch ZBV", "torch 1F1B"):
-        model = ex.LinearGeluStack(DEPTH, WIDTH)
-        out["times"][label] = _dist_median(_torch_schedule(label, model, x, y, rank), warmup, steps)
+        steps[label] = _torch_schedule(label, ex.LinearGeluStack(DEPTH, WIDTH), x, y, rank)
+    return steps, pipes
+
+
+def distributed(rank: int, world: int, warmup: int, steps: int) -> dict:
+    """Round-robin timing: each round runs one step of every variant (and, on rank 0 while
+    rank 1 waits, the single-process references), so all of them see the same load."""
+    x, y = ex.linear_gelu_batch(WIDTH, BATCH)
+    variants, pipes = _pipelines(x, y, rank)
+    single = _single_process_steps()
+    for _ in range(warmup):
+        for fn in variants.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in [*variants, *single]}
+    for _ in range(steps):
+        for label, fn in variants.items():
+            dist.barrier()
+            times[label].append(_timed(fn))
+        if rank == 0:
+            for label, fn in single.items():
+                times[label].append(_timed(fn))
+        dist.barrier()
+    gathered = [None] * world
+    dist.all_gather_object(gathered, times)
+    out = {"times": {label: statistics.median(max(g[label][i] for g in gathered) for i in range(steps))
+                     for label in variants},
+           "single": {label: statistics.median(times[label]) for label in single} if rank == 0 else None,
+           "profiles": {label: _profile_figures(pipe, x, y) for label, pipe in pipes.items()}}
     return out
 
 
@@ -181,10 +192,9 @@ def main(argv=None) -> None:
     if args.steps < 5:
         parser.error(f"--steps {args.steps}: take the median of at least 5 steps")
     load = _check_load()
-    single = single_process(args.warmup, args.steps)
     results = run_ranks(distributed, RANKS, (args.warmup, args.steps), timeout=1800)
     dist_out = results[0]
-    figures = report(single, dist_out, load)
+    figures = report(dist_out["single"], dist_out, load)
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2, default=str))
         print(f"wrote {args.json}")
