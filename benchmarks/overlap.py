@@ -20,7 +20,8 @@ multiplexed runs alternating:
    send as soon as its value is ready. Rank 1 times the arrival of both values from a
    common barrier: exposed = arrival - pair time alone; overlap = (C - exposed) / C,
    with C the arrival time of the sends alone.
-3. **No communication**: the dense pair in one process; multiplexed / sequential time.
+3. **No communication**: the dense pair in one process; the ratio is the median over
+   iterations of (F then B) / multiplexed for two runs next to each other.
 
 Prints a ratio table; ``--json FILE`` writes the figures (``overlap_fraction``: the expert
 all_to_all's, ``numerics_equal``: every multiplexed result bitwise equal to F then B).
@@ -142,8 +143,10 @@ class Pair:
         self.n_f = sg[a].forward.num_outputs
         self.info = self.gm.meta["dpfx_multiplex"]
 
-    def sequential(self, f, i, w):
+    def sequential(self, f, i, w, marks=None):
         f_res = f(*self.f_args)
+        if marks is not None:  # when F ended, to split the time between the chunks
+            marks.append(time.perf_counter())
         b_res = i(*self.b_args)
         return tuple(f_res) + tuple(b_res[:self.n_gi]) + tuple(w(*b_res[self.n_gi:]))
 
@@ -168,7 +171,7 @@ def bench_all_to_all(args, rank):
     seq = (_timed_waits(pair.f, log_s), _timed_waits(pair.i, log_s), _timed_waits(pair.w, log_s))
     mx = _timed_waits(pair.gm, log_m)
     rows = {"seq": [], "mx": [], "wait_seq": [], "wait_mx": [], "wait_seq_f": [], "wait_seq_b": [],
-            "cpu_seq": [], "cpu_mx": []}
+            "cpu_seq": [], "cpu_mx": [], "f_seq": []}
     with torch.no_grad():
         equal = _equal(pair.sequential(*seq), mx(*pair.f_args, *pair.b_args))
         for it in range(args.warmup + args.iters):
@@ -176,14 +179,15 @@ def bench_all_to_all(args, rank):
                 log = log_s if kind == "seq" else log_m
                 log.clear()
                 dist.barrier()
-                start, cpu = time.perf_counter(), time.thread_time()
-                pair.sequential(*seq) if kind == "seq" else mx(*pair.f_args, *pair.b_args)
+                start, cpu, marks = time.perf_counter(), time.thread_time(), []
+                pair.sequential(*seq, marks=marks) if kind == "seq" else mx(*pair.f_args, *pair.b_args)
                 elapsed = time.perf_counter() - start
                 if it >= args.warmup:
                     rows[kind].append(elapsed)
                     rows["cpu_" + kind].append(time.thread_time() - cpu)
                     rows["wait_" + kind].append(sum(log))
                     if kind == "seq":  # F's two waits come first, then B's two
+                        rows["f_seq"].append(marks[0] - start)
                         rows["wait_seq_f"].append(sum(log[:2]))
                         rows["wait_seq_b"].append(sum(log[2:]))
     return {k: _median(v) for k, v in rows.items()} | {"numerics_equal": equal}
@@ -250,15 +254,20 @@ def bench_no_comm(args):
     cfg = _config(args)
     sg, params, acts, saved, y = _stages(MoEDecoder(cfg, seed=0), cfg, args.batch, args.seq, 2, seed=2)
     pair = Pair(sg, params, acts, saved, y, 0, 1, (torch.ones(()),))
-    rows = {"seq": [], "mx": []}
+    rows = {"seq": [], "mx": [], "ratio": []}
     with torch.no_grad():
         equal = _equal(pair.sequential(pair.f, pair.i, pair.w), pair.gm(*pair.f_args, *pair.b_args))
-        for it in range(args.warmup + 2 * args.iters):
+        for it in range(args.warmup + 3 * args.iters):
+            took = {}
             for kind in ("seq", "mx") if it % 2 else ("mx", "seq"):
                 start = time.perf_counter()
                 pair.sequential(pair.f, pair.i, pair.w) if kind == "seq" else pair.gm(*pair.f_args, *pair.b_args)
-                if it >= args.warmup:
-                    rows[kind].append(time.perf_counter() - start)
+                took[kind] = time.perf_counter() - start
+            if it >= args.warmup:
+                for kind, t in took.items():
+                    rows[kind].append(t)
+                # Runs next to each other share the machine's load: their ratio cancels its drift.
+                rows["ratio"].append(took["seq"] / took["mx"])
     return {k: _median(v) for k, v in rows.items()} | {"numerics_equal": equal}
 
 
@@ -343,6 +352,8 @@ def summarize(results: list[dict], transport: str) -> dict:
     f_comm = statistics.mean(r["wait_seq_f"] for r in a2a)
     b_comm = statistics.mean(r["wait_seq_b"] for r in a2a)
     compute = seq - comm
+    f_compute = statistics.mean(r["f_seq"] for r in a2a) - f_comm
+    b_compute = compute - f_compute
     return {
         "transport": transport,
         "overlap_fraction": _fraction(comm, exposed),
@@ -350,7 +361,9 @@ def summarize(results: list[dict], transport: str) -> dict:
                               for r in results) and none["numerics_equal"],
         "all_to_all": {"fb_seq_s": seq, "fb_multiplexed_s": mx, "speedup": seq / mx, "comm_s": comm,
                        "exposed_comm_multiplexed_s": exposed, "comm_f_s": f_comm, "comm_b_s": b_comm,
-                       "compute_s": compute, "overlap_fraction": _fraction(comm, exposed),
+                       "compute_s": compute, "compute_f_s": f_compute, "compute_b_s": b_compute,
+                       "comm_le_other_compute": f_comm <= b_compute and b_comm <= f_compute,
+                       "overlap_fraction": _fraction(comm, exposed),
                        "compute_thread_cpu_seq_s": statistics.mean(r["cpu_seq"] for r in a2a),
                        "compute_thread_cpu_multiplexed_s": statistics.mean(r["cpu_mx"] for r in a2a)},
         "pipeline_send": {"pair_alone_s": pipe["alone"], "sends_alone_s": pipe["comm"],
@@ -358,7 +371,7 @@ def summarize(results: list[dict], transport: str) -> dict:
                           "overlap_fraction_seq": _fraction(pipe["comm"], pipe_exposed_seq),
                           "overlap_fraction": _fraction(pipe["comm"], pipe_exposed_mx)},
         "no_comm": {"fb_seq_s": none["seq"], "fb_multiplexed_s": none["mx"],
-                    "speed_ratio": none["seq"] / none["mx"]},
+                    "speed_ratio": none["ratio"]},
         "per_rank": results,
     }
 
@@ -375,6 +388,8 @@ def print_table(s: dict) -> None:
     print(f"{'no communication':<34}{ms(n['fb_seq_s']):>12}{ms(n['fb_multiplexed_s']):>14}{n['speed_ratio']:>7.2f}x{'-':>9}")
     print(f"all_to_all: comm {ms(a['comm_s'])} (F {ms(a['comm_f_s'])}, B {ms(a['comm_b_s'])}), "
           f"compute {ms(a['compute_s'])}, exposed when multiplexed {ms(a['exposed_comm_multiplexed_s'])}")
+    print(f"all_to_all: compute F {ms(a['compute_f_s'])}, B {ms(a['compute_b_s'])}; each chunk's comm <= "
+          f"the other's compute: {a['comm_le_other_compute']}")
     print(f"all_to_all: compute thread CPU time {ms(a['compute_thread_cpu_seq_s'])} (F then B), "
           f"{ms(a['compute_thread_cpu_multiplexed_s'])} (multiplexed): wall time beyond it is CPU share lost to load")
     print(f"pipeline: pair alone {ms(p['pair_alone_s'])}, sends alone {ms(p['sends_alone_s'])} (arrival); "
