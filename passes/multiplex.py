@@ -36,8 +36,12 @@ hiding a collective)::
 Sends: the merged graph owns a submodule ``send_hook``; a node
 ``send_hook(kind, index, value)`` follows each value that leaves the pair (``kind="F"``:
 the forward's i-th output; ``kind="B"``: the backward's i-th grad_input). It does nothing
-until the runtime sets ``gm.send_hook.callback = fn(kind, index, tensor)``, which can then
-start the pipeline send while the rest of the pair still computes.
+until a caller sets ``gm.send_hook.callback = fn(kind, index, tensor)``, which can then
+start the pipeline send while the rest of the pair still computes (``benchmarks/overlap.py``
+does; the runtime still sends after the pair, as torch's SEND_F/SEND_B actions do).
+
+Peak memory: the merged graph holds both chunks' live values at once, as running the two
+chunks concurrently must.
 """
 from __future__ import annotations
 
