@@ -23,9 +23,11 @@ What the trainer gets back:
 **Loss scaling** (torchtitan issues 1733, 2972). torchtitan's loss is a *sum* over tokens
 and a non-pipelined step back-propagates ``sum_mb loss_sum(mb) / global_valid_tokens``.
 Its own PP path back-propagates the raw sums and divides only the logged value, so PP
-gradients come out ``global_valid_tokens`` times larger. dualpipe_fx returns the *mean*
+gradients come out ``global_valid_tokens`` times larger (2972); rescaling *all* gradients
+after every step would turn gradient accumulation into a moving average (1733). dualpipe_fx
+returns the *mean*
 over the ``C`` micro-batches and its gradients are those of that mean, so
-:meth:`DualPipeFxSchedule.step_normalized` multiplies the step's gradient contribution by
+:meth:`DualPipeFxSchedule.step_normalized` multiplies *this step's* gradient contribution by
 ``C / global_valid_tokens`` on every rank (every rank knows ``global_valid_tokens``:
 torchtitan counts it before the step) and returns ``mean * C / global_valid_tokens``:
 the same loss and gradients as the non-pipelined step.
