@@ -158,7 +158,8 @@ class GraphStage(PipelineStageBase):
 
     def get_fwd_send_ops(self, fwd_chunk_id: int) -> list[dist.P2POp]:
         outputs = self._outputs.pop(fwd_chunk_id)
-        return [self._op(dist.isend, t, self.place.next_rank) for t in outputs]
+        # gloo sends only contiguous tensors; a cut can fall on a view (e.g. a transpose)
+        return [self._op(dist.isend, t.contiguous(), self.place.next_rank) for t in outputs]
 
     def get_bwd_recv_ops(self, bwd_chunk_id: int) -> list[dist.P2POp]:
         bufs = tuple(m.empty(self.device) if m.differentiable else None for m in self.output_metas)
