@@ -266,13 +266,23 @@ class StageBackwardInput:
         self.gm, self.num_grad_inputs = gm, num_grad_inputs
         self.grad_slots, self.used, self.grad_vals = tuple(grad_slots), tuple(used), tuple(grad_vals)
 
-    def __call__(self, saved: Sequence[torch.Tensor], grad_outputs: Sequence[Optional[torch.Tensor]]):
+    def grad_args(self, grad_outputs: Sequence[Optional[torch.Tensor]]) -> list[Optional[torch.Tensor]]:
+        """The graph's grad arguments: None where unused, zeros for a missing grad, and
+        contiguous, the layout the graph was traced with (a grad comes from whatever
+        produced it: the next stage's backward, a receive buffer)."""
         grads = []
         for slot, used, val in zip(self.grad_slots, self.used, self.grad_vals):
             g = grad_outputs[slot] if slot < len(grad_outputs) else None
-            if used and g is None:
-                g = torch.zeros(val.shape, dtype=val.dtype, device=val.device)
-            grads.append(g if used else None)
+            if not used:
+                grads.append(None)
+            elif g is None:
+                grads.append(torch.zeros(val.shape, dtype=val.dtype, device=val.device))
+            else:
+                grads.append(g.contiguous())
+        return grads
+
+    def __call__(self, saved: Sequence[torch.Tensor], grad_outputs: Sequence[Optional[torch.Tensor]]):
+        grads = self.grad_args(grad_outputs)
         with torch.no_grad():
             res = self.gm(*saved, *grads)
         return tuple(res[: self.num_grad_inputs]), tuple(res[self.num_grad_inputs:])
@@ -297,7 +307,9 @@ def _trace_joint(stage_gm, params, bufs, inputs, diff_out, out_vals):
     fn = _joint_fn(stage_gm, order, len(params), len(bufs), len(inputs), diff_out)
     mode = _compat.FakeTensorMode()
     example = [_fake_like(mode, n.meta["val"]) for n in order]
-    example += [_fake_like(mode, out_vals[i]) for i in diff_out]
+    # grads are traced dense whatever the output's layout; StageBackwardInput.grad_args agrees
+    example += [_fake_like(mode, out_vals[i].contiguous()) if isinstance(out_vals[i], torch.Tensor)
+                else out_vals[i] for i in diff_out]
     joint = _compat.make_fx(fn, tracing_mode="fake")(*example)
     _split_masked_backwards(joint.graph)
     return joint

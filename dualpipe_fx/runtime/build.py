@@ -41,7 +41,7 @@ class _GraphSchedule(_compat.PipelineScheduleRuntime):
 
 
 def _meta(t: torch.Tensor) -> TensorMeta:
-    return TensorMeta(tuple(t.shape), t.dtype)
+    return TensorMeta(tuple(t.shape), t.dtype, tuple(t.stride()))
 
 
 def trace_metas(parts: Sequence[StageGraphs], params: Sequence[tuple], examples: tuple,

@@ -32,16 +32,8 @@ from passes.stage_graphs import StageGraphs
 
 def _grad_args(backward_input: Any, grad_outputs: Sequence) -> list:
     """The flat grad arguments ``backward_input.gm`` takes (as its own ``__call__`` builds them)."""
-    slots = getattr(backward_input, "grad_slots", None)
-    if slots is None:
-        return list(grad_outputs)
-    grads = []
-    for slot, used, val in zip(slots, backward_input.used, backward_input.grad_vals):
-        g = grad_outputs[slot] if slot < len(grad_outputs) else None
-        if used and g is None:
-            g = torch.zeros(val.shape, dtype=val.dtype, device=val.device)
-        grads.append(g if used else None)
-    return grads
+    grad_args = getattr(backward_input, "grad_args", None)
+    return list(grad_outputs) if grad_args is None else grad_args(grad_outputs)
 
 
 def can_multiplex(fwd: StageGraphs, bwd: StageGraphs) -> bool:

@@ -30,6 +30,7 @@ class TensorMeta:
 
     shape: tuple[int, ...]
     dtype: torch.dtype
+    stride: Optional[tuple[int, ...]] = None  # the layout the stage graphs were traced with
 
     @property
     def differentiable(self) -> bool:
@@ -37,6 +38,14 @@ class TensorMeta:
 
     def empty(self, device: torch.device) -> torch.Tensor:
         return torch.empty(self.shape, dtype=self.dtype, device=device)
+
+    def restride(self, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """``t`` in the traced layout. Received buffers are dense, but a graph traced on a
+        transposed view may ``view`` it in a way that only that layout allows."""
+        if t is None or self.stride is None or t.stride() == self.stride:
+            return t
+        out = torch.empty_strided(self.shape, self.stride, dtype=t.dtype, device=t.device)
+        return out.copy_(t)
 
 
 @dataclass(frozen=True)
@@ -94,7 +103,8 @@ class GraphStage(PipelineStageBase):
 
     def run_forward(self, mb: int, keep_saved: bool = True) -> tuple:
         """Run F for micro-batch ``mb``; returns the outputs (sent on, or the loss...)."""
-        inputs = self._inputs.pop(mb, ()) + tuple(self.external.get(mb, ()))
+        received = tuple(m.restride(t) for m, t in zip(self.input_metas, self._inputs.pop(mb, ())))
+        inputs = received + tuple(self.external.get(mb, ()))
         outputs, saved = self.graphs.forward(self.params, inputs)
         outputs = tuple(outputs)
         if keep_saved:
