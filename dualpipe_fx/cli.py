@@ -149,7 +149,19 @@ def _subcommands() -> list[tuple[str, str, Callable, Callable[[argparse.Namespac
     return [
         ("schedule", "print a schedule's program and compare all schedules in simulation",
          _add_schedule_arguments, _run_schedule),
+        ("run", "train a built-in example pipelined on local gloo ranks, beside single-process training",
+         _add_run_arguments, _run_demo),
     ]
+
+
+def _add_run_arguments(p: argparse.ArgumentParser) -> None:
+    from dualpipe_fx.demo import add_arguments
+    add_arguments(p)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from dualpipe_fx.demo import run
+    return run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
