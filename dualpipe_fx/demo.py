@@ -85,8 +85,8 @@ def _train(rank: int, world: int, args) -> None:
         opt.zero_grad()
         loss = pipe.step(x, target=y)
         opt.step()
-        loss_t = torch.tensor([float("nan") if loss is None else float(loss)])
-        dist.all_reduce(loss_t, op=dist.ReduceOp.MIN)  # nan only where the loss is not held
+        held = torch.tensor([0.0, 0.0] if loss is None else [float(loss), 1.0])
+        dist.all_reduce(held)  # the loss from the rank(s) holding the last stage
         local = {n: p.detach().clone() for n, p in pipe.named_parameters()}
         gathered = [None] * world
         dist.all_gather_object(gathered, local)
@@ -94,8 +94,8 @@ def _train(rank: int, world: int, args) -> None:
             merged = {k: v for part in gathered for k, v in part.items()}
             ref_loss, ref_params = reference[step]
             diff = max((merged[n] - p).abs().max().item() for n, p in ref_params.items() if n in merged)
-            shown = loss if loss is not None else loss_t.item()
-            print(f"{step + 1:>4}  {float(shown):>15.6f}  {ref_loss:>15.6f}  {diff:>16.2e}")
+            shown = held[0].item() / held[1].item()
+            print(f"{step + 1:>4}  {shown:>15.6f}  {ref_loss:>15.6f}  {diff:>16.2e}")
     if args.png:
         prof = pipe.profile(batches[0][0], target=batches[0][1], steps=1)
         if rank == 0:
