@@ -25,6 +25,7 @@ from dualpipe_fx.runtime.pipeline import Pipeline
 from dualpipe_fx.schedules import generate, get_schedule
 from dualpipe_fx.schedules.ir import Program
 from dualpipe_fx.split import split
+from passes.cost_model import scalar_costs
 
 
 def _as_tuple(example_inputs) -> tuple[torch.Tensor, ...]:
@@ -51,10 +52,33 @@ def _part_placement(program: Program) -> dict[int, int]:
     return placement
 
 
+class _RankZeroTimings:
+    """``cost(node)`` from rank 0's measured op times, broadcast to the group.
+
+    Each rank timing its own ops would cut the model differently (and the first send
+    would fail on a size mismatch), so one rank measures and everyone uses its numbers.
+    Called for every node in graph order on every rank, so the broadcast lines up.
+    """
+
+    def __init__(self, group: Optional[dist.ProcessGroup]) -> None:
+        self.group = group
+        self._tables: dict[int, dict[str, float]] = {}
+
+    def __call__(self, node: torch.fx.Node) -> float:
+        gm = node.graph.owning_module
+        if id(gm) not in self._tables:
+            local = scalar_costs(gm, "measured")
+            names = sorted(local)
+            times = torch.tensor([local[n] for n in names], dtype=torch.float64)
+            dist.broadcast(times, group_src=0, group=self.group)
+            self._tables[id(gm)] = dict(zip(names, times.tolist()))
+        return self._tables[id(gm)].get(node.name, 0.0)
+
+
 def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=None, *,
             schedule: str = "dualpipev", num_microbatches: int, group: Optional[dist.ProcessGroup] = None,
             compile_stages: bool = False, timeout: timedelta = timedelta(seconds=300),
-            cost="flops", split_points: Optional[Sequence[str]] = None) -> Pipeline:
+            cost="flops", split_points: Optional[Sequence[str]] = None, overlap: bool = True) -> Pipeline:
     """Pipeline ``model`` over the ranks of ``group`` with ``schedule``.
 
     Args:
@@ -66,7 +90,10 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
         group: the pipeline's process group (default: the world).
         compile_stages: wrap each stage graph in ``torch.compile``.
         timeout: how long a rank waits for a peer before ``PeerTimeoutError``.
-        cost, split_points: how to cut the model (see ``dualpipe_fx.split``).
+        cost, split_points: how to cut the model (see ``dualpipe_fx.split``). With
+            ``cost="measured"`` rank 0's timings are broadcast, so every rank cuts alike.
+        overlap: run each F&B pair as one multiplexed graph (``passes.multiplex``);
+            False runs F then B.
 
     Returns:
         this rank's ``Pipeline``.
@@ -83,7 +110,9 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
     check_world(schedule, world, num_microbatches, get_schedule(schedule))
     _check_devices(model, examples, example_target)
     program = generate(schedule, world, num_microbatches)
+    if isinstance(cost, str) and cost == "measured" and world > 1:
+        cost = _RankZeroTimings(group)
     parts = split(model, loss_fn, examples, example_target, program.num_model_parts, cost=cost,
                   split_points=split_points, placement=_part_placement(program))
     return build_pipeline(model, parts.stages, program, examples, example_target, num_microbatches,
-                          group, timeout, compile_stages)
+                          group, timeout, compile_stages, overlap)

@@ -103,7 +103,7 @@ def _names_by_rank(parts, program) -> dict[int, set[str]]:
 def build_pipeline(model: nn.Module, parts: Sequence[StageGraphs], program: Program, examples: tuple,
                    target: Optional[torch.Tensor], num_microbatches: int,
                    group: Optional[dist.ProcessGroup], timeout: timedelta,
-                   compile_stages: bool = False) -> Pipeline:
+                   compile_stages: bool = False, overlap: bool = True) -> Pipeline:
     """This rank's pipeline (see the module docstring)."""
     rank = dist.get_rank(group)
     device = examples[0].device
@@ -111,7 +111,8 @@ def build_pipeline(model: nn.Module, parts: Sequence[StageGraphs], program: Prog
     metas, output_metas = trace_metas(parts, params, examples, target)
     stages = _make_stages(model, parts, program, rank, metas, group, device, compile_stages)
     executor = Executor(stages, rank, timeout)
-    executor.overlap = OverlapRunner()  # every FB action runs as one multiplexed graph
+    if overlap:
+        executor.overlap = OverlapRunner()  # every FB action runs as one multiplexed graph
     schedules = {}
     for forwards in (False, True):  # training, and forward-only (no_grad) steps
         schedules[forwards] = _GraphSchedule(list(stages.values()), program.num_microbatches,
