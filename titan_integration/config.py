@@ -37,9 +37,8 @@ class DualPipeFx:
     ``gpipe``, ...). ``parallelism.pipeline_parallel_schedule`` is ignored when enabled."""
 
     balance: Literal["flops", "measured"] = "flops"
-    """How stages are balanced: by counted FLOPs, or by times measured on this machine
-    (``measured`` is rejected for now: each rank would time its own ops and could cut
-    the model differently)."""
+    """How stages are balanced: by counted FLOPs, or by op times measured on rank 0 (and
+    broadcast, so every rank cuts the model at the same places)."""
 
     split_points: list[str] = field(default_factory=list)
     """Optional stage boundaries (module FQNs such as ``layers.3``); empty = automatic.
@@ -49,9 +48,8 @@ class DualPipeFx:
     """``torch.compile`` every stage graph (use this instead of ``compile.enable``)."""
 
     overlap: bool = True
-    """Run the schedule's overlapped forward&backward (FB) pairs overlapped. The current
-    ``dualpipe_fx.compile`` always does (it has no ``overlap`` argument), so ``false`` is
-    rejected at validation."""
+    """Run each overlapped forward&backward (FB) pair of the schedule as one multiplexed
+    graph (``passes.multiplex``); ``false`` runs F then B."""
 
 
 @dataclass
@@ -76,29 +74,11 @@ def num_microbatches(job_config) -> int:
     return batch // mb_size
 
 
-# [dualpipe_fx] key -> (dualpipe_fx.compile keyword, value that needs no keyword)
-_COMPILE_KEYWORDS = {"schedule": ("schedule", "dualpipev"), "compile_stages": ("compile_stages", False),
-                     "balance": ("cost", "flops"), "split_points": ("split_points", None),
-                     "overlap": ("overlap", True)}
-
-
-def compile_kwargs(compile_fn, section) -> dict[str, Any]:
-    """Map the ``[dualpipe_fx]`` keys onto ``dualpipe_fx.compile``'s keyword arguments.
-
-    A key whose keyword this ``compile`` lacks is fine at its default (e.g. ``overlap =
-    true``: overlapped FB actions are what the runtime runs); any other value raises.
-    """
-    accepted = inspect.signature(compile_fn).parameters
-    kwargs = {}
-    for key, (keyword, default) in _COMPILE_KEYWORDS.items():
-        value = getattr(section, key)
-        value = (list(value) or None) if key == "split_points" else value
-        if keyword in accepted:
-            kwargs[keyword] = value
-        elif value != default:
-            raise ValueError(f"dualpipe_fx.{key} = {value!r} is not supported by this "
-                             f"dualpipe_fx.compile (no {keyword!r} argument); use {default!r}")
-    return kwargs
+def compile_kwargs(section) -> dict[str, Any]:
+    """The ``[dualpipe_fx]`` keys as ``dualpipe_fx.compile`` keyword arguments."""
+    return {"schedule": section.schedule, "compile_stages": section.compile_stages,
+            "cost": section.balance, "split_points": list(section.split_points) or None,
+            "overlap": section.overlap}
 
 
 def _check_enable(job_config) -> None:
@@ -121,13 +101,6 @@ def _check_schedule(job_config):
     if section.balance not in BALANCE_MODES:
         raise ValueError(f"dualpipe_fx.balance = {section.balance!r} is not one of {BALANCE_MODES}; "
                          f"use \"flops\" (counted) or \"measured\" (timed on this machine)")
-    if section.balance == "measured":
-        # compile() times the ops on every rank separately; timings differ between ranks, so
-        # the ranks can cut the model at different places and the pipeline breaks mid-step.
-        raise ValueError("dualpipe_fx.balance = \"measured\" is not supported across ranks yet "
-                         "(each rank would time its own ops and could cut the model differently); "
-                         "use dualpipe_fx.balance = \"flops\", or pin the cuts with "
-                         "dualpipe_fx.split_points")
     return spec
 
 
@@ -250,8 +223,6 @@ def validate_job_config(job_config) -> None:
     """
     if not job_config.dualpipe_fx.enable:
         return
-    import dualpipe_fx
-
     _check_enable(job_config)
     spec = _check_schedule(job_config)
     program = _check_microbatches(job_config, spec)
@@ -260,4 +231,3 @@ def validate_job_config(job_config) -> None:
     _check_split_points(job_config, spec)
     _check_replicated_params(job_config, spec)
     _check_validation(job_config)
-    compile_kwargs(dualpipe_fx.compile, job_config.dualpipe_fx)

@@ -35,7 +35,6 @@ the same loss and gradients as the non-pipelined step.
 from __future__ import annotations
 
 import contextlib
-import inspect
 from datetime import timedelta
 from typing import Any, Optional
 
@@ -204,9 +203,8 @@ def _compile(model, loss_fn, job_config, device, group, num_mb: int):
     seq_len = job_config.training.seq_len
     tokens = torch.zeros(mb_size, seq_len, dtype=torch.long, device=device)
     labels = torch.zeros(mb_size, seq_len, dtype=torch.long, device=device)
-    kwargs = compile_kwargs(dualpipe_fx.compile, job_config.dualpipe_fx)
-    if "timeout" in inspect.signature(dualpipe_fx.compile).parameters:
-        kwargs["timeout"] = timedelta(seconds=job_config.comm.init_timeout_seconds)
+    kwargs = compile_kwargs(job_config.dualpipe_fx)
+    kwargs["timeout"] = timedelta(seconds=job_config.comm.init_timeout_seconds)
     try:
         return dualpipe_fx.compile(model, loss_fn, (tokens,), labels, num_microbatches=num_mb,
                                    group=group, **kwargs)

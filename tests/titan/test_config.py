@@ -61,7 +61,6 @@ def test_section_is_known_without_custom_config_module(tmp_path):
     (["--compile.enable"], "compile.enable", "dualpipe_fx.compile_stages"),
     (["--validation.enable", "--validation.seq_len", "32"], "validation.seq_len", "= 64"),
     (["--dualpipe_fx.schedule", "dualpipe"], "training.max_norm", "twice"),
-    (["--dualpipe_fx.balance", "measured"], "dualpipe_fx.balance", "split_points"),
 ])
 def test_bad_config_error_names_the_key(extra, key, words):
     with pytest.raises(ValueError) as info:

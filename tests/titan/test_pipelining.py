@@ -130,24 +130,17 @@ def test_step_appends_the_summed_loss_for_the_stock_trainer(world_of_one):
 
 
 def test_section_keys_map_onto_compile_arguments():
+    import inspect
+
     import dualpipe_fx
 
-    cfg = parse_job_config(["--job.config_file", TOML,
+    cfg = parse_job_config(["--job.config_file", TOML, "--dualpipe_fx.balance", "measured",
+                            "--dualpipe_fx.no-overlap",
                             "--dualpipe_fx.split_points", "layers.1,layers.3,layers.5"])
-    cfg.dualpipe_fx.balance = "measured"  # rejected by validation for now, still mapped
-    kwargs = dpfx_config.compile_kwargs(dualpipe_fx.compile, cfg.dualpipe_fx)
-    assert kwargs["schedule"] == "dualpipev" and kwargs["compile_stages"] is False
-    assert kwargs["cost"] == "measured"
-    assert kwargs["split_points"] == ["layers.1", "layers.3", "layers.5"]
-
-    def compile_without_overlap(model, loss_fn, inputs, target=None, *, schedule, num_microbatches):
-        raise AssertionError("not called")
-
-    cfg.dualpipe_fx.balance, cfg.dualpipe_fx.split_points = "flops", []  # defaults need no argument
-    assert "cost" not in dpfx_config.compile_kwargs(compile_without_overlap, cfg.dualpipe_fx)
-    cfg.dualpipe_fx.overlap = False
-    with pytest.raises(ValueError, match="dualpipe_fx.overlap"):
-        dpfx_config.compile_kwargs(compile_without_overlap, cfg.dualpipe_fx)
+    kwargs = dpfx_config.compile_kwargs(cfg.dualpipe_fx)
+    assert kwargs == {"schedule": "dualpipev", "compile_stages": False, "cost": "measured",
+                      "split_points": ["layers.1", "layers.3", "layers.5"], "overlap": False}
+    assert set(kwargs) <= set(inspect.signature(dualpipe_fx.compile).parameters)
 
 
 def test_model_that_does_not_trace_is_named(monkeypatch):
