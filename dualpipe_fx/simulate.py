@@ -57,12 +57,12 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Optional
 
-from dualpipe_fx.schedules.ir import Action, Program
+from dualpipe_fx.schedules.ir import Action, DepKey, Program, dependency_key
 from dualpipe_fx.timeline import TimelineEntry, busy_time
 
 # A dependency key: ("F" | "G" | "W", stage, micro-batch); "G" is the input grad
 # that a B or an I produces (the downstream backward cannot tell them apart).
-_Key = tuple[str, int, int]
+_Key = DepKey
 
 
 class ScheduleDeadlockError(ValueError):
@@ -140,21 +140,6 @@ class SimResult:
         return max(self.peak_activations.values(), default=0)
 
 
-def _key(part: Action) -> _Key:
-    return ("G" if part.kind in ("B", "I") else part.kind, part.stage, part.microbatch)
-
-
-def _part_deps(program: Program, part: Action) -> list[_Key]:
-    s, m = part.stage, part.microbatch
-    if part.kind == "F":
-        prev = program.previous_stage(s)
-        return [] if prev is None else [("F", prev, m)]
-    if part.kind == "W":
-        return [("G", s, m)]
-    nxt = program.next_stage(s)
-    return [("F", s, m)] + ([] if nxt is None else [("G", nxt, m)])
-
-
 def _name(key: _Key, producers: dict[_Key, tuple[int, Action]]) -> str:
     if key in producers:
         return str(producers[key][1])
@@ -179,7 +164,7 @@ def _index(program: Program) -> dict[_Key, tuple[int, Action]]:
                 if placement.setdefault(part.stage, rank) != rank:
                     raise ScheduleDependencyError(f"{part} on rank {rank}: stage {part.stage} already runs on "
                                                   f"rank {placement[part.stage]}; a stage lives on one rank")
-                key = _key(part)
+                key = dependency_key(part)
                 if key in producers:
                     raise ScheduleDependencyError(f"{part} on rank {rank} duplicates {producers[key][1]} on "
                                                   f"rank {producers[key][0]}; each runs exactly once")
@@ -210,8 +195,8 @@ def _dependencies(program: Program, producers: dict[_Key, tuple[int, Action]]) -
     deps: dict[Action, list[_Key]] = {}
     for rank, actions in program.items():
         for action in actions:
-            own = {_key(p) for p in action.parts()}
-            needed = [k for p in action.parts() for k in _part_deps(program, p)]
+            own = {dependency_key(p) for p in action.parts()}
+            needed = [k for p in action.parts() for k in program.dependencies(p)]
             if own & set(needed):
                 raise ScheduleDependencyError(f"overlapped pair {action} on rank {rank}: one part needs the "
                                               f"other's result, so they cannot run at the same time")
@@ -249,7 +234,7 @@ def _run(program: Program, costs: Costs, deps: dict[Action, list[_Key]],
                                             for end, src in (done[k] for k in deps[action])])
                 free[rank] = start + costs.of(action)
                 timeline.append(TimelineEntry(rank, action, start, free[rank]))
-                done.update({_key(p): (free[rank], rank) for p in action.parts()})
+                done.update({dependency_key(p): (free[rank], rank) for p in action.parts()})
                 pos[rank] += 1
                 moved = True
     if any(pos[rank] < len(actions) for rank, actions in program.items()):

@@ -70,6 +70,15 @@ def FB(forward: Action, backward: Action) -> Action:
     return Action("FB", forward=forward, backward=backward)
 
 
+DepKey = tuple[str, int, int]
+
+
+def dependency_key(part: Action) -> DepKey:
+    """What other actions wait on: ``("G", stage, mb)`` for the backward that produces the
+    input gradient (a B or an I, whichever the program runs), else ``(kind, stage, mb)``."""
+    return ("G" if part.kind in ("B", "I") else part.kind, part.stage, part.microbatch)
+
+
 class Program(dict):
     """``dict[rank, list[Action]]`` plus the pipeline topology the actions follow.
 
@@ -136,6 +145,18 @@ class Program(dict):
                 i = chain.index(stage)
                 return chain[i + 1] if i + 1 < len(chain) else None
         raise KeyError(stage)
+
+    def dependencies(self, part: Action) -> list[DepKey]:
+        """The ``dependency_key``s a single action waits for: F its input (the previous
+        stage's F), B/I its own F and its output gradient (the next stage's B/I), W its I."""
+        s, m = part.stage, part.microbatch
+        if part.kind == "F":
+            prev = self.previous_stage(s)
+            return [] if prev is None else [("F", prev, m)]
+        if part.kind == "W":
+            return [("G", s, m)]
+        nxt = self.next_stage(s)
+        return [("F", s, m)] + ([] if nxt is None else [("G", nxt, m)])
 
     def iter_parts(self, rank: int) -> Iterator[Action]:
         """Single actions of ``rank`` in execution order (FB pairs expanded F first)."""

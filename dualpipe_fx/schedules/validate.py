@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from dualpipe_fx.schedules.ir import Action, Program
+from dualpipe_fx.schedules.ir import Action, Program, dependency_key
 
 # A single action's identity: (kind, stage, micro-batch); FB pairs are split first.
 Key = tuple[str, int, int]
@@ -55,51 +55,32 @@ def _check_counts(program: Program) -> None:
                                  "expected one F and either one B or one I with one W")
 
 
-def _deps(program: Program, part: Action) -> list[Key]:
-    """What ``part`` waits for: its input (F), its output gradient and own F (B/I), its I (W)."""
-    s, m = part.stage, part.microbatch
-    if part.kind == "F":
-        prev = program.previous_stage(s)
-        return [] if prev is None else [("F", prev, m)]
-    if part.kind == "W":
-        return [("I", s, m)]
-    nxt = program.next_stage(s)
-    return [("F", s, m)] + ([] if nxt is None else [("B", nxt, m)])
-
-
-def _satisfied(dep: Key, done: set[Key]) -> bool:
-    # A backward dependency is met by the next stage's B or by its I (the I sends the gradient).
-    if dep[0] == "B":
-        return dep in done or ("I", dep[1], dep[2]) in done
-    return dep in done
-
-
 def _check_same_rank_order(program: Program) -> None:
     """Catch a rank that runs an action before one of its own earlier-needed actions."""
     for rank, actions in sorted(program.items()):
-        later = {_key(p) for a in actions for p in a.parts()}
+        later = {dependency_key(p): p for a in actions for p in a.parts()}
         for action in actions:
-            later -= {_key(p) for p in action.parts()}
-            for dep in (d for p in action.parts() for d in _deps(program, p)):
-                alt = ("I", dep[1], dep[2]) if dep[0] == "B" else dep
-                if dep in later or alt in later:
-                    raise ValueError(f"{action} on rank {rank} runs before {alt[0]}{dep[1]}.{dep[2]}, "
+            for part in action.parts():
+                later.pop(dependency_key(part), None)
+            for dep in (d for p in action.parts() for d in program.dependencies(p)):
+                if dep in later:
+                    raise ValueError(f"{action} on rank {rank} runs before {later[dep]}, "
                                      "which it needs and which this rank runs later")
 
 
 def _replay(program: Program) -> None:
     """Run all ranks in order, each action once its dependencies ran; raise on a deadlock."""
     position = {rank: 0 for rank in program}
-    done: set[Key] = set()
+    done: set = set()
     progress = True
     while progress:
         progress = False
         for rank, actions in sorted(program.items()):
             while position[rank] < len(actions):
                 action = actions[position[rank]]
-                inner = {_key(p) for p in action.parts()}
-                deps = [d for p in action.parts() for d in _deps(program, p)]
-                if not all(_satisfied(d, done) for d in deps if d not in inner):
+                inner = {dependency_key(p) for p in action.parts()}
+                deps = [d for p in action.parts() for d in program.dependencies(p)]
+                if not all(d in done for d in deps if d not in inner):
                     break
                 if any(d in inner for d in deps):
                     raise ValueError(f"{action} on rank {rank} overlaps an action with its own dependency")
