@@ -27,6 +27,7 @@ import torch.fx
 from torch.fx import GraphModule, Node
 
 from passes import _compat
+from passes.capture import TraceError
 from passes.stage_graphs import StageGraphs
 
 __all__ = ["split_backward"]
@@ -302,7 +303,29 @@ class StageBackwardWeight:
 # --------------------------------------------------------------------------------------
 
 
+_UNSUPPORTED_HINT = ("Recurrent layers (nn.RNN/nn.GRU/nn.LSTM) are not supported yet; write the "
+                     "recurrence with out-of-place ops (a loop over time steps) or keep it out of the model")
+
+
+# Recurrent ops: on CPU they decompose into cells that write in place (sigmoid_/add_) into
+# values the joint trace saves (grads came out wrong), or into a fused kernel whose
+# workspace a fake-tensor trace cannot record.
+_RNN_OPS = ("gru", "lstm", "rnn_tanh", "rnn_relu", "mkldnn_rnn_layer", "_thnn_fused_lstm_cell",
+            "_thnn_fused_gru_cell", "_cudnn_rnn", "miopen_rnn")
+
+
+def _refuse_unsupported(stage_gm: GraphModule) -> None:
+    """Refuse, never guess: a stage holding a recurrent op."""
+    ops = [n.target for n in stage_gm.graph.nodes
+           if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)]
+    bad = sorted({str(op) for op in ops if op._schema.name.split("::")[-1] in _RNN_OPS})
+    if bad:
+        raise TraceError(f"the stage uses {', '.join(bad)}, which dualpipe_fx cannot split into "
+                         f"input-grad and weight-grad graphs safely. {_UNSUPPORTED_HINT}")
+
+
 def _trace_joint(stage_gm, params, bufs, inputs, diff_out, out_vals):
+    _refuse_unsupported(stage_gm)
     order = params + bufs + inputs
     fn = _joint_fn(stage_gm, order, len(params), len(bufs), len(inputs), diff_out)
     mode = _compat.FakeTensorMode()
@@ -310,7 +333,10 @@ def _trace_joint(stage_gm, params, bufs, inputs, diff_out, out_vals):
     # grads are traced dense whatever the output's layout; StageBackwardInput.grad_args agrees
     example += [_fake_like(mode, out_vals[i].contiguous()) if isinstance(out_vals[i], torch.Tensor)
                 else out_vals[i] for i in diff_out]
-    joint = _compat.make_fx(fn, tracing_mode="fake")(*example)
+    try:
+        joint = _compat.make_fx(fn, tracing_mode="fake")(*example)
+    except RuntimeError as err:
+        raise TraceError(f"the forward+backward of a stage cannot be traced: {err}. {_UNSUPPORTED_HINT}") from err
     _split_masked_backwards(joint.graph)
     return joint
 
