@@ -12,6 +12,7 @@ two halves run mirror images of the same phase loops, indexed by ``h = min(r, N-
 """
 from __future__ import annotations
 
+from dualpipe_fx.schedules.dualpipev import phase_actions
 from dualpipe_fx.schedules.ir import Program, RankBuilder
 from dualpipe_fx.schedules.validate import check_sizes
 
@@ -23,52 +24,11 @@ def _phase_stages(rank: int, num_ranks: int) -> tuple[int, int]:
 
 
 def _rank_actions(rank: int, num_ranks: int, num_microbatches: int) -> RankBuilder:
-    """One rank's DualPipe actions, phase by phase as in the paper's figure."""
-    half_ranks, half_chunks = num_ranks // 2, num_microbatches // 2
-    h = min(rank, num_ranks - 1 - rank)  # distance from the nearer end of the pipeline
-    middle = h == half_ranks - 1
+    """One rank's DualPipe actions: DualPipeV's phase loops on this rank's half of the
+    pipeline (``N/2`` ranks, ``C/2`` micro-batches), ``h`` ranks from its nearer end."""
+    h = min(rank, num_ranks - 1 - rank)
     s0, s1 = _phase_stages(rank, num_ranks)
-    p = RankBuilder()
-    # Step 1: nF0
-    for _ in range((half_ranks - h - 1) * 2):
-        p.f(s0)
-    # Step 2: nF0F1
-    for _ in range(h + 1):
-        p.f(s0)
-        p.f(s1)
-    # Step 3: nB1W1F1 -- zero bubble: the W runs at once, in the slot it fills
-    for _ in range(half_ranks - h - 1):
-        p.b(s1, split=True)
-        p.w()
-        p.f(s1)
-    # Step 4 (main): nF0B1F1B0 -- two overlapped pairs per step
-    for i in range(half_chunks - num_ranks + h + 1):
-        if i == 0 and middle:
-            p.f(s0)  # not overlapped: the middle ranks' first pair would wait on each other
-            p.b(s1)
-        else:
-            p.fb(s0, s1)
-        p.fb(s1, s0)
-    # Step 5: nB1F1B0
-    for _ in range(half_ranks - h - 1):
-        p.b(s1)
-        p.fb(s1, s0)
-    # Step 6: nB1B0 -- the second half of these backwards defer their W
-    split = False
-    for i in range(h + 1):
-        split = split or (i == (h + 1) // 2 and h % 2 == 1)
-        p.b(s1, split=split)
-        split = split or (i == (h + 1) // 2 and h % 2 == 0)
-        p.b(s0, split=split)
-    # Step 7: nWB0 -- each deferred W fills the wait for the next gradient
-    for _ in range(half_ranks - h - 1):
-        p.w()
-        p.b(s0, split=True)
-    # Step 8: nW -- drain the remaining weight gradients
-    for _ in range(h + 1):
-        p.w()
-    assert p.pending_w == 0, (rank, p.pending_w)
-    return p
+    return phase_actions(s0, s1, num_ranks // 2, h, num_microbatches // 2)
 
 
 def check_dualpipe_sizes(num_ranks: int, num_microbatches: int) -> None:

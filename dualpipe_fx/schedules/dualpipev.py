@@ -13,10 +13,14 @@ from dualpipe_fx.schedules.ir import Program, RankBuilder
 from dualpipe_fx.schedules.validate import check_sizes
 
 
-def _rank_actions(rank: int, num_ranks: int, num_microbatches: int) -> RankBuilder:
-    """One rank's DualPipeV actions, phase by phase as in the paper's figure."""
-    n, r = num_ranks, rank
-    s0, s1 = r, 2 * n - 1 - r  # down-the-V stage, up-the-V stage
+def phase_actions(s0: int, s1: int, n: int, r: int, num_microbatches: int) -> RankBuilder:
+    """One rank's actions, phase by phase as in the paper's figure.
+
+    ``s0``/``s1`` are the rank's phase-0 and phase-1 stages, ``r`` its distance from the
+    end where phase 0 enters, ``n`` the ranks of one V and ``num_microbatches`` per V.
+    DualPipeV is one V; bidirectional DualPipe runs these same loops on each half
+    (``n = N/2``, ``C/2`` micro-batches), mirrored.
+    """
     p = RankBuilder()
     # Step 1: nF0 -- fill the pipe on the way down
     for _ in range((n - r - 1) * 2):
@@ -33,7 +37,7 @@ def _rank_actions(rank: int, num_ranks: int, num_microbatches: int) -> RankBuild
     # Step 4 (main): nF0B1F1B0 -- two overlapped pairs per step
     for i in range(num_microbatches - 2 * n + r + 1):
         if i == 0 and r == n - 1:
-            p.f(s0)  # not overlapped: the turn of the V would wait on its own F
+            p.f(s0)  # not overlapped: at the turn of the V (the middle, in DualPipe) the pair would wait on itself
             p.b(s1)
         else:
             p.fb(s0, s1)
@@ -56,8 +60,13 @@ def _rank_actions(rank: int, num_ranks: int, num_microbatches: int) -> RankBuild
     # Step 8: nW -- drain the remaining weight gradients
     for _ in range(r + 1):
         p.w()
-    assert p.pending_w == 0, (rank, p.pending_w)
+    assert p.pending_w == 0, (s0, s1, p.pending_w)
     return p
+
+
+def _rank_actions(rank: int, num_ranks: int, num_microbatches: int) -> RankBuilder:
+    """Rank ``r`` of DualPipeV: stage ``r`` down the V, stage ``2N-1-r`` back up."""
+    return phase_actions(rank, 2 * num_ranks - 1 - rank, num_ranks, rank, num_microbatches)
 
 
 def dualpipev(num_ranks: int, num_microbatches: int) -> Program:
