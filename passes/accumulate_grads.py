@@ -1,0 +1,118 @@
+"""Accumulate grads in place: a graph that returns param grads adds them into given buffers.
+
+Over ``C`` micro-batches each parameter's grad is a sum, and a weight-grad graph that
+returns a fresh ``[out, in]`` tensor per micro-batch costs an allocation (page faults for
+a large one) and a separate ``grad += new`` pass over the weight per micro-batch. This
+pass fuses the sum into the GEMM that makes the grad, as Megatron's gradient-accumulation
+fusion does: ``acc.addmm_(a, b)`` (BLAS ``beta = 1``) instead of ``acc += a @ b``. Any
+other grad is added with ``acc.add_(grad)``; the values are those of ``acc + grad``
+(the GEMM's rounding differs only in where the sum is taken).
+
+**Contract**: ``gm(*args) -> results`` with ``results[i]`` a grad for ``i`` in
+``positions`` becomes ``gm'(*args, *accs) -> results'`` where, for the positions
+holding a tensor (``gm'.meta["dpfx_accumulated"]`` lists them, one ``acc`` each in
+that order), ``acc += results[i]`` in place and ``results'[i] is acc``; every other
+result is unchanged.
+
+**Pseudocode**
+    for each position i whose result v is a node (k-th accumulator acc_k):
+        peel t() users-of-one off v, counting transposes
+        v == mm(a, b) used once: acc_k.addmm_(a, b)  (transposed: addmm_(b.t(), a.t()))
+        else:                    acc_k.add_(v)
+        result i := that in-place node; dead code removed; lint; recompile
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+import torch.fx as fx
+
+_aten = torch.ops.aten
+
+
+def _peel(value: fx.Node) -> tuple[fx.Node, bool]:
+    """``value`` without the 2-D transposes ``t()`` it is made of (each inner value used by
+    that transpose only), and whether an odd number came off."""
+    transposed = False
+    while value.op == "call_function" and value.target is _aten.t.default:
+        inner = value.args[0]
+        if not isinstance(inner, fx.Node) or len(inner.users) != 1:
+            break
+        value, transposed = inner, not transposed
+    return value, transposed
+
+
+def _fused(graph: fx.Graph, acc: fx.Node, value: fx.Node, uses: int) -> fx.Node:
+    """``acc += value`` as one in-place node right where ``value`` was made (so the node
+    order, e.g. a multiplexed schedule, holds); ``uses``: how often ``value`` is used at all."""
+    core, transposed = _peel(value)
+    with graph.inserting_before(value.next):  # keeps the creation order of the new nodes
+        if uses == 1 and core.op == "call_function" and core.target is _aten.mm.default:
+            a, b = core.args
+            if transposed:  # (a @ b)^T = b^T @ a^T
+                a, b = graph.call_function(_aten.t.default, (b,)), graph.call_function(_aten.t.default, (a,))
+            return graph.call_function(_aten.addmm_.default, (acc, a, b))
+        return graph.call_function(_aten.add_.Tensor, (acc, value))
+
+
+def accumulate_grads(gm: fx.GraphModule, positions: Iterable[int]) -> fx.GraphModule:
+    """``gm`` with the results at ``positions`` accumulated into extra trailing inputs.
+
+    Args:
+        gm: a flat graph returning a tuple (e.g. a ``backward_weight`` or a multiplexed
+            F&B graph's ``.gm``); it is not modified.
+        positions: indices into its results that are grads to accumulate.
+
+    Returns:
+        A new GraphModule; ``meta["dpfx_accumulated"]`` is the tuple of positions that
+        take an accumulator (results that are None or constants take none).
+
+    Raises:
+        ValueError: a position outside the results.
+    """
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    out_args = None
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            out_args = node.args[0]
+            break
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    results = list(out_args) if isinstance(out_args, (tuple, list)) else [out_args]
+    positions = tuple(positions)
+    bad = [p for p in positions if not 0 <= p < len(results)]
+    if bad:
+        raise ValueError(f"accumulate_grads: positions {bad} are outside the graph's {len(results)} results; "
+                         f"pass indices in 0..{len(results) - 1}")
+    new_results = [fx.node.map_arg(r, lambda n: env[n]) for r in results]
+    taken = tuple(p for p in positions if isinstance(new_results[p], fx.Node))
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    anchor = placeholders[-1] if placeholders else None
+    accs = []
+    for k in range(len(taken)):  # trailing inputs, after the graph's own
+        with graph.inserting_after(anchor) if anchor is not None else graph.inserting_before(next(iter(graph.nodes))):
+            anchor = graph.placeholder(f"grad_acc_{k}")
+        accs.append(anchor)
+    output = graph.output(tuple(new_results))
+    in_output = {}
+    for r in new_results:
+        if isinstance(r, fx.Node):
+            in_output[r] = in_output.get(r, 0) + 1
+    for acc, pos in zip(accs, taken):
+        value = new_results[pos]
+        uses = len(value.users) - 1 + in_output[value]  # other nodes, plus each output slot
+        new_results[pos] = _fused(graph, acc, value, uses)
+    output.args = (tuple(new_results),)
+    out = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    out.graph.eliminate_dead_code()  # the replaced GEMMs and transposes (needs the owning module)
+    out.graph.lint()
+    out.meta.update(gm.meta)
+    out.meta["dpfx_accumulated"] = taken
+    out.recompile()
+    return out
+
+
+def accumulated_positions(gm: fx.GraphModule) -> Optional[tuple[int, ...]]:
+    """The positions an ``accumulate_grads`` graph takes accumulators for (None for other graphs)."""
+    return gm.meta.get("dpfx_accumulated")

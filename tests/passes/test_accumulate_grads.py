@@ -1,0 +1,145 @@
+"""accumulate_grads: a grad graph that sums into given buffers == the grads added to them.
+
+What it rebuilds: for every stage of every zoo model, ``acc + W(saved)`` (the W graph's
+grads added to the buffers one by one) equals running the accumulating W graph on the
+buffers, which are updated in place and returned as themselves. The Linear weight grads
+become one ``addmm_`` each (no separate GEMM and add); a multiplexed F&B graph keeps
+its other results bitwise; the input graph is untouched.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from passes.accumulate_grads import accumulate_grads, accumulated_positions
+from passes.capture import capture
+from passes.multiplex import multiplex
+from passes.split_backward import split_backward
+from passes.split_stages import split_stages
+from tests.models import zoo
+
+_aten = torch.ops.aten
+
+
+def _stages(case, num_stages=2):
+    part = split_stages(capture(case.model, case.loss_fn, case.inputs, case.target), num_stages)
+    return [split_backward(g, index=i, is_last=i == num_stages - 1) for i, g in enumerate(part.stages)]
+
+
+def _params(model, stage):
+    named = dict(model.named_parameters(remove_duplicate=False))
+    buffers = dict(model.named_buffers(remove_duplicate=False))
+    return [named[n].detach() for n in stage.param_names] + [buffers[n] for n in stage.buffer_names]
+
+
+def _run_backwards(case, sg):
+    """Each stage's saved_for_weight for the case's example micro-batch."""
+    acts, saved, ext = (), [], {f"input:{i}": x for i, x in enumerate(case.inputs)} | {"target": case.target}
+    for s in sg:
+        acts, sv = s.forward(_params(case.model, s), (*acts, *(ext[n] for n in s.external_inputs)))
+        saved.append(sv)
+    grad_out, for_weight = (torch.ones_like(acts[0]),), [None] * len(sg)
+    for s in reversed(sg):
+        grad_out, for_weight[s.index] = s.backward_input(saved[s.index], grad_out)
+    return for_weight
+
+
+def _accumulators(grads, positions, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(grads[p].shape, generator=gen, dtype=grads[p].dtype) for p in positions]
+
+
+@pytest.mark.parametrize("case", zoo(0), ids=lambda c: c.name)
+def test_accumulating_weight_graph_equals_grads_added_to_the_buffers(case):
+    sg = _stages(case)
+    for stage, saved_w in zip(sg, _run_backwards(case, sg)):
+        grads = stage.backward_weight(saved_w)
+        gm = accumulate_grads(stage.backward_weight.gm, range(len(stage.param_names)))
+        positions = accumulated_positions(gm)
+        assert positions == tuple(i for i, g in enumerate(grads) if g is not None)
+        accs = _accumulators(grads, positions)
+        expect = [a + grads[p] for a, p in zip(accs, positions)]
+        with torch.no_grad():
+            out = gm(*saved_w, *accs)
+        for acc, want, p in zip(accs, expect, positions):
+            assert out[p] is acc, "the result must be the buffer itself, summed in place"
+            torch.testing.assert_close(acc, want, rtol=1e-5, atol=1e-6)
+
+
+def test_linear_weight_grads_become_one_addmm_each_and_the_input_is_untouched():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8), nn.GELU())
+    x, y = torch.randn(4, 16), torch.randn(4, 8)
+    (stage,) = [split_backward(g, index=0, is_last=True)
+                for g in split_stages(capture(model, lambda o, t: ((o - t) ** 2).mean(), (x,), y), 1).stages]
+    before = stage.backward_weight.gm.code
+    gm = accumulate_grads(stage.backward_weight.gm, range(len(stage.param_names)))
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    mms_before = sum(n.target is _aten.mm.default for n in stage.backward_weight.gm.graph.nodes)
+    assert targets.count(_aten.addmm_.default) == 2  # the two weights
+    assert targets.count(_aten.add_.Tensor) == 2     # the two biases (a sum, not a GEMM)
+    assert targets.count(_aten.mm.default) == mms_before - 2  # no GEMM left making a fresh grad
+    assert stage.backward_weight.gm.code == before
+
+
+def test_transposed_gemm_result_is_accumulated_with_swapped_operands():
+    class G(torch.nn.Module):
+        def forward(self, a, b):  # a: [k, m], b: [k, n] -> grad [n, m] = (a^T b)^T
+            return (torch.ops.aten.t.default(torch.ops.aten.mm.default(a.t(), b)),)
+
+    gm = torch.fx.symbolic_trace(G())
+    a, b = torch.randn(5, 3), torch.randn(5, 4)
+    acc = torch.randn(4, 3)
+    want = acc + (a.t() @ b).t()
+    out = accumulate_grads(gm, [0])
+    assert any(n.target is _aten.addmm_.default for n in out.graph.nodes)
+    out(a, b, acc)
+    torch.testing.assert_close(acc, want)
+
+
+def test_a_grad_used_twice_is_added_not_fused():
+    class G(torch.nn.Module):
+        def forward(self, a, b):
+            g = torch.ops.aten.mm.default(a, b)
+            return (g, g * 2)
+
+    gm = torch.fx.symbolic_trace(G())
+    a, b, acc = torch.randn(2, 3), torch.randn(3, 4), torch.zeros(2, 4)
+    out = accumulate_grads(gm, [0])
+    assert not any(n.target is _aten.addmm_.default for n in out.graph.nodes)
+    res = out(a, b, acc)
+    torch.testing.assert_close(acc, a @ b)
+    torch.testing.assert_close(res[1], 2 * (a @ b))
+
+
+def test_multiplexed_pair_keeps_every_other_result_bitwise():
+    torch.manual_seed(1)
+    model = nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(12, 12), nn.GELU())])
+    x, y = torch.randn(3, 12), torch.randn(3, 12)
+    loss = lambda o, t: ((o - t) ** 2).mean()  # noqa: E731
+    part = split_stages(capture(model, loss, (x,), y), 2)
+    sg = [split_backward(g, index=i, is_last=i == 1) for i, g in enumerate(part.stages)]
+    named = dict(model.named_parameters())
+    p0, p1 = ([named[n].detach() for n in s.param_names] for s in sg)
+    _, saved1 = sg[1].forward(p1, [sg[0].forward(p0, [x])[0][0], y])
+    gm = multiplex(sg[0].forward, sg[1].backward_input, sg[1].backward_weight)
+    info = gm.meta["dpfx_multiplex"]
+    args = [*p0, x, *saved1, torch.ones(())]
+    plain = gm(*args)
+    at = info.num_forward_results + info.num_grad_inputs
+    acc_gm = accumulate_grads(gm, range(at, at + len(sg[1].param_names)))
+    accs = [torch.zeros_like(plain[p]) for p in accumulated_positions(acc_gm)]
+    out = acc_gm(*args, *accs)
+    for i, (a, b) in enumerate(zip(out, plain)):
+        if i >= at:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        else:
+            assert torch.equal(a, b), f"result {i} changed"
+    assert acc_gm.meta["dpfx_multiplex"] is info
+
+
+def test_a_position_outside_the_results_names_the_range():
+    gm = torch.fx.symbolic_trace(lambda a: (a * 2,))
+    with pytest.raises(ValueError, match=r"positions \[3\].*0\.\.0"):
+        accumulate_grads(gm, [3])
