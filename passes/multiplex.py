@@ -37,8 +37,9 @@ Sends: the merged graph owns a submodule ``send_hook``; a node
 ``send_hook(kind, index, value)`` follows each value that leaves the pair (``kind="F"``:
 the forward's i-th output; ``kind="B"``: the backward's i-th grad_input). It does nothing
 until a caller sets ``gm.send_hook.callback = fn(kind, index, tensor)``, which can then
-start the pipeline send while the rest of the pair still computes (``benchmarks/overlap.py``
-does; the runtime still sends after the pair, as torch's SEND_F/SEND_B actions do).
+start the pipeline send while the rest of the pair still computes (the runtime does, on
+gloo; ``benchmarks/overlap.py`` measures it). The hook is never traced by torch.compile,
+so a compiled merged graph runs as compiled segments between its sends.
 
 Peak memory: the merged graph holds both chunks' live values at once, as running the two
 chunks concurrently must.
@@ -68,6 +69,9 @@ class SendHook(torch.nn.Module):
         super().__init__()
         self.callback: Optional[Callable[[str, int, torch.Tensor], None]] = None
 
+    # Never traced by torch.compile: a compiled merged graph runs in segments between the
+    # hooks, and each hook calls the callback at run time (a send cannot live in a graph).
+    @torch.compiler.disable
     def forward(self, kind: str, index: int, value: torch.Tensor) -> None:
         if self.callback is not None:
             self.callback(kind, index, value)

@@ -89,7 +89,10 @@ def _make_stages(model, parts, program, rank, metas, group, device, compile_stag
         in_metas = metas[program.model_part(place.prev_stage)] if place.prev_stage is not None else ()
         out_metas = metas[k] if place.next_stage is not None else ()
         stages[stage] = GraphStage(compiled[k], place, part_params(model, parts[k]),
-                                   in_metas, out_metas, group, device)
+                                   in_metas, out_metas, group, device, flat_graphs=parts[k])
+        # gloo matches P2P by tag, so a send may start inside an F&B pair; NCCL matches by
+        # order per peer, so there sends keep torch's order (after the pair).
+        stages[stage].early_sends = dist.get_backend(group) == "gloo"
     return stages
 
 
@@ -112,7 +115,7 @@ def build_pipeline(model: nn.Module, parts: Sequence[StageGraphs], program: Prog
     stages = _make_stages(model, parts, program, rank, metas, group, device, compile_stages)
     executor = Executor(stages, rank, timeout)
     if overlap:
-        executor.overlap = OverlapRunner()  # every FB action runs as one multiplexed graph
+        executor.overlap = OverlapRunner(compile_graphs=compile_stages)  # every FB action: one merged graph
     schedules = {}
     for forwards in (False, True):  # training, and forward-only (no_grad) steps
         schedules[forwards] = _GraphSchedule(list(stages.values()), program.num_microbatches,

@@ -7,7 +7,8 @@ under the other chunk's compute; the stages' states (saved values, hand-overs, s
 same for two bare ``StageGraphs``, outside the runtime.
 
 **Pseudocode**
-    gm = cache[(stage a, stage b, B or I)] or multiplex(F_a, I_b, W_b if B)
+    gm = cache[(stage a, stage b, B or I, accumulate)] or multiplex(F_a, I_b, W_b if B)
+         (B with every .grad present: accumulate_grads(gm) sums the param grads in place)
     b stage runs its backward with backward_input := (saved, grads) ->
         a stage runs its forward with forward := (params, inputs) ->
             gm(params, inputs, saved, grads) -> F results now, B results kept
@@ -15,8 +16,11 @@ same for two bare ``StageGraphs``, outside the runtime.
     with W merged, backward_weight := the param grads gm already computed
 
 The nesting reuses each stage's own input gathering and output hand-over, so the pair's
-bookkeeping is the sequential one's. A stage whose graphs have no flat ``.gm`` (e.g.
-compiled ones) falls back to F then B.
+bookkeeping is the sequential one's. The merged graph is built from the stages'
+uncompiled ``flat_graphs`` (and compiled itself when the stages are). While it runs, its
+send hooks hand each stage output and grad_input to the stage, which starts the send at
+once (gloo; see ``GraphStage.send_early``); torch's SEND_F/SEND_B then skip what is sent.
+Only a stage without flat graphs, or a pair on one stage, runs F then B.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from passes.accumulate_grads import accumulate_grads, accumulated_positions
 from passes.multiplex import multiplex
 from passes.stage_graphs import StageGraphs
 
@@ -47,16 +52,19 @@ def build_pair(fwd: StageGraphs, bwd: StageGraphs, full_backward: bool) -> torch
     return multiplex(fwd.forward, bwd.backward_input, bwd.backward_weight if full_backward else None)
 
 
-def run_pair_graph(gm: torch.fx.GraphModule, bwd: StageGraphs, fwd_args: tuple, bwd_args: tuple):
+def run_pair_graph(gm: torch.fx.GraphModule, bwd: StageGraphs, fwd_args: tuple, bwd_args: tuple,
+                   extra: Sequence[torch.Tensor] = (), fn: Optional[Callable] = None):
     """Call a multiplexed graph with the calling conventions' arguments.
 
-    ``fwd_args = (params, inputs)``, ``bwd_args = (saved, grad_outputs)``. Returns
+    ``fwd_args = (params, inputs)``, ``bwd_args = (saved, grad_outputs)``; ``extra``
+    trails them (an ``accumulate_grads`` graph's accumulators); ``fn`` runs instead of
+    ``gm`` (its compiled form). Returns
     ``((outputs, saved), (grad_inputs, saved_for_weight or param_grads))``.
     """
     info = gm.meta["dpfx_multiplex"]
     (params, inputs), (saved, grad_outputs) = fwd_args, bwd_args
     with torch.no_grad():
-        flat = gm(*params, *inputs, *saved, *_grad_args(bwd.backward_input, grad_outputs))
+        flat = (gm if fn is None else fn)(*params, *inputs, *saved, *_grad_args(bwd.backward_input, grad_outputs), *extra)
     f_res, b_res = info.split_results(flat)
     n_out, n_gi = info.num_forward_outputs, info.num_grad_inputs
     return (f_res[:n_out], f_res[n_out:]), (b_res[:n_gi], b_res[n_gi:])
@@ -89,41 +97,94 @@ def _swapped(stage, **graphs):
         stage.graphs = original
 
 
+@dataclasses.dataclass(frozen=True)
+class _Pair:
+    """One F&B pair's multiplexed graph, and what runs it (the graph, or its compiled form)."""
+
+    gm: torch.fx.GraphModule
+    run: Callable
+    grads_at: int  # where the backward's param grads start in the flat results (full B)
+
+
 class OverlapRunner:
-    """``Executor.overlap`` that runs each F&B pair as one multiplexed graph (cached per pair)."""
+    """``Executor.overlap`` that runs each F&B pair as one multiplexed graph (cached per pair).
 
-    def __init__(self) -> None:
-        self._graphs: dict[tuple[int, int, bool], Optional[torch.fx.GraphModule]] = {}
+    ``compile_graphs``: run each merged graph through ``torch.compile`` (the stages are
+    compiled); its ``send_hook`` calls stay eager, so the compiled segments run between
+    them. A full-backward pair whose stage already holds every ``.grad`` runs the
+    ``accumulate_grads`` form of its graph: the weight GEMMs sum into ``.grad`` in place.
+    Each stage output and grad_input is handed to the stage's ``send_early`` the moment
+    the graph makes it; the stage starts the send when its backend allows (gloo).
+    """
 
-    def graph(self, fstage, bstage, full_backward: bool) -> Optional[torch.fx.GraphModule]:
-        key = (fstage.place.stage, bstage.place.stage, full_backward)
+    def __init__(self, compile_graphs: bool = False) -> None:
+        self.compile_graphs = compile_graphs
+        self._graphs: dict[tuple[int, int, bool, bool], Optional[_Pair]] = {}
+
+    def pair(self, fstage, bstage, full_backward: bool, accumulate: bool = False) -> Optional[_Pair]:
+        key = (fstage.place.stage, bstage.place.stage, full_backward, accumulate)
         if key not in self._graphs:
-            ok = can_multiplex(fstage.graphs, bstage.graphs) and fstage is not bstage
-            self._graphs[key] = build_pair(fstage.graphs, bstage.graphs, full_backward) if ok else None
+            self._graphs[key] = self._build(fstage, bstage, full_backward, accumulate)
         return self._graphs[key]
+
+    def _build(self, fstage, bstage, full_backward: bool, accumulate: bool) -> Optional[_Pair]:
+        fwd, bwd = fstage.flat_graphs, bstage.flat_graphs
+        if fstage is bstage or not can_multiplex(fwd, bwd):
+            return None
+        gm = build_pair(fwd, bwd, full_backward)
+        info = gm.meta["dpfx_multiplex"]
+        grads_at = info.num_forward_results + info.num_grad_inputs
+        if accumulate:
+            gm = accumulate_grads(gm, range(grads_at, grads_at + bstage.num_params))
+        run = torch.compile(gm, dynamic=False) if self.compile_graphs else gm
+        return _Pair(gm, run, grads_at)
+
+    def _accumulating(self, fstage, bstage) -> tuple[Optional[_Pair], Sequence[torch.Tensor]]:
+        """The accumulating pair and its accumulators, when ``bstage`` holds every grad."""
+        acc = self.pair(fstage, bstage, True, accumulate=True)
+        if acc is None:
+            return None, ()
+        buffers = bstage.grad_buffers([p - acc.grads_at for p in accumulated_positions(acc.gm)])
+        return (acc, buffers) if buffers is not None else (None, ())
 
     def __call__(self, executor, forward, backward) -> None:
         from dualpipe_fx.runtime.executor import run_pair_sequentially
 
         fstage, bstage = executor.stages[forward.stage], executor.stages[backward.stage]
         full = backward.kind == "B"
-        gm = None if executor.forward_only else self.graph(fstage, bstage, full)
-        if gm is None:
+        pair = None if executor.forward_only else self.pair(fstage, bstage, full)
+        if pair is None:
             run_pair_sequentially(executor, forward, backward)
             return
-        original_bwd = bstage.graphs
+        extra: Sequence[torch.Tensor] = ()
+        if full:
+            acc, extra = self._accumulating(fstage, bstage)
+            pair = acc or pair
+        original_bwd = bstage.flat_graphs
+
+        def on_ready(kind: str, index: int, tensor: torch.Tensor) -> None:
+            if kind == "F":
+                fstage.send_early("F", forward.microbatch, index, tensor)
+            else:
+                bstage.send_early("B", backward.microbatch, index, tensor)
 
         def backward_input(saved, grad_outputs):
             result = {}
 
             def forward_fn(params, inputs):
-                f_res, result["b"] = run_pair_graph(gm, original_bwd, (params, inputs), (saved, grad_outputs))
+                f_res, result["b"] = run_pair_graph(pair.gm, original_bwd, (params, inputs),
+                                                    (saved, grad_outputs), extra, pair.run)
                 return f_res
 
             with _swapped(fstage, forward=forward_fn):
                 executor.forward(forward.stage, forward.microbatch)
             return result["b"]
 
-        weight = (lambda param_grads: tuple(param_grads)) if full else original_bwd.backward_weight
-        with _swapped(bstage, backward_input=backward_input, backward_weight=weight):
-            executor.backward(backward)
+        # full: the param grads came out of the pair (summed into .grad already when accumulating)
+        weight = (lambda param_grads: tuple(param_grads)) if full else bstage.graphs.backward_weight
+        pair.gm.send_hook.callback = on_ready
+        try:
+            with _swapped(bstage, backward_input=backward_input, backward_weight=weight):
+                executor.backward(backward)
+        finally:
+            pair.gm.send_hook.callback = None

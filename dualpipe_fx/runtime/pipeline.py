@@ -143,6 +143,8 @@ class Pipeline:
         try:
             with torch.no_grad():
                 self._schedules[forward_only]._step_microbatches()
+            for stage in self.stages.values():
+                stage.finish_early_sends(self.timeout)
         except PeerTimeoutError:
             raise
         except RuntimeError as err:

@@ -10,6 +10,7 @@ RECV_* actions. Param grads accumulate into the model's own ``nn.Parameter.grad`
                    outputs, saved[mb] = graphs.forward(params, inputs)
     backward_input(mb):  grad_inputs, saved_w[mb] = graphs.backward_input(saved[mb], grad_out[mb])
     backward_weight(mb): param.grad += graphs.backward_weight(saved_w[mb])
+                         (in place, fused into the GEMM, once param.grad exists)
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dualpipe_fx._compat import PipelineStageBase
+from passes.accumulate_grads import accumulate_grads, accumulated_positions
 from passes.stage_graphs import StageGraphs
 
 
@@ -48,6 +50,15 @@ class TensorMeta:
         return out.copy_(t)
 
 
+def pipeline_tag(sender_stage: int, kind: str, index: int) -> int:
+    """The P2P tag of tensor ``index`` that stage ``sender_stage`` sends forward (``"F"``:
+    its outputs) or backward (``"B"``: its grad_inputs). Tag 0 stays free for other traffic."""
+    return 1 + (2 * sender_stage + (kind == "B")) * _TAGS_PER_STREAM + index
+
+
+_TAGS_PER_STREAM = 1 << 12  # tensors per stage boundary; far more than any stage sends
+
+
 @dataclass(frozen=True)
 class StagePlace:
     """Where a stage sits: its neighbours in its chain and the ranks that hold them."""
@@ -72,13 +83,22 @@ class GraphStage(PipelineStageBase):
         input_metas: one ``TensorMeta`` per received input (the previous stage's outputs).
         output_metas: one ``TensorMeta`` per output sent on (empty for a chain's last stage).
         group: the pipeline's process group; device: where tensors live.
+        flat_graphs: the same stage's uncompiled graphs (with flat ``.gm``), when ``graphs``
+            are compiled; the overlapped and accumulating graphs are built from them.
     """
 
     def __init__(self, graphs: StageGraphs, place: StagePlace, params: Sequence[torch.Tensor],
                  input_metas: Sequence[TensorMeta], output_metas: Sequence[TensorMeta],
-                 group: Optional[dist.ProcessGroup], device: torch.device) -> None:
+                 group: Optional[dist.ProcessGroup], device: torch.device,
+                 flat_graphs: Optional[StageGraphs] = None) -> None:
         super().__init__(nn.Module(), place.stage, place.num_stages, device, group)
         self.graphs = graphs
+        self.flat_graphs = graphs if flat_graphs is None else flat_graphs
+        self._own_weight = graphs.backward_weight
+        self._accumulating_weight = None  # built on first use; False when there is no flat graph
+        self.early_sends = False  # send_early starts sends (only where P2P matches by tag: gloo)
+        self._sent_early: set[tuple[str, int, int]] = set()  # (kind, mb, index) already sent
+        self._early_works: list = []
         self.place = place
         self.params = tuple(params)
         self.num_params = len(graphs.param_names)
@@ -127,16 +147,57 @@ class GraphStage(PipelineStageBase):
         return grad_inputs
 
     def run_backward_weight(self, mb: int) -> None:
-        """Run W for ``mb``: accumulate its param grads into the parameters' ``.grad``."""
+        """Run W for ``mb``: accumulate its param grads into the parameters' ``.grad``.
+
+        Once every grad exists (from the step's first W on), the grads are summed in place
+        by the accumulating graph (``passes.accumulate_grads``: ``grad.addmm_(a, b)``, no
+        new buffer, no separate add).
+        """
         saved_w = self._saved_w.pop(mb)
-        grads = self.graphs.backward_weight(saved_w)
-        aliased = {t.data_ptr() for t in saved_w if isinstance(t, torch.Tensor)}
+        own = self.graphs.backward_weight is self._own_weight  # not an overlap runner's stand-in
+        gm = self.accumulating_weight() if own else None
+        accs = self.grad_buffers(accumulated_positions(gm)) if gm is not None else None
+        if accs is not None:
+            with torch.no_grad():
+                grads = gm(*saved_w, *accs)
+        else:
+            grads = self.graphs.backward_weight(saved_w)
+        self.accumulate(grads, saved_w)
+
+    def accumulating_weight(self) -> Optional[torch.fx.GraphModule]:
+        """``backward_weight`` as an ``accumulate_grads`` graph (None without a flat graph)."""
+        if self._accumulating_weight is None:
+            gm = getattr(self.flat_graphs.backward_weight, "gm", None)
+            self._accumulating_weight = (accumulate_grads(gm, range(self.num_params))
+                                         if isinstance(gm, torch.fx.GraphModule) else False)
+        return self._accumulating_weight or None
+
+    def grad_buffers(self, positions) -> Optional[list[torch.Tensor]]:
+        """The ``.grad`` of the parameters at ``positions``, when each can take an in-place sum."""
+        buffers = []
+        for i in positions:
+            param = self.params[i]
+            grad = param.grad
+            if (grad is None or grad.requires_grad or grad.layout != torch.strided or grad.shape != param.shape
+                    or grad.dtype != param.dtype or grad.device != param.device):
+                return None
+            buffers.append(grad)
+        return buffers
+
+    def accumulate(self, grads: Sequence[Optional[torch.Tensor]], saved_w: Sequence) -> None:
+        """``param.grad += grad`` for each param; a grad that *is* ``param.grad`` was summed in place."""
+        keep = {t.untyped_storage().data_ptr() for t in saved_w if isinstance(t, torch.Tensor)}
         for param, grad in zip(self.params[: self.num_params], grads):
-            if grad is None:
+            if grad is None or grad is param.grad:
                 continue
             if param.grad is None:
-                # A grad that shares memory with a saved value is not ours to keep.
-                param.grad = grad.clone() if grad.data_ptr() in aliased else grad.detach()
+                storage = grad.untyped_storage().data_ptr()
+                # Later micro-batches add into this buffer in place: it must be ours alone and
+                # laid out like the parameter (as autograd's AccumulateGrad makes it).
+                if storage in keep or grad.stride() != param.stride():
+                    grad = grad.clone(memory_format=torch.contiguous_format)
+                keep.add(grad.untyped_storage().data_ptr())
+                param.grad = grad.detach()
             else:
                 param.grad.add_(grad)
 
@@ -157,32 +218,63 @@ class GraphStage(PipelineStageBase):
         self._grad_out[mb] = tuple(next(it) if m.differentiable else None for m in self.output_metas)
 
     # -- P2P ops for torch's SEND_*/RECV_* actions ------------------------------------
+    # Each (sending stage, direction, tensor index) is its own tagged stream, so a send
+    # started early (inside an F&B pair) cannot be matched with another stream's receive.
 
-    def _op(self, op, tensor: torch.Tensor, peer: int) -> dist.P2POp:
-        return dist.P2POp(op, tensor, group=self.group, group_peer=peer)
+    def _op(self, op, tensor: torch.Tensor, peer: int, tag: int) -> dist.P2POp:
+        return dist.P2POp(op, tensor, group=self.group, group_peer=peer, tag=tag)
+
+    def send_early(self, kind: str, mb: int, index: int, tensor: torch.Tensor) -> None:
+        """Start sending output (``"F"``) or grad_input (``"B"``) ``index`` of ``mb`` now,
+        while the rest of its F&B pair computes; the SEND_F/SEND_B action then skips it."""
+        peer = self.place.next_rank if kind == "F" else self.place.prev_rank
+        if not self.early_sends or peer is None or peer == self.place.rank:
+            return  # no peer, a same-rank hand-over, or a backend that matches P2P by order
+        if kind == "B" and not self.input_metas[index].differentiable:
+            return
+        work = dist.isend(tensor.contiguous(), group=self.group, group_dst=peer,
+                          tag=pipeline_tag(self.stage_index, kind, index))
+        self._early_works.append(work)
+        self._sent_early.add((kind, mb, index))
+
+    def _unsent(self, kind: str, mb: int, index: int) -> bool:
+        if (kind, mb, index) in self._sent_early:
+            self._sent_early.remove((kind, mb, index))
+            return False
+        return True
+
+    def finish_early_sends(self, timeout) -> None:
+        """Wait for the sends ``send_early`` started (torch waits for its own at step end)."""
+        works, self._early_works = self._early_works, []
+        for work in works:
+            work.wait(timeout)
 
     def get_fwd_recv_ops(self, fwd_chunk_id: int) -> list[dist.P2POp]:
         bufs = tuple(m.empty(self.device) for m in self.input_metas)
         self._inputs[fwd_chunk_id] = bufs
-        return [self._op(dist.irecv, b, self.place.prev_rank) for b in bufs]
+        return [self._op(dist.irecv, b, self.place.prev_rank, pipeline_tag(self.place.prev_stage, "F", i))
+                for i, b in enumerate(bufs)]
 
     def get_fwd_send_ops(self, fwd_chunk_id: int) -> list[dist.P2POp]:
         outputs = self._outputs.pop(fwd_chunk_id)
         # gloo sends only contiguous tensors; a cut can fall on a view (e.g. a transpose)
-        return [self._op(dist.isend, t.contiguous(), self.place.next_rank) for t in outputs]
+        return [self._op(dist.isend, t.contiguous(), self.place.next_rank, pipeline_tag(self.stage_index, "F", i))
+                for i, t in enumerate(outputs) if self._unsent("F", fwd_chunk_id, i)]
 
     def get_bwd_recv_ops(self, bwd_chunk_id: int) -> list[dist.P2POp]:
         bufs = tuple(m.empty(self.device) if m.differentiable else None for m in self.output_metas)
         self._grad_out[bwd_chunk_id] = bufs
-        return [self._op(dist.irecv, b, self.place.next_rank) for b in bufs if b is not None]
+        return [self._op(dist.irecv, b, self.place.next_rank, pipeline_tag(self.place.next_stage, "B", i))
+                for i, b in enumerate(bufs) if b is not None]
 
     def get_bwd_send_ops(self, bwd_chunk_id: int) -> list[dist.P2POp]:
         grads = self._grad_in.pop(bwd_chunk_id)
         ops = []
-        for grad, meta in zip(grads, self.input_metas):
-            if meta.differentiable:
+        for i, (grad, meta) in enumerate(zip(grads, self.input_metas)):
+            if meta.differentiable and self._unsent("B", bwd_chunk_id, i):
                 grad = torch.zeros(meta.shape, dtype=meta.dtype, device=self.device) if grad is None else grad
-                ops.append(self._op(dist.isend, grad.contiguous(), self.place.prev_rank))
+                ops.append(self._op(dist.isend, grad.contiguous(), self.place.prev_rank,
+                                    pipeline_tag(self.stage_index, "B", i)))
         return ops
 
     # -- torch's metadata inference: not needed, metas come from the local trace -----
@@ -201,5 +293,6 @@ class GraphStage(PipelineStageBase):
     def clear_runtime_states(self) -> None:
         """Drop every per-micro-batch value of the last step (after an error, for one)."""
         for store in (self._inputs, self._outputs, self._saved, self._saved_w, self._grad_out,
-                      self._grad_in, self.losses, self.model_outputs, self.external):
+                      self._grad_in, self.losses, self.model_outputs, self.external, self._sent_early):
             store.clear()
+        self._early_works = []

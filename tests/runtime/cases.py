@@ -163,3 +163,30 @@ def dead_or_hung_peer(rank, world, mode, timeout_s):
         return {"error": str(err), "type": type(err).__name__, "peer": err.peer,
                 "seconds": time.monotonic() - start}
     return {"error": None}
+
+
+def fast_paths_step(rank, world, kind, compile_stages, early_sends):
+    """One dualpipev step, counting what the fast paths did: sends started inside F&B
+    pairs, in-place grad sums, and (compiled) merged graphs run through torch.compile."""
+    pipe, x, y = _compile(kind, "dualpipev", 4, compile_stages=compile_stages)
+    counts = {"early_sends": 0, "in_place_sums": 0}
+    for stage in pipe.stages.values():
+        stage.early_sends = early_sends
+        finish, buffers = stage.finish_early_sends, stage.grad_buffers
+
+        def counted_finish(timeout, finish=finish, stage=stage):
+            counts["early_sends"] += len(stage._early_works)
+            finish(timeout)
+
+        def counted_buffers(positions, buffers=buffers):
+            got = buffers(positions)
+            counts["in_place_sums"] += got is not None
+            return got
+        stage.finish_early_sends, stage.grad_buffers = counted_finish, counted_buffers
+    loss = pipe.step(x, target=y)
+    pairs = [p for p in pipe._executor.overlap._graphs.values() if p is not None]
+    counts["pairs"] = len(pairs)
+    counts["compiled_pairs"] = sum(p.run is not p.gm for p in pairs)
+    counts["accumulating_pairs"] = sum("dpfx_accumulated" in p.gm.meta for p in pairs)
+    return {"dualpipev": {"loss": None if loss is None else loss.item(), "grads": _grads(pipe),
+                          "names": [n for n, _ in pipe.named_parameters()]}, "counts": counts}
