@@ -11,7 +11,7 @@ of the same program with the measured per-action costs, for the side-by-side.
     gather every rank's records on rank 0
     costs = median F, B (or I + W), W, F&B from the records
     measured bubble per rank = (makespan - busy) / makespan of the last step
-    simulated = simulate(program, costs)
+    simulated = simulate(program, median cost of each (kind, stage) measured)
 
 Grads accumulate over the profiled steps, as over any steps: ``zero_grad()`` after.
 """
@@ -25,7 +25,7 @@ from typing import Optional
 import torch.distributed as dist
 
 from dualpipe_fx.schedules.ir import Action, Program
-from dualpipe_fx.simulate import Costs, SimResult, simulate
+from dualpipe_fx.simulate import Costs, SimResult, StageCosts, cost_key, simulate
 from dualpipe_fx.timeline import TimelineEntry, busy_time
 
 
@@ -95,6 +95,14 @@ def measured_costs(entries: list[TimelineEntry]) -> Costs:
     return Costs(F=f, B=max(b, w), W=w, FB=fb)
 
 
+def stage_costs(entries: list[TimelineEntry], base: Costs) -> StageCosts:
+    """The median measured time of each (kind, stage): uneven stages simulate as they ran."""
+    groups: dict[tuple, list[float]] = {}
+    for e in entries:
+        groups.setdefault(cost_key(e.action), []).append(e.duration)
+    return StageCosts(base, {k: statistics.median(v) for k, v in groups.items()})
+
+
 def _record_steps(pipe, inputs: tuple, target, steps: int) -> list[tuple[float, list]]:
     out = []
     for _ in range(steps):
@@ -124,7 +132,8 @@ def summarize(program: Program, per_rank: dict[int, list[tuple[float, list]]], b
     return ProfileResult(
         program=program, timeline=timeline, waits=waits, step_times=step_times, makespan=makespan, busy=busy,
         bubble_ratio_per_rank={r: (makespan - b) / makespan if makespan else 0.0 for r, b in busy.items()},
-        samples_per_s=batch / statistics.median(step_times), costs=costs, simulated=simulate(program, costs))
+        samples_per_s=batch / statistics.median(step_times), costs=costs,
+        simulated=simulate(program, stage_costs(every, costs)))
 
 
 def profile_pipeline(pipe, inputs: tuple, target=None, steps: int = 3) -> Optional[ProfileResult]:

@@ -111,6 +111,30 @@ class Costs:
         return {"F": self.F, "B": self.B, "I": self.B - self.W, "W": self.W}[action.kind]
 
 
+def cost_key(action: Action) -> tuple:
+    """Actions that cost alike: one kind on one stage (an F&B pair: on both of its stages)."""
+    if action.kind == "FB":
+        return ("FB", action.forward.stage, action.backward.kind, action.backward.stage)
+    return (action.kind, action.stage)
+
+
+@dataclass(frozen=True)
+class StageCosts:
+    """Costs per (kind, stage) (``cost_key``), e.g. measured: a first stage computes no
+    input grad and a last one the loss, so their actions cost other than the middle ones.
+    An action without an entry costs what ``base`` says; ``comm`` is ``base.comm``."""
+
+    base: Costs
+    by_key: dict
+
+    @property
+    def comm(self) -> float:
+        return self.base.comm
+
+    def of(self, action: Action) -> float:
+        return self.by_key.get(cost_key(action), self.base.of(action))
+
+
 @dataclass(frozen=True)
 class SimResult:
     """What ``simulate`` measured; see the module docstring for how each figure is counted."""
@@ -217,7 +241,7 @@ def _deadlock_message(program: Program, pos: dict[int, int], deps: dict[Action, 
     return "program deadlocks; no rank can move:\n  " + "\n  ".join(lines)
 
 
-def _run(program: Program, costs: Costs, deps: dict[Action, list[_Key]],
+def _run(program: Program, costs: "Costs | StageCosts", deps: dict[Action, list[_Key]],
          producers: dict[_Key, tuple[int, Action]]) -> list[TimelineEntry]:
     """List scheduling in program order; start times do not depend on the visiting order."""
     done: dict[_Key, tuple[float, int]] = {}  # key -> (end time, rank)
@@ -267,12 +291,13 @@ def readme_bubble(schedule: str, num_stages: int, costs: Costs) -> Optional[floa
     return None
 
 
-def simulate(program: Program, costs: Costs) -> SimResult:
+def simulate(program: Program, costs: "Costs | StageCosts") -> SimResult:
     """Simulate ``program`` with ``costs``; see the module docstring for the model.
 
     Args:
         program: per-rank action lists with their chains (``dualpipe_fx.schedules``).
-        costs: the time of each action kind and of one hop between ranks.
+        costs: the time of each action kind and of one hop between ranks (``Costs``),
+            or per (kind, stage) (``StageCosts``).
 
     Returns:
         SimResult with makespan, per-rank busy and idle time, bubble, peak activations
@@ -283,8 +308,8 @@ def simulate(program: Program, costs: Costs) -> SimResult:
         ScheduleDependencyError: duplicated, missing or impossible actions.
         ScheduleDeadlockError: the program waits on itself; names each blocked action.
     """
-    if not isinstance(costs, Costs):
-        raise TypeError(f"costs is a {type(costs).__name__}; pass Costs(F=..., B=..., W=...)")
+    if not isinstance(costs, (Costs, StageCosts)):
+        raise TypeError(f"costs is a {type(costs).__name__}; pass Costs(F=..., B=..., W=...) or StageCosts")
     producers = _index(program)
     _check_complete(program, producers)
     deps = _dependencies(program, producers)
@@ -297,5 +322,5 @@ def simulate(program: Program, costs: Costs) -> SimResult:
         idle={rank: makespan - b for rank, b in busy.items()},
         peak_activations={rank: _peak_activations(actions) for rank, actions in program.items()},
         timeline=timeline,
-        costs=costs,
+        costs=costs.base if isinstance(costs, StageCosts) else costs,
     )

@@ -258,3 +258,19 @@ def test_every_schedule_runs_to_the_end(name, data):
 def test_every_schedule_has_a_documented_bound_that_is_reached(name):
     n, c = max(_valid_sizes(name), key=lambda nc: (nc[0], nc[1]))  # largest N, then C
     assert simulate(generate(name, n, c), Costs(F=1, B=2, W=1)).max_peak_activations == _peak_bound(name, n, c)
+
+
+def test_stage_costs_simulate_each_stage_at_its_own_cost():
+    """A first stage with no input grad to compute (cheap I) leaves its rank idle longer."""
+    from dualpipe_fx.simulate import StageCosts, cost_key
+
+    program = generate("dualpipev", 2, 8)
+    base = Costs(F=1.0, B=2.0, W=1.0)
+    uniform = simulate(program, StageCosts(base, {}))
+    assert uniform.makespan == simulate(program, base).makespan and uniform.costs == base
+    cheap_i = StageCosts(base, {("I", 0): 0.0, ("B", 0): 1.0})
+    sim = simulate(program, cheap_i)
+    assert sim.busy[0] < uniform.busy[0] and sim.busy[1] == uniform.busy[1]
+    fb = next(a for a in program[0] if a.kind == "FB")
+    assert cost_key(fb) == ("FB", fb.forward.stage, fb.backward.kind, fb.backward.stage)
+    assert StageCosts(base, {cost_key(fb): 7.0}).of(fb) == 7.0
