@@ -1,8 +1,10 @@
 """Step time of dualpipe_fx vs torch's own schedules, on the issue's configuration.
 
 2 gloo ranks with 1 thread each, ``LinearGeluStack(depth=8, width=1024)``, batch 512 in 8
-micro-batches. In ONE run it times (median of ``--steps`` rounds after ``--warmup``; each round runs one
-step of every variant in turn, so a load change on a shared machine hits all of them):
+micro-batches. In ONE run it times (median of ``--steps`` rounds after ``--warmup``; each round runs every
+variant in turn, so a load change on a shared machine hits all of them, and times the
+second of two back-to-back steps: training repeats one step, so its buffers are already
+in the allocator, while a step right after another variant's pays for page faults):
 
 - single process, whole batch; single process, the same 8 micro-batches with grad accumulation
   (on rank 0 while rank 1 waits);
@@ -135,10 +137,12 @@ def distributed(rank: int, world: int, warmup: int, steps: int) -> dict:
     times: dict[str, list[float]] = {k: [] for k in [*variants, *single]}
     for _ in range(steps):
         for label, fn in variants.items():
+            fn()  # back to back, as in training: the allocator already holds this step's buffers
             dist.barrier()
             times[label].append(_timed(fn))
         if rank == 0:
             for label, fn in single.items():
+                fn()
                 times[label].append(_timed(fn))
         dist.barrier()
     gathered = [None] * world
