@@ -100,6 +100,8 @@ def _profile_figures(pipe, x, y) -> dict | None:
         "simulated_bubble": prof.simulated_bubble_ratio_per_rank,
         "busy_s": prof.busy,
         "overhead_s": {r: step - prof.busy[r] - sim_idle.get(r, 0.0) for r in prof.busy},
+        "overhead_between_actions_s": prof.overhead,
+        "outside_actions_s": step - prof.makespan,  # step setup, last sends, loss: before/after the actions
         "costs_ms": {k: getattr(prof.costs, k) * 1e3 for k in ("F", "B", "W")} | {"FB": prof.costs.overlapped * 1e3},
         "profiled_step_s": step,
     }
@@ -179,7 +181,10 @@ def report(single: dict, dist_out: dict, load: float) -> dict:
             print(f"\n{label}: measured vs simulated (simulator fed the measured F/I/W costs)")
             print(prof["table"])
             print("overhead (step - busy - simulated idle), ms: "
-                  + ", ".join(f"rank {r}: {v * 1e3:.1f}" for r, v in sorted(prof["overhead_s"].items())))
+                  + ", ".join(f"rank {r}: {v * 1e3:.1f}" for r, v in sorted(prof["overhead_s"].items()))
+                  + f"; of it between actions: "
+                  + ", ".join(f"rank {r}: {v * 1e3:.1f}" for r, v in sorted(prof["overhead_between_actions_s"].items()))
+                  + f"; before/after the actions: {prof['outside_actions_s'] * 1e3:.1f}")
     return {"config": {"ranks": RANKS, "depth": DEPTH, "width": WIDTH, "batch": BATCH,
                        "microbatches": MICROBATCHES, "threads_per_rank": 1},
             "load_per_core": load, "single_process_s": single, "runs": rows,

@@ -9,9 +9,10 @@ of the same program with the measured per-action costs, for the side-by-side.
 **Pseudocode**
     per step: barrier; record each handler's wait and compute interval (seconds from t0)
     gather every rank's records on rank 0
-    costs = median F, B (or I + W), W, F&B from the records
-    measured bubble per rank = (makespan - busy) / makespan of the last step
-    simulated = simulate(program, median cost of each (kind, stage) measured)
+    per rank: busy = compute, overhead = gaps between records, bubble = the rest (waits, edges)
+    cost of each action of the last step = its compute + the gap before it (the runtime's
+    time to start it); simulated = simulate(program, those costs): a replay whose idle
+    time predicts the measured bubble
 
 Grads accumulate over the profiled steps, as over any steps: ``zero_grad()`` after.
 """
@@ -33,10 +34,16 @@ from dualpipe_fx.timeline import TimelineEntry, busy_time
 class ProfileResult:
     """Measured timeline of the last profiled step (seconds), beside the simulator's.
 
-    ``bubble_ratio_per_rank[r]`` is ``(makespan - busy[r]) / makespan`` measured;
-    ``simulated_bubble_ratio_per_rank`` the same from ``simulated``. ``waits`` are the
-    intervals each rank spent waiting for a peer's data before an action (the action is
-    the one that waited). ``step_times`` are the wall times of every profiled step.
+    Each rank's makespan splits three ways, ``busy + overhead + bubble``:
+    - ``busy[r]``: computing (the actions' graphs);
+    - ``overhead[r]``: the runtime's own time between the rank's actions (posting sends
+      and receives, bookkeeping), neither compute nor waiting;
+    - ``bubble``: waiting for a peer's data (``waits``), and idle before the rank's first
+      or after its last action while other ranks still work.
+    ``bubble_ratio_per_rank[r]`` is ``bubble / makespan``. The simulator replays the
+    same step with each action costing what it measured, including the runtime's time
+    to start it, so ``simulated_bubble_ratio_per_rank`` is the waiting the schedule
+    itself causes; a measured bubble above it is time lost to transfers or stalls. ``step_times`` are the wall times of every profiled step.
     """
 
     program: Program
@@ -45,6 +52,7 @@ class ProfileResult:
     step_times: list[float]
     makespan: float
     busy: dict[int, float]
+    overhead: dict[int, float]
     bubble_ratio_per_rank: dict[int, float]
     samples_per_s: float
     costs: Costs
@@ -53,11 +61,12 @@ class ProfileResult:
 
     @property
     def idle(self) -> dict[int, float]:
+        """Time each rank does not compute: its overhead plus its bubble."""
         return {r: self.makespan - b for r, b in self.busy.items()}
 
     @property
     def bubble(self) -> float:
-        return max(self.idle.values(), default=0.0)
+        return max(self.bubble_ratio_per_rank.values(), default=0.0) * self.makespan
 
     @property
     def simulated_bubble_ratio_per_rank(self) -> dict[int, float]:
@@ -65,16 +74,17 @@ class ProfileResult:
         return {r: (span - b) / span if span else 0.0 for r, b in self.simulated.busy.items()}
 
     def table(self) -> str:
-        """Per rank: measured busy, bubble ratio, waits; simulated bubble ratio."""
+        """Per rank: busy, overhead and waits (ms), measured and simulated bubble ratio."""
         sim = self.simulated_bubble_ratio_per_rank
         waited = {r: sum(w.duration for w in self.waits if w.rank == r) for r in self.busy}
-        lines = [f"makespan {self.makespan * 1e3:.1f} ms, {self.samples_per_s:.1f} samples/s; costs (ms) "
-                 f"F {self.costs.F * 1e3:.2f} B {self.costs.B * 1e3:.2f} W {self.costs.W * 1e3:.2f} "
-                 f"F&B {self.costs.overlapped * 1e3:.2f}",
-                 "rank  busy ms  waits ms  bubble  simulated bubble"]
+        lines = [f"makespan {self.makespan * 1e3:.1f} ms (simulated {self.simulated.makespan * 1e3:.1f}), "
+                 f"{self.samples_per_s:.1f} samples/s; costs (ms) F {self.costs.F * 1e3:.2f} "
+                 f"B {self.costs.B * 1e3:.2f} W {self.costs.W * 1e3:.2f} F&B {self.costs.overlapped * 1e3:.2f}",
+                 "rank  busy ms  overhead ms  waits ms  bubble  simulated bubble"]
         for r in sorted(self.busy):
-            lines.append(f"{r:>4}  {self.busy[r] * 1e3:7.1f}  {waited[r] * 1e3:8.1f}  "
-                         f"{self.bubble_ratio_per_rank[r]:6.3f}  {sim.get(r, float('nan')):16.3f}")
+            lines.append(f"{r:>4}  {self.busy[r] * 1e3:7.1f}  {self.overhead[r] * 1e3:11.1f}  "
+                         f"{waited[r] * 1e3:8.1f}  {self.bubble_ratio_per_rank[r]:6.3f}  "
+                         f"{sim.get(r, float('nan')):16.3f}")
         return "\n".join(lines)
 
 
@@ -95,12 +105,14 @@ def measured_costs(entries: list[TimelineEntry]) -> Costs:
     return Costs(F=f, B=max(b, w), W=w, FB=fb)
 
 
-def stage_costs(entries: list[TimelineEntry], base: Costs) -> StageCosts:
-    """The median measured time of each (kind, stage): uneven stages simulate as they ran."""
+def stage_costs(entries: list[TimelineEntry], base: Costs, replay: list[TimelineEntry] = ()) -> StageCosts:
+    """The median measured time of each (kind, stage), so uneven stages simulate as they
+    ran; each action of ``replay`` (one step) costs exactly its own measured time."""
     groups: dict[tuple, list[float]] = {}
     for e in entries:
         groups.setdefault(cost_key(e.action), []).append(e.duration)
-    return StageCosts(base, {k: statistics.median(v) for k, v in groups.items()})
+    return StageCosts(base, {k: statistics.median(v) for k, v in groups.items()},
+                      {e.action: e.duration for e in replay})
 
 
 def _record_steps(pipe, inputs: tuple, target, steps: int) -> list[tuple[float, list]]:
@@ -117,23 +129,48 @@ def _record_steps(pipe, inputs: tuple, target, steps: int) -> list[tuple[float, 
     return out
 
 
-def summarize(program: Program, per_rank: dict[int, list[tuple[float, list]]], batch: int) -> ProfileResult:
+def _split_rank(records: list) -> tuple[float, dict[Action, float]]:
+    """A rank's overhead (gaps between the step's start and its records, and between its
+    records) and the gap before each compute action."""
+    overhead, pending, dispatch, prev_end = 0.0, 0.0, {}, 0.0
+    for action, start, end, peer in sorted(records, key=lambda r: (r[1], r[2])):
+        gap = max(0.0, start - prev_end)
+        overhead += gap
+        pending += gap
+        if peer is None:
+            dispatch[action], pending = pending, 0.0
+        prev_end = max(prev_end, end)
+    return overhead, dispatch
+
+
+def summarize(program: Program, per_rank: dict[int, list[tuple[float, list]]], batch: int,
+              early_results: bool = False) -> ProfileResult:
     """Build the ``ProfileResult`` from every rank's recorded steps (rank -> steps)."""
     last = {r: steps[-1][1] for r, steps in per_rank.items()}
     timeline = [TimelineEntry(r, a, s, e) for r, recs in last.items() for a, s, e, peer in recs if peer is None]
     waits = [TimelineEntry(r, a, s, e) for r, recs in last.items() for a, s, e, peer in recs if peer is not None]
-    every = [TimelineEntry(r, a, s, e) for r, steps in per_rank.items() for _, recs in steps
-             for a, s, e, peer in recs if peer is None]
-    start = min((e.start for e in timeline), default=0.0)
-    makespan = max((e.end for e in timeline), default=0.0) - start
+    makespan = max((e.end for e in timeline), default=0.0)  # from the step's start (after a barrier)
     busy = {r: 0.0 for r in per_rank} | busy_time(timeline)
+    overhead = {r: _split_rank(recs)[0] for r, recs in last.items()}
+    # cost of an action = its compute + the runtime's time to start it (gaps before it)
+    every, compute_only, replay = [], [], []
+    for r, steps in per_rank.items():
+        for i, (_, recs) in enumerate(steps):
+            dispatch = _split_rank(recs)[1]
+            for a, s, e, peer in recs:
+                if peer is None:
+                    every.append(TimelineEntry(r, a, s - dispatch.get(a, 0.0), e))
+                    compute_only.append(TimelineEntry(r, a, s, e))
+                    if i == len(steps) - 1:
+                        replay.append(every[-1])
     step_times = [max(steps[i][0] for steps in per_rank.values()) for i in range(len(next(iter(per_rank.values()))))]
-    costs = measured_costs(every)
+    costs = measured_costs(compute_only)
+    bubble = {r: max(0.0, makespan - busy[r] - overhead.get(r, 0.0)) for r in busy}
     return ProfileResult(
         program=program, timeline=timeline, waits=waits, step_times=step_times, makespan=makespan, busy=busy,
-        bubble_ratio_per_rank={r: (makespan - b) / makespan if makespan else 0.0 for r, b in busy.items()},
+        overhead=overhead, bubble_ratio_per_rank={r: b / makespan if makespan else 0.0 for r, b in bubble.items()},
         samples_per_s=batch / statistics.median(step_times), costs=costs,
-        simulated=simulate(program, stage_costs(every, costs)))
+        simulated=simulate(program, stage_costs(every, measured_costs(every), replay), early_results=early_results))
 
 
 def profile_pipeline(pipe, inputs: tuple, target=None, steps: int = 3) -> Optional[ProfileResult]:
@@ -147,4 +184,5 @@ def profile_pipeline(pipe, inputs: tuple, target=None, steps: int = 3) -> Option
     if pipe.rank != 0:
         return None
     batch = pipe.num_microbatches * pipe.examples[0].shape[0]
-    return summarize(pipe.program, dict(gathered), batch)
+    early = any(s.early_sends for s in pipe.stages.values())  # F&B pairs send from inside
+    return summarize(pipe.program, dict(gathered), batch, early_results=early)

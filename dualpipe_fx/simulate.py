@@ -20,7 +20,8 @@ costs ``FB - W``. ``comm`` is the latency of every hop between two ranks.
 Dependencies: ``F(s,m)`` needs ``F(prev(s),m)``; ``B/I(s,m)`` needs ``F(s,m)`` and
 ``B/I(next(s),m)`` (a chain's last stage needs only its own ``F``: the loss);
 ``W(s,m)`` needs ``I(s,m)``. An overlapped pair starts when both parts' dependencies
-are done and publishes both results at its end.
+are done and publishes both results at its end (``early_results=True``: each as soon as
+it is made, as the runtime's sends from inside the pair on gloo).
 
 How the figures are counted:
 
@@ -54,7 +55,7 @@ min(2C, 2(N-1) + C // max(1, C // N) + 1) (torch's warm-up count, plus one).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 from dualpipe_fx.schedules.ir import Action, DepKey, Program, dependency_key
@@ -120,18 +121,22 @@ def cost_key(action: Action) -> tuple:
 
 @dataclass(frozen=True)
 class StageCosts:
-    """Costs per (kind, stage) (``cost_key``), e.g. measured: a first stage computes no
-    input grad and a last one the loss, so their actions cost other than the middle ones.
-    An action without an entry costs what ``base`` says; ``comm`` is ``base.comm``."""
+    """Costs per action, else per (kind, stage) (``cost_key``), else ``base``; e.g.
+    measured ones: a first stage computes no input grad and a last one the loss, so their
+    actions cost other than the middle ones, and a replay of one measured step gives every
+    action its own time. ``comm`` is ``base.comm``."""
 
     base: Costs
     by_key: dict
+    by_action: dict = field(default_factory=dict)
 
     @property
     def comm(self) -> float:
         return self.base.comm
 
     def of(self, action: Action) -> float:
+        if action in self.by_action:
+            return self.by_action[action]
         return self.by_key.get(cost_key(action), self.base.of(action))
 
 
@@ -241,8 +246,26 @@ def _deadlock_message(program: Program, pos: dict[int, int], deps: dict[Action, 
     return "program deadlocks; no rank can move:\n  " + "\n  ".join(lines)
 
 
+def _published(action: Action, start: float, end: float, costs: "Costs | StageCosts",
+               early_results: bool) -> dict[_Key, float]:
+    """When each part's result is available to other actions.
+
+    By default at the action's end. With ``early_results`` an F&B pair hands over its
+    two results as it makes them, the shorter half first (as the multiplexed graph's
+    sends go out): the forward output after F, the input grad after the backward's I part.
+    """
+    if not early_results or action.kind != "FB":
+        return {dependency_key(p): end for p in action.parts()}
+    fwd, bwd = action.forward, action.backward
+    halves = sorted([(costs.of(fwd), fwd), (costs.of(Action("I", bwd.stage, bwd.microbatch)), bwd)],
+                    key=lambda h: h[0])
+    first = min(end, start + halves[0][0])
+    second = min(end, first + halves[1][0])
+    return {dependency_key(halves[0][1]): first, dependency_key(halves[1][1]): second}
+
+
 def _run(program: Program, costs: "Costs | StageCosts", deps: dict[Action, list[_Key]],
-         producers: dict[_Key, tuple[int, Action]]) -> list[TimelineEntry]:
+         producers: dict[_Key, tuple[int, Action]], early_results: bool = False) -> list[TimelineEntry]:
     """List scheduling in program order; start times do not depend on the visiting order."""
     done: dict[_Key, tuple[float, int]] = {}  # key -> (end time, rank)
     pos = {rank: 0 for rank in program}
@@ -258,7 +281,8 @@ def _run(program: Program, costs: "Costs | StageCosts", deps: dict[Action, list[
                                             for end, src in (done[k] for k in deps[action])])
                 free[rank] = start + costs.of(action)
                 timeline.append(TimelineEntry(rank, action, start, free[rank]))
-                done.update({dependency_key(p): (free[rank], rank) for p in action.parts()})
+                done.update({k: (t, rank) for k, t in
+                             _published(action, start, free[rank], costs, early_results).items()})
                 pos[rank] += 1
                 moved = True
     if any(pos[rank] < len(actions) for rank, actions in program.items()):
@@ -291,13 +315,15 @@ def readme_bubble(schedule: str, num_stages: int, costs: Costs) -> Optional[floa
     return None
 
 
-def simulate(program: Program, costs: "Costs | StageCosts") -> SimResult:
+def simulate(program: Program, costs: "Costs | StageCosts", *, early_results: bool = False) -> SimResult:
     """Simulate ``program`` with ``costs``; see the module docstring for the model.
 
     Args:
         program: per-rank action lists with their chains (``dualpipe_fx.schedules``).
         costs: the time of each action kind and of one hop between ranks (``Costs``),
             or per (kind, stage) (``StageCosts``).
+        early_results: an F&B pair publishes its forward output and its input grad as it
+            makes them (the runtime's early sends on gloo), not both at its end.
 
     Returns:
         SimResult with makespan, per-rank busy and idle time, bubble, peak activations
@@ -313,7 +339,7 @@ def simulate(program: Program, costs: "Costs | StageCosts") -> SimResult:
     producers = _index(program)
     _check_complete(program, producers)
     deps = _dependencies(program, producers)
-    timeline = _run(program, costs, deps, producers)
+    timeline = _run(program, costs, deps, producers, early_results)
     makespan = max((e.end for e in timeline), default=0.0)
     busy = {rank: 0.0 for rank in program} | busy_time(timeline)
     return SimResult(

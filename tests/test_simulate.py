@@ -274,3 +274,20 @@ def test_stage_costs_simulate_each_stage_at_its_own_cost():
     fb = next(a for a in program[0] if a.kind == "FB")
     assert cost_key(fb) == ("FB", fb.forward.stage, fb.backward.kind, fb.backward.stage)
     assert StageCosts(base, {cost_key(fb): 7.0}).of(fb) == 7.0
+
+
+def test_early_results_publish_each_half_of_a_pair_when_it_is_made():
+    program = generate("dualpipev", 2, 8)
+    costs = Costs(F=1.0, B=2.0, W=1.0, FB=3.0)
+    late, early = simulate(program, costs), simulate(program, costs, early_results=True)
+    assert early.makespan < late.makespan
+    assert sum(early.busy.values()) == sum(late.busy.values())
+    late_start = {str(e.action): e.start for e in late.timeline}
+    assert any(e.start < late_start[str(e.action)] for e in early.timeline)
+    # no consumer of a pair's forward output starts before the pair has made it
+    for pair in (e for e in early.timeline if e.action.kind == "FB"):
+        fwd = pair.action.forward
+        for e in early.timeline:
+            if any(p.kind == "F" and p.stage == fwd.stage + 1 and p.microbatch == fwd.microbatch
+                   for p in e.action.parts()):
+                assert e.start >= pair.start + costs.F
