@@ -43,7 +43,20 @@ def _peel(value: fx.Node) -> tuple[fx.Node, bool]:
     return value, transposed
 
 
-def _fused(graph: fx.Graph, acc: fx.Node, value: fx.Node, uses: int) -> fx.Node:
+@torch.compiler.disable
+def addmm_into(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``acc += a @ b`` in place, run as is even inside torch.compile (which would
+    otherwise turn the input mutation into a GEMM to a new buffer plus a copy)."""
+    return acc.addmm_(a, b)
+
+
+@torch.compiler.disable
+def add_into(acc: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``acc += value`` in place, run as is even inside torch.compile."""
+    return acc.add_(value)
+
+
+def _fused(graph: fx.Graph, acc: fx.Node, value: fx.Node, uses: int, opaque: bool) -> fx.Node:
     """``acc += value`` as one in-place node right where ``value`` was made (so the node
     order, e.g. a multiplexed schedule, holds); ``uses``: how often ``value`` is used at all."""
     core, transposed = _peel(value)
@@ -52,17 +65,19 @@ def _fused(graph: fx.Graph, acc: fx.Node, value: fx.Node, uses: int) -> fx.Node:
             a, b = core.args
             if transposed:  # (a @ b)^T = b^T @ a^T
                 a, b = graph.call_function(_aten.t.default, (b,)), graph.call_function(_aten.t.default, (a,))
-            return graph.call_function(_aten.addmm_.default, (acc, a, b))
-        return graph.call_function(_aten.add_.Tensor, (acc, value))
+            return graph.call_function(addmm_into if opaque else _aten.addmm_.default, (acc, a, b))
+        return graph.call_function(add_into if opaque else _aten.add_.Tensor, (acc, value))
 
 
-def accumulate_grads(gm: fx.GraphModule, positions: Iterable[int]) -> fx.GraphModule:
+def accumulate_grads(gm: fx.GraphModule, positions: Iterable[int], *, opaque: bool = False) -> fx.GraphModule:
     """``gm`` with the results at ``positions`` accumulated into extra trailing inputs.
 
     Args:
         gm: a flat graph returning a tuple (e.g. a ``backward_weight`` or a multiplexed
             F&B graph's ``.gm``); it is not modified.
         positions: indices into its results that are grads to accumulate.
+        opaque: emit the in-place sums as ``addmm_into``/``add_into`` calls that
+            torch.compile leaves alone (for a graph that will be compiled).
 
     Returns:
         A new GraphModule; ``meta["dpfx_accumulated"]`` is the tuple of positions that
@@ -102,7 +117,7 @@ def accumulate_grads(gm: fx.GraphModule, positions: Iterable[int]) -> fx.GraphMo
     for acc, pos in zip(accs, taken):
         value = new_results[pos]
         uses = len(value.users) - 1 + in_output[value]  # other nodes, plus each output slot
-        new_results[pos] = _fused(graph, acc, value, uses)
+        new_results[pos] = _fused(graph, acc, value, uses, opaque)
     output.args = (tuple(new_results),)
     out = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
     out.graph.eliminate_dead_code()  # the replaced GEMMs and transposes (needs the owning module)

@@ -143,3 +143,20 @@ def test_a_position_outside_the_results_names_the_range():
     gm = torch.fx.symbolic_trace(lambda a: (a * 2,))
     with pytest.raises(ValueError, match=r"positions \[3\].*0\.\.0"):
         accumulate_grads(gm, [3])
+
+
+def test_opaque_sums_stay_in_place_under_torch_compile():
+    """Compiled, an in-place sum on an input would become a GEMM into a new buffer and a
+    copy; the opaque form runs the addmm_ itself, so the buffer is the same object."""
+    class G(torch.nn.Module):
+        def forward(self, a, b):
+            return (torch.ops.aten.mm.default(torch.ops.aten.gelu.default(a), b),)
+
+    gm = torch.fx.symbolic_trace(G())
+    out = accumulate_grads(gm, [0], opaque=True)
+    a, b, acc = torch.randn(4, 3), torch.randn(3, 5), torch.randn(4, 5)
+    want = acc + torch.nn.functional.gelu(a) @ b
+    compiled = torch.compile(out, dynamic=False)
+    (res,) = compiled(a, b, acc)
+    assert res is acc
+    torch.testing.assert_close(acc, want)
