@@ -11,13 +11,14 @@ of the same program with the measured per-action costs, for the side-by-side.
     gather every rank's records on rank 0
     per rank: busy = compute, overhead = gaps between records, bubble = the rest (waits, edges)
     cost of each action of the last step = its compute + the gap before it (the runtime's
-    time to start it); simulated = simulate(program, those costs): a replay whose idle
-    time predicts the measured bubble
+    time to start it); comm = median (end of a blocked wait - when its data left the peer)
+    simulated = simulate(program, those costs): a replay whose idle predicts the bubble
 
 Grads accumulate over the profiled steps, as over any steps: ``zero_grad()`` after.
 """
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from dataclasses import dataclass
@@ -79,7 +80,8 @@ class ProfileResult:
         waited = {r: sum(w.duration for w in self.waits if w.rank == r) for r in self.busy}
         lines = [f"makespan {self.makespan * 1e3:.1f} ms (simulated {self.simulated.makespan * 1e3:.1f}), "
                  f"{self.samples_per_s:.1f} samples/s; costs (ms) F {self.costs.F * 1e3:.2f} "
-                 f"B {self.costs.B * 1e3:.2f} W {self.costs.W * 1e3:.2f} F&B {self.costs.overlapped * 1e3:.2f}",
+                 f"B {self.costs.B * 1e3:.2f} W {self.costs.W * 1e3:.2f} F&B {self.costs.overlapped * 1e3:.2f} "
+                 f"transfer {self.costs.comm * 1e3:.2f}",
                  "rank  busy ms  overhead ms  waits ms  bubble  simulated bubble"]
         for r in sorted(self.busy):
             lines.append(f"{r:>4}  {self.busy[r] * 1e3:7.1f}  {self.overhead[r] * 1e3:11.1f}  "
@@ -115,18 +117,53 @@ def stage_costs(entries: list[TimelineEntry], base: Costs, replay: list[Timeline
                       {e.action: e.duration for e in replay})
 
 
-def _record_steps(pipe, inputs: tuple, target, steps: int) -> list[tuple[float, list]]:
+def _record_steps(pipe, inputs: tuple, target, steps: int) -> list[tuple[float, list, list]]:
+    """Per step: (wall, [(action, start, end, peer waited for or None)], [(stage, "F"|"B",
+    mb, time)] of the sends started inside F&B pairs), in seconds from the step's start."""
     out = []
     for _ in range(steps):
         dist.barrier(group=pipe.group)
         pipe._executor.records = []
+        for stage in pipe.stages.values():
+            stage.send_log = []
         t0 = time.perf_counter()
         pipe.step(*inputs, target=target)
         wall = time.perf_counter() - t0
+        sends = [(st, kind, mb, t - t0) for stage in pipe.stages.values() for st, kind, mb, t in stage.send_log]
         out.append((wall, [(r.action, r.start - t0, r.end - t0, r.wait_for)
-                           for r in pipe._executor.records]))
+                           for r in pipe._executor.records], sends))
     pipe._executor.records = None
+    for stage in pipe.stages.values():
+        stage.send_log = None
     return out
+
+
+def _published(recs: list, sends: list) -> dict[tuple[str, int, int], float]:
+    """When each (kind, stage, mb) result left a rank: its early send, else its action's end."""
+    out = {}
+    for action, _, end, peer in recs:
+        if peer is None:
+            for part in action.parts():
+                out[("F" if part.kind == "F" else "B", part.stage, part.microbatch)] = end
+    out.update({(kind, stage, mb): t for stage, kind, mb, t in sends})
+    return out
+
+
+def transfer_latency(program: Program, per_rank: dict[int, list]) -> float:
+    """Median time from a result leaving its rank to the end of a wait that blocked on it."""
+    samples = []
+    for r, steps in per_rank.items():
+        for i, (_, recs, _) in enumerate(steps):
+            for action, start, end, peer in recs:
+                # a wait that found its data did not block; the runtime records the part waited for
+                if peer is None or end - start < 1e-4 or action.kind not in ("F", "B", "I"):
+                    continue
+                src = (program.previous_stage if action.kind == "F" else program.next_stage)(action.stage)
+                key = ("F" if action.kind == "F" else "B", src, action.microbatch)
+                sent = _published(per_rank[peer][i][1], per_rank[peer][i][2]).get(key)
+                if sent is not None and end >= sent:
+                    samples.append(end - sent)
+    return statistics.median(samples) if samples else 0.0
 
 
 def _split_rank(records: list) -> tuple[float, dict[Action, float]]:
@@ -155,7 +192,7 @@ def summarize(program: Program, per_rank: dict[int, list[tuple[float, list]]], b
     # cost of an action = its compute + the runtime's time to start it (gaps before it)
     every, compute_only, replay = [], [], []
     for r, steps in per_rank.items():
-        for i, (_, recs) in enumerate(steps):
+        for i, (_, recs, _) in enumerate(steps):
             dispatch = _split_rank(recs)[1]
             for a, s, e, peer in recs:
                 if peer is None:
@@ -164,13 +201,14 @@ def summarize(program: Program, per_rank: dict[int, list[tuple[float, list]]], b
                     if i == len(steps) - 1:
                         replay.append(every[-1])
     step_times = [max(steps[i][0] for steps in per_rank.values()) for i in range(len(next(iter(per_rank.values()))))]
-    costs = measured_costs(compute_only)
+    costs = dataclasses.replace(measured_costs(compute_only), comm=transfer_latency(program, per_rank))
     bubble = {r: max(0.0, makespan - busy[r] - overhead.get(r, 0.0)) for r in busy}
     return ProfileResult(
         program=program, timeline=timeline, waits=waits, step_times=step_times, makespan=makespan, busy=busy,
         overhead=overhead, bubble_ratio_per_rank={r: b / makespan if makespan else 0.0 for r, b in bubble.items()},
         samples_per_s=batch / statistics.median(step_times), costs=costs,
-        simulated=simulate(program, stage_costs(every, measured_costs(every), replay), early_results=early_results))
+        simulated=simulate(program, stage_costs(every, dataclasses.replace(measured_costs(every), comm=costs.comm),
+                                                  replay), early_results=early_results))
 
 
 def profile_pipeline(pipe, inputs: tuple, target=None, steps: int = 3) -> Optional[ProfileResult]:

@@ -1,10 +1,11 @@
 """profile.summarize: a step's records split into busy + overhead + bubble, and the
 simulator's replay of the same step predicts its bubble.
 
-The records are synthetic: a simulated step in which every action starts ``gap`` after
+The records are synthetic: a simulated step in which every action starts ``GAP`` after
 it could (the runtime's time to post receives and dispatch), with the waits for peers
 recorded as the profiler records them. Such a step must come out with overhead == the
-gaps, busy == the compute, and a measured bubble equal to the replay's.
+gaps, busy == the compute, no transfer latency, and a measured bubble equal to the
+replay's. A step whose data arrive late gives that lateness as the latency.
 """
 from __future__ import annotations
 
@@ -25,11 +26,11 @@ def _records(program, costs):
     for rank, entries in by_rank(sim.timeline).items():
         recs, prev_end = [], 0.0
         for e in entries:
-            if e.start > prev_end:  # waited for a peer before this action
-                recs.append((e.action, prev_end + GAP, e.start + GAP, 1 - rank))
+            if e.start > prev_end:  # waited for a peer's data, which came at e.start
+                recs.append((e.action, prev_end, e.start, 1 - rank))
             recs.append((e.action, e.start + GAP, e.end, None))
             prev_end = e.end
-        out[rank] = [(sim.makespan, recs)]
+        out[rank] = [(sim.makespan, recs, [])]
     return sim, out
 
 
@@ -48,3 +49,18 @@ def test_a_step_that_ran_as_simulated_splits_into_busy_overhead_and_the_predicte
     for rank in program:
         assert prof.bubble_ratio_per_rank[rank] == pytest.approx(prof.simulated_bubble_ratio_per_rank[rank],
                                                                  abs=1e-9)
+
+
+def test_late_data_is_measured_as_the_transfer_latency():
+    from dualpipe_fx.profile import transfer_latency
+    from dualpipe_fx.schedules.ir import Action
+
+    program = generate("1f1b", 2, 2)
+    f0, f1 = Action("F", 0, 0), Action("F", 1, 0)
+    # rank 0's F0.0 ends at 1.0 (its output sent then); rank 1 waits from 0.1 to 1.3
+    records = {0: [(2.0, [(f0, 0.0, 1.0, None)], [])],
+               1: [(2.0, [(f1, 0.1, 1.3, 0), (f1, 1.3, 2.0, None)], [])]}
+    assert transfer_latency(program, records) == pytest.approx(0.3)
+    # an early send at 0.6 (inside a pair) is when the data left
+    records[0][0][2].append((0, "F", 0, 0.6))
+    assert transfer_latency(program, records) == pytest.approx(0.7)

@@ -14,6 +14,7 @@ RECV_* actions. Param grads accumulate into the model's own ``nn.Parameter.grad`
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -99,6 +100,7 @@ class GraphStage(PipelineStageBase):
         self.early_sends = False  # send_early starts sends (only where P2P matches by tag: gloo)
         self._sent_early: set[tuple[str, int, int]] = set()  # (kind, mb, index) already sent
         self._early_works: list = []
+        self.send_log: Optional[list] = None  # (stage, kind, mb, time) per early send, while profiling
         self.place = place
         self.params = tuple(params)
         self.num_params = len(graphs.param_names)
@@ -236,6 +238,8 @@ class GraphStage(PipelineStageBase):
                           tag=pipeline_tag(self.stage_index, kind, index))
         self._early_works.append(work)
         self._sent_early.add((kind, mb, index))
+        if self.send_log is not None:  # profiling: when this result left the rank
+            self.send_log.append((self.stage_index, kind, mb, time.perf_counter()))
 
     def _unsent(self, kind: str, mb: int, index: int) -> bool:
         if (kind, mb, index) in self._sent_early:
