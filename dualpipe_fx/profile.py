@@ -11,7 +11,7 @@ of the same program with the measured per-action costs, for the side-by-side.
     gather every rank's records on rank 0
     per rank: busy = compute, overhead = gaps between records, bubble = the rest (waits, edges)
     cost of each action of the last step = its compute + the gap before it (the runtime's
-    time to start it); comm = median (end of a blocked wait - when its data left the peer)
+    time to start it); comm = median (end of a blocked wait - when its transfer could start)
     simulated = simulate(program, those costs): a replay whose idle predicts the bubble
 
 Grads accumulate over the profiled steps, as over any steps: ``zero_grad()`` after.
@@ -41,10 +41,14 @@ class ProfileResult:
       and receives, bookkeeping), neither compute nor waiting;
     - ``bubble``: waiting for a peer's data (``waits``), and idle before the rank's first
       or after its last action while other ranks still work.
-    ``bubble_ratio_per_rank[r]`` is ``bubble / makespan``. The simulator replays the
-    same step with each action costing what it measured, including the runtime's time
-    to start it, so ``simulated_bubble_ratio_per_rank`` is the waiting the schedule
-    itself causes; a measured bubble above it is time lost to transfers or stalls. ``step_times`` are the wall times of every profiled step.
+    ``bubble_ratio_per_rank[r]`` is ``bubble / makespan``. The simulator replays each
+    step with each action costing what it measured, including the runtime's time to
+    start it, and each hop the measured transfer latency (``costs.comm``), so
+    ``simulated_bubble_ratio_per_rank`` is the waiting the schedule itself causes; a
+    measured bubble above it is time lost to stalls the model does not know. Both
+    ratios are medians over the profiled steps; the timeline, ``busy``, ``overhead``,
+    ``waits`` and ``simulated`` (the replay) are the last step's. ``step_times`` are the
+    wall times of every profiled step.
     """
 
     program: Program
@@ -55,6 +59,7 @@ class ProfileResult:
     busy: dict[int, float]
     overhead: dict[int, float]
     bubble_ratio_per_rank: dict[int, float]
+    simulated_bubble_ratio_per_rank: dict[int, float]
     samples_per_s: float
     costs: Costs
     simulated: SimResult
@@ -69,13 +74,9 @@ class ProfileResult:
     def bubble(self) -> float:
         return max(self.bubble_ratio_per_rank.values(), default=0.0) * self.makespan
 
-    @property
-    def simulated_bubble_ratio_per_rank(self) -> dict[int, float]:
-        span = self.simulated.makespan
-        return {r: (span - b) / span if span else 0.0 for r, b in self.simulated.busy.items()}
-
     def table(self) -> str:
-        """Per rank: busy, overhead and waits (ms), measured and simulated bubble ratio."""
+        """Per rank: busy, overhead and waits (ms, last step), measured and simulated bubble
+        ratio (medians over the steps)."""
         sim = self.simulated_bubble_ratio_per_rank
         waited = {r: sum(w.duration for w in self.waits if w.rank == r) for r in self.busy}
         lines = [f"makespan {self.makespan * 1e3:.1f} ms (simulated {self.simulated.makespan * 1e3:.1f}), "
@@ -118,8 +119,9 @@ def stage_costs(entries: list[TimelineEntry], base: Costs, replay: list[Timeline
 
 
 def _record_steps(pipe, inputs: tuple, target, steps: int) -> list[tuple[float, list, list]]:
-    """Per step: (wall, [(action, start, end, peer waited for or None)], [(stage, "F"|"B",
-    mb, time)] of the sends started inside F&B pairs), in seconds from the step's start."""
+    """Per step: (wall, [(action, start, end, peer waited for or None)], [(stage, kind, mb,
+    time)] of the sends started inside F&B pairs (kind "F"|"B") and of the receives posted
+    (kind "recvF"|"recvB")), in seconds from the step's start."""
     out = []
     for _ in range(steps):
         dist.barrier(group=pipe.group)
@@ -138,31 +140,35 @@ def _record_steps(pipe, inputs: tuple, target, steps: int) -> list[tuple[float, 
     return out
 
 
-def _published(recs: list, sends: list) -> dict[tuple[str, int, int], float]:
-    """When each (kind, stage, mb) result left a rank: its early send, else its action's end."""
+def _published(recs: list, comms: list) -> dict[tuple[str, int, int], float]:
+    """When each (kind, stage, mb) result left a rank: its early send, else its action's end;
+    and when each ("recvF"|"recvB", stage, mb) receive was posted."""
     out = {}
     for action, _, end, peer in recs:
         if peer is None:
             for part in action.parts():
                 out[("F" if part.kind == "F" else "B", part.stage, part.microbatch)] = end
-    out.update({(kind, stage, mb): t for stage, kind, mb, t in sends})
+    out.update({(kind, stage, mb): t for stage, kind, mb, t in comms})
     return out
 
 
 def transfer_latency(program: Program, per_rank: dict[int, list]) -> float:
-    """Median time from a result leaving its rank to the end of a wait that blocked on it."""
+    """Median time from a transfer's start (its result left the peer, and the receive was
+    posted: gloo moves data once both happened) to the end of the wait that blocked on it."""
     samples = []
     for r, steps in per_rank.items():
-        for i, (_, recs, _) in enumerate(steps):
+        for i, (_, recs, comms) in enumerate(steps):
+            posted = _published([], comms)
             for action, start, end, peer in recs:
                 # a wait that found its data did not block; the runtime records the part waited for
                 if peer is None or end - start < 1e-4 or action.kind not in ("F", "B", "I"):
                     continue
-                src = (program.previous_stage if action.kind == "F" else program.next_stage)(action.stage)
-                key = ("F" if action.kind == "F" else "B", src, action.microbatch)
-                sent = _published(per_rank[peer][i][1], per_rank[peer][i][2]).get(key)
-                if sent is not None and end >= sent:
-                    samples.append(end - sent)
+                kind = "F" if action.kind == "F" else "B"
+                src = (program.previous_stage if kind == "F" else program.next_stage)(action.stage)
+                sent = _published(per_rank[peer][i][1], per_rank[peer][i][2]).get((kind, src, action.microbatch))
+                begin = max(sent or 0.0, posted.get(("recv" + kind, action.stage, action.microbatch), 0.0))
+                if sent is not None and end >= begin:
+                    samples.append(end - begin)
     return statistics.median(samples) if samples else 0.0
 
 
@@ -180,17 +186,32 @@ def _split_rank(records: list) -> tuple[float, dict[Action, float]]:
     return overhead, dispatch
 
 
-def summarize(program: Program, per_rank: dict[int, list[tuple[float, list]]], batch: int,
-              early_results: bool = False) -> ProfileResult:
-    """Build the ``ProfileResult`` from every rank's recorded steps (rank -> steps)."""
-    last = {r: steps[-1][1] for r, steps in per_rank.items()}
-    timeline = [TimelineEntry(r, a, s, e) for r, recs in last.items() for a, s, e, peer in recs if peer is None]
-    waits = [TimelineEntry(r, a, s, e) for r, recs in last.items() for a, s, e, peer in recs if peer is not None]
+def _measured_step(per_rank: dict[int, list], i: int) -> tuple:
+    """Step ``i``: its compute timeline, waits, makespan, busy, overhead and bubble per rank."""
+    recs = {r: steps[i][1] for r, steps in per_rank.items()}
+    timeline = [TimelineEntry(r, a, s, e) for r, rr in recs.items() for a, s, e, peer in rr if peer is None]
+    waits = [TimelineEntry(r, a, s, e) for r, rr in recs.items() for a, s, e, peer in rr if peer is not None]
     makespan = max((e.end for e in timeline), default=0.0)  # from the step's start (after a barrier)
     busy = {r: 0.0 for r in per_rank} | busy_time(timeline)
-    overhead = {r: _split_rank(recs)[0] for r, recs in last.items()}
+    overhead = {r: _split_rank(rr)[0] for r, rr in recs.items()}
+    bubble = {r: max(0.0, makespan - busy[r] - overhead.get(r, 0.0)) for r in busy}
+    return timeline, waits, makespan, busy, overhead, bubble
+
+
+def _ratios(idle: dict[int, float], makespan: float) -> dict[int, float]:
+    return {r: v / makespan if makespan else 0.0 for r, v in idle.items()}
+
+
+def _median_per_rank(per_step: list[dict[int, float]]) -> dict[int, float]:
+    return {r: statistics.median(d[r] for d in per_step) for r in per_step[0]}
+
+
+def summarize(program: Program, per_rank: dict[int, list[tuple[float, list, list]]], batch: int,
+              early_results: bool = False) -> ProfileResult:
+    """Build the ``ProfileResult`` from every rank's recorded steps (rank -> steps)."""
+    num_steps = len(next(iter(per_rank.values())))
     # cost of an action = its compute + the runtime's time to start it (gaps before it)
-    every, compute_only, replay = [], [], []
+    every, compute_only, replays = [], [], [[] for _ in range(num_steps)]
     for r, steps in per_rank.items():
         for i, (_, recs, _) in enumerate(steps):
             dispatch = _split_rank(recs)[1]
@@ -198,17 +219,22 @@ def summarize(program: Program, per_rank: dict[int, list[tuple[float, list]]], b
                 if peer is None:
                     every.append(TimelineEntry(r, a, s - dispatch.get(a, 0.0), e))
                     compute_only.append(TimelineEntry(r, a, s, e))
-                    if i == len(steps) - 1:
-                        replay.append(every[-1])
-    step_times = [max(steps[i][0] for steps in per_rank.values()) for i in range(len(next(iter(per_rank.values()))))]
+                    replays[i].append(every[-1])
     costs = dataclasses.replace(measured_costs(compute_only), comm=transfer_latency(program, per_rank))
-    bubble = {r: max(0.0, makespan - busy[r] - overhead.get(r, 0.0)) for r in busy}
+    base = dataclasses.replace(measured_costs(every), comm=costs.comm)
+    measured, simulated = [], []
+    for i in range(num_steps):  # each step beside its own replay
+        step = _measured_step(per_rank, i)
+        sim = simulate(program, stage_costs(every, base, replays[i]), early_results=early_results)
+        measured.append(_ratios(step[5], step[2]))
+        simulated.append(_ratios(sim.idle, sim.makespan))
+    timeline, waits, makespan, busy, overhead, _ = step
+    step_times = [max(steps[i][0] for steps in per_rank.values()) for i in range(num_steps)]
     return ProfileResult(
         program=program, timeline=timeline, waits=waits, step_times=step_times, makespan=makespan, busy=busy,
-        overhead=overhead, bubble_ratio_per_rank={r: b / makespan if makespan else 0.0 for r, b in bubble.items()},
-        samples_per_s=batch / statistics.median(step_times), costs=costs,
-        simulated=simulate(program, stage_costs(every, dataclasses.replace(measured_costs(every), comm=costs.comm),
-                                                  replay), early_results=early_results))
+        overhead=overhead, bubble_ratio_per_rank=_median_per_rank(measured),
+        simulated_bubble_ratio_per_rank=_median_per_rank(simulated),
+        samples_per_s=batch / statistics.median(step_times), costs=costs, simulated=sim)
 
 
 def profile_pipeline(pipe, inputs: tuple, target=None, steps: int = 3) -> Optional[ProfileResult]:

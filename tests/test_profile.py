@@ -64,3 +64,6 @@ def test_late_data_is_measured_as_the_transfer_latency():
     # an early send at 0.6 (inside a pair) is when the data left
     records[0][0][2].append((0, "F", 0, 0.6))
     assert transfer_latency(program, records) == pytest.approx(0.7)
+    # gloo moves the data once the receive is posted too: posted at 0.9, it took 0.4
+    records[1][0][2].append((1, "recvF", 0, 0.9))
+    assert transfer_latency(program, records) == pytest.approx(0.4)

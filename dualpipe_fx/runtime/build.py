@@ -33,6 +33,9 @@ from dualpipe_fx.schedules.ir import Program
 from passes.stage_graphs import StageGraphs
 
 
+RECV_LOOKAHEAD = 2  # compute actions; each posted receive holds one input buffer early
+
+
 class _GraphSchedule(_compat.PipelineScheduleRuntime):
     """torch's runtime, minus its metadata inference: metas come from the local trace."""
 
@@ -117,10 +120,12 @@ def build_pipeline(model: nn.Module, parts: Sequence[StageGraphs], program: Prog
     if overlap:
         executor.overlap = OverlapRunner(compile_graphs=compile_stages)  # every FB action: one merged graph
     schedules = {}
+    # gloo: receives posted two compute actions ahead, so transfers land during compute
+    lookahead = RECV_LOOKAHEAD if dist.get_backend(group) == "gloo" else 0
     for forwards in (False, True):  # training, and forward-only (no_grad) steps
         schedules[forwards] = _GraphSchedule(list(stages.values()), program.num_microbatches,
                                              loss_fn=None, scale_grads=False)
-        load_program(schedules[forwards], forward_only(program) if forwards else program, forwards)
+        load_program(schedules[forwards], forward_only(program) if forwards else program, forwards, lookahead)
         executor.register(schedules[forwards])
     return Pipeline(model=model, program=program, stages=stages, schedules=schedules, executor=executor,
                     examples=examples, example_target=target, num_microbatches=num_microbatches,

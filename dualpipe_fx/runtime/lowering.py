@@ -79,6 +79,36 @@ def add_send_recv_chains(actions: dict, program: Program) -> dict:
     return out
 
 
+_RECEIVES = ("RECV_F", "RECV_B")
+_COMPUTE = ("F", "B", "I", "W", "OVERLAP_F_B")
+
+
+def hoist_receives(order: list, lookahead: int) -> list:
+    """``order`` (one rank's torch actions with comms) with each receive posted up to
+    ``lookahead`` compute actions earlier than torch placed it.
+
+    torch posts a receive just before the action that needs it; gloo moves the data only
+    once both sides posted, so the transfer then happens while the rank waits. Posted
+    earlier, it lands during the previous actions' compute. Receives keep their order
+    (one tagged stream each); sends and compute keep their places. Only for backends
+    whose P2P ops progress on their own and match by tag (gloo): on NCCL an early
+    receive would sit in the stream ahead of the sends placed before it.
+    """
+    segments: list[list] = [[]]  # segment j: what torch put before compute action j, then it
+    receives: list[tuple[int, object]] = []
+    for action in order:
+        if action.computation_type.value in _RECEIVES:
+            receives.append((len(segments) - 1, action))
+            continue
+        segments[-1].append(action)
+        if action.computation_type.value in _COMPUTE:
+            segments.append([])
+    posted: list[list] = [[] for _ in segments]
+    for j, action in receives:
+        posted[max(0, j - lookahead)].append(action)
+    return [a for j, seg in enumerate(segments) for a in posted[j] + seg]
+
+
 def _is_single_chain(program: Program) -> bool:
     return len(program.chains) == 1 and program.chains[0] == tuple(range(program.num_stages))
 
@@ -90,11 +120,12 @@ def forward_only(program: Program) -> Program:
                    name=f"{program.name} (forward only)", model_parts=program.model_parts)
 
 
-def load_program(schedule, program: Program, forwards_only: bool = False) -> None:
+def load_program(schedule, program: Program, forwards_only: bool = False, recv_lookahead: int = 0) -> None:
     """Lower ``program`` with communication into ``schedule`` (a _PipelineScheduleRuntime).
 
     ``forwards_only`` programs skip torch's validation, which insists on one backward per
-    forward, and go straight to the same send/recv lowering.
+    forward, and go straight to the same send/recv lowering. ``recv_lookahead > 0``
+    posts every receive that many compute actions earlier (``hoist_receives``; gloo only).
     """
     actions = to_torch_actions(program)
     if forwards_only:
@@ -108,3 +139,6 @@ def load_program(schedule, program: Program, forwards_only: bool = False) -> Non
     else:
         schedule._prepare_schedule_with_comms(add_send_recv_chains(actions, program),
                                               format="compute_comms")
+    if recv_lookahead:
+        schedule.pipeline_order_with_comms = {
+            rank: hoist_receives(order, recv_lookahead) for rank, order in schedule.pipeline_order_with_comms.items()}

@@ -100,7 +100,8 @@ class GraphStage(PipelineStageBase):
         self.early_sends = False  # send_early starts sends (only where P2P matches by tag: gloo)
         self._sent_early: set[tuple[str, int, int]] = set()  # (kind, mb, index) already sent
         self._early_works: list = []
-        self.send_log: Optional[list] = None  # (stage, kind, mb, time) per early send, while profiling
+        # while profiling: (stage, "F"|"B", mb, time) per early send, (stage, "recvF"|"recvB", ...) per receive
+        self.send_log: Optional[list] = None
         self.place = place
         self.params = tuple(params)
         self.num_params = len(graphs.param_names)
@@ -253,7 +254,12 @@ class GraphStage(PipelineStageBase):
         for work in works:
             work.wait(timeout)
 
+    def _log_recv(self, kind: str, mb: int) -> None:
+        if self.send_log is not None:  # profiling: when the receive was posted (gloo moves data after)
+            self.send_log.append((self.stage_index, "recv" + kind, mb, time.perf_counter()))
+
     def get_fwd_recv_ops(self, fwd_chunk_id: int) -> list[dist.P2POp]:
+        self._log_recv("F", fwd_chunk_id)
         bufs = tuple(m.empty(self.device) for m in self.input_metas)
         self._inputs[fwd_chunk_id] = bufs
         return [self._op(dist.irecv, b, self.place.prev_rank, pipeline_tag(self.place.prev_stage, "F", i))
@@ -266,6 +272,7 @@ class GraphStage(PipelineStageBase):
                 for i, t in enumerate(outputs) if self._unsent("F", fwd_chunk_id, i)]
 
     def get_bwd_recv_ops(self, bwd_chunk_id: int) -> list[dist.P2POp]:
+        self._log_recv("B", bwd_chunk_id)
         bufs = tuple(m.empty(self.device) if m.differentiable else None for m in self.output_metas)
         self._grad_out[bwd_chunk_id] = bufs
         return [self._op(dist.irecv, b, self.place.next_rank, pipeline_tag(self.place.next_stage, "B", i))

@@ -54,3 +54,32 @@ def test_forward_only_keeps_the_forwards_in_order():
     fwd = forward_only(program)
     for rank in program:
         assert [str(a) for a in fwd[rank]] == [str(p) for p in program.iter_parts(rank) if p.kind == "F"]
+
+
+@pytest.mark.parametrize("name,ranks,mbs", [("dualpipev", 2, 8), ("dualpipe", 4, 8), ("1f1b", 4, 8)])
+@pytest.mark.parametrize("lookahead", [1, 2, 5])
+def test_hoisted_receives_keep_their_order_and_move_at_most_lookahead_computes(name, ranks, mbs, lookahead):
+    from dualpipe_fx.runtime.lowering import hoist_receives
+
+    program = generate(name, ranks, mbs)
+    lowered = add_send_recv_chains(to_torch_actions(program), program)
+    hoisted = {r: hoist_receives(acts, lookahead) for r, acts in lowered.items()}
+    assert _pairs(hoisted, program) == _pairs(lowered, program)  # every stream's order holds
+    compute = ("F", "B", "I", "W", "OVERLAP_F_B")
+    for rank, acts in lowered.items():
+        new = hoisted[rank]
+        assert sorted(map(str, new)) == sorted(map(str, acts))
+        assert [str(a) for a in new if a.computation_type.value not in ("RECV_F", "RECV_B")] == \
+               [str(a) for a in acts if a.computation_type.value not in ("RECV_F", "RECV_B")]
+
+        def computes_before(order):
+            seen, out = 0, {}
+            for a in order:
+                if a.computation_type.value in compute:
+                    seen += 1
+                out[str(a)] = seen
+            return out
+        before, after = computes_before(acts), computes_before(new)
+        for a in acts:
+            if a.computation_type.value in ("RECV_F", "RECV_B"):
+                assert max(0, before[str(a)] - lookahead) == after[str(a)]
