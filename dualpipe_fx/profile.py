@@ -127,16 +127,16 @@ def _record_steps(pipe, inputs: tuple, target, steps: int) -> list[tuple[float, 
         dist.barrier(group=pipe.group)
         pipe._executor.records = []
         for stage in pipe.stages.values():
-            stage.send_log = []
+            stage.comm_log = []
         t0 = time.perf_counter()
         pipe.step(*inputs, target=target)
         wall = time.perf_counter() - t0
-        sends = [(st, kind, mb, t - t0) for stage in pipe.stages.values() for st, kind, mb, t in stage.send_log]
+        comms = [(st, kind, mb, t - t0) for stage in pipe.stages.values() for st, kind, mb, t in stage.comm_log]
         out.append((wall, [(r.action, r.start - t0, r.end - t0, r.wait_for)
-                           for r in pipe._executor.records], sends))
+                           for r in pipe._executor.records], comms))
     pipe._executor.records = None
     for stage in pipe.stages.values():
-        stage.send_log = None
+        stage.comm_log = None
     return out
 
 

@@ -93,9 +93,6 @@ def _make_stages(model, parts, program, rank, metas, group, device, compile_stag
         out_metas = metas[k] if place.next_stage is not None else ()
         stages[stage] = GraphStage(compiled[k], place, part_params(model, parts[k]),
                                    in_metas, out_metas, group, device, flat_graphs=parts[k])
-        # gloo matches P2P by tag, so a send may start inside an F&B pair; NCCL matches by
-        # order per peer, so there sends keep torch's order (after the pair).
-        stages[stage].early_sends = dist.get_backend(group) == "gloo"
     return stages
 
 
@@ -116,12 +113,17 @@ def build_pipeline(model: nn.Module, parts: Sequence[StageGraphs], program: Prog
     params = [part_params(model, g) for g in parts]
     metas, output_metas = trace_metas(parts, params, examples, target)
     stages = _make_stages(model, parts, program, rank, metas, group, device, compile_stages)
+    # gloo matches P2P by tag and moves data in the background: F&B pairs may send from
+    # inside, and receives go two actions ahead. NCCL matches by order per peer (and runs
+    # P2P in stream order), so there sends and receives keep torch's places.
+    by_tag = dist.get_backend(group) == "gloo"
+    for stage in stages.values():
+        stage.early_sends = by_tag
     executor = Executor(stages, rank, timeout)
     if overlap:
         executor.overlap = OverlapRunner(compile_graphs=compile_stages)  # every FB action: one merged graph
     schedules = {}
-    # gloo: receives posted two compute actions ahead, so transfers land during compute
-    lookahead = RECV_LOOKAHEAD if dist.get_backend(group) == "gloo" else 0
+    lookahead = RECV_LOOKAHEAD if by_tag else 0
     for forwards in (False, True):  # training, and forward-only (no_grad) steps
         schedules[forwards] = _GraphSchedule(list(stages.values()), program.num_microbatches,
                                              loss_fn=None, scale_grads=False)

@@ -64,7 +64,8 @@ def run_pair_graph(gm: torch.fx.GraphModule, bwd: StageGraphs, fwd_args: tuple, 
     info = gm.meta["dpfx_multiplex"]
     (params, inputs), (saved, grad_outputs) = fwd_args, bwd_args
     with torch.no_grad():
-        flat = (gm if fn is None else fn)(*params, *inputs, *saved, *_grad_args(bwd.backward_input, grad_outputs), *extra)
+        grads = _grad_args(bwd.backward_input, grad_outputs)
+        flat = (gm if fn is None else fn)(*params, *inputs, *saved, *grads, *extra)
     f_res, b_res = info.split_results(flat)
     n_out, n_gi = info.num_forward_outputs, info.num_grad_inputs
     return (f_res[:n_out], f_res[n_out:]), (b_res[:n_gi], b_res[n_gi:])

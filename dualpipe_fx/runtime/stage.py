@@ -101,7 +101,7 @@ class GraphStage(PipelineStageBase):
         self._sent_early: set[tuple[str, int, int]] = set()  # (kind, mb, index) already sent
         self._early_works: list = []
         # while profiling: (stage, "F"|"B", mb, time) per early send, (stage, "recvF"|"recvB", ...) per receive
-        self.send_log: Optional[list] = None
+        self.comm_log: Optional[list] = None
         self.place = place
         self.params = tuple(params)
         self.num_params = len(graphs.param_names)
@@ -239,8 +239,8 @@ class GraphStage(PipelineStageBase):
                           tag=pipeline_tag(self.stage_index, kind, index))
         self._early_works.append(work)
         self._sent_early.add((kind, mb, index))
-        if self.send_log is not None:  # profiling: when this result left the rank
-            self.send_log.append((self.stage_index, kind, mb, time.perf_counter()))
+        if self.comm_log is not None:  # profiling: when this result left the rank
+            self.comm_log.append((self.stage_index, kind, mb, time.perf_counter()))
 
     def _unsent(self, kind: str, mb: int, index: int) -> bool:
         if (kind, mb, index) in self._sent_early:
@@ -255,8 +255,8 @@ class GraphStage(PipelineStageBase):
             work.wait(timeout)
 
     def _log_recv(self, kind: str, mb: int) -> None:
-        if self.send_log is not None:  # profiling: when the receive was posted (gloo moves data after)
-            self.send_log.append((self.stage_index, "recv" + kind, mb, time.perf_counter()))
+        if self.comm_log is not None:  # profiling: when the receive was posted (gloo moves data after)
+            self.comm_log.append((self.stage_index, "recv" + kind, mb, time.perf_counter()))
 
     def get_fwd_recv_ops(self, fwd_chunk_id: int) -> list[dist.P2POp]:
         self._log_recv("F", fwd_chunk_id)
