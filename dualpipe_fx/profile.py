@@ -155,18 +155,19 @@ def _published(recs: list, comms: list) -> dict[tuple[str, int, int], float]:
 def transfer_latency(program: Program, per_rank: dict[int, list]) -> float:
     """Median time from a transfer's start (its result left the peer, and the receive was
     posted: gloo moves data once both happened) to the end of the wait that blocked on it."""
+    times = {(r, i): _published(recs, comms) for r, steps in per_rank.items()
+             for i, (_, recs, comms) in enumerate(steps)}
     samples = []
     for r, steps in per_rank.items():
-        for i, (_, recs, comms) in enumerate(steps):
-            posted = _published([], comms)
+        for i, (_, recs, _) in enumerate(steps):
             for action, start, end, peer in recs:
                 # a wait that found its data did not block; the runtime records the part waited for
                 if peer is None or end - start < 1e-4 or action.kind not in ("F", "B", "I"):
                     continue
                 kind = "F" if action.kind == "F" else "B"
                 src = (program.previous_stage if kind == "F" else program.next_stage)(action.stage)
-                sent = _published(per_rank[peer][i][1], per_rank[peer][i][2]).get((kind, src, action.microbatch))
-                begin = max(sent or 0.0, posted.get(("recv" + kind, action.stage, action.microbatch), 0.0))
+                sent = times[(peer, i)].get((kind, src, action.microbatch))
+                begin = max(sent or 0.0, times[(r, i)].get(("recv" + kind, action.stage, action.microbatch), 0.0))
                 if sent is not None and end >= begin:
                     samples.append(end - begin)
     return statistics.median(samples) if samples else 0.0
