@@ -1,11 +1,11 @@
 """``dualpipe_fx.split``: capture, stage split and I/W split of a model, checkable in one process.
 
-``split(model, loss_fn, example_inputs, example_target, num_stages=4)`` runs the three
-passes (``capture`` -> ``split_stages`` -> ``split_backward`` per stage) and returns a
-:class:`Split`. ``Split.run(inputs, target)`` executes every stage's forward, then every
-``backward_input`` (last stage first), then every ``backward_weight``, and returns the
-loss and a grad per original parameter FQN, which is how a user checks a split against
-plain autograd before going distributed.
+``split(model, loss_fn, example_inputs, example_target, num_stages=4, example_kwargs=...)``
+runs the three passes (``capture`` -> ``split_stages`` -> ``split_backward`` per stage) and
+returns a :class:`Split`. ``Split.run(inputs, target, **kwargs)`` executes every stage's
+forward, then every ``backward_input`` (last stage first), then every ``backward_weight``,
+and returns the loss and a grad per original parameter FQN, which is how a user checks a
+split against plain autograd before going distributed.
 """
 from __future__ import annotations
 
@@ -80,19 +80,25 @@ class Split:
         bufs = dict(self.model.named_buffers(remove_duplicate=False))
         return [params[n] for n in sg.param_names] + [bufs[n] for n in sg.buffer_names]
 
-    def run(self, inputs, target=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def run(self, inputs=(), /, target=None, **kwargs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Forward all stages, then backward_input (last first), then backward_weight.
 
         Args:
             inputs: a tensor or tuple of tensors: one micro-batch, as ``example_inputs``.
             target: the target, if the loss takes one.
+            kwargs: the model's keyword arguments, as ``example_kwargs``: tensors of the
+                example's shapes, and the same non-tensor values (they are baked in).
 
         Returns:
             ``(loss, grads)``: the scalar loss and a grad per original parameter FQN
             (tied aliases included; a shared parameter's grads summed over its stages).
+
+        Raises:
+            TypeError/ValueError: other shapes, keywords or non-tensor values than the example's.
         """
         inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
-        external = {f"input:{i}": x for i, x in enumerate(inputs)}
+        external = self.partition.captured.call.values(inputs, kwargs, "Split.run",
+                                                       "call dualpipe_fx.split() again")
         external["target"] = target
         self._check_shapes(external)
         acts: tuple = ()
@@ -123,6 +129,8 @@ class Split:
             got = external.get(name)
             if not isinstance(got, torch.Tensor) or got.shape != want.shape or got.dtype != want.dtype:
                 desc = f"{tuple(got.shape)} {got.dtype}" if isinstance(got, torch.Tensor) else repr(got)
+                if name.startswith("kwarg:"):
+                    name = self.partition.captured.call.label(name)  # kwargs['mask']
                 raise ValueError(f"Split.run: {name} is {desc}; expected {tuple(want.shape)} {want.dtype} "
                                  "like the example micro-batch. Fix: pass micro-batches of the example's "
                                  "shape, or call dualpipe_fx.split again with an example of the new shape.")
@@ -135,8 +143,16 @@ class Split:
         return grads
 
 
+def _check_kwarg_names(example_kwargs: Optional[Mapping[str, Any]]) -> None:
+    if example_kwargs is not None and "target" in example_kwargs:
+        raise ValueError("example_kwargs has the key 'target', but step() and Split.run take target= for "
+                         "the loss's target; expected other names. Fix: pass the model's 'target' in "
+                         "example_inputs, or wrap the model so that its keyword has another name.")
+
+
 def split(model: nn.Module, loss_fn: Callable, example_inputs, example_target=None, num_stages: int = 4,
-          *, cost="flops", split_points: Optional[Sequence[str]] = None,
+          *, example_kwargs: Optional[Mapping[str, Any]] = None, cost="flops",
+          split_points: Optional[Sequence[str]] = None,
           placement: Optional[Mapping[int, int]] = None) -> Split:
     """Capture ``model`` + ``loss_fn``, cut it into stages, split each stage's backward.
 
@@ -146,13 +162,15 @@ def split(model: nn.Module, loss_fn: Callable, example_inputs, example_target=No
 
     **Pseudocode**::
 
-        captured = capture(model, loss_fn, example_inputs, example_target)
+        captured = capture(model, loss_fn, example_inputs, example_target, example_kwargs=...)
         partition = split_stages(captured, num_stages, cost, split_points, placement)
         refuse a parameter shared by stages on two ranks
         stages = [split_backward(gm, index=s, is_last=s == S-1) for s, gm in enumerate(partition.stages)]
 
     Args:
-        model, loss_fn, example_inputs, example_target: as ``passes.capture.capture``.
+        model, loss_fn, example_inputs, example_target, example_kwargs: as
+            ``passes.capture.capture``: ``model(*example_inputs, **example_kwargs)``; tensors
+            in ``example_kwargs`` are inputs, other values constants of the graphs.
         num_stages: number of pipeline stages ``S``.
         cost: ``"flops"``, ``"measured"`` or ``cost(node) -> float`` (see ``split_stages``).
         split_points: module FQNs where a stage must start (e.g. ``["layers.4"]``).
@@ -165,9 +183,10 @@ def split(model: nn.Module, loss_fn: Callable, example_inputs, example_target=No
     Raises:
         passes.capture.TraceError: the model cannot be traced (names the source line).
         ValueError: a parameter used by stages on different ranks (names both), or an
-            invalid ``num_stages``/``split_points``/``placement``.
+            invalid ``num_stages``/``split_points``/``placement``, or a keyword ``target``.
     """
-    captured = capture(model, loss_fn, example_inputs, example_target)
+    _check_kwarg_names(example_kwargs)
+    captured = capture(model, loss_fn, example_inputs, example_target, example_kwargs=example_kwargs)
     placement = default_placement(num_stages) if placement is None else dict(placement)
     partition = split_stages(captured, num_stages, cost=cost, split_points=split_points, placement=placement)
     _check_placement(partition, placement)

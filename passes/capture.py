@@ -1,8 +1,12 @@
 """Capture: a model and its loss become one flat ATen-level FX graph with lifted params.
 
 The graph is what ``torch.export.export(..., strict=False)`` produces for
-``(loss, *model_outputs) = loss_fn(model(*inputs), target)``, post-processed so that the
-later passes can rely on a few annotations (see :func:`capture`).
+``(loss, *model_outputs) = loss_fn(model(*args, **kwargs), target)``, post-processed so that
+the later passes can rely on a few annotations (see :func:`capture`). The tensors among
+``args`` and ``kwargs`` are the graph's inputs; every other keyword value (``use_cache=False``,
+``None``) is a constant baked into the graph (:class:`ModelCall`). The model output may be
+any pytree (dict, tuple, dataclass, ``transformers`` ``ModelOutput``): its tensor leaves are
+graph outputs, the rest is kept as traced (:class:`OutputLayout`).
 
 Custom ``torch.autograd.Function`` calls are recorded as atomic *regions*: export inlines
 ``Function.forward`` and forgets the user's ``backward``; we tag the inlined nodes so that
@@ -15,6 +19,7 @@ in ``eval()`` or use ``track_running_stats=False``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import linecache
 import os
 import traceback
@@ -27,9 +32,10 @@ import torch.fx
 from torch import nn
 
 from passes import _compat
-from passes._compat import tree_flatten, tree_unflatten
+from passes._compat import tree_flatten, tree_map, tree_unflatten
 
-__all__ = ["Captured", "RegionInfo", "RegionSpec", "Slot", "TraceError", "capture"]
+__all__ = ["Captured", "ModelCall", "OutputLayout", "RegionInfo", "RegionSpec", "Slot", "TraceError",
+           "capture"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _PASSES_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -100,6 +106,174 @@ class RegionInfo:
         return tuple(entry.args[0] for entry in self.inputs)
 
 
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)} ({value.dtype})"
+    return repr(value)
+
+
+def _one_line(spec: Any) -> str:
+    return " ".join(str(spec).split())
+
+
+def _same_constant(got: Any, want: Any) -> bool:
+    """Whether a step-time non-tensor argument equals the one baked into the trace."""
+    if isinstance(got, torch.Tensor) or type(got) is not type(want):
+        return False
+    try:
+        return got is want or bool(got == want)
+    except Exception:  # noqa: BLE001 - an object without a usable == is only equal to itself
+        return False
+
+
+@dataclass(frozen=True)
+class ModelCall:
+    """How :func:`capture` called the model: ``model(*args, **kwargs)``.
+
+    ``args`` are ``num_args`` tensors, graph inputs ``input:i``. Keyword ``k``'s value is a
+    pytree ``kwargs[k] = (spec, leaves)``: a leaf is :class:`Slot` ``j`` for the ``j``-th
+    tensor graph input (named ``names[j]``: ``kwarg:k``, or ``kwarg:k/<leaf index>`` inside a
+    container; ``labels[j]`` says it the user's way, ``kwargs['k']``), any other leaf is a
+    constant baked into the graph. Tensors come first positional, then in keyword order.
+    """
+
+    num_args: int
+    kwargs: Mapping[str, tuple[Any, tuple]]
+    names: tuple[str, ...]
+    labels: tuple[str, ...]
+
+    @staticmethod
+    def of(args: Sequence[torch.Tensor], kwargs: Mapping[str, Any]) -> "ModelCall":
+        """The call ``model(*args, **kwargs)`` of the example micro-batch."""
+        names = [f"input:{i}" for i in range(len(args))]
+        labels = [f"inputs[{i}]" for i in range(len(args))]
+        templates = {}
+        for key, value in kwargs.items():
+            leaves, spec = tree_flatten(value)
+            tmpl: list = []
+            for j, leaf in enumerate(leaves):
+                if not isinstance(leaf, torch.Tensor):
+                    tmpl.append(leaf)
+                    continue
+                tmpl.append(Slot(len(names)))
+                nested = not spec.is_leaf()
+                names.append(f"kwarg:{key}/{j}" if nested else f"kwarg:{key}")
+                labels.append(f"kwargs[{key!r}] leaf {j}" if nested else f"kwargs[{key!r}]")
+            templates[key] = (spec, tuple(tmpl))
+        return ModelCall(len(args), MappingProxyType(templates), tuple(names), tuple(labels))
+
+    def label(self, name: str) -> str:
+        """The user's name for graph input ``name`` (``kwargs['mask']``); ``target`` as is."""
+        return self.labels[self.names.index(name)] if name in self.names else name
+
+    def rebuild(self, tensors: Sequence[torch.Tensor]) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` for the model, from its tensor graph inputs in ``names`` order."""
+        kwargs = {}
+        for key, (spec, tmpl) in self.kwargs.items():
+            kwargs[key] = tree_unflatten([tensors[x.index] if isinstance(x, Slot) else x for x in tmpl], spec)
+        return tuple(tensors[: self.num_args]), kwargs
+
+    def values(self, args: Sequence, kwargs: Mapping[str, Any], where: str, fix: str) -> dict[str, Any]:
+        """``{name: value}`` of every tensor graph input in a call like the traced one.
+
+        Raises TypeError for another positional count or other keywords, ValueError for
+        another container structure or another constant; ``where`` prefixes the message
+        (``"step()"``) and ``fix`` says how to trace again (``"call dualpipe_fx.compile()
+        again"``). Tensor leaves are returned unchecked: shapes are the caller's rule.
+        """
+        if len(args) != self.num_args:
+            raise TypeError(f"{where} got {len(args)} positional model inputs; the model was traced with "
+                            f"{self.num_args} (pass them in the same order as example_inputs)")
+        self._check_keywords(kwargs, where, fix)
+        found = dict(zip(self.names, args))
+        for key, (spec, tmpl) in self.kwargs.items():
+            leaves, got_spec = tree_flatten(kwargs[key])
+            if got_spec != spec:
+                raise ValueError(f"{where}: kwargs[{key!r}] has the pytree structure {_one_line(got_spec)}, "
+                                 f"but the model was traced with {_one_line(spec)}. Fix: pass the same "
+                                 f"structure, or {fix} with this one in example_kwargs")
+            for j, (want, got) in enumerate(zip(tmpl, leaves)):
+                if isinstance(want, Slot):
+                    found[self.names[want.index]] = got
+                elif not _same_constant(got, want):
+                    raise ValueError(self._constant_error(key, j, spec, got, want, where, fix))
+        return found
+
+    def _check_keywords(self, kwargs: Mapping[str, Any], where: str, fix: str) -> None:
+        missing = sorted(set(self.kwargs) - set(kwargs))
+        extra = sorted(set(kwargs) - set(self.kwargs))
+        if missing or extra:
+            raise TypeError(f"{where}: keyword arguments {sorted(kwargs)} differ from the traced "
+                            f"{sorted(self.kwargs)} (missing {missing}, unexpected {extra}). Fix: pass the "
+                            f"keywords of example_kwargs, or {fix} with these in example_kwargs")
+
+    @staticmethod
+    def _constant_error(key, j, spec, got, want, where, fix) -> str:
+        what, how = f"kwargs[{key!r}]", f"pass {key}={want!r}"
+        if not spec.is_leaf():
+            what, how = f"{what} leaf {j}", f"pass {want!r} as leaf {j} of {key}"
+        return (f"{where}: {what} is {_describe(got)}, but the model was traced with {_describe(want)}; "
+                f"non-tensor arguments are constants baked into the trace. Fix: {how}, or {fix} with "
+                f"{_describe(got)} there in example_kwargs")
+
+
+@dataclass(frozen=True)
+class _DataclassNode:
+    """Marks ``(marker, {field: value})`` as an instance of ``cls``, a dataclass pytree
+    does not know: torch's pytree keeps such objects whole, and export cannot return them."""
+
+    cls: type
+
+
+def _is_dataclass_node(x: Any) -> bool:
+    return isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], _DataclassNode)
+
+
+def _to_tree(value: Any) -> Any:
+    """``value`` with every unregistered dataclass turned into ``(marker, {init field: value})``."""
+    def leaf(x):
+        if dataclasses.is_dataclass(x) and not isinstance(x, type):
+            fields = {f.name: _to_tree(getattr(x, f.name)) for f in dataclasses.fields(x) if f.init}
+            return (_DataclassNode(type(x)), fields)
+        return x
+    return tree_map(leaf, value)
+
+
+def _from_tree(value: Any) -> Any:
+    """The inverse of :func:`_to_tree`: ``cls(**fields)`` for every marked pair."""
+    def node(x):
+        return x[0].cls(**_from_tree(x[1])) if _is_dataclass_node(x) else x
+    return tree_map(node, value, is_leaf=_is_dataclass_node)
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """The model output's structure: ``tree_unflatten(leaves, spec)`` with :class:`Slot` ``j``
+    replaced by tensor model output ``j``; any other leaf is a constant kept as traced
+    (``None``, ints). Dataclasses that torch's pytree does not know are rebuilt with
+    ``cls(**init_fields)``; registered nodes (``ModelOutput``, namedtuples) by their own rule.
+    """
+
+    spec: Any
+    leaves: tuple
+
+    @staticmethod
+    def of(output: Any) -> tuple["OutputLayout", list[torch.Tensor]]:
+        """The layout of ``output`` and its tensor leaves in Slot order."""
+        leaves, spec = tree_flatten(_to_tree(output))
+        tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+        slots, j = [], 0
+        for x in leaves:
+            slots.append(Slot(j) if isinstance(x, torch.Tensor) else x)
+            j += isinstance(x, torch.Tensor)
+        return OutputLayout(spec, tuple(slots)), tensors
+
+    def rebuild(self, tensors: Sequence[Any]) -> Any:
+        """The model's output structure around ``tensors`` (one per tensor leaf, in order)."""
+        leaves = [tensors[x.index] if isinstance(x, Slot) else x for x in self.leaves]
+        return _from_tree(tree_unflatten(leaves, self.spec))
+
+
 @dataclass(frozen=True)
 class Captured:
     """The result of :func:`capture`; see its docstring for the graph's annotations."""
@@ -113,6 +287,8 @@ class Captured:
     param_aliases: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     output_spec: Any = None
     num_model_outputs: int = 0
+    call: Optional[ModelCall] = None
+    output_layout: Optional[OutputLayout] = None
 
 
 # --------------------------------------------------------------------------------------
@@ -120,23 +296,27 @@ class Captured:
 
 
 class _WithLoss(nn.Module):
-    """``forward(*inputs[, target]) -> (loss, *leaves(model(*inputs)))``."""
+    """``forward(*tensor_inputs[, target]) -> (loss, *tensor leaves of model(*args, **kwargs))``.
 
-    def __init__(self, model: nn.Module, loss_fn: Callable, num_inputs: int, has_target: bool):
+    Export sees positional tensors only: ``call`` rebuilds the model's ``(args, kwargs)``
+    around them, so every non-tensor keyword is a Python constant of the trace.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable, call: ModelCall, has_target: bool):
         super().__init__()
         self.model = model
         # Not a submodule: a loss module's tensors must not become "model" params/buffers.
         object.__setattr__(self, "_loss_fn", loss_fn)
-        object.__setattr__(self, "_num_inputs", num_inputs)
+        object.__setattr__(self, "_call", call)
         object.__setattr__(self, "_has_target", has_target)
         object.__setattr__(self, "out_spec", _Holder())
 
-    def forward(self, *args):
-        inputs = args[: self._num_inputs]
-        out = self.model(*inputs)
-        loss = self._loss_fn(out, args[-1]) if self._has_target else self._loss_fn(out)
-        leaves, spec = tree_flatten(out)
-        self.out_spec.value = spec
+    def forward(self, *tensors):
+        args, kwargs = self._call.rebuild(tensors[: len(self._call.names)])
+        out = self.model(*args, **kwargs)
+        loss = self._loss_fn(out, tensors[-1]) if self._has_target else self._loss_fn(out)
+        layout, leaves = OutputLayout.of(out)
+        self.out_spec.value = layout
         return (loss, *leaves)
 
 
@@ -293,9 +473,9 @@ def _trace_error(model: nn.Module, exc: BaseException) -> TraceError:
 # Post-processing of the exported graph
 
 
-def _export(model, loss_fn, inputs, target):
-    wrapper = _WithLoss(model, loss_fn, len(inputs), target is not None)
-    args = (*inputs, target) if target is not None else tuple(inputs)
+def _export(model, loss_fn, call: ModelCall, tensors, target):
+    wrapper = _WithLoss(model, loss_fn, call, target is not None)
+    args = (*tensors, target) if target is not None else tuple(tensors)
     recorder = _RegionRecorder()
     try:
         with recorder.patched():
@@ -376,7 +556,7 @@ def _canonical_names(model: nn.Module) -> tuple[dict[str, str], dict[str, tuple[
     return canon, {k: tuple(v) for k, v in aliases.items()}
 
 
-def _lift_placeholders(gm, ep, model, num_inputs, has_target):
+def _lift_placeholders(gm, ep, model, input_names: Sequence[str]):
     """Annotate placeholders, merge tied ones, turn lifted constants into get_attr."""
     canon, aliases = _canonical_names(model)
     kinds = {s.arg.name: s for s in ep.graph_signature.input_specs}
@@ -398,10 +578,10 @@ def _lift_placeholders(gm, ep, model, num_inputs, has_target):
             (params if kind == "PARAMETER" else buffers).append(fqn)
         elif kind == "CONSTANT_TENSOR":
             _constant_to_get_attr(gm, node, ep.constants[spec.target], first_non_ph)
-        elif kind == "USER_INPUT":
-            is_target = has_target and user_i == num_inputs
+        elif kind == "USER_INPUT":  # the model's tensor inputs in ModelCall order, then the target
+            is_target = user_i == len(input_names)
             node.meta["dpfx_kind"] = "target" if is_target else "input"
-            node.meta["dpfx_name"] = "target" if is_target else f"input:{user_i}"
+            node.meta["dpfx_name"] = "target" if is_target else input_names[user_i]
             user_i += 1
         else:
             raise TraceError(f"unsupported graph input kind {kind} for {node.name}; "
@@ -474,36 +654,51 @@ def _as_inputs(example_inputs) -> tuple[torch.Tensor, ...]:
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     for i, x in enumerate(inputs):
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"example_inputs[{i}] is {type(x).__name__}; expected a tensor. "
-                            "Fix: pass non-tensor options to the model's constructor.")
+            raise TypeError(f"example_inputs[{i}] is {type(x).__name__}; expected a tensor. Fix: pass "
+                            "non-tensor options as keyword arguments (example_kwargs), where they are "
+                            "constants of the trace, or to the model's constructor.")
     return inputs
 
 
-def capture(model: nn.Module, loss_fn: Callable, example_inputs, example_target=None) -> Captured:
-    """Trace ``loss_fn(model(*inputs), target)`` into one ATen-level FX graph.
+def _as_kwargs(example_kwargs) -> dict[str, Any]:
+    if example_kwargs is None:
+        return {}
+    if not isinstance(example_kwargs, Mapping) or not all(isinstance(k, str) for k in example_kwargs):
+        raise TypeError(f"example_kwargs is {type(example_kwargs).__name__}; expected a dict of keyword "
+                        "arguments, {name: value}, for model(*example_inputs, **example_kwargs)")
+    return dict(example_kwargs)
+
+
+def capture(model: nn.Module, loss_fn: Callable, example_inputs, example_target=None, *,
+            example_kwargs: Optional[Mapping[str, Any]] = None) -> Captured:
+    """Trace ``loss_fn(model(*args, **kwargs), target)`` into one ATen-level FX graph.
 
     **Contract**: ``(model, loss_fn, example micro-batch) -> Captured`` whose ``gm`` maps
-    ``(*params, *buffers, *inputs[, target]) -> (loss, *model_outputs)``. Placeholders carry
+    ``(*params, *buffers, *inputs[, target]) -> (loss, *model_outputs)``: ``inputs`` are the
+    tensors of ``args`` then of ``kwargs`` (``Captured.call``), ``model_outputs`` the tensor
+    leaves of the model's output (``Captured.output_layout`` rebuilds it). Placeholders carry
     ``meta["dpfx_kind"]`` (param/buffer/input/target) and ``meta["dpfx_name"]`` (FQN,
-    ``input:i`` or ``target``); tied params are one placeholder (first FQN; the rest in
-    ``param_aliases``). Every node has ``meta["val"]``; call nodes ``meta["dpfx_module"]``
+    ``input:i``, ``kwarg:name`` or ``target``); tied params are one placeholder (first FQN;
+    the rest in ``param_aliases``). Every node has ``meta["val"]``; call nodes ``meta["dpfx_module"]``
     (innermost module FQN, ``""`` for top-level code and the loss). Nodes of a custom
     ``autograd.Function`` call carry ``meta["dpfx_region"]`` (+ ``dpfx_region_spec``, and
     ``dpfx_region_input``/``dpfx_region_output`` on entry/exit nodes).
 
     **Pseudocode**::
 
-        wrap model+loss; patch Function.apply to tag each call's nodes as a region
-        ep = torch.export.export(wrapper, (*inputs, target), strict=False)
+        wrap model+loss (non-tensor kwargs as constants); patch Function.apply to tag regions
+        ep = torch.export.export(wrapper, (*tensor_inputs, target), strict=False)
         reject buffer/input mutation; merge tied params; constants -> get_attr
         annotate placeholders, module FQNs, regions; lint; recompile
 
     Args:
         model: any ``nn.Module`` traceable by ``torch.export(strict=False)``.
         loss_fn: ``loss_fn(output, target)`` (or ``loss_fn(output)`` without a target),
-            returning a scalar.
-        example_inputs: a tensor or tuple of tensors, one micro-batch.
+            returning a scalar; ``output`` is the model's own output (dict, dataclass, ...).
+        example_inputs: a tensor or tuple of tensors, one micro-batch (may be empty).
         example_target: the target tensor, or None.
+        example_kwargs: keyword arguments of the model: tensors (or pytrees of tensors) are
+            graph inputs like ``example_inputs``; anything else is a constant of the graph.
 
     Returns:
         :class:`Captured`.
@@ -511,13 +706,15 @@ def capture(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
     Raises:
         TraceError: the model cannot be traced (the message names the user's source line
             and suggests a fix), or mutates buffers/inputs in forward.
-        TypeError: non-tensor inputs, non-scalar loss or non-tensor model outputs.
+        TypeError: non-tensor positional inputs, non-scalar loss.
     """
-    inputs = _as_inputs(example_inputs)
-    ep, out_spec = _export(model, loss_fn, inputs, example_target)
+    inputs, kwargs = _as_inputs(example_inputs), _as_kwargs(example_kwargs)
+    call = ModelCall.of(inputs, kwargs)
+    found = call.values(inputs, kwargs, "capture()", "")
+    ep, layout = _export(model, loss_fn, call, [found[n] for n in call.names], example_target)
     _check_mutations(ep)
     gm = ep.graph_module
-    params, buffers, aliases = _lift_placeholders(gm, ep, model, len(inputs), example_target is not None)
+    params, buffers, aliases = _lift_placeholders(gm, ep, model, call.names)
     _annotate_modules(gm.graph)
     _check_inplace(gm.graph)
     regions = _collect_regions(gm.graph)
@@ -525,8 +722,8 @@ def capture(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
     gm.graph.lint()
     gm.recompile()
     return Captured(
-        gm=gm, param_names=params, buffer_names=buffers, num_inputs=len(inputs),
+        gm=gm, param_names=params, buffer_names=buffers, num_inputs=len(call.names),
         has_target=example_target is not None, regions=MappingProxyType(regions),
-        param_aliases=MappingProxyType(aliases), output_spec=out_spec,
-        num_model_outputs=num_outputs,
+        param_aliases=MappingProxyType(aliases), output_spec=layout.spec,
+        num_model_outputs=num_outputs, call=call, output_layout=layout,
     )
