@@ -1,8 +1,8 @@
 """``dualpipe_fx.compile``: one call from a model to this rank's pipelined trainer.
 
-**Contract**: ``compile(model, loss_fn, example_inputs, example_target, *, schedule,
-num_microbatches, group, ...) -> Pipeline``, called on every rank of ``group`` with the
-same model (same weights) and example; nothing is communicated until ``step()``.
+**Contract**: ``compile(model, loss_fn, example_inputs, example_target, *, example_kwargs,
+schedule, num_microbatches, group, ...) -> Pipeline``, called on every rank of ``group``
+with the same model (same weights) and example; nothing is communicated until ``step()``.
 
 **Pseudocode**
     check the schedule fits the world size and micro-batch count, and the devices agree
@@ -13,7 +13,7 @@ same model (same weights) and example; nothing is communicated until ``step()``.
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -25,6 +25,7 @@ from dualpipe_fx.runtime.pipeline import Pipeline
 from dualpipe_fx.schedules import generate, get_schedule
 from dualpipe_fx.schedules.ir import Program
 from dualpipe_fx.split import split
+from passes._compat import tree_flatten
 from passes.cost_model import scalar_costs
 
 
@@ -32,16 +33,19 @@ def _as_tuple(example_inputs) -> tuple[torch.Tensor, ...]:
     return (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
 
 
-def _check_devices(model: nn.Module, examples: tuple, target) -> None:
+def _check_devices(model: nn.Module, examples: tuple, target, kwargs) -> None:
     devices = {p.device for p in model.parameters()}
-    tensors = [*examples] + ([target] if target is not None else [])
-    for i, t in enumerate(tensors):
+    named = [(f"input {i}", t) for i, t in enumerate(examples)]
+    if isinstance(kwargs, Mapping):  # non-tensor keyword values are constants: no device
+        named += [(f"kwargs[{k!r}]", t) for k, v in kwargs.items() for t in tree_flatten(v)[0]
+                  if isinstance(t, torch.Tensor)]
+    named += [("target", target)] if target is not None else []
+    for what, t in named:
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"compile(): example input {i} is a {type(t).__name__}; expected tensors")
+            raise TypeError(f"compile(): example {what} is a {type(t).__name__}; expected tensors")
         if devices and t.device not in devices:
-            raise ValueError(f"compile(): example {'target' if i == len(examples) else f'input {i}'} is on "
-                             f"{t.device} but the model's parameters are on {sorted(map(str, devices))}; "
-                             f"move both to one device")
+            raise ValueError(f"compile(): example {what} is on {t.device} but the model's parameters are "
+                             f"on {sorted(map(str, devices))}; move both to one device")
 
 
 def _part_placement(program: Program) -> dict[int, int]:
@@ -76,7 +80,8 @@ class _RankZeroTimings:
 
 
 def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=None, *,
-            schedule: str = "dualpipev", num_microbatches: int, group: Optional[dist.ProcessGroup] = None,
+            example_kwargs: Optional[Mapping[str, Any]] = None, schedule: str = "dualpipev",
+            num_microbatches: int, group: Optional[dist.ProcessGroup] = None,
             compile_stages: bool = False, timeout: timedelta = timedelta(seconds=300),
             cost="flops", split_points: Optional[Sequence[str]] = None, overlap: bool = True) -> Pipeline:
     """Pipeline ``model`` over the ranks of ``group`` with ``schedule``.
@@ -84,6 +89,11 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
     Args:
         model, loss_fn: the model and ``loss_fn(model_output, target) -> scalar``.
         example_inputs, example_target: ONE micro-batch (a tensor or a tuple of tensors).
+        example_kwargs: the model's keyword arguments for that micro-batch,
+            ``model(*example_inputs, **example_kwargs)``: tensors (or pytrees of them) are
+            split into micro-batches at ``step()`` like ``example_inputs``; other values
+            (``use_cache=False``, ``None``) are constants of the trace, and ``step()`` must get
+            the same ones.
         schedule: a name from ``dualpipe_fx.schedules.SCHEDULES`` (dualpipev, dualpipe, zbv,
             1f1b, gpipe, interleaved_1f1b, zb1p).
         num_microbatches: micro-batches per step; ``step`` splits its batch into this many.
@@ -108,11 +118,14 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
     examples = _as_tuple(example_inputs)
     world = dist.get_world_size(group)
     check_world(schedule, world, num_microbatches, get_schedule(schedule))
-    _check_devices(model, examples, example_target)
+    _check_devices(model, examples, example_target, example_kwargs)
     program = generate(schedule, world, num_microbatches)
     if isinstance(cost, str) and cost == "measured" and world > 1:
         cost = _RankZeroTimings(group)
     parts = split(model, loss_fn, examples, example_target, program.num_model_parts, cost=cost,
-                  split_points=split_points, placement=_part_placement(program))
+                  split_points=split_points, placement=_part_placement(program),
+                  example_kwargs=example_kwargs)
+    captured = parts.partition.captured
     return build_pipeline(model, parts.stages, program, examples, example_target, num_microbatches,
-                          group, timeout, compile_stages, overlap)
+                          group, timeout, compile_stages, overlap, example_kwargs=example_kwargs,
+                          call=captured.call, outputs=captured.output_layout)

@@ -1,8 +1,10 @@
 """Build this rank's ``Pipeline`` from the split stage graphs and the schedule's program.
 
 **Contract**: ``build_pipeline(model, parts, program, examples, target, num_microbatches,
-group, timeout, compile_stages) -> Pipeline``; ``parts[k]`` is model part ``k``'s
-``StageGraphs``; stage ``s`` of the program runs ``parts[program.model_part(s)]``.
+group, timeout, compile_stages, overlap, example_kwargs=, call=, outputs=) -> Pipeline``;
+``parts[k]`` is model part ``k``'s ``StageGraphs``; stage ``s`` of the program runs
+``parts[program.model_part(s)]``; ``call``/``outputs`` (from ``passes.capture``) say how the
+model was called and what its output looks like (default: positional tensors in, flat out).
 
 **Pseudocode**
     metas = run every part's forward once on the example micro-batch (local, no comms)
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from datetime import timedelta
-from typing import Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -30,6 +32,7 @@ from dualpipe_fx.runtime.stage import GraphStage, StagePlace, TensorMeta
 from dualpipe_fx.runtime.sync import shared_holders
 from dualpipe_fx.runtime.values import external_values
 from dualpipe_fx.schedules.ir import Program
+from passes.capture import ModelCall, OutputLayout
 from passes.stage_graphs import StageGraphs
 
 
@@ -47,13 +50,16 @@ def _meta(t: torch.Tensor) -> TensorMeta:
     return TensorMeta(tuple(t.shape), t.dtype, tuple(t.stride()))
 
 
-def trace_metas(parts: Sequence[StageGraphs], params: Sequence[tuple], examples: tuple,
-                target) -> tuple[list[tuple[TensorMeta, ...]], tuple[TensorMeta, ...]]:
-    """Per part, the metas of its outputs; and the model outputs' metas (last part)."""
+def trace_metas(parts: Sequence[StageGraphs], params: Sequence[tuple],
+                values: Mapping[str, Any]) -> tuple[list[tuple[TensorMeta, ...]], tuple[TensorMeta, ...]]:
+    """Per part, the metas of its outputs; and the model outputs' metas (last part).
+
+    ``values``: the example micro-batch by graph-input name (``input:0``, ``kwarg:mask``, ``target``).
+    """
     outs_metas, prev = [], ()
     with torch.no_grad():
         for k, graphs in enumerate(parts):
-            outputs, _ = graphs.forward(params[k], prev + external_values(graphs, examples, target))
+            outputs, _ = graphs.forward(params[k], prev + external_values(graphs, values))
             prev = tuple(outputs)
             outs_metas.append(tuple(_meta(t) for t in prev))
     return outs_metas, outs_metas[-1][1:]
@@ -96,6 +102,14 @@ def _make_stages(model, parts, program, rank, metas, group, device, compile_stag
     return stages
 
 
+def _device(model: nn.Module, examples: Sequence) -> torch.device:
+    """Where the stages run: the examples' device (``compile`` checked they agree with the model's)."""
+    for t in examples:
+        if isinstance(t, torch.Tensor):
+            return t.device
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
 def _names_by_rank(parts, program) -> dict[int, set[str]]:
     names: dict[int, set[str]] = {}
     for stage, rank in program.stage_to_rank().items():
@@ -106,12 +120,17 @@ def _names_by_rank(parts, program) -> dict[int, set[str]]:
 def build_pipeline(model: nn.Module, parts: Sequence[StageGraphs], program: Program, examples: tuple,
                    target: Optional[torch.Tensor], num_microbatches: int,
                    group: Optional[dist.ProcessGroup], timeout: timedelta,
-                   compile_stages: bool = False, overlap: bool = True) -> Pipeline:
+                   compile_stages: bool = False, overlap: bool = True, *,
+                   example_kwargs: Optional[Mapping[str, Any]] = None, call: Optional[ModelCall] = None,
+                   outputs: Optional[OutputLayout] = None) -> Pipeline:
     """This rank's pipeline (see the module docstring)."""
     rank = dist.get_rank(group)
-    device = examples[0].device
+    example_kwargs = dict(example_kwargs or {})
+    call = ModelCall.of(examples, example_kwargs) if call is None else call
+    example_values = call.values(examples, example_kwargs, "compile()", "")
+    device = _device(model, [*example_values.values(), target])
     params = [part_params(model, g) for g in parts]
-    metas, output_metas = trace_metas(parts, params, examples, target)
+    metas, output_metas = trace_metas(parts, params, {**example_values, "target": target})
     stages = _make_stages(model, parts, program, rank, metas, group, device, compile_stages)
     # gloo matches P2P by tag and moves data in the background: F&B pairs may send from
     # inside, and receives go two actions ahead. NCCL matches by order per peer (and runs
@@ -130,6 +149,7 @@ def build_pipeline(model: nn.Module, parts: Sequence[StageGraphs], program: Prog
         load_program(schedules[forwards], forward_only(program) if forwards else program, forwards, lookahead)
         executor.register(schedules[forwards])
     return Pipeline(model=model, program=program, stages=stages, schedules=schedules, executor=executor,
-                    examples=examples, example_target=target, num_microbatches=num_microbatches,
+                    examples=examples, example_target=target, example_kwargs=example_kwargs, call=call,
+                    outputs=outputs, device=device, num_microbatches=num_microbatches,
                     group=group, timeout=timeout, holders=shared_holders(_names_by_rank(parts, program)),
                     output_metas=output_metas)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Optional, Sequence
+from typing import Any, Mapping, Optional
 
 import torch
 
@@ -43,14 +43,12 @@ def check_batch(name: str, tensor, example: torch.Tensor, num_microbatches: int,
             f"dualpipe_fx.compile() again with an example micro-batch of the new shape")
 
 
-def check_inputs(inputs: Sequence, examples: Sequence[torch.Tensor], num_microbatches: int,
-                 device: torch.device) -> None:
-    """Every model input of ``step()`` against its example micro-batch."""
-    if len(inputs) != len(examples):
-        raise TypeError(f"step() got {len(inputs)} model inputs; the pipeline was traced with "
-                        f"{len(examples)} (pass them in the same order as example_inputs)")
-    for i, (tensor, example) in enumerate(zip(inputs, examples)):
-        check_batch(f"inputs[{i}]", tensor, example, num_microbatches, device)
+def check_inputs(values: Mapping[str, Any], examples: Mapping[str, torch.Tensor], call,
+                 num_microbatches: int, device: torch.device) -> None:
+    """Every tensor input of ``step()`` (positional and keyword, by graph-input name, from
+    ``call.values``) against its example micro-batch; errors name it as the user wrote it."""
+    for name, example in examples.items():
+        check_batch(call.label(name), values[name], example, num_microbatches, device)
 
 
 def check_world(schedule: str, world_size: int, num_microbatches: int, spec) -> None:

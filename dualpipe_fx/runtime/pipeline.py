@@ -20,18 +20,25 @@ from dualpipe_fx.runtime.sync import exchange, sync_shared_grads
 from dualpipe_fx.runtime.values import external_values
 
 
+_RECOMPILE = "call dualpipe_fx.compile() again"
+
+
 class Pipeline:
     """This rank's stages of a pipelined model, run by torch.distributed.pipelining.
 
-    Built by ``dualpipe_fx.compile``. Call ``step(*inputs, target=y)`` with the full
-    batch on every rank (each rank checks it the same way, so a bad call fails on every
-    rank before any communication); it returns the loss on the ranks that hold a last stage and ``None``
-    elsewhere. Under ``torch.no_grad()`` ``step`` runs forward only and returns the model
-    outputs (concatenated over micro-batches) instead of the loss.
+    Built by ``dualpipe_fx.compile``. Call ``step(*inputs, target=y, **kwargs)`` with the
+    full batch on every rank (each rank checks it the same way, so a bad call fails on every
+    rank before any communication); it returns the loss on the ranks that hold a last stage
+    and ``None`` elsewhere. Tensors among ``inputs`` and ``kwargs`` are split along dim 0
+    into micro-batches; other keyword values must equal the example's (they are baked into
+    the trace). Under ``torch.no_grad()`` ``step`` runs forward only and returns the model's
+    own output structure (dict, dataclass, ``ModelOutput``, tensor), each tensor
+    concatenated over micro-batches along dim 0 (0-dim ones stacked), instead of the loss.
     """
 
     def __init__(self, *, model, program, stages, schedules, executor, examples, example_target,
-                 num_microbatches, group, timeout, holders, output_metas) -> None:
+                 num_microbatches, group, timeout, holders, output_metas, call, device,
+                 example_kwargs=None, outputs=None) -> None:
         self.model = model
         self.program = program
         self.stages = stages
@@ -39,12 +46,16 @@ class Pipeline:
         self._schedules = schedules
         self._executor = executor
         self.examples = tuple(examples)
+        self.example_kwargs = dict(example_kwargs or {})
         self.example_target = example_target
+        self._call = call  # passes.capture.ModelCall: how step()'s arguments map to graph inputs
+        self._example_values = call.values(self.examples, self.example_kwargs, "compile()", "")
+        self._outputs = outputs  # passes.capture.OutputLayout, or None: a tensor or a flat tuple
         self.num_microbatches = num_microbatches
         self.group = group
         self.timeout: timedelta = timeout
         self.rank = dist.get_rank(group)
-        self.device = self.examples[0].device
+        self.device = device
         self._holders = holders
         self._output_metas = output_metas
         self._params = self._local_named_params()
@@ -108,23 +119,28 @@ class Pipeline:
         return [s for s in self.stages.values()
                 if (s.place.prev_stage if first else s.place.next_stage) is None]
 
-    def _check(self, inputs: tuple, target, forward_only: bool) -> None:
-        # The same rule on every rank, so that a bad call fails everywhere before any send.
-        check_inputs(inputs, self.examples, self.num_microbatches, self.device)
+    def _check(self, inputs: tuple, target, forward_only: bool, kwargs: Optional[dict] = None) -> dict:
+        """The step's tensor inputs by graph-input name, once they are checked.
+
+        The same rule on every rank, so that a bad call fails everywhere before any send.
+        """
+        values = self._call.values(inputs, kwargs or {}, "step()", _RECOMPILE)
+        check_inputs(values, self._example_values, self._call, self.num_microbatches, self.device)
         if self.example_target is not None and target is None and not forward_only:
             raise ValueError("step(): target=None, but the loss takes a target; pass target= (the full "
                              "batch of targets) on every rank")
         if target is not None and self.example_target is not None:
             check_batch("target", target, self.example_target, self.num_microbatches, self.device)
+        return values
 
     def _data_index(self, stage: int, mb: int) -> int:
         """Micro-batch ``mb`` of ``stage``'s chain, as an index into the step's batch."""
         chain = next(i for i, c in enumerate(self.program.chains) if stage in c)
         return chain * self.program.num_microbatches + mb
 
-    def _feed(self, inputs: tuple, target) -> None:
+    def _feed(self, values: dict, target) -> None:
         n = self.num_microbatches
-        input_mbs = list(zip(*(t.tensor_split(n) for t in inputs))) if inputs else None
+        input_mbs = {name: t.tensor_split(n) for name, t in values.items()}
         if target is None and self.example_target is not None:  # forward only: the loss is ignored
             target = self.example_target.new_zeros((n * self.example_target.shape[0],
                                                     *self.example_target.shape[1:]))
@@ -135,8 +151,9 @@ class Pipeline:
             stage.grad_loss = grad_loss
             for mb in range(self.program.num_microbatches):
                 i = self._data_index(stage.stage_index, mb)
-                stage.external[mb] = external_values(stage.graphs, input_mbs[i] if input_mbs else (),
-                                                     target_mbs[i] if target_mbs is not None else None)
+                mb_values = {name: parts[i] for name, parts in input_mbs.items()}
+                mb_values["target"] = target_mbs[i] if target_mbs is not None else None
+                stage.external[mb] = external_values(stage.graphs, mb_values)
 
     def _run(self, forward_only: bool) -> None:
         self._executor.forward_only = forward_only
@@ -155,18 +172,19 @@ class Pipeline:
             raise PeerTimeoutError(self.rank, peers[0] if len(peers) == 1 else None,
                                    f"a send or receive (peers {peers})", self.timeout, err) from err
 
-    def step(self, *inputs: torch.Tensor, target: Optional[torch.Tensor] = None):
-        """Run one pipelined step on the full batch; see the class docstring.
+    def step(self, *inputs: torch.Tensor, target: Optional[torch.Tensor] = None, **kwargs):
+        """One pipelined step of ``model(*inputs, **kwargs)`` on the full batch; see the class docstring.
 
         Raises:
             ValueError/TypeError: before any communication, for a batch that does not
                 divide into micro-batches, shapes other than the example's, inputs on
-                another device or a missing target.
+                another device, a missing target, other keywords than ``example_kwargs``
+                or a non-tensor keyword value other than the traced one.
             PeerTimeoutError: a peer rank died or did not answer within ``timeout``.
         """
         forward_only = not torch.is_grad_enabled()
-        self._check(inputs, target, forward_only)
-        self._feed(inputs, target)
+        values = self._check(inputs, target, forward_only, kwargs)
+        self._feed(values, target)
         self._run(forward_only)
         if forward_only:
             return self._gather_outputs()
@@ -204,13 +222,20 @@ class Pipeline:
             theirs = [i for i in range(self.num_microbatches) if i not in mine]
             for j, i in enumerate(theirs):
                 per_mb[i] = tuple(got[j * width:(j + 1) * width])
-        outs = tuple(torch.cat([per_mb[i][k] for i in sorted(per_mb)]) for k in range(len(self._output_metas)))
+        outs = tuple(_concat([per_mb[i][k] for i in sorted(per_mb)]) for k in range(len(self._output_metas)))
+        if self._outputs is not None:
+            return self._outputs.rebuild(outs)
         return outs[0] if len(outs) == 1 else outs
 
     def profile(self, *inputs, target=None, steps: int = 3):
         """Measure ``steps`` steps; see ``dualpipe_fx.profile.profile_pipeline``."""
         from dualpipe_fx.profile import profile_pipeline
         return profile_pipeline(self, inputs, target, steps)
+
+
+def _concat(parts: list[torch.Tensor]) -> torch.Tensor:
+    """One output over the micro-batches: along dim 0, or stacked for 0-dim (per-micro-batch) values."""
+    return torch.stack(parts) if parts[0].dim() == 0 else torch.cat(parts)
 
 
 def _is_comm_error(err: RuntimeError) -> bool:

@@ -1,11 +1,13 @@
 """Which step values a stage takes as external inputs."""
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 from passes.stage_graphs import StageGraphs
 
 
-def external_values(graphs: StageGraphs, inputs: tuple, target) -> tuple:
-    """A stage's external inputs by name: ``input:i`` is model input ``i``, ``target`` the target."""
-    values = {f"input:{i}": x for i, x in enumerate(inputs)}
-    values["target"] = target
+def external_values(graphs: StageGraphs, values: Mapping[str, Any]) -> tuple:
+    """A stage's external inputs, picked by name from ``values``: ``input:i`` (positional model
+    input ``i``), ``kwarg:name`` (a tensor keyword argument, see ``passes.capture.ModelCall``)
+    and ``target``."""
     return tuple(values[name] for name in graphs.external_inputs)
