@@ -47,8 +47,47 @@ class TensorMeta:
         transposed view may ``view`` it in a way that only that layout allows."""
         if t is None or self.stride is None or t.stride() == self.stride:
             return t
-        out = torch.empty_strided(self.shape, self.stride, dtype=t.dtype, device=t.device)
-        return out.copy_(t)
+        return with_strides(t, self.stride)
+
+
+def with_strides(t: torch.Tensor, stride: Sequence[int]) -> torch.Tensor:
+    """A tensor equal to ``t`` with strides ``stride`` (storage offset 0, as traced).
+
+    ``t``'s values must fit the layout: where two indices share a storage element in it
+    (stride 0, overlapping windows) they hold equal values, as they do when ``t`` is a
+    dense copy of a tensor that had that layout.
+    """
+    shape, stride = tuple(t.shape), tuple(stride)
+    expanded = [d for d, (n, st) in enumerate(zip(shape, stride)) if st == 0 and n > 1]
+    if expanded:
+        # copy_ refuses to write through stride 0; keep one copy (index 0 along the expanded
+        # dims: no memory blow-up for a [b, 1, s, s] mask) and expand it, which gives stride 0
+        base = t[tuple(slice(0, 1) if d in expanded else slice(None) for d in range(t.dim()))]
+        return with_strides(base, stride).expand(shape)
+    if not _may_overlap(shape, stride):
+        return torch.empty_strided(shape, stride, dtype=t.dtype, device=t.device).copy_(t)
+    # Overlapping windows (unfold): torch only refuses stride 0, but copy_ into any
+    # overlapping view is unsupported; write the storage by offset instead. Repeated
+    # offsets carry equal values, so whichever write lands last is right.
+    size = 1 + sum((n - 1) * st for n, st in zip(shape, stride))
+    offsets = torch.arange(size, device=t.device).as_strided(shape, stride)
+    storage = torch.empty(size, dtype=t.dtype, device=t.device)
+    storage[offsets.reshape(-1)] = t.reshape(-1)
+    return storage.as_strided(shape, stride)
+
+
+def _may_overlap(shape: Sequence[int], stride: Sequence[int]) -> bool:
+    """False when no two indices of the layout share a storage element: each dim (by
+    increasing stride) steps past everything the smaller dims reach. Conservative: an
+    interleaved layout that does not overlap may answer True (the offset path suits it too)."""
+    if 0 in shape:
+        return False
+    reach = 0  # the largest offset the dims seen so far address
+    for n, st in sorted(((n, st) for n, st in zip(shape, stride) if n > 1), key=lambda ns: ns[1]):
+        if st <= reach:
+            return True
+        reach += (n - 1) * st
+    return False
 
 
 def pipeline_tag(sender_stage: int, kind: str, index: int) -> int:
