@@ -10,8 +10,12 @@ from torch.fx.experimental.proxy_tensor import get_proxy_mode as _get_proxy_mode
 from torch.fx.experimental.proxy_tensor import get_proxy_slot as _get_proxy_slot
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+from torch._dispatch.python import enable_python_dispatcher as _enable_python_dispatcher
+from torch._functorch._aot_autograd.functional_utils import from_fun as _from_fun
+from torch._functorch._aot_autograd.functional_utils import to_fun as _to_fun
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
-from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
+from torch._subclasses.functional_tensor import FunctionalTensorMode as _FunctionalTensorMode
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_map, tree_unflatten
 
 __all__ = [
     "DATA_DEPENDENT_ERRORS",
@@ -19,6 +23,7 @@ __all__ = [
     "current_fx_node",
     "current_tracer_graph",
     "make_fx",
+    "make_functional_fx",
     "TreeSpec",
     "tree_flatten",
     "tree_unflatten",
@@ -46,6 +51,29 @@ def current_fx_node(t: torch.Tensor) -> "torch.fx.Node | None":
         return None
     slot = _get_proxy_slot(t, mode.tracer, default=None)
     return None if slot is None else slot.proxy.node
+
+
+def make_functional_fx(fn):
+    """``make_fx(fn, tracing_mode="fake")`` with functionalization, as AOTAutograd traces joints.
+
+    Every in-place op and every write through a view (in the forward and in the autograd
+    backward that ``fn`` runs) is traced as its out-of-place form, so each node of the
+    graph computes a fresh value and partitioning it by dataflow cannot reorder a read
+    after a write. Writes into ``fn``'s own inputs are not replayed on them: outputs
+    aliasing an input see the written value, the input itself is left as it was.
+    """
+    def functional(*args):
+        # Python functionalization below the tracer, C++ functionalization off above it
+        # (torch's Note [Disabling Functionalize TLS Above Python Functionalization]).
+        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(torch._C.DispatchKey.Functionalize)):
+            outs = fn(*tree_map(_to_fun, args))
+        return tree_map(_from_fun, outs)
+
+    def trace(*args):
+        with _enable_python_dispatcher(), _FunctionalTensorMode(_allow_token_discovery=True):
+            return make_fx(functional, tracing_mode="fake")(*args)
+
+    return trace
 
 
 def decomposes_implicitly(op) -> bool:

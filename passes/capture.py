@@ -508,7 +508,7 @@ def _check_mutations(ep) -> None:
         )
 
 
-def _mutated_base(node: torch.fx.Node) -> Optional[torch.fx.Node]:
+def mutated_base(node: torch.fx.Node) -> Optional[torch.fx.Node]:
     """The placeholder an in-place op of ``node`` writes into (through views), if any."""
     schema = getattr(node.target, "_schema", None)
     if node.op != "call_function" or schema is None:
@@ -528,7 +528,7 @@ def _mutated_base(node: torch.fx.Node) -> Optional[torch.fx.Node]:
 def _check_inplace(graph: torch.fx.Graph) -> None:
     """Reject in-place writes into params, buffers or inputs (export keeps them as ops)."""
     for node in graph.nodes:
-        base = _mutated_base(node)
+        base = mutated_base(node)
         if base is None:
             continue
         what = f"{base.meta.get('dpfx_kind', 'graph input')} {base.meta.get('dpfx_name', base.name)!r}"

@@ -1,7 +1,12 @@
 """split_backward: one stage graph -> forward, backward-input (I) and backward-weight (W).
 
 The joint forward+backward graph of the stage is traced with ``make_fx`` (post-autograd
-ATen) over a function that runs the stage graph and calls ``torch.autograd.grad``. Custom
+ATen) over a function that runs the stage graph and calls ``torch.autograd.grad``, and
+functionalised as it is traced (as AOTAutograd traces its joints): every in-place op and
+every write through a view, in the forward and in autograd's backward, becomes its
+out-of-place form. Each node then computes a fresh value, so no partition can run a read
+after a write that came later in the model (a router's ``topk`` values divided in place
+were read by the backward after the forward had overwritten them). Custom
 ``autograd.Function`` regions (see ``passes.capture``) are replayed through the Function
 itself, so the user's own ``backward`` is what gets traced. The joint graph's nodes are
 then partitioned by dataflow:
@@ -27,7 +32,7 @@ import torch.fx
 from torch.fx import GraphModule, Node
 
 from passes import _compat
-from passes.capture import TraceError
+from passes.capture import TraceError, mutated_base
 from passes.stage_graphs import StageGraphs
 
 __all__ = ["split_backward"]
@@ -121,6 +126,9 @@ def _joint_fn(stage_gm: GraphModule, order: list[Node], n_params: int, n_bufs: i
     """f(*params, *buffers, *inputs, *grad_outs) -> (*outputs, *grad_inputs, *param_grads)."""
     pos = {n: i for i, n in enumerate(order)}
     ph_order = [n for n in stage_gm.graph.nodes if n.op == "placeholder"]
+    # A cut can fall just before an in-place write into the value it carries: in the model
+    # that value was an intermediate, here it is a leaf, which autograd won't let be written.
+    written = {pos[b] for b in map(mutated_base, stage_gm.graph.nodes) if b is not None and b in pos}
 
     def fn(*flat):
         args = list(flat[: len(order)])
@@ -130,7 +138,8 @@ def _joint_fn(stage_gm: GraphModule, order: list[Node], n_params: int, n_bufs: i
                   for x in args[n_params + n_bufs: n_params + n_bufs + n_inputs]]
         vals = params + args[n_params: n_params + n_bufs] + inputs + args[n_params + n_bufs + n_inputs:]
         with torch.enable_grad():
-            outs = _ReplayInterpreter(stage_gm).run(*[vals[pos[n]] for n in ph_order])
+            run_vals = [v.clone() if i in written else v for i, v in enumerate(vals)]
+            outs = _ReplayInterpreter(stage_gm).run(*[run_vals[pos[n]] for n in ph_order])
             outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
             pairs = [(outs[i], g) for i, g in zip(diff_out, grads_out) if getattr(outs[i], "requires_grad", False)]
             wrt = [t for t in inputs + params if isinstance(t, torch.Tensor) and t.requires_grad]
@@ -328,13 +337,14 @@ def _trace_joint(stage_gm, params, bufs, inputs, diff_out, out_vals):
     _refuse_unsupported(stage_gm)
     order = params + bufs + inputs
     fn = _joint_fn(stage_gm, order, len(params), len(bufs), len(inputs), diff_out)
-    mode = _compat.FakeTensorMode()
+    # real constants of the stage graph (lifted tensors: index lists, masks) meet fake values
+    mode = _compat.FakeTensorMode(allow_non_fake_inputs=True)
     example = [_fake_like(mode, n.meta["val"]) for n in order]
     # grads are traced dense whatever the output's layout; StageBackwardInput.grad_args agrees
     example += [_fake_like(mode, out_vals[i].contiguous()) if isinstance(out_vals[i], torch.Tensor)
                 else out_vals[i] for i in diff_out]
     try:
-        joint = _compat.make_fx(fn, tracing_mode="fake")(*example)
+        joint = _compat.make_functional_fx(fn)(*example)
     except RuntimeError as err:
         raise TraceError(f"the forward+backward of a stage cannot be traced: {err}. {_UNSUPPORTED_HINT}") from err
     _split_masked_backwards(joint.graph)
@@ -356,7 +366,7 @@ def split_backward(stage_gm: GraphModule, *, index: Optional[int] = None,
 
     **Pseudocode**::
 
-        joint = make_fx(run stage (regions via Fn.apply); autograd.grad(outs, inputs+params))
+        joint = functionalised make_fx(run stage (regions via Fn.apply); autograd.grad(outs, inputs+params))
         split fused masked backward ops into input-grad and weight-grad calls
         F = anc(outputs); I = anc(grad_inputs) - F; W = anc(param_grads) - F - I
         saved = F values read by I or W; saved_for_weight = values W reads (via I)

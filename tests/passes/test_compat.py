@@ -82,3 +82,24 @@ def test_functional_collective_and_wait_are_recognised():
     kinds = [(_compat.is_functional_collective(n), _compat.is_functional_wait(n))
              for n in gm.graph.nodes if n.op == "call_function"]
     assert kinds == [(False, False), (True, False), (False, True)]
+
+
+def test_make_functional_fx_traces_writes_as_fresh_values():
+    def fn(x, w):
+        w = w.detach().requires_grad_(True)
+        with torch.enable_grad():
+            v = x @ w
+            v.mul_(w[0])           # autograd keeps the pre-write v for d/dw[0]
+            (g,) = torch.autograd.grad(v.sum(), [w])
+        return v, g
+
+    x, w = torch.randn(2, 3), torch.randn(3, 3)
+    gm = _compat.make_functional_fx(fn)(*(torch.empty(2, 3), torch.empty(3, 3)))
+    targets = {n.target for n in gm.graph.nodes if n.op == "call_function"}
+    assert not any(t._schema.name.endswith("_") for t in targets if hasattr(t, "_schema")), targets
+    v, g = gm(x, w)
+    wr = w.clone().requires_grad_(True)
+    ref = (x @ wr) * wr[0]
+    ref.sum().backward()
+    torch.testing.assert_close(v, ref.detach())
+    torch.testing.assert_close(g, wr.grad)
