@@ -83,7 +83,8 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
             example_kwargs: Optional[Mapping[str, Any]] = None, schedule: str = "dualpipev",
             num_microbatches: int, group: Optional[dist.ProcessGroup] = None,
             compile_stages: bool = False, timeout: timedelta = timedelta(seconds=300),
-            cost="flops", split_points: Optional[Sequence[str]] = None, overlap: bool = True) -> Pipeline:
+            cost="flops", split_points: Optional[Sequence[str]] = None, overlap: bool = True,
+            recompute=None) -> Pipeline:
     """Pipeline ``model`` over the ranks of ``group`` with ``schedule``.
 
     Args:
@@ -104,6 +105,8 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
             ``cost="measured"`` rank 0's timings are broadcast, so every rank cuts alike.
         overlap: run each F&B pair as one multiplexed graph (``passes.multiplex``);
             False runs F then B.
+        recompute: activation recomputation, as ``dualpipe_fx.split``: None, ``"full"``,
+            ``"selective"`` or ``policy(node) -> "save" | "recompute"``.
 
     Returns:
         this rank's ``Pipeline``.
@@ -124,7 +127,7 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
         cost = _RankZeroTimings(group)
     parts = split(model, loss_fn, examples, example_target, program.num_model_parts, cost=cost,
                   split_points=split_points, placement=_part_placement(program),
-                  example_kwargs=example_kwargs)
+                  example_kwargs=example_kwargs, recompute=recompute)
     captured = parts.partition.captured
     return build_pipeline(model, parts.stages, program, examples, example_target, num_microbatches,
                           group, timeout, compile_stages, overlap, example_kwargs=example_kwargs,

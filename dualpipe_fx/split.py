@@ -17,7 +17,8 @@ from torch import nn
 
 from passes.capture import capture
 from passes.cost_model import activation_bytes, node_costs
-from passes.split_backward import split_backward
+from passes.recompute import Policy, recompute_policy
+from passes.split_backward import saved_bytes, split_backward
 from passes.split_stages import StagePartition, default_placement, split_stages
 from passes.stage_graphs import StageGraphs
 
@@ -60,16 +61,17 @@ class Split:
         return self.partition.balance
 
     def describe(self) -> str:
-        """A table: per stage, its rank, param count (elements), FLOPs, activation bytes in/out."""
+        """A table: per stage, its rank, param count (elements), FLOPs, activation bytes in/out
+        and the bytes F saves for the backward, per micro-batch."""
         named = dict(self.model.named_parameters())
-        rows = [("stage", "rank", "params", "fwd FLOPs", "act in (B)", "act out (B)")]
+        rows = [("stage", "rank", "params", "fwd FLOPs", "act in (B)", "act out (B)", "saved (B)")]
         for sg, gm in zip(self.stages, self.partition.stages):
             n_params = sum(named[n].numel() for n in sg.param_names)
             flops = sum(c.flops for c in node_costs(gm).values())
             a_in, a_out = _stage_io_bytes(gm)
             out_desc = "loss" if sg.is_last else f"{a_out:,}"
             rows.append((str(sg.index), str(self.placement[sg.index]), f"{n_params:,}",
-                         f"{flops:,.0f}", f"{a_in:,}", out_desc))
+                         f"{flops:,.0f}", f"{a_in:,}", out_desc, f"{saved_bytes(sg):,}"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
         lines.append(f"balance (max/mean cost): {self.balance:.3f}")
@@ -153,7 +155,7 @@ def _check_kwarg_names(example_kwargs: Optional[Mapping[str, Any]]) -> None:
 def split(model: nn.Module, loss_fn: Callable, example_inputs, example_target=None, num_stages: int = 4,
           *, example_kwargs: Optional[Mapping[str, Any]] = None, cost="flops",
           split_points: Optional[Sequence[str]] = None,
-          placement: Optional[Mapping[int, int]] = None) -> Split:
+          placement: Optional[Mapping[int, int]] = None, recompute: Policy = None) -> Split:
     """Capture ``model`` + ``loss_fn``, cut it into stages, split each stage's backward.
 
     **Contract**: ``(model, loss_fn, one example micro-batch) -> Split`` with
@@ -165,7 +167,7 @@ def split(model: nn.Module, loss_fn: Callable, example_inputs, example_target=No
         captured = capture(model, loss_fn, example_inputs, example_target, example_kwargs=...)
         partition = split_stages(captured, num_stages, cost, split_points, placement)
         refuse a parameter shared by stages on two ranks
-        stages = [split_backward(gm, index=s, is_last=s == S-1) for s, gm in enumerate(partition.stages)]
+        stages = [split_backward(gm, index=s, is_last=s == S-1, recompute=recompute) for s, gm in enumerate(partition.stages)]
 
     Args:
         model, loss_fn, example_inputs, example_target, example_kwargs: as
@@ -176,6 +178,11 @@ def split(model: nn.Module, loss_fn: Callable, example_inputs, example_target=No
         split_points: module FQNs where a stage must start (e.g. ``["layers.4"]``).
         placement: ``{stage: rank}``; default DualPipeV (rank r holds stages r and S-1-r)
             when S is even, else one rank per stage.
+        recompute: activation recomputation: None (save what backward reads, except
+            ``torch.utils.checkpoint(..., use_reentrant=False)`` regions), ``"full"`` (save
+            stage inputs only; I recomputes the forward once, W reads it from I),
+            ``"selective"`` (save matmul and attention outputs, recompute the rest) or
+            ``policy(node) -> "save" | "recompute"`` (see ``passes.recompute``).
 
     Returns:
         :class:`Split`.
@@ -186,10 +193,12 @@ def split(model: nn.Module, loss_fn: Callable, example_inputs, example_target=No
             invalid ``num_stages``/``split_points``/``placement``, or a keyword ``target``.
     """
     _check_kwarg_names(example_kwargs)
+    recompute_policy(recompute)  # an unknown policy fails before the trace
     captured = capture(model, loss_fn, example_inputs, example_target, example_kwargs=example_kwargs)
     placement = default_placement(num_stages) if placement is None else dict(placement)
     partition = split_stages(captured, num_stages, cost=cost, split_points=split_points, placement=placement)
     _check_placement(partition, placement)
     last = len(partition.stages) - 1
-    stages = tuple(split_backward(gm, index=s, is_last=s == last) for s, gm in enumerate(partition.stages))
+    stages = tuple(split_backward(gm, index=s, is_last=s == last, recompute=recompute)
+                   for s, gm in enumerate(partition.stages))
     return Split(stages=stages, partition=partition, model=model, placement=placement)

@@ -5,7 +5,10 @@ Each name below is re-exported under a stable local name and covered by
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
+import torch.utils.checkpoint
 from torch.fx.experimental.proxy_tensor import get_proxy_mode as _get_proxy_mode
 from torch.fx.experimental.proxy_tensor import get_proxy_slot as _get_proxy_slot
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -24,6 +27,8 @@ __all__ = [
     "current_tracer_graph",
     "make_fx",
     "make_functional_fx",
+    "on_checkpoint_regions",
+    "REENTRANT_CHECKPOINT",
     "TreeSpec",
     "tree_flatten",
     "tree_unflatten",
@@ -74,6 +79,37 @@ def make_functional_fx(fn):
             return make_fx(functional, tracing_mode="fake")(*args)
 
     return trace
+
+
+# torch.utils.checkpoint(..., use_reentrant=True) runs as this autograd.Function, whose
+# backward re-runs the forward under autograd: nothing a graph pass can replay.
+REENTRANT_CHECKPOINT = torch.utils.checkpoint.CheckpointFunction
+
+
+@contextlib.contextmanager
+def on_checkpoint_regions(callback):
+    """While active, ``callback(first_node_before, graph)`` runs after every
+    ``torch.utils.checkpoint(..., use_reentrant=False)`` call traced into ``graph``, with
+    the graph's last node from before the call (the region's nodes come after it).
+
+    Export inlines such calls and keeps no trace of the checkpoint; the callback is how
+    ``capture`` marks the region's nodes for recomputation.
+    """
+    module = torch.utils.checkpoint
+    original = module._checkpoint_without_reentrant_generator
+
+    def generator(*args, **kwargs):
+        graph = current_tracer_graph()
+        mark = next(iter(reversed(graph.nodes))) if graph is not None else None
+        yield from original(*args, **kwargs)
+        if graph is not None:
+            callback(mark, graph)
+
+    module._checkpoint_without_reentrant_generator = generator
+    try:
+        yield
+    finally:
+        module._checkpoint_without_reentrant_generator = original
 
 
 def decomposes_implicitly(op) -> bool:

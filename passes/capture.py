@@ -345,6 +345,12 @@ class _RegionRecorder:
 
         def apply(cls, *args, **kwargs):
             graph = _compat.current_tracer_graph()
+            if graph is not None and cls is _compat.REENTRANT_CHECKPOINT:
+                raise TraceError(
+                    "torch.utils.checkpoint(..., use_reentrant=True) cannot be captured: its backward "
+                    "re-runs the forward under autograd, which no graph can hold. Fix: pass "
+                    "use_reentrant=False (dualpipe_fx then recomputes that region in the backward), "
+                    "or drop the checkpoint and use compile(..., recompute='full' | 'selective').")
             if graph is None or recorder.depth > 0:
                 return orig_fn(cls, *args, **kwargs)
             recorder.depth += 1
@@ -401,6 +407,12 @@ class _RegionRecorder:
                 tmpl.append(leaf)
             new_leaves.append(leaf)
         return tree_unflatten(new_leaves, out_spec), tmpl, out_spec, n_out
+
+
+def _mark_recompute(mark: torch.fx.Node, graph: torch.fx.Graph) -> None:
+    """Nodes of a ``checkpoint(..., use_reentrant=False)`` region: recomputed in backward."""
+    for node in _nodes_after(graph, mark):
+        node.meta["dpfx_recompute"] = True
 
 
 def _nodes_after(graph: torch.fx.Graph, mark: torch.fx.Node) -> set[torch.fx.Node]:
@@ -478,7 +490,7 @@ def _export(model, loss_fn, call: ModelCall, tensors, target):
     args = (*tensors, target) if target is not None else tuple(tensors)
     recorder = _RegionRecorder()
     try:
-        with recorder.patched():
+        with recorder.patched(), _compat.on_checkpoint_regions(_mark_recompute):
             ep = torch.export.export(wrapper, args, strict=False)
     except TraceError:
         raise
@@ -609,6 +621,10 @@ def _annotate_modules(graph: torch.fx.Graph) -> None:
         stack = node.meta.get("nn_module_stack") or {}
         path = list(stack.values())[-1][0] if stack else ""
         node.meta["dpfx_module"] = _strip(path) if path.startswith("model") else ""
+        # make_fx copies meta["custom"] onto the nodes a node becomes when re-traced under
+        # torch.fx.traceback.preserve_node_meta (split_backward's joint trace)
+        node.meta["custom"] = {**node.meta.get("custom", {}), "dpfx_module": node.meta["dpfx_module"],
+                               "dpfx_recompute": bool(node.meta.get("dpfx_recompute"))}
 
 
 def _collect_regions(graph: torch.fx.Graph) -> dict[int, RegionInfo]:

@@ -33,9 +33,10 @@ from torch.fx import GraphModule, Node
 
 from passes import _compat
 from passes.capture import TraceError, mutated_base
+from passes.recompute import Policy, recompute_policy, recomputed
 from passes.stage_graphs import StageGraphs
 
-__all__ = ["split_backward"]
+__all__ = ["saved_bytes", "split_backward"]
 
 _F, _G, _I, _W = "F", "G", "I", "W"
 
@@ -263,6 +264,21 @@ class StageForward:
         return tuple(res[: self.num_outputs]), tuple(res[self.num_outputs:])
 
 
+def saved_bytes(graphs: StageGraphs) -> int:
+    """Bytes that one micro-batch's ``saved`` holds from F until I: every saved value but
+    the stage's parameters and buffers (which live anyway). Received inputs count, since
+    saving them keeps them alive; each value counts once even when saved twice."""
+    gm = graphs.forward.gm
+    holders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    params = set(holders[: len(graphs.param_names) + len(graphs.buffer_names)])
+    saved = dict.fromkeys(_output_args(gm)[graphs.forward.num_outputs:])
+    return sum(_bytes(n.meta.get("val")) for n in saved if isinstance(n, Node) and n not in params)
+
+
+def _bytes(val: Any) -> int:
+    return val.numel() * val.element_size() if isinstance(val, torch.Tensor) else 0
+
+
 class StageBackwardInput:
     """``backward_input(saved, grad_outputs) -> (grad_inputs, saved_for_weight)``.
 
@@ -344,15 +360,21 @@ def _trace_joint(stage_gm, params, bufs, inputs, diff_out, out_vals):
     example += [_fake_like(mode, out_vals[i].contiguous()) if isinstance(out_vals[i], torch.Tensor)
                 else out_vals[i] for i in diff_out]
     try:
-        joint = _compat.make_functional_fx(fn)(*example)
+        with torch.fx.traceback.preserve_node_meta():
+            joint = _compat.make_functional_fx(fn)(*example)
     except RuntimeError as err:
         raise TraceError(f"the forward+backward of a stage cannot be traced: {err}. {_UNSUPPORTED_HINT}") from err
+    for node in joint.graph.nodes:  # module and checkpoint marks of the stage node each came from
+        custom = node.meta.get("custom") or {}
+        for key in ("dpfx_module", "dpfx_recompute"):
+            if key in custom:
+                node.meta[key] = custom[key]
     _split_masked_backwards(joint.graph)
     return joint
 
 
 def split_backward(stage_gm: GraphModule, *, index: Optional[int] = None,
-                   is_last: Optional[bool] = None) -> StageGraphs:
+                   is_last: Optional[bool] = None, recompute: Policy = None) -> StageGraphs:
     """Split one stage graph into forward, backward-input and backward-weight graphs.
 
     **Contract**: ``stage_gm(*params, *buffers, *activations, *external) -> outputs``
@@ -369,6 +391,7 @@ def split_backward(stage_gm: GraphModule, *, index: Optional[int] = None,
         joint = functionalised make_fx(run stage (regions via Fn.apply); autograd.grad(outs, inputs+params))
         split fused masked backward ops into input-grad and weight-grad calls
         F = anc(outputs); I = anc(grad_inputs) - F; W = anc(param_grads) - F - I
+        R = F values read by I/W that the recompute policy recomputes (and theirs); I += R
         saved = F values read by I or W; saved_for_weight = values W reads (via I)
         copy F, I, W into three graphs; wrap them in the calling conventions
 
@@ -378,6 +401,9 @@ def split_backward(stage_gm: GraphModule, *, index: Optional[int] = None,
             ``stage_gm.meta["dpfx_stage"]`` or 0.
         is_last: whether the stage computes the loss (outputs ``(loss, *model_outputs)``,
             only the loss differentiated); inferred from annotations when None.
+        recompute: None, ``"full"``, ``"selective"`` or ``policy(node) -> "save" |
+            "recompute"`` (see ``passes.recompute``): forward values I recomputes instead
+            of F saving them; checkpoint regions of the model recompute under any policy.
 
     Returns:
         :class:`passes.stage_graphs.StageGraphs`.
@@ -392,10 +418,11 @@ def split_backward(stage_gm: GraphModule, *, index: Optional[int] = None,
     out_vals = [a.meta.get("val") if isinstance(a, Node) else a for a in out_args]
     diff_out = [0] if is_last else [i for i, v in enumerate(out_vals) if _differentiable(v)]
     joint = _trace_joint(stage_gm, params, bufs, acts + ext, diff_out, out_vals)
-    return _partition(stage_gm, joint, index, is_last, params, bufs, acts, ext, out_args, diff_out, out_vals)
+    return _partition(stage_gm, joint, index, is_last, params, bufs, acts, ext, out_args, diff_out, out_vals,
+                      recompute_policy(recompute))
 
 
-def _partition(stage_gm, joint, index, is_last, params, bufs, acts, ext, out_args, diff_out, out_vals):
+def _partition(stage_gm, joint, index, is_last, params, bufs, acts, ext, out_args, diff_out, out_vals, wants):
     phs = [n for n in joint.graph.nodes if n.op == "placeholder"]
     n_fwd = len(params) + len(bufs) + len(acts) + len(ext)
     flat_out = list(_output_args(joint))
@@ -406,6 +433,11 @@ def _partition(stage_gm, joint, index, is_last, params, bufs, acts, ext, out_arg
     phase = _phases(joint.graph, phs[:n_fwd], phs[n_fwd:], outs, g_in, g_par)
     body = {ph: [n for n in joint.graph.nodes if phase.get(n) == ph and n.op != "placeholder"]
             for ph in (_F, _I, _W)}
+    # Forward values the policy recomputes are copied into I (body[_F] keeps them for F's outputs)
+    needed = _reads(body[_I] + body[_W], g_in, phase, (_F,))
+    redo = recomputed(needed, lambda n: phase.get(n) == _F and n.op != "placeholder", wants)
+    phase = {n: (_I if n in redo else p) for n, p in phase.items()}
+    body[_I] = [n for n in joint.graph.nodes if phase.get(n) == _I and n.op != "placeholder"]
     sfw = _reads(body[_W], g_par, phase, (_F, _G, _I))
     saved = _reads(body[_I] + body[_W], g_in, phase, (_F,))
     saved = saved + [n for n in sfw if phase[n] == _F and n not in saved]

@@ -7,7 +7,8 @@ top-k with an in-place renormalisation as MoE routers write it, sort) and in-pla
 writes through slices, transposes and strided views of values autograd saved). Each
 program is split by ``dualpipe_fx.split`` and run with ``Split.run`` (every forward, then
 every backward-input, then every backward-weight); the loss and every parameter's grad
-must equal ``loss.backward()`` on the model itself. Programs that eager autograd refuses
+must equal ``loss.backward()`` on the model itself, with and without recomputation
+(``recompute=None | "full" | "selective" |`` an arbitrary policy). Programs that eager autograd refuses
 ("modified by an inplace operation") are rejected, not compared.
 
 The old ``split_backward`` partitioned the un-functionalised joint graph: a clone of a
@@ -16,6 +17,8 @@ read the value after the forward had overwritten it. This test finds that within
 example budget (checked by running it against that code).
 """
 from __future__ import annotations
+
+import zlib
 
 import pytest
 import torch
@@ -125,9 +128,16 @@ def _eager(model, x, y):
                           for n, p in model.named_parameters()}
 
 
-def _split(model, x, y, num_stages):
+def _policy(name):
+    """None, "full", "selective", or a callable that recomputes an arbitrary half of the nodes."""
+    if name != "arbitrary":
+        return name
+    return lambda node: "recompute" if zlib.crc32(node.name.encode()) % 2 else "save"
+
+
+def _split(model, x, y, num_stages, recompute=None):
     try:
-        parts = dualpipe_fx.split(model, mse, (x,), y, num_stages=num_stages)
+        parts = dualpipe_fx.split(model, mse, (x,), y, num_stages=num_stages, recompute=_policy(recompute))
     except ValueError as err:
         if "stage" in str(err) and num_stages > 1:
             reject()  # too few ops for this many stages
@@ -136,20 +146,21 @@ def _split(model, x, y, num_stages):
 
 
 @pytest.mark.timeout(600)
-@settings(max_examples=45, deadline=None, derandomize=True,
+@settings(max_examples=60, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
-@given(steps=programs, num_stages=st.integers(1, 3), seed=st.integers(0, 2 ** 16))
-def test_split_of_programs_with_inplace_ops_equals_eager_autograd(steps, num_stages, seed):
+@given(steps=programs, num_stages=st.integers(1, 3), seed=st.integers(0, 2 ** 16),
+       recompute=st.sampled_from([None, None, "full", "selective", "arbitrary"]))
+def test_split_of_programs_with_inplace_ops_equals_eager_autograd(steps, num_stages, seed, recompute):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, D, generator=g, dtype=torch.float64)
     y = torch.randn(B, D, generator=g, dtype=torch.float64)
     model = Program(steps)
     ref_loss, ref_grads = _eager(model, x, y)
-    loss, grads = _split(model, x, y, num_stages)
+    loss, grads = _split(model, x, y, num_stages, recompute)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-9, atol=1e-12)
     for name, ref in ref_grads.items():
         torch.testing.assert_close(grads.get(name, torch.zeros_like(ref)), ref, rtol=1e-7, atol=1e-9,
-                                   msg=lambda m: f"{name} ({num_stages} stages, {steps}): {m}")
+                                   msg=lambda m: f"{name} ({num_stages} stages, {recompute}, {steps}): {m}")
 
 
 def test_router_pattern_regression():
