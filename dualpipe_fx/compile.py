@@ -49,7 +49,7 @@ def _check_devices(model: nn.Module, examples: tuple, target, kwargs) -> None:
 
 
 def _part_placement(program: Program) -> dict[int, int]:
-    """Rank of each model part, for the splitter's shared-parameter check (mirrors: first copy)."""
+    """Rank of each model part (mirrors: the first copy), for ``Split.placement``; the cut ignores it."""
     placement: dict[int, int] = {}
     for stage, rank in sorted(program.stage_to_rank().items()):
         placement.setdefault(program.model_part(stage), rank)

@@ -25,18 +25,6 @@ from passes.stage_graphs import StageGraphs
 __all__ = ["Split", "split"]
 
 
-def _check_placement(partition: StagePartition, placement: Mapping[int, int]) -> None:
-    """A parameter used by stages on two ranks cannot be updated consistently: refuse it."""
-    for fqn, stages in partition.param_stages.items():
-        ranks = sorted({placement[s] for s in stages})
-        if len(ranks) > 1:
-            raise ValueError(
-                f"parameter {fqn!r} is used by stages {list(stages)} which sit on ranks "
-                f"{ranks}; expected all its stages on one rank. Fix: give those stages the "
-                "same rank in `placement`, or untie/duplicate the parameter."
-            )
-
-
 def _stage_io_bytes(gm: torch.fx.GraphModule) -> tuple[int, int]:
     """Activation bytes a stage receives (activation placeholders) and sends (outputs)."""
     acts_in = sum(activation_bytes(n) for n in gm.graph.nodes
@@ -166,7 +154,6 @@ def split(model: nn.Module, loss_fn: Callable, example_inputs, example_target=No
 
         captured = capture(model, loss_fn, example_inputs, example_target, example_kwargs=...)
         partition = split_stages(captured, num_stages, cost, split_points, placement)
-        refuse a parameter shared by stages on two ranks
         stages = [split_backward(gm, index=s, is_last=s == S-1, recompute=recompute) for s, gm in enumerate(partition.stages)]
 
     Args:
@@ -177,7 +164,8 @@ def split(model: nn.Module, loss_fn: Callable, example_inputs, example_target=No
         cost: ``"flops"``, ``"measured"`` or ``cost(node) -> float`` (see ``split_stages``).
         split_points: module FQNs where a stage must start (e.g. ``["layers.4"]``).
         placement: ``{stage: rank}``; default DualPipeV (rank r holds stages r and S-1-r)
-            when S is even, else one rank per stage.
+            when S is even, else one rank per stage. A parameter may be used by stages on
+            several ranks: each holds it and the runtime sums their grads after the step.
         recompute: activation recomputation: None (save what backward reads, except
             ``torch.utils.checkpoint(..., use_reentrant=False)`` regions), ``"full"`` (save
             stage inputs only; I recomputes the forward once, W reads it from I),
@@ -189,15 +177,14 @@ def split(model: nn.Module, loss_fn: Callable, example_inputs, example_target=No
 
     Raises:
         passes.capture.TraceError: the model cannot be traced (names the source line).
-        ValueError: a parameter used by stages on different ranks (names both), or an
-            invalid ``num_stages``/``split_points``/``placement``, or a keyword ``target``.
+        ValueError: an invalid ``num_stages``/``split_points``/``placement``, or a keyword
+            ``target``.
     """
     _check_kwarg_names(example_kwargs)
     recompute_policy(recompute)  # an unknown policy fails before the trace
     captured = capture(model, loss_fn, example_inputs, example_target, example_kwargs=example_kwargs)
     placement = default_placement(num_stages) if placement is None else dict(placement)
     partition = split_stages(captured, num_stages, cost=cost, split_points=split_points, placement=placement)
-    _check_placement(partition, placement)
     last = len(partition.stages) - 1
     stages = tuple(split_backward(gm, index=s, is_last=s == last, recompute=recompute)
                    for s, gm in enumerate(partition.stages))

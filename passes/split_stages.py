@@ -35,7 +35,8 @@ class StagePartition:
     ``costs[s]`` is stage ``s``'s cost (the unit of the ``cost`` argument), ``balance``
     ``max(costs) / mean(costs)``, ``cut_bytes[s]`` the activation bytes that stage ``s``
     sends to stage ``s + 1`` per micro-batch, ``param_stages[fqn]`` the stages using the
-    parameter (more than one only for a shared parameter whose stages share a rank).
+    parameter (more than one for a shared parameter; the runtime sums its grads over them,
+    and over ranks when they sit on several).
     """
 
     stages: tuple[fx.GraphModule, ...]
@@ -227,18 +228,15 @@ def _fewest_bytes(lay: _Layout, cuts, forced, num_stages: int, limit: float) -> 
     return tuple(reversed(chosen))
 
 
-def _choose_cuts(lay: _Layout, num_stages: int, forced: Sequence[int], banned: set[int]) -> Optional[tuple[int, ...]]:
-    cuts = [k for k in lay.allowed if k not in banned]
-    if len(cuts) < num_stages - 1:
-        return None
-    if not _fits(lay, cuts, forced, num_stages, lay.prefix[-1]):
-        return None
+def _choose_cuts(lay: _Layout, num_stages: int, forced: Sequence[int]) -> tuple[int, ...]:
+    cuts = list(lay.allowed)
+    assert _fits(lay, cuts, forced, num_stages, lay.prefix[-1]), "checked: enough allowed cuts"
     best = _min_max_cost(lay, cuts, forced, num_stages)
     return _fewest_bytes(lay, cuts, forced, num_stages, best * (1 + _TIE_RTOL) + 1e-300)
 
 
 # --------------------------------------------------------------------------------------
-# split_points and shared parameters
+# split_points, and which stages read each parameter
 
 
 def _module_names(nodes: Sequence[fx.Node]) -> list[str]:
@@ -294,63 +292,6 @@ def _param_stages(lay: _Layout, cuts) -> dict[fx.Node, tuple[int, ...]]:
             stages = {_stage_of(cuts, lay.pos.get(u, n)) for u in ph.users}
             result[ph] = tuple(sorted(stages))
     return result
-
-
-def _conflicts(param_stages, placement) -> dict[fx.Node, tuple[int, ...]]:
-    return {ph: st for ph, st in param_stages.items() if len({placement[s] for s in st}) > 1}
-
-
-def _ban_options(lay: _Layout, ph: fx.Node, placement, num_stages: int, best: float) -> list[set[int]]:
-    """Sets of cuts to ban so that shared placeholder ``ph``'s uses land on one rank.
-
-    First (when stage 0 and the last stage share a rank, as in DualPipeV): the uses before
-    the widest gap between uses stay in stage 0, the rest in the last stage (a tied
-    embedding and LM head). Then, if the uses and everything between them cost no more
-    than the best stage (``best``), all uses in one stage (a layer applied twice).
-    """
-    n, p = len(lay.nodes), lay.prefix
-    uses = sorted(lay.pos.get(u, n - 1) for u in ph.users)
-    options = []
-    if num_stages > 1 and placement[0] == placement[num_stages - 1] and len(uses) > 1:
-        gap = max(range(len(uses) - 1), key=lambda i: uses[i + 1] - uses[i])
-        options.append(set(range(1, uses[gap] + 1)) | set(range(uses[gap + 1] + 1, n)))
-    if p[uses[-1] + 1] - p[uses[0]] <= best * (1 + _TIE_RTOL):
-        options.append(set(range(uses[0] + 1, uses[-1] + 1)))
-    return options
-
-
-def _cuts_for_shared_params(lay: _Layout, num_stages: int, forced, placement) -> tuple[int, ...]:
-    """The best cuts under which every shared parameter's stages sit on one rank."""
-    banned: set[int] = set()
-    first_conflicts, best = None, None
-    while True:
-        cuts = _choose_cuts(lay, num_stages, forced, banned)
-        assert cuts is not None, "bans are only kept when a split remains feasible"
-        bounds = zip((0, *cuts), (*cuts, len(lay.nodes)))
-        best = best or max(lay.prefix[b] - lay.prefix[a] for a, b in bounds)
-        conflicts = _conflicts(_param_stages(lay, cuts), placement)
-        if not conflicts:
-            return cuts
-        first_conflicts = first_conflicts or conflicts
-        ph = next(iter(conflicts))
-        for option in _ban_options(lay, ph, placement, num_stages, best):
-            trial = banned | option
-            if option - banned and not option & set(forced) and \
-                    _choose_cuts(lay, num_stages, forced, trial) is not None:
-                banned = trial
-                break
-        else:
-            raise _shared_param_error(first_conflicts, placement, num_stages)
-
-
-def _shared_param_error(conflicts, placement, num_stages) -> ValueError:
-    ph, stages = next(iter(conflicts.items()))
-    ranks = {s: placement[s] for s in stages}
-    return ValueError(
-        f"parameter {ph.meta.get('dpfx_name', ph.name)!r} is used by stages {list(stages)} "
-        f"on different ranks {ranks}, and no balanced cut keeps its uses in one stage; "
-        f"place those stages on one rank (DualPipeV placement: rank r holds stages r and "
-        f"{num_stages - 1}-r) or untie the parameter")
 
 
 # --------------------------------------------------------------------------------------
@@ -417,7 +358,7 @@ def _build_stage(gm: fx.GraphModule, lay: _Layout, bounds: tuple[int, int], inde
     return stage
 
 
-def _check_args(captured, num_stages, placement) -> dict[int, int]:
+def _check_args(captured, num_stages, placement) -> None:
     if not isinstance(num_stages, int) or isinstance(num_stages, bool):
         raise TypeError(f"num_stages={num_stages!r}; expected an int >= 1")
     if num_stages < 1:
@@ -425,11 +366,9 @@ def _check_args(captured, num_stages, placement) -> dict[int, int]:
     if not isinstance(getattr(captured, "gm", None), fx.GraphModule):
         raise TypeError(f"split_stages: got {type(captured).__name__}; expected the Captured "
                         f"result of passes.capture.capture(model, loss_fn, example_inputs)")
-    placement = default_placement(num_stages) if placement is None else dict(placement)
-    if sorted(placement) != list(range(num_stages)):
+    if placement is not None and sorted(placement) != list(range(num_stages)):
         raise ValueError(f"placement covers stages {sorted(placement)}; expected every stage "
                          f"0..{num_stages - 1} mapped to a rank")
-    return placement
 
 
 def split_stages(captured, num_stages: int, *, cost: CostSpec = "flops", split_points=None,
@@ -449,7 +388,6 @@ def split_stages(captured, num_stages: int, *, cost: CostSpec = "flops", split_p
         order compute nodes; cost each; crossing set of cut k = values made before k, used after
         T* = least max-stage cost (bisection on a greedy feasibility test over allowed cuts)
         cuts = windowed DP: every stage <= T*, fewest crossing bytes in total
-        while a shared param's stages sit on two ranks: ban cuts that split its uses, redo
         build each stage graph: copy its nodes, placeholders for its reads, outputs = next crossing
 
     Args:
@@ -458,7 +396,8 @@ def split_stages(captured, num_stages: int, *, cost: CostSpec = "flops", split_p
         cost: ``"flops"`` (forward FLOPs), ``"measured"`` (timed ops) or ``cost(node) -> float``.
         split_points: module FQNs (e.g. ``["layers.4"]``) where a stage must start.
         placement: ``{stage: rank}``; default DualPipeV (rank r holds r and S-1-r) for even
-            S, else one rank per stage. Only used to allow shared parameters.
+            S, else one rank per stage. Checked but not used: the cut depends on cost
+            alone, since a parameter shared by stages on several ranks is allowed.
 
     Returns:
         ``StagePartition``.
@@ -466,10 +405,10 @@ def split_stages(captured, num_stages: int, *, cost: CostSpec = "flops", split_p
     Raises:
         ValueError: ``num_stages`` < 1 or more than the graph has places to cut; an unknown
             or uncuttable split point; more split points than cuts; a placement missing
-            stages; a parameter shared by stages on different ranks.
+            stages.
         TypeError: a wrong argument type.
     """
-    placement = _check_args(captured, num_stages, placement)
+    _check_args(captured, num_stages, placement)
     gm = captured.gm
     lay = _layout(gm, cost)
     if not lay.nodes:
@@ -480,7 +419,7 @@ def split_stages(captured, num_stages: int, *, cost: CostSpec = "flops", split_p
                          f"({len(lay.nodes)} ops) has {len(lay.allowed)} places to cut; use "
                          f"num_stages <= {len(lay.allowed) + 1}")
     forced = _forced_cuts(lay, split_points, num_stages)
-    cuts = _cuts_for_shared_params(lay, num_stages, forced, placement)
+    cuts = _choose_cuts(lay, num_stages, forced)
     bounds = list(zip((0, *cuts), (*cuts, len(lay.nodes))))
     stages = tuple(_build_stage(gm, lay, b, i, num_stages) for i, b in enumerate(bounds))
     costs = tuple(lay.prefix[b] - lay.prefix[a] for a, b in bounds)
