@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dualpipe_fx.runtime.errors import PeerTimeoutError, check_batch, check_inputs
-from dualpipe_fx.runtime.sync import exchange, sync_shared_grads
+from dualpipe_fx.runtime.sync import exchange, set_aside_shared_grads, sync_shared_grads
 from dualpipe_fx.runtime.values import external_values
 
 
@@ -185,11 +185,12 @@ class Pipeline:
         forward_only = not torch.is_grad_enabled()
         values = self._check(inputs, target, forward_only, kwargs)
         self._feed(values, target)
+        earlier = {} if forward_only else set_aside_shared_grads(self._params, self._holders, self.rank)
         self._run(forward_only)
         if forward_only:
             return self._gather_outputs()
         if self._holders:
-            sync_shared_grads(self._params, self._holders, self.group, self.rank, self.timeout)
+            sync_shared_grads(self._params, self._holders, self.group, self.rank, self.timeout, earlier)
         return self._gather_loss()
 
     def _chain_last_mbs(self) -> list[tuple[int, object]]:

@@ -1,9 +1,12 @@
 """Point-to-point exchanges after a step: shared-parameter grads and partial losses.
 
-A parameter held by several ranks (DualPipe's mirror copies, or tied weights on
-different ranks) must end a step with the same grad everywhere: the sum of every
-holder's grad. Every holder adds the same values in the same (rank) order, so the
-copies stay bitwise equal.
+A parameter held by several ranks (DualPipe's mirror copies, or a parameter used by
+stages on different ranks: a tied embedding and LM head under 1F1B, a shared
+encoder/decoder embedding) must end a step with the same grad everywhere: the sum of
+every holder's grad, as Megatron all-reduces its embedding grads. Every holder adds the
+same values in the same (rank) order, so the copies stay bitwise equal. Each rank
+exchanges with its peers in ascending rank order, a total order on the pairs, so three
+or more holders cannot wait on each other in a cycle.
 """
 from __future__ import annotations
 
@@ -39,25 +42,60 @@ def shared_holders(names_by_rank: dict[int, set[str]]) -> dict[str, tuple[int, .
     return {n: tuple(r) for n, r in sorted(holders.items()) if len(r) > 1}
 
 
+def set_aside_shared_grads(params: dict[str, torch.nn.Parameter], holders: dict[str, tuple[int, ...]],
+                           rank: int) -> dict[str, torch.Tensor]:
+    """Take the grads earlier steps left on this rank's shared parameters (``.grad`` -> None).
+
+    Each holder's earlier grad is the same synced sum, so summing it over the holders would
+    count it once per holder; ``sync_shared_grads`` sums this step's grads, then adds it once.
+    """
+    earlier = {}
+    for name, ranks in holders.items():
+        if rank in ranks and params[name].grad is not None:
+            earlier[name], params[name].grad = params[name].grad, None
+    return earlier
+
+
 def sync_shared_grads(params: dict[str, torch.nn.Parameter], holders: dict[str, tuple[int, ...]],
-                      group: Optional[dist.ProcessGroup], rank: int, timeout: timedelta) -> None:
-    """Give every holder of a shared parameter the sum of all holders' grads (rank order)."""
+                      group: Optional[dist.ProcessGroup], rank: int, timeout: timedelta,
+                      earlier: Optional[dict[str, torch.Tensor]] = None) -> None:
+    """Give every holder of a shared parameter the sum of all holders' grads (rank order).
+
+    ``earlier``: what ``set_aside_shared_grads`` took before the step, added back once.
+    """
     mine = [n for n, ranks in holders.items() if rank in ranks]
     grads = {n: _grad(params[n]) for n in mine}
     got: dict[tuple[int, str], torch.Tensor] = {}
-    peers = sorted({r for n in mine for r in holders[n]} - {rank})
-    for peer in peers:
-        names = [n for n in mine if peer in holders[n]]
-        flat = torch.cat([grads[n].reshape(-1) for n in names])
-        (recv,) = exchange([flat], peer, group, rank, timeout, "shared parameter grads")
-        for name, piece in zip(names, recv.split([grads[n].numel() for n in names])):
-            got[(peer, name)] = piece.view_as(grads[name])
+    for peer in sorted({r for n in mine for r in holders[n]} - {rank}):
+        got.update(_swap(grads, [n for n in mine if peer in holders[n]], peer, group, rank, timeout))
     for name in mine:
         parts = [grads[name] if r == rank else got[(r, name)] for r in holders[name]]
         total = parts[0].clone()
         for part in parts[1:]:
             total.add_(part)
+        if earlier and name in earlier:
+            total = earlier[name].add_(total)
         params[name].grad = total
+
+
+def _swap(grads: dict[str, torch.Tensor], names: list[str], peer: int, group, rank: int,
+          timeout: timedelta) -> dict[tuple[int, str], torch.Tensor]:
+    """``{(peer, name): peer's grad}`` for ``names``, sent and received as one flat tensor per dtype.
+
+    One flat per dtype: a mixed cat would promote, and the holders would then sum in
+    different dtypes. Both sides list ``names`` and the dtypes in the same order.
+    """
+    by_dtype: dict[str, list[str]] = {}
+    for name in names:
+        by_dtype.setdefault(str(grads[name].dtype), []).append(name)
+    groups = [by_dtype[k] for k in sorted(by_dtype)]
+    flats = [torch.cat([grads[n].reshape(-1) for n in g]) for g in groups]
+    received = exchange(flats, peer, group, rank, timeout, "shared parameter grads")
+    got = {}
+    for g, flat in zip(groups, received):
+        for name, piece in zip(g, flat.split([grads[n].numel() for n in g])):
+            got[(peer, name)] = piece.view_as(grads[name])
+    return got
 
 
 def _grad(param: torch.nn.Parameter) -> torch.Tensor:
