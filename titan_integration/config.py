@@ -14,12 +14,18 @@ extra field, ``dualpipe_fx``) into its own. Micro-batches come from torchtitan's
 ``C = training.local_batch_size / parallelism.pipeline_parallel_microbatch_size``.
 :func:`validate_job_config` runs at config validation time (``titan_integration.train``
 calls it right after parsing) and raises ``ValueError`` naming the offending key.
+
+torchtitan's ``[activation_checkpoint]`` section is honoured as dualpipe_fx's activation
+recomputation (:func:`recompute_arg`): ``mode = "full"`` -> ``recompute="full"``,
+``"selective"`` with ``selective_ac_option = "op"`` -> ``recompute="selective"``, with an
+integer N -> :class:`BlockRecompute` over every N-th transformer block (the blocks
+torchtitan's ``apply_ac`` picks); ``"memory_budget"`` is refused.
 """
 # No `from __future__ import annotations`: torchtitan merges these dataclasses by their
 # real field types (dataclasses.is_dataclass(field.type)), which strings would hide.
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 BALANCE_MODES = ("flops", "measured")
 
@@ -124,25 +130,141 @@ def _check_microbatches(job_config, spec):
             f"{spec.min_microbatches(pp)}") from err
 
 
-def splits_backward(program) -> bool:
-    """Whether a schedule's program runs separate input-grad (I) and weight-grad (W) actions."""
-    return any(part.kind in ("I", "W") for rank in program for part in program.iter_parts(rank))
+# torchtitan's [activation_checkpoint] on dualpipe_fx. torchtitan wraps transformer blocks in
+# torch.utils.checkpoint from its parallelize_fn, which the pipelining path never calls
+# (pipeline_dualpipe_fx drops it), so nothing is wrapped twice; instead the mode becomes
+# dualpipe_fx.compile(recompute=...), applied to the stage graphs by passes/recompute:
+#   mode "none"                                  -> recompute=None
+#   mode "full"                                  -> recompute="full"
+#   mode "selective", selective_ac_option "op"   -> recompute="selective"
+#   mode "selective", selective_ac_option "N"    -> BlockRecompute(every N-th layers.<i>)
+#   mode "memory_budget"                         -> refused (a torch.compile partitioner knob)
+# The other keys: early_stop, preserve_rng_state and determinism_check hold by construction
+# (accepted); debug = true is refused; memory_budget and visualize_memory_budget_pareto are
+# read by "memory_budget" mode only (ignored, as torchtitan does);
+# per_op_sac_force_recompute_mm_shapes_by_fqns is refused when it names a module of the
+# model (checked with the model, in recompute_arg).
+AC_MODES = ("none", "full", "selective")
+_AC = "activation_checkpoint"
 
 
-def _check_activation_checkpoint(job_config, spec, program) -> None:
-    mode = job_config.activation_checkpoint.mode
-    if mode == "none":
-        return
-    if mode == "selective" and splits_backward(program):
+def _selective_every(ac) -> Optional[int]:
+    """``selective_ac_option`` as torchtitan reads it: ``None`` for ``"op"``, else the
+    block frequency N (digits only; ``0`` means every block, as in torchtitan)."""
+    option = ac.selective_ac_option
+    if option == "op":
+        return None
+    if not option.isdigit():
         raise ValueError(
-            f"activation_checkpoint.mode = \"selective\" cannot be combined with the split "
-            f"backward (I then W) of dualpipe_fx.schedule = {spec.name!r}: recomputation would run "
-            f"once for I and again for W (torchtitan fails deep in the step with \"Trying to "
-            f"backward an extra time\"); set activation_checkpoint.mode = \"none\"")
-    raise ValueError(
-        f"activation_checkpoint.mode = {mode!r} is not applied by dualpipe_fx (its stages are FX "
-        f"graphs, not the model's modules, so torchtitan's checkpoint wrappers have nothing to "
-        f"wrap); set activation_checkpoint.mode = \"none\"")
+            f"{_AC}.selective_ac_option = {option!r} is not valid with {_AC}.mode = "
+            f"\"selective\"; use \"op\" (op-level: save matmul and attention outputs, "
+            f"recompute the rest) or a non-negative integer N (recompute every N-th "
+            f"transformer block), as torchtitan accepts")
+    return int(option)
+
+
+def _check_activation_checkpoint(ac) -> None:
+    if ac.mode == "memory_budget":
+        raise ValueError(
+            f"{_AC}.mode = \"memory_budget\" sets the activation budget of torch.compile's "
+            f"min-cut partitioner ({_AC}.memory_budget = {ac.memory_budget}) for a compiled "
+            f"model; dualpipe_fx splits forward and backward itself and does not run that "
+            f"partitioner; set {_AC}.mode = \"full\" or \"selective\" (with "
+            f"{_AC}.selective_ac_option = \"op\" or an integer)")
+    if ac.mode not in AC_MODES:
+        raise ValueError(f"{_AC}.mode = {ac.mode!r} is not one of {AC_MODES} with "
+                         f"dualpipe_fx.enable; set {_AC}.mode = \"full\", \"selective\" or \"none\"")
+    if ac.mode == "none":
+        return
+    if ac.mode == "selective":
+        _selective_every(ac)
+    if ac.debug:
+        raise ValueError(
+            f"{_AC}.debug = true asks torch.utils.checkpoint for recompute debug traces, but "
+            f"dualpipe_fx recomputes inside its traced backward graphs (no checkpoint runs); "
+            f"set {_AC}.debug = false (dualpipe_fx.split(...).describe() lists the bytes each "
+            f"stage saves)")
+    if ac.determinism_check not in ("default", "none"):
+        raise ValueError(f"{_AC}.determinism_check = {ac.determinism_check!r} is not one of "
+                         f"(\"default\", \"none\"); torch.utils.checkpoint accepts only those")
+
+
+class BlockRecompute:
+    """A ``recompute`` policy: recompute the forward of some transformer blocks, save the rest.
+
+    torchtitan's layer-level selective AC (``selective_ac_option = N``) checkpoints whole
+    blocks; here the nodes of those blocks (``node.meta["dpfx_module"]`` is ``layers.<i>`` or
+    below) are recomputed in the backward, every other node is saved. Nodes with no module
+    (the tracer's detaches of parameters) recompute: that costs nothing and saves no bytes.
+    """
+
+    def __init__(self, blocks) -> None:
+        self.blocks = tuple(blocks)  # FQNs, e.g. ("layers.1", "layers.3", "layers.5")
+
+    def __call__(self, node) -> str:
+        module = node.meta.get("dpfx_module")
+        if module is None:
+            return "recompute"
+        inside = any(module == b or module.startswith(b + ".") for b in self.blocks)
+        return "recompute" if inside else "save"
+
+    def __repr__(self) -> str:
+        return f"BlockRecompute({list(self.blocks)})"
+
+
+def ac_blocks(model, every: int) -> list[str]:
+    """The ``layers.<i>`` FQNs torchtitan 0.2.2's ``apply_ac`` checkpoints for
+    ``selective_ac_option = every``: it counts ``model.layers``' children from 1 and wraps
+    block k when ``k % every == 0`` (so layers.1, layers.3, ... for 2), every block for 0."""
+    try:
+        layers = model.get_submodule("layers")
+    except AttributeError as err:
+        raise ValueError(
+            f"{_AC}.selective_ac_option = \"{every}\" recomputes every {every}-th module of "
+            f"model.layers, but {type(model).__name__} has no `layers`; use {_AC}.selective_ac_option "
+            f"= \"op\" or {_AC}.mode = \"full\"") from err
+    names = [name for name, _ in layers.named_children()]
+    return [f"layers.{name}" for k, name in enumerate(names, start=1) if every == 0 or k % every == 0]
+
+
+def _check_forced_mm_fqns(ac, model) -> None:
+    """torchtitan's op-level SAC force-recomputes mms shaped like the ``nn.Linear`` modules
+    inside ``model.layers`` these substrings match; dualpipe_fx's "selective" rule has no
+    such exception, so a pattern that matches is refused (one that matches nothing is moot)."""
+    key = f"{_AC}.per_op_sac_force_recompute_mm_shapes_by_fqns"
+    patterns = list(ac.per_op_sac_force_recompute_mm_shapes_by_fqns)
+    try:
+        root, prefix = model.get_submodule("layers"), "layers."  # where apply_ac looks
+    except AttributeError:
+        root, prefix = model, ""
+    fqns = [prefix + fqn for fqn, _ in root.named_modules() if fqn]
+    matched = [fqn for fqn in fqns if any(p in fqn for p in patterns)]
+    if matched:
+        raise ValueError(
+            f"{key} = {patterns} matches {matched[:4]} in the model; dualpipe_fx's op-level "
+            f"selective recompute saves every matmul output and cannot force some of them to "
+            f"recompute; set {key} = [] (or {_AC}.mode = \"full\")")
+
+
+def recompute_arg(ac, model):
+    """``[activation_checkpoint]`` as ``dualpipe_fx.compile(recompute=...)`` for ``model``.
+
+    **Contract**: ``(ActivationCheckpoint, model) -> None | "full" | "selective" |
+    BlockRecompute``; see the mapping above ``AC_MODES``.
+
+    Raises:
+        ValueError: a mode or key dualpipe_fx does not apply (as ``validate_job_config``),
+            an integer option on a model without ``layers``, or
+            ``per_op_sac_force_recompute_mm_shapes_by_fqns`` naming modules of the model.
+    """
+    _check_activation_checkpoint(ac)
+    if ac.mode in ("none", "full"):
+        return None if ac.mode == "none" else "full"
+    every = _selective_every(ac)
+    if every is None:
+        _check_forced_mm_fqns(ac, model)
+        return "selective"
+    return BlockRecompute(ac_blocks(model, every))
 
 
 def _check_other_parallelisms(job_config) -> None:
@@ -211,7 +333,7 @@ def validate_job_config(job_config) -> None:
         pipeline_parallel_degree >= 2
         schedule known, balance in (flops, measured)
         C = local_batch_size / microbatch_size fits the schedule (e.g. C >= 2N)
-        no activation checkpointing (selective + split backward named explicitly)
+        activation_checkpoint: mode none/full/selective ("op" or an int), no debug
         no TP/CP/DP/EP, no torch.compile of model parts, split_points count, no clipping with DualPipe
         validation batch shape == training's; keys map onto dualpipe_fx.compile arguments
 
@@ -225,8 +347,8 @@ def validate_job_config(job_config) -> None:
         return
     _check_enable(job_config)
     spec = _check_schedule(job_config)
-    program = _check_microbatches(job_config, spec)
-    _check_activation_checkpoint(job_config, spec, program)
+    _check_microbatches(job_config, spec)
+    _check_activation_checkpoint(job_config.activation_checkpoint)
     _check_other_parallelisms(job_config)
     _check_split_points(job_config, spec)
     _check_replicated_params(job_config, spec)

@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from titan_integration.config import compile_kwargs, num_microbatches
+from titan_integration.config import compile_kwargs, num_microbatches, recompute_arg
 
 
 class StageLocalModel(nn.Module):
@@ -204,6 +204,9 @@ def _compile(model, loss_fn, job_config, device, group, num_mb: int):
     tokens = torch.zeros(mb_size, seq_len, dtype=torch.long, device=device)
     labels = torch.zeros(mb_size, seq_len, dtype=torch.long, device=device)
     kwargs = compile_kwargs(job_config.dualpipe_fx)
+    # torchtitan's [activation_checkpoint], applied to the stage graphs (its own wrappers are
+    # never applied here: parallelize_fn is not called)
+    kwargs["recompute"] = recompute_arg(job_config.activation_checkpoint, model)
     kwargs["timeout"] = timedelta(seconds=job_config.comm.init_timeout_seconds)
     try:
         return dualpipe_fx.compile(model, loss_fn, (tokens,), labels, num_microbatches=num_mb,
@@ -251,14 +254,17 @@ def pipeline_dualpipe_fx(model: nn.Module, parallel_dims, job_config, device: to
 
     **Contract**: torchtitan's ``PipeliningFunction``: ``(meta model, parallel_dims,
     job_config, device, model_args, parallelize_fn, loss_fn) -> (schedule, [part],
-    has_first_stage, has_last_stage)``. ``parallelize_fn`` is not applied (no TP/FSDP/AC
-    on FX stage graphs; ``validate_job_config`` rejects configs that would need it).
+    has_first_stage, has_last_stage)``. ``parallelize_fn`` is not applied (no TP/FSDP on FX
+    stage graphs, ``validate_job_config`` rejects configs that would need it; its activation
+    checkpoint wrappers are replaced by ``compile(recompute=...)`` from
+    ``[activation_checkpoint]``, so nothing is recomputed twice).
 
     **Pseudocode**::
 
         materialise the meta model on device; init_weights under debug.seed
         C = local_batch_size / pipeline_parallel_microbatch_size
-        pipeline = dualpipe_fx.compile(model, loss_fn, one micro-batch, group=pp group)
+        recompute = [activation_checkpoint] as None | "full" | "selective" | BlockRecompute
+        pipeline = dualpipe_fx.compile(model, loss_fn, one micro-batch, recompute, group=pp group)
         part = StageLocalModel(pipeline.named_parameters())
         return DualPipeFxSchedule(pipeline), [part], True, True  # every rank feeds data, sees loss
 

@@ -2,8 +2,12 @@
 validation time with an error that names the key."""
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
+import torch
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 
 pytest.importorskip("torchtitan", reason="torchtitan is the optional 'titan' extra")
 
@@ -52,9 +56,15 @@ def test_section_is_known_without_custom_config_module(tmp_path):
      "parallelism.pipeline_parallel_microbatch_size", "C >= 4"),
     (["--parallelism.pipeline_parallel_microbatch_size", "3"],
      "parallelism.pipeline_parallel_microbatch_size", "divide"),
-    (["--activation_checkpoint.mode", "selective"],
-     "activation_checkpoint.mode", "Trying to backward an extra time"),
-    (["--activation_checkpoint.mode", "full"], "activation_checkpoint.mode", "not applied"),
+    (["--activation_checkpoint.mode", "memory_budget"], "activation_checkpoint.mode", "\"full\""),
+    (["--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "-1"],
+     "activation_checkpoint.selective_ac_option", "\"op\""),
+    (["--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "layer"],
+     "activation_checkpoint.selective_ac_option", "integer"),
+    (["--activation_checkpoint.mode", "full", "--activation_checkpoint.debug"],
+     "activation_checkpoint.debug", "= false"),
+    (["--activation_checkpoint.mode", "full", "--activation_checkpoint.determinism_check", "strict"],
+     "activation_checkpoint.determinism_check", "\"default\""),
     (["--dualpipe_fx.schedule", "zb-vv"], "dualpipe_fx.schedule", "known schedules"),
     (["--dualpipe_fx.split_points", "layers.3"], "dualpipe_fx.split_points", "exactly 3"),
     (["--parallelism.tensor_parallel_degree", "2"], "parallelism.tensor_parallel_degree", "= 1"),
@@ -77,28 +87,78 @@ def test_microbatch_rule_follows_the_schedule():
     assert dpfx_config.num_microbatches(cfg) == 2
 
 
-def test_selective_ac_without_split_backward_gets_the_general_message():
-    cfg = parse("--dualpipe_fx.no-enable")  # disabled: nothing is checked
-    cfg.dualpipe_fx.enable = True
-    cfg.dualpipe_fx.schedule = "gpipe"
-    cfg.activation_checkpoint.mode = "selective"
+@pytest.mark.parametrize("extra, recompute", [
+    ([], None),
+    (["--activation_checkpoint.mode", "full"], "full"),
+    (["--activation_checkpoint.mode", "full", "--activation_checkpoint.early_stop",
+      "--activation_checkpoint.no-preserve_rng_state"], "full"),
+    (["--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "op"],
+     "selective"),
+])
+def test_activation_checkpoint_modes_are_accepted(extra, recompute):
+    from torchtitan.protocols.train_spec import get_train_spec
+
+    cfg = parse(*extra)  # validates
+    spec = get_train_spec("llama3")
+    with torch.device("meta"):
+        model = spec.model_cls(spec.model_args["debugmodel"])
+    # torchtitan's default per_op_sac_force_recompute_mm_shapes_by_fqns (moe.router.gate)
+    # matches nothing in llama3, so op-level SAC maps cleanly
+    assert dpfx_config.recompute_arg(cfg.activation_checkpoint, model) == recompute
+
+
+class _Blocks(nn.Module):
+    def __init__(self, n=5):
+        super().__init__()
+        self.layers = nn.ModuleDict({str(i): nn.Linear(2, 2) for i in range(n)})
+
+
+@pytest.mark.parametrize("option", ["1", "2", "3", "0", "9"])
+def test_layer_sac_picks_torchtitans_blocks(monkeypatch, option):
+    """The blocks BlockRecompute recomputes are those torchtitan's apply_ac wraps."""
+    from torchtitan.distributed import activation_checkpoint as titan_ac
+
+    cfg = parse("--activation_checkpoint.mode", "selective",
+                "--activation_checkpoint.selective_ac_option", option)
+    policy = dpfx_config.recompute_arg(cfg.activation_checkpoint, _Blocks())
+    assert isinstance(policy, dpfx_config.BlockRecompute)
+    monkeypatch.setattr(titan_ac, "_layer_sac_count", 0)  # its count of blocks seen so far
+    monkeypatch.setattr(torch._C._dynamo.eval_frame, "_set_lru_cache", lambda flag: None)
+    wrapped = _Blocks()
+    titan_ac.apply_ac(wrapped, cfg.activation_checkpoint)
+    want = [f"layers.{name}" for name, block in wrapped.layers.named_children()
+            if isinstance(block, CheckpointWrapper)]
+    assert list(policy.blocks) == want
+
+
+def test_block_recompute_policy_reads_the_module_fqn():
+    policy = dpfx_config.BlockRecompute(["layers.1", "layers.3"])
+    node = lambda module: SimpleNamespace(meta={} if module is None else {"dpfx_module": module})  # noqa: E731
+    answers = {m: policy(node(m)) for m in ("layers.1", "layers.1.attention.wq", "layers.3.feed_forward",
+                                             "layers.10", "layers.0.attention", "norm", "", None)}
+    assert answers == {"layers.1": "recompute", "layers.1.attention.wq": "recompute",
+                       "layers.3.feed_forward": "recompute", "layers.10": "save",
+                       "layers.0.attention": "save", "norm": "save", "": "save",
+                       None: "recompute"}  # no module: the tracer's detach of a parameter
+
+
+def test_activation_checkpoint_errors_that_need_the_model():
+    cfg = parse("--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "2")
+    with pytest.raises(ValueError, match="activation_checkpoint.selective_ac_option.*no `layers`"):
+        dpfx_config.recompute_arg(cfg.activation_checkpoint, nn.Linear(2, 2))
+    cfg = parse("--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "op",
+                "--activation_checkpoint.per_op_sac_force_recompute_mm_shapes_by_fqns", "layers.1")
     with pytest.raises(ValueError) as info:
-        dpfx_config.validate_job_config(cfg)
-    assert "activation_checkpoint.mode" in str(info.value)
-    assert "extra time" not in str(info.value)
+        dpfx_config.recompute_arg(cfg.activation_checkpoint, _Blocks())
+    message = str(info.value)
+    assert "activation_checkpoint.per_op_sac_force_recompute_mm_shapes_by_fqns" in message
+    assert "['layers.1']" in message and "= []" in message, message
 
 
 def test_disabled_section_checks_nothing():
     cfg = parse("--dualpipe_fx.no-enable", "--parallelism.pipeline_parallel_degree", "1",
-                "--activation_checkpoint.mode", "selective")
+                "--activation_checkpoint.mode", "memory_budget")
     assert cfg.dualpipe_fx.enable is False
-
-
-def test_split_backward_detection_reads_the_program():
-    from dualpipe_fx.schedules import generate
-
-    assert dpfx_config.splits_backward(generate("dualpipev", 2, 4))
-    assert not dpfx_config.splits_backward(generate("gpipe", 2, 4))
 
 
 def test_committed_tokenizer_is_reproducible(tmp_path):

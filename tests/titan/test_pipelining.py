@@ -141,6 +141,8 @@ def test_section_keys_map_onto_compile_arguments():
     assert kwargs == {"schedule": "dualpipev", "compile_stages": False, "cost": "measured",
                       "split_points": ["layers.1", "layers.3", "layers.5"], "overlap": False}
     assert set(kwargs) <= set(inspect.signature(dualpipe_fx.compile).parameters)
+    # [activation_checkpoint] travels separately (it needs the model): recompute_arg
+    assert "recompute" in inspect.signature(dualpipe_fx.compile).parameters
 
 
 def test_model_that_does_not_trace_is_named(monkeypatch):
