@@ -2,8 +2,11 @@
 
 Rebuilds: the 2-rank DualPipeV run trains exactly like torchtitan's own single-process
 run without pipeline parallelism (same seed, same data): equal step-1 loss, later losses
-following; and a run resumed from the step-2 checkpoint gives the uninterrupted step-3 loss.
+following; a run resumed from the step-2 checkpoint gives the uninterrupted step-3 loss; and
+torchtitan's [activation_checkpoint] modes (full, selective op, selective every 2nd block)
+train exactly like no AC while every stage saves fewer bytes per micro-batch.
 """
+import json
 import os
 import re
 import shutil
@@ -98,3 +101,63 @@ def test_resume_from_step2_checkpoint_gives_the_same_step3_loss(pipelined, tmp_p
     assert "Training starts at step 3" in log, log[-4000:]
     assert sorted(resumed) == [STEPS]
     assert resumed[STEPS] == pytest.approx(losses[STEPS], rel=1e-5)
+
+
+# One torchrun job trains these one after another (tests/titan/ac_runs.py): one interpreter
+# start for four short trainings instead of four.
+AC_RUNS = {
+    "none": [],
+    "full": ["--activation_checkpoint.mode", "full"],
+    "op": ["--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "op"],
+    "every2": ["--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "2"],
+}
+
+
+@pytest.fixture(scope="module")
+def ac_runs(tmp_path_factory):
+    """``{rank: {run: {losses, grad_norms, saved, recompute, checkpoint_wrappers}}}``."""
+    out = tmp_path_factory.mktemp("ac_runs")
+    ports = ",".join(str(_free_port()) for _ in AC_RUNS)
+    runs = [f"{name}:{','.join(flags)}" for name, flags in AC_RUNS.items()]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           os.path.join(REPO, "tests", "titan", "ac_runs.py"), str(out), ports, *runs, "--",
+           "--job.config_file", TOML, "--model.hf_assets_path", TOKENIZER,
+           "--job.dump_folder", str(out / "dump"), "--training.steps", str(STEPS)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1",
+           "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=RUN_TIMEOUT_S)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    return {rank: json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)}
+
+
+def test_activation_checkpoint_modes_train_like_no_ac(baseline, ac_runs):
+    for rank, runs in ac_runs.items():
+        plain = runs["none"]
+        assert sorted(map(int, plain["losses"])) == list(range(1, STEPS + 1)), (rank, plain)
+        for step, loss in plain["losses"].items():
+            assert loss == pytest.approx(baseline[int(step)], rel=1e-3), (rank, step, loss, baseline)
+        for name in ("full", "op", "every2"):
+            # recomputation reruns the same ops on the same values: the same numbers
+            assert runs[name]["losses"] == pytest.approx(plain["losses"], rel=1e-6), (rank, name)
+            assert runs[name]["grad_norms"] == pytest.approx(plain["grad_norms"], rel=1e-6), (rank, name)
+
+
+def test_activation_checkpoint_modes_map_onto_recompute(ac_runs):
+    for runs in ac_runs.values():
+        assert {name: run["recompute"] for name, run in runs.items()} == {
+            "none": "None", "full": "'full'", "op": "'selective'",
+            "every2": "BlockRecompute(['layers.1', 'layers.3', 'layers.5'])"}
+        # torchtitan's own checkpoint wrappers never reach the model on the pipelining path
+        assert all(run["checkpoint_wrappers"] == 0 for run in runs.values())
+
+
+def test_activation_checkpoint_modes_save_fewer_bytes(ac_runs):
+    for rank, runs in ac_runs.items():
+        plain, full, op, every2 = (runs[n]["saved"] for n in ("none", "full", "op", "every2"))
+        assert len(plain) == 2, plain  # DualPipeV: two stages per rank
+        for stage, none_bytes in plain.items():
+            assert full[stage] < op[stage] < none_bytes, (rank, stage, runs)
+            assert every2[stage] <= none_bytes, (rank, stage, runs)
+        assert sum(every2.values()) < sum(plain.values()), (rank, runs)

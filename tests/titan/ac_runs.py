@@ -1,0 +1,83 @@
+"""Worker for tests/titan/test_train.py: several short trainings in ONE torchrun job.
+
+``torchrun --nproc_per_node 2 tests/titan/ac_runs.py OUT_DIR PORTS RUN [RUN ...] -- TRAIN_ARGS``
+where each RUN is ``name:--flag,value,--flag,...`` (extra torchtitan arguments for that run)
+and PORTS gives each run its own free port (``p1,p2,...``). Each run is
+``titan_integration.train.main``'s sequence (parse, DualPipeFxTrainer, train, close,
+destroy the process group), so one interpreter start and one import of torchtitan serve
+every run. Each run's process group gets a fresh TCP store on its own port: in the store
+torchrun's agent keeps for the whole job, a second process group would find the first
+one's rendezvous keys and connect to ranks that are gone. Rank r writes ``OUT_DIR/rank{r}.json``: per run, the losses and grad norms
+torchtitan logged, the bytes each of this rank's stages saves per micro-batch, the
+recompute argument compile() got, and how many torch.utils.checkpoint wrappers the model
+carries (torchtitan's own AC must not be applied on the pipelining path).
+"""
+import json
+import os
+import sys
+
+import torch.distributed as dist
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+from torchtitan.tools.logging import init_logger
+
+from passes.split_backward import saved_bytes
+from titan_integration import config as dpfx_config
+from titan_integration.cpu import use_cpu_when_no_gpu
+from titan_integration.data import register_tiny_dataset
+from titan_integration.train import DualPipeFxTrainer, _prepare, parse_job_config
+
+
+def _record_metrics(trainer, record: dict) -> None:
+    """Keep the (step, loss, grad norm) torchtitan's metrics processor is asked to log."""
+    log = trainer.metrics_processor.log
+
+    def logged(step, global_avg_loss, global_max_loss, grad_norm, *args, **kwargs):
+        record["losses"][step] = float(global_avg_loss)
+        record["grad_norms"][step] = float(grad_norm)
+        return log(step, global_avg_loss, global_max_loss, grad_norm, *args, **kwargs)
+
+    trainer.metrics_processor.log = logged
+
+
+def _describe(trainer, job_config) -> dict:
+    pipeline = trainer.pp_schedule.pipeline
+    recompute = dpfx_config.recompute_arg(job_config.activation_checkpoint, pipeline.model)
+    return {"saved": {str(s): saved_bytes(stage.flat_graphs) for s, stage in pipeline.stages.items()},
+            "recompute": repr(recompute),
+            "checkpoint_wrappers": sum(isinstance(m, CheckpointWrapper) for m in pipeline.model.modules()),
+            "losses": {}, "grad_norms": {}}
+
+
+def run(train_args: list[str], extra: list[str], port: str) -> dict:
+    os.environ.update(TORCHELASTIC_USE_AGENT_STORE="False", MASTER_PORT=port)
+    job_config = parse_job_config([*train_args, *extra])
+    _prepare(job_config)
+    trainer = DualPipeFxTrainer(job_config)
+    try:
+        record = _describe(trainer, job_config)
+        _record_metrics(trainer, record)
+        trainer.train()
+    finally:
+        trainer.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return record
+
+
+def main(argv: list[str]) -> None:
+    split = argv.index("--")
+    out_dir, ports, runs, train_args = argv[0], argv[1].split(","), argv[2:split], argv[split + 1:]
+    assert len(ports) == len(runs), (ports, runs)
+    init_logger()
+    use_cpu_when_no_gpu()
+    register_tiny_dataset()
+    results = {}
+    for spec, port in zip(runs, ports):
+        name, _, flags = spec.partition(":")
+        results[name] = run(train_args, [f for f in flags.split(",") if f], port)
+    with open(os.path.join(out_dir, f"rank{os.environ['RANK']}.json"), "w") as f:
+        json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
