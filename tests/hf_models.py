@@ -144,7 +144,7 @@ def _input_ids_as_kwarg(case: Case) -> Case:
 
 # name -> Case factory: the families CI checks on every run, each a few seconds of tracing.
 # (Mistral and Qwen3-MoE pass too but add no pattern: Llama's and Mixtral's + Qwen3's.)
-# The four llama/gpt2 ones are the pipelined (2-rank) set too.
+# PIPELINED is the 2-rank DualPipeV set (tests/runtime/test_transformers_pipelined.py).
 CASES: dict[str, Callable[[], Case]] = {
     "llama-sdpa-mask": lambda: _causal_case(llama("sdpa")),
     "llama-eager-kwarg-ids": lambda: _input_ids_as_kwarg(_causal_case(llama("eager"), kwargs_mask=False)),
@@ -162,4 +162,6 @@ CASES: dict[str, Callable[[], Case]] = {
     "bart": _bart_case,
     "vit-cls": _vit_case,
 }
-PIPELINED = ["llama-sdpa-mask", "llama-eager-kwarg-ids", "gpt2-sdpa", "gpt2-eager-mask"]
+PIPELINED = ["llama-sdpa-mask", "llama-eager-kwarg-ids", "gpt2-sdpa", "gpt2-eager-mask",
+             "mixtral-grouped_mm"]
+TIED = PIPELINED[:4]  # lm_head.weight is the input embedding

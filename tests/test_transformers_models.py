@@ -49,7 +49,7 @@ def test_four_stages_in_sequence_give_eager_loss_and_grads(name):
     _assert_matches(loss, grads, *_eager(case), name)
     # every parameter, the tied LM head's alias too, gets a grad
     assert {n for n, _ in case.model.named_parameters(remove_duplicate=False)} <= grads.keys()
-    if name in hm.PIPELINED:
+    if name in hm.TIED:
         # one tensor, two uses: the embedding in stage 0 and the LM head in the last stage
         # (both on rank 0 under DualPipeV); its grad is the sum of both
         emb = case.model.get_input_embeddings().weight
