@@ -10,7 +10,7 @@ split against plain autograd before going distributed.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Collection, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -36,9 +36,12 @@ def _stage_io_bytes(gm: torch.fx.GraphModule) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class Split:
-    """The result of :func:`split`: per-stage graphs and the partition they came from."""
+    """The result of :func:`split`: per-stage graphs and the partition they came from.
 
-    stages: tuple[StageGraphs, ...]
+    ``stages[s]`` is None for a stage left out by ``split(..., only_stages=...)``.
+    """
+
+    stages: tuple[Optional[StageGraphs], ...]
     partition: StagePartition
     model: nn.Module
     placement: Mapping[int, int]
@@ -53,13 +56,15 @@ class Split:
         and the bytes F saves for the backward, per micro-batch."""
         named = dict(self.model.named_parameters())
         rows = [("stage", "rank", "params", "fwd FLOPs", "act in (B)", "act out (B)", "saved (B)")]
-        for sg, gm in zip(self.stages, self.partition.stages):
-            n_params = sum(named[n].numel() for n in sg.param_names)
+        last = len(self.stages) - 1
+        for s, (sg, gm) in enumerate(zip(self.stages, self.partition.stages)):
+            n_params = sum(named[n].numel() for n in _param_names(gm))
             flops = sum(c.flops for c in node_costs(gm).values())
             a_in, a_out = _stage_io_bytes(gm)
-            out_desc = "loss" if sg.is_last else f"{a_out:,}"
-            rows.append((str(sg.index), str(self.placement[sg.index]), f"{n_params:,}",
-                         f"{flops:,.0f}", f"{a_in:,}", out_desc, f"{saved_bytes(sg):,}"))
+            out_desc = "loss" if s == last else f"{a_out:,}"
+            saved = "-" if sg is None else f"{saved_bytes(sg):,}"  # not split (only_stages)
+            rows.append((str(s), str(self.placement[s]), f"{n_params:,}",
+                         f"{flops:,.0f}", f"{a_in:,}", out_desc, saved))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
         lines.append(f"balance (max/mean cost): {self.balance:.3f}")
@@ -86,6 +91,10 @@ class Split:
         Raises:
             TypeError/ValueError: other shapes, keywords or non-tensor values than the example's.
         """
+        missing = [s for s, sg in enumerate(self.stages) if sg is None]
+        if missing:
+            raise ValueError(f"Split.run: stages {missing} were not split (only_stages); expected every stage. "
+                             "Fix: call dualpipe_fx.split() without only_stages")
         inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
         external = self.partition.captured.call.values(inputs, kwargs, "Split.run",
                                                        "call dualpipe_fx.split() again")
@@ -133,6 +142,21 @@ class Split:
         return grads
 
 
+def _param_names(gm: torch.fx.GraphModule) -> list[str]:
+    return [n.meta["dpfx_name"] for n in gm.graph.nodes if n.op == "placeholder" and n.meta.get("dpfx_kind") == "param"]
+
+
+def _only(only_stages: Optional[Collection[int]], num_stages: int) -> set[int]:
+    if only_stages is None:
+        return set(range(num_stages))
+    wanted = set(only_stages)
+    bad = sorted(s for s in wanted if not isinstance(s, int) or not 0 <= s < num_stages)
+    if bad:
+        raise ValueError(f"only_stages={sorted(wanted, key=str)} names stages {bad} outside 0..{num_stages - 1}; "
+                         f"expected stage indices of the {num_stages} stages")
+    return wanted
+
+
 def _check_kwarg_names(example_kwargs: Optional[Mapping[str, Any]]) -> None:
     if example_kwargs is not None and "target" in example_kwargs:
         raise ValueError("example_kwargs has the key 'target', but step() and Split.run take target= for "
@@ -143,7 +167,8 @@ def _check_kwarg_names(example_kwargs: Optional[Mapping[str, Any]]) -> None:
 def split(model: nn.Module, loss_fn: Callable, example_inputs, example_target=None, num_stages: int = 4,
           *, example_kwargs: Optional[Mapping[str, Any]] = None, cost="flops",
           split_points: Optional[Sequence[str]] = None,
-          placement: Optional[Mapping[int, int]] = None, recompute: Policy = None) -> Split:
+          placement: Optional[Mapping[int, int]] = None, recompute: Policy = None, device=None,
+          only_stages: Optional[Collection[int]] = None) -> Split:
     """Capture ``model`` + ``loss_fn``, cut it into stages, split each stage's backward.
 
     **Contract**: ``(model, loss_fn, one example micro-batch) -> Split`` with
@@ -152,9 +177,10 @@ def split(model: nn.Module, loss_fn: Callable, example_inputs, example_target=No
 
     **Pseudocode**::
 
-        captured = capture(model, loss_fn, example_inputs, example_target, example_kwargs=...)
+        captured = capture(model, loss_fn, example_inputs, example_target, example_kwargs=..., device=device)
         partition = split_stages(captured, num_stages, cost, split_points, placement)
-        stages = [split_backward(gm, index=s, is_last=s == S-1, recompute=recompute) for s, gm in enumerate(partition.stages)]
+        stages = [split_backward(gm, index=s, is_last=s == S-1, recompute=recompute) if s in only_stages else None
+                  for s, gm in enumerate(partition.stages)]
 
     Args:
         model, loss_fn, example_inputs, example_target, example_kwargs: as
@@ -171,21 +197,28 @@ def split(model: nn.Module, loss_fn: Callable, example_inputs, example_target=No
             stage inputs only; I recomputes the forward once, W reads it from I),
             ``"selective"`` (save matmul and attention outputs, recompute the rest) or
             ``policy(node) -> "save" | "recompute"`` (see ``passes.recompute``).
+        device: where the graphs will run; needed for a model built under
+            ``torch.device("meta")`` (traced on fake tensors of ``device``, see
+            ``passes.capture.capture``).
+        only_stages: the stages whose I/W split runs (default: all); the others are None in
+            ``Split.stages``. A pipeline rank splits only the stages it runs.
 
     Returns:
         :class:`Split`.
 
     Raises:
         passes.capture.TraceError: the model cannot be traced (names the source line).
-        ValueError: an invalid ``num_stages``/``split_points``/``placement``, or a keyword
-            ``target``.
+        ValueError: an invalid ``num_stages``/``split_points``/``placement``/``only_stages``, or a
+            keyword ``target``; a tensor on meta and ``device=None``.
     """
     _check_kwarg_names(example_kwargs)
     recompute_policy(recompute)  # an unknown policy fails before the trace
-    captured = capture(model, loss_fn, example_inputs, example_target, example_kwargs=example_kwargs)
+    captured = capture(model, loss_fn, example_inputs, example_target, example_kwargs=example_kwargs,
+                       device=device)
     placement = default_placement(num_stages) if placement is None else dict(placement)
     partition = split_stages(captured, num_stages, cost=cost, split_points=split_points, placement=placement)
     last = len(partition.stages) - 1
-    stages = tuple(split_backward(gm, index=s, is_last=s == last, recompute=recompute)
+    wanted = _only(only_stages, len(partition.stages))
+    stages = tuple(split_backward(gm, index=s, is_last=s == last, recompute=recompute) if s in wanted else None
                    for s, gm in enumerate(partition.stages))
     return Split(stages=stages, partition=partition, model=model, placement=placement)

@@ -585,13 +585,69 @@ def _trace_error(model: nn.Module, exc: BaseException) -> TraceError:
 # Post-processing of the exported graph
 
 
-def _export(model, loss_fn, call: ModelCall, tensors, target):
+def _held(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    yield from model.named_parameters(remove_duplicate=False)
+    yield from model.named_buffers(remove_duplicate=False)
+
+
+def _fake_device(model: nn.Module, named_inputs: Sequence[tuple[str, Any]], device) -> Optional[torch.device]:
+    """The device to trace on with fake tensors, or None to trace the real ones.
+
+    A tensor on meta runs meta kernels (``scaled_dot_product_attention`` becomes bmm +
+    softmax there), so a model or example on meta is traced on fake tensors of ``device``.
+    """
+    named = list(_held(model)) + [(n, t) for n, t in named_inputs if isinstance(t, torch.Tensor)]
+    on_meta = [n for n, t in named if t.is_meta]
+    if not on_meta:
+        return None
+    if device is None:
+        raise ValueError(f"capture(): {on_meta[:3]} {'is' if len(on_meta) == 1 else 'are'} on meta and "
+                         "device=None; expected the device the graphs will run on. Fix: pass device='cpu' "
+                         "(or 'cuda', ...), so that the trace uses that device's kernels")
+    return torch.device(device)
+
+
+def _fake_like(mode, t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    with mode:
+        return torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device=device)
+
+
+@contextlib.contextmanager
+def _fake_model(model: nn.Module, mode, device: torch.device) -> Iterator[None]:
+    """While active, every parameter and buffer of ``model`` is a fake tensor of ``device``
+    (tied tensors stay tied); the model's own tensors are put back after."""
+    fakes: dict[int, torch.Tensor] = {}
+    undo: list[tuple[nn.Module, str, torch.Tensor]] = []
+    try:
+        for module in model.modules():
+            for name, t in [*module.named_parameters(recurse=False, remove_duplicate=False),
+                            *module.named_buffers(recurse=False, remove_duplicate=False)]:
+                if id(t) not in fakes:
+                    fake = _fake_like(mode, t, device)
+                    fakes[id(t)] = nn.Parameter(fake, t.requires_grad) if isinstance(t, nn.Parameter) else fake
+                undo.append((module, name, t))
+                setattr(module, name, fakes[id(t)])
+        yield
+    finally:
+        for module, name, t in reversed(undo):
+            setattr(module, name, t)
+
+
+def _export(model, loss_fn, call: ModelCall, tensors, target, device: Optional[torch.device] = None):
     wrapper = _WithLoss(model, loss_fn, call, target is not None)
     args = (*tensors, target) if target is not None else tuple(tensors)
     recorder = _RegionRecorder()
     try:
-        with recorder.patched(), _compat.on_checkpoint_regions(_mark_recompute):
-            ep = torch.export.export(wrapper, args, strict=False)
+        with contextlib.ExitStack() as fake:
+            if device is not None:
+                # torch.export takes fake inputs under an active fake mode; constants made
+                # in forward (torch.tensor(...)) stay real, hence non-fake inputs are allowed
+                mode = _compat.FakeTensorMode(allow_non_fake_inputs=True)
+                args = tuple(_fake_like(mode, a, device) for a in args)
+                fake.enter_context(_fake_model(model, mode, device))
+                fake.enter_context(mode)
+            with recorder.patched(), _compat.on_checkpoint_regions(_mark_recompute):
+                ep = torch.export.export(wrapper, args, strict=False)
     except TraceError:
         raise
     except Exception as exc:  # noqa: BLE001 - re-raised as TraceError naming the user's line
@@ -786,7 +842,7 @@ def _as_kwargs(example_kwargs) -> dict[str, Any]:
 
 
 def capture(model: nn.Module, loss_fn: Callable, example_inputs, example_target=None, *,
-            example_kwargs: Optional[Mapping[str, Any]] = None) -> Captured:
+            example_kwargs: Optional[Mapping[str, Any]] = None, device=None) -> Captured:
     """Trace ``loss_fn(model(*args, **kwargs), target)`` into one ATen-level FX graph.
 
     **Contract**: ``(model, loss_fn, example micro-batch) -> Captured`` whose ``gm`` maps
@@ -803,6 +859,7 @@ def capture(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
     **Pseudocode**::
 
         wrap model+loss (non-tensor kwargs as constants); patch Function.apply to tag regions
+        anything on meta: params, buffers and inputs become fake tensors of `device` for the trace
         ep = torch.export.export(wrapper, (*tensor_inputs, target), strict=False)
         reject buffer/input mutation; merge tied params; constants -> get_attr
         annotate placeholders, module FQNs, regions; lint; recompile
@@ -815,6 +872,11 @@ def capture(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
         example_target: the target tensor, or None.
         example_kwargs: keyword arguments of the model: tensors (or pytrees of tensors) are
             graph inputs like ``example_inputs``; anything else is a constant of the graph.
+        device: where the graphs will run. Needed when the model (built under
+            ``torch.device("meta")``) or an example is on meta: the trace then runs on fake
+            tensors of ``device``, so it records that device's kernels (CPU SDPA stays
+            ``_scaled_dot_product_flash_attention_for_cpu``, not meta's bmm + softmax), and
+            ``meta["val"]`` is on ``device``. The model is left as it was.
 
     Returns:
         :class:`Captured`.
@@ -823,11 +885,13 @@ def capture(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
         TraceError: the model cannot be traced (the message names the user's source line
             and suggests a fix), or mutates buffers/inputs in forward.
         TypeError: non-tensor positional inputs, non-scalar loss.
+        ValueError: a tensor on meta and ``device=None``.
     """
     inputs, kwargs = _as_inputs(example_inputs), _as_kwargs(example_kwargs)
     call = ModelCall.of(inputs, kwargs)
     found = call.values(inputs, kwargs, "capture()", "")
-    ep, layout = _export(model, loss_fn, call, [found[n] for n in call.names], example_target)
+    fake_on = _fake_device(model, [*found.items(), ("target", example_target)], device)
+    ep, layout = _export(model, loss_fn, call, [found[n] for n in call.names], example_target, fake_on)
     _check_mutations(ep)
     gm = ep.graph_module
     params, buffers, aliases = _lift_placeholders(gm, ep, model, call.names)
