@@ -1,13 +1,16 @@
 """``dualpipe_fx.compile``: one call from a model to this rank's pipelined trainer.
 
 **Contract**: ``compile(model, loss_fn, example_inputs, example_target, *, example_kwargs,
-schedule, num_microbatches, group, ...) -> Pipeline``, called on every rank of ``group``
-with the same model (same weights) and example; nothing is communicated until ``step()``.
+schedule, num_microbatches, group, device, param_init_fn, ...) -> Pipeline``, called on every
+rank of ``group`` with the same model (same weights, or built on meta and seeded alike) and
+example; nothing is communicated until ``step()``.
 
 **Pseudocode**
     check the schedule fits the world size and micro-batch count, and the devices agree
     program = the schedule's per-rank actions (N ranks, C micro-batches)
-    split = capture + cut into the program's model parts + I/W split (every rank, same result)
+    split = capture (fake tensors of `device` if anything is on meta) + cut into the
+            program's model parts (every rank, same result) + I/W split of this rank's parts
+    allocate + initialise this rank's meta params/buffers on `device` (runtime.materialize)
     return build_pipeline(model, split.stages, program, ...)   # keeps this rank's stages
 """
 from __future__ import annotations
@@ -19,8 +22,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dualpipe_fx.runtime.build import build_pipeline
+from dualpipe_fx.runtime.build import build_pipeline, local_names, local_parts
 from dualpipe_fx.runtime.errors import PeerTimeoutError, check_world  # noqa: F401  re-exported
+from dualpipe_fx.runtime.materialize import materialize
 from dualpipe_fx.runtime.pipeline import Pipeline
 from dualpipe_fx.schedules import generate, get_schedule
 from dualpipe_fx.schedules.ir import Program
@@ -33,8 +37,7 @@ def _as_tuple(example_inputs) -> tuple[torch.Tensor, ...]:
     return (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
 
 
-def _check_devices(model: nn.Module, examples: tuple, target, kwargs) -> None:
-    devices = {p.device for p in model.parameters()}
+def _example_tensors(examples: tuple, target, kwargs) -> list[tuple[str, torch.Tensor]]:
     named = [(f"input {i}", t) for i, t in enumerate(examples)]
     if isinstance(kwargs, Mapping):  # non-tensor keyword values are constants: no device
         named += [(f"kwargs[{k!r}]", t) for k, v in kwargs.items() for t in tree_flatten(v)[0]
@@ -43,9 +46,50 @@ def _check_devices(model: nn.Module, examples: tuple, target, kwargs) -> None:
     for what, t in named:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"compile(): example {what} is a {type(t).__name__}; expected tensors")
-        if devices and t.device not in devices:
-            raise ValueError(f"compile(): example {what} is on {t.device} but the model's parameters are "
-                             f"on {sorted(map(str, devices))}; move both to one device")
+    return named
+
+
+def _model_devices(model: nn.Module) -> set[torch.device]:
+    return {t.device for t in (*model.parameters(), *model.buffers())}
+
+
+def _resolve(device) -> torch.device:
+    """``device`` with an index where the type has one (``cuda`` -> ``cuda:<current>``)."""
+    device = torch.device(device)
+    if device.index is None and device.type not in ("cpu", "meta"):
+        module = torch.get_device_module(device.type)
+        device = torch.device(device.type, module.current_device())
+    return device
+
+
+def _check_devices(model: nn.Module, examples: tuple, target, kwargs, device) -> torch.device:
+    """Where the stages run; the model's tensors and the examples must be there or on meta."""
+    named = _example_tensors(examples, target, kwargs)
+    held = _model_devices(model)
+    if device is None:
+        if any(d.type == "meta" for d in held):
+            raise ValueError("compile(): the model's parameters are on meta and device=None; expected the "
+                             "device this rank's stages run on. Fix: pass device='cpu' (or 'cuda', ...): "
+                             "each rank then allocates only its own stages' parameters there")
+        real = sorted(held, key=str) or [t.device for _, t in named if not t.is_meta]
+        device = real[0] if real else torch.device("cpu")
+    elif torch.device(device).type == "meta":
+        raise ValueError("compile(device='meta'): expected the device the stages run on ('cpu', 'cuda', ...)")
+    device = _resolve(device)
+    found = [("the model's parameters", d) for d in sorted(held, key=str)]
+    found += [(f"example {what}", t.device) for what, t in named]
+    for what, d in found:
+        if d.type != "meta" and d != device:
+            raise ValueError(f"compile(): {what} is on {d} but the stages run on {device} (the model's "
+                             "device, or device=); expected every tensor there or on meta. Fix: move them "
+                             "to one device")
+    return device
+
+
+def _check_init_fn(param_init_fn) -> None:
+    if param_init_fn is not None and not callable(param_init_fn):
+        raise TypeError(f"compile(param_init_fn={param_init_fn!r}): expected a callable fn(module) that "
+                        "initialises the module's own parameters and buffers in place, or None")
 
 
 def _part_placement(program: Program) -> dict[int, int]:
@@ -84,7 +128,8 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
             num_microbatches: int, group: Optional[dist.ProcessGroup] = None,
             compile_stages: bool = False, timeout: timedelta = timedelta(seconds=300),
             cost="flops", split_points: Optional[Sequence[str]] = None, overlap: bool = True,
-            recompute=None) -> Pipeline:
+            recompute=None, device=None, param_init_fn: Optional[Callable[[nn.Module], None]] = None
+            ) -> Pipeline:
     """Pipeline ``model`` over the ranks of ``group`` with ``schedule``.
 
     Args:
@@ -107,13 +152,26 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
             False runs F then B.
         recompute: activation recomputation, as ``dualpipe_fx.split``: None, ``"full"``,
             ``"selective"`` or ``policy(node) -> "save" | "recompute"``.
+        device: where this rank's stages run (default: the model's and the examples'
+            device). Required for a model built under ``torch.device("meta")``: it is traced
+            on fake tensors of ``device`` (that device's kernels), and this rank allocates
+            there only its own stages' parameters and buffers; the others stay on meta.
+            Examples may be on meta or on ``device``.
+        param_init_fn: ``fn(module)``, called (grad off, under a seed from
+            ``torch.initial_seed()`` and the module's FQN) for each module owning a meta
+            parameter or buffer of this rank, to initialise its own tensors in place.
+            Default: ``module.reset_parameters()``. A module with neither gets its values
+            from ``Pipeline.load_state_dict``; ``step()`` refuses to run before that. See
+            ``dualpipe_fx.runtime.materialize`` for non-persistent buffers.
 
     Returns:
         this rank's ``Pipeline``.
 
     Raises:
         ValueError: the schedule does not fit the world size / micro-batch count, or the
-            examples and the model are on different devices (before any communication).
+            examples and the model are on different devices, or the model is on meta and
+            ``device`` is None, or a module without an initialiser owns a non-persistent
+            buffer on meta (before any communication).
     """
     if not dist.is_initialized():
         raise ValueError("compile(): torch.distributed is not initialized; call "
@@ -121,14 +179,19 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
     examples = _as_tuple(example_inputs)
     world = dist.get_world_size(group)
     check_world(schedule, world, num_microbatches, get_schedule(schedule))
-    _check_devices(model, examples, example_target, example_kwargs)
+    device = _check_devices(model, examples, example_target, example_kwargs, device)
+    _check_init_fn(param_init_fn)
     program = generate(schedule, world, num_microbatches)
     if isinstance(cost, str) and cost == "measured" and world > 1:
         cost = _RankZeroTimings(group)
+    mine = local_parts(program, dist.get_rank(group))
     parts = split(model, loss_fn, examples, example_target, program.num_model_parts, cost=cost,
                   split_points=split_points, placement=_part_placement(program),
-                  example_kwargs=example_kwargs, recompute=recompute)
-    captured = parts.partition.captured
+                  example_kwargs=example_kwargs, recompute=recompute, device=device, only_stages=mine)
+    partition = parts.partition
+    names = local_names(partition.stages, mine, partition.captured.param_aliases)
+    pending = materialize(model, names, device, param_init_fn)
     return build_pipeline(model, parts.stages, program, examples, example_target, num_microbatches,
                           group, timeout, compile_stages, overlap, example_kwargs=example_kwargs,
-                          call=captured.call, outputs=captured.output_layout)
+                          call=partition.captured.call, outputs=partition.captured.output_layout,
+                          part_graphs=partition.stages, device=device, pending=pending)

@@ -27,6 +27,7 @@ __all__ = [
     "current_tracer_graph",
     "make_fx",
     "make_functional_fx",
+    "non_persistent_buffers",
     "on_checkpoint_regions",
     "REENTRANT_CHECKPOINT",
     "TreeSpec",
@@ -141,3 +142,10 @@ def is_functional_collective(node: "torch.fx.Node") -> bool:
     return (node.op == "call_function" and isinstance(target, torch._ops.OpOverload)
             and target.namespace in _COLLECTIVE_NAMESPACES and not is_functional_wait(node))
 
+
+
+# --- capture on fake tensors (meta-device models) ---
+
+def non_persistent_buffers(module: torch.nn.Module) -> frozenset[str]:
+    """Names of ``module``'s own buffers that ``state_dict()`` leaves out (``persistent=False``)."""
+    return frozenset(module._non_persistent_buffers_set)

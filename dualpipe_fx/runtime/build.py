@@ -1,13 +1,16 @@
 """Build this rank's ``Pipeline`` from the split stage graphs and the schedule's program.
 
 **Contract**: ``build_pipeline(model, parts, program, examples, target, num_microbatches,
-group, timeout, compile_stages, overlap, example_kwargs=, call=, outputs=) -> Pipeline``;
-``parts[k]`` is model part ``k``'s ``StageGraphs``; stage ``s`` of the program runs
+group, timeout, compile_stages, overlap, example_kwargs=, call=, outputs=, part_graphs=,
+device=, pending=) -> Pipeline``; ``parts[k]`` is model part ``k``'s ``StageGraphs`` (None for
+a part this rank does not run); ``part_graphs[k]`` its stage graph from ``split_stages``
+(every part; their ``meta["val"]`` give the boundary metas); stage ``s`` of the program runs
 ``parts[program.model_part(s)]``; ``call``/``outputs`` (from ``passes.capture``) say how the
 model was called and what its output looks like (default: positional tensors in, flat out).
+``pending``: modules whose tensors wait for ``load_state_dict`` (``runtime.materialize``).
 
 **Pseudocode**
-    metas = run every part's forward once on the example micro-batch (local, no comms)
+    metas = each part's outputs' meta["val"] in the traced graphs (no forward runs)
     for each stage this rank runs: GraphStage(part graphs, neighbours, model's own params, metas)
     schedules = torch _PipelineScheduleRuntime over those stages, loaded with the program + comms
                 (and one with its forwards only, for no_grad steps); handlers registered on both
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from datetime import timedelta
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Collection, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -26,11 +29,11 @@ from torch import nn
 from dualpipe_fx import _compat
 from dualpipe_fx.runtime.executor import Executor
 from dualpipe_fx.runtime.lowering import forward_only, load_program
+from dualpipe_fx.runtime.materialize import Pending
 from dualpipe_fx.runtime.overlap import OverlapRunner
 from dualpipe_fx.runtime.pipeline import Pipeline
 from dualpipe_fx.runtime.stage import GraphStage, StagePlace, TensorMeta
 from dualpipe_fx.runtime.sync import shared_holders
-from dualpipe_fx.runtime.values import external_values
 from dualpipe_fx.schedules.ir import Program
 from passes.capture import ModelCall, OutputLayout
 from passes.stage_graphs import StageGraphs
@@ -50,19 +53,26 @@ def _meta(t: torch.Tensor) -> TensorMeta:
     return TensorMeta(tuple(t.shape), t.dtype, tuple(t.stride()))
 
 
-def trace_metas(parts: Sequence[StageGraphs], params: Sequence[tuple],
-                values: Mapping[str, Any]) -> tuple[list[tuple[TensorMeta, ...]], tuple[TensorMeta, ...]]:
+def _outputs(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    args = out.args[0]
+    return list(args) if isinstance(args, (tuple, list)) else [args]
+
+
+def graph_metas(part_graphs: Sequence[torch.fx.GraphModule]
+                ) -> tuple[list[tuple[TensorMeta, ...]], tuple[TensorMeta, ...]]:
     """Per part, the metas of its outputs; and the model outputs' metas (last part).
 
-    ``values``: the example micro-batch by graph-input name (``input:0``, ``kwarg:mask``, ``target``).
+    Read from the traced ``meta["val"]`` (fake tensors): no rank runs a forward with real
+    weights, and the strides are those the receiving stage's graphs were traced with.
     """
-    outs_metas, prev = [], ()
-    with torch.no_grad():
-        for k, graphs in enumerate(parts):
-            outputs, _ = graphs.forward(params[k], prev + external_values(graphs, values))
-            prev = tuple(outputs)
-            outs_metas.append(tuple(_meta(t) for t in prev))
-    return outs_metas, outs_metas[-1][1:]
+    metas = [tuple(_meta(v.meta["val"]) for v in _outputs(gm)) for gm in part_graphs]
+    return metas, metas[-1][1:]
+
+
+def _graph_names(gm: torch.fx.GraphModule, kind: str) -> tuple[str, ...]:
+    return tuple(n.meta["dpfx_name"] for n in gm.graph.nodes
+                 if n.op == "placeholder" and n.meta.get("dpfx_kind") == kind)
 
 
 def part_params(model: nn.Module, graphs: StageGraphs) -> tuple[torch.Tensor, ...]:
@@ -105,16 +115,34 @@ def _make_stages(model, parts, program, rank, metas, group, device, compile_stag
 def _device(model: nn.Module, examples: Sequence) -> torch.device:
     """Where the stages run: the examples' device (``compile`` checked they agree with the model's)."""
     for t in examples:
-        if isinstance(t, torch.Tensor):
+        if isinstance(t, torch.Tensor) and not t.is_meta:
             return t.device
     return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
-def _names_by_rank(parts, program) -> dict[int, set[str]]:
+def _names_by_rank(part_graphs, program) -> dict[int, set[str]]:
     names: dict[int, set[str]] = {}
     for stage, rank in program.stage_to_rank().items():
-        names.setdefault(rank, set()).update(parts[program.model_part(stage)].param_names)
+        names.setdefault(rank, set()).update(_graph_names(part_graphs[program.model_part(stage)], "param"))
     return names
+
+
+def local_parts(program: Program, rank: int) -> set[int]:
+    """The model parts ``rank`` runs."""
+    return {program.model_part(s) for s, r in program.stage_to_rank().items() if r == rank}
+
+
+def local_names(part_graphs: Sequence[torch.fx.GraphModule], parts: Collection[int],
+                aliases: Mapping[str, Sequence[str]]) -> set[str]:
+    """FQNs of the parameters and buffers the given parts read, tied aliases included."""
+    names = {n for k in parts for kind in ("param", "buffer") for n in _graph_names(part_graphs[k], kind)}
+    return names | {a for n in names for a in aliases.get(n, ())}
+
+
+def _local_state(model: nn.Module, stages: Mapping[int, GraphStage]) -> dict[str, torch.Tensor]:
+    """This rank's params and persistent buffers under every FQN the model's state_dict uses."""
+    local = {id(t) for stage in stages.values() for t in stage.params}
+    return {k: v for k, v in model.state_dict(keep_vars=True).items() if id(v) in local}
 
 
 def build_pipeline(model: nn.Module, parts: Sequence[StageGraphs], program: Program, examples: tuple,
@@ -122,15 +150,16 @@ def build_pipeline(model: nn.Module, parts: Sequence[StageGraphs], program: Prog
                    group: Optional[dist.ProcessGroup], timeout: timedelta,
                    compile_stages: bool = False, overlap: bool = True, *,
                    example_kwargs: Optional[Mapping[str, Any]] = None, call: Optional[ModelCall] = None,
-                   outputs: Optional[OutputLayout] = None) -> Pipeline:
+                   outputs: Optional[OutputLayout] = None,
+                   part_graphs: Sequence[torch.fx.GraphModule], device: Optional[torch.device] = None,
+                   pending: Optional[Mapping[str, Pending]] = None) -> Pipeline:
     """This rank's pipeline (see the module docstring)."""
     rank = dist.get_rank(group)
     example_kwargs = dict(example_kwargs or {})
     call = ModelCall.of(examples, example_kwargs) if call is None else call
     example_values = call.values(examples, example_kwargs, "compile()", "")
-    device = _device(model, [*example_values.values(), target])
-    params = [part_params(model, g) for g in parts]
-    metas, output_metas = trace_metas(parts, params, {**example_values, "target": target})
+    device = _device(model, [*example_values.values(), target]) if device is None else device
+    metas, output_metas = graph_metas(part_graphs)
     stages = _make_stages(model, parts, program, rank, metas, group, device, compile_stages)
     # gloo matches P2P by tag and moves data in the background: F&B pairs may send from
     # inside, and receives go two actions ahead. NCCL matches by order per peer (and runs
@@ -148,8 +177,8 @@ def build_pipeline(model: nn.Module, parts: Sequence[StageGraphs], program: Prog
                                              loss_fn=None, scale_grads=False)
         load_program(schedules[forwards], forward_only(program) if forwards else program, forwards, lookahead)
         executor.register(schedules[forwards])
-    return Pipeline(model=model, program=program, stages=stages, schedules=schedules, executor=executor,
-                    examples=examples, example_target=target, example_kwargs=example_kwargs, call=call,
-                    outputs=outputs, device=device, num_microbatches=num_microbatches,
-                    group=group, timeout=timeout, holders=shared_holders(_names_by_rank(parts, program)),
-                    output_metas=output_metas)
+    return Pipeline(state=_local_state(model, stages), program=program, stages=stages, schedules=schedules,
+                    executor=executor, examples=examples, example_target=target, example_kwargs=example_kwargs,
+                    call=call, outputs=outputs, device=device, num_microbatches=num_microbatches,
+                    group=group, timeout=timeout, holders=shared_holders(_names_by_rank(part_graphs, program)),
+                    output_metas=output_metas, pending=pending)

@@ -8,6 +8,7 @@ A sum-reduced ``loss_fn`` gives ``1/C`` of the whole-batch sum: scale it by ``C`
 """
 from __future__ import annotations
 
+import dataclasses
 from datetime import timedelta
 from typing import Iterator, Optional
 
@@ -16,8 +17,10 @@ import torch.distributed as dist
 from torch import nn
 
 from dualpipe_fx.runtime.errors import PeerTimeoutError, check_batch, check_inputs
+from dualpipe_fx.runtime.materialize import copy_into
 from dualpipe_fx.runtime.sync import exchange, set_aside_shared_grads, sync_shared_grads
 from dualpipe_fx.runtime.values import external_values
+from passes._compat import tree_map
 
 
 _RECOMPILE = "call dualpipe_fx.compile() again"
@@ -36,18 +39,21 @@ class Pipeline:
     concatenated over micro-batches along dim 0 (0-dim ones stacked), instead of the loss.
     """
 
-    def __init__(self, *, model, program, stages, schedules, executor, examples, example_target,
+    def __init__(self, *, state, program, stages, schedules, executor, examples, example_target,
                  num_microbatches, group, timeout, holders, output_metas, call, device,
-                 example_kwargs=None, outputs=None) -> None:
-        self.model = model
+                 example_kwargs=None, outputs=None, pending=None) -> None:
+        # No reference to the model or the examples: their shapes are all a step needs, and
+        # holding them would keep the other ranks' parameters of a real model alive.
+        self._state_tensors = dict(state)  # FQN -> this rank's param/persistent buffer (aliases too)
+        self._pending = dict(pending or {})  # module FQN -> materialize.Pending: no values yet
         self.program = program
         self.stages = stages
         self.schedule = schedules[False]  # torch's runtime, loaded with this rank's program
         self._schedules = schedules
         self._executor = executor
-        self.examples = tuple(examples)
-        self.example_kwargs = dict(example_kwargs or {})
-        self.example_target = example_target
+        self.examples = tuple(_shape_only(t) for t in examples)
+        self.example_kwargs = tree_map(_shape_only, dict(example_kwargs or {}))
+        self.example_target = _shape_only(example_target)
         self._call = call  # passes.capture.ModelCall: how step()'s arguments map to graph inputs
         self._example_values = call.values(self.examples, self.example_kwargs, "compile()", "")
         self._outputs = outputs  # passes.capture.OutputLayout, or None: a tensor or a flat tuple
@@ -84,33 +90,47 @@ class Pipeline:
             elif param.grad is not None:
                 param.grad.zero_()
 
-    def _state(self) -> dict[str, torch.Tensor]:
-        """Local params and persistent buffers under every FQN the model's state_dict uses."""
-        local = {id(p) for p in self._params.values()}
-        for stage in self.stages.values():
-            local.update(id(b) for b in stage.params[stage.num_params:])
-        keep = self.model.state_dict(keep_vars=True)
-        return {k: v for k, v in keep.items() if id(v) in local}
-
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """This rank's share of ``model.state_dict()``; the union over ranks is all of it."""
-        return {k: v.detach().clone() for k, v in self._state().items()}
+        """This rank's share of ``model.state_dict()``; the union over ranks is all of it.
+
+        Keys are the model's own FQNs, so ``torch.distributed.checkpoint`` can save it from
+        every rank and load it into the unsplit model or another pipeline layout.
+        """
+        self._check_initialised("state_dict()")
+        return {k: v.detach().clone() for k, v in self._state_tensors.items()}
 
     def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
         """Copy this rank's entries from ``state_dict`` (a full or a per-rank checkpoint).
 
-        Keys of other ranks' parameters are ignored; with ``strict`` a missing local key
-        raises ``KeyError`` naming it.
+        Only this rank's keys are read: of a full ``torch.load(path, mmap=True)`` checkpoint
+        a rank reads (and keeps resident, one tensor at a time) only its own pages. Keys of
+        other ranks' parameters are ignored; with ``strict`` a missing local key raises
+        ``KeyError`` naming it.
         """
-        state = self._state()
-        missing = sorted(set(state) - set(state_dict))
+        missing = sorted(k for k in self._state_tensors if k not in state_dict)
         if strict and missing:
             raise KeyError(f"load_state_dict: rank {self.rank} needs {missing} but the checkpoint lacks "
                            f"them; pass a checkpoint from this model or strict=False")
-        with torch.no_grad():
-            for key, tensor in state.items():
-                if key in state_dict:
-                    tensor.copy_(state_dict[key])
+        loaded = copy_into(self._state_tensors, state_dict)
+        for module, pending in list(self._pending.items()):
+            left = tuple(n for n in pending.names if n not in loaded)
+            if left:
+                self._pending[module] = dataclasses.replace(pending, names=left)
+            else:
+                del self._pending[module]
+
+    def _check_initialised(self, where: str) -> None:
+        """Refuse to use tensors that neither an initialiser nor a checkpoint gave values."""
+        if not self._pending:
+            return
+        first = next(iter(self._pending.values()))
+        more = f" (and {len(self._pending) - 1} more modules)" if len(self._pending) > 1 else ""
+        raise ValueError(
+            f"{where}: on rank {self.rank}, module {first.module!r} ({first.kind}) holds {list(first.names)}"
+            f"{more} without values: the model was built on meta, {first.kind} has no reset_parameters(), "
+            "compile() got no param_init_fn, and load_state_dict() has not provided them. Fix: call "
+            f"pipe.load_state_dict(checkpoint) first, give {first.kind} a reset_parameters(), or pass "
+            "compile(..., param_init_fn=fn)")
 
     # -- step ------------------------------------------------------------------------------
 
@@ -142,8 +162,8 @@ class Pipeline:
         n = self.num_microbatches
         input_mbs = {name: t.tensor_split(n) for name, t in values.items()}
         if target is None and self.example_target is not None:  # forward only: the loss is ignored
-            target = self.example_target.new_zeros((n * self.example_target.shape[0],
-                                                    *self.example_target.shape[1:]))
+            target = torch.zeros((n * self.example_target.shape[0], *self.example_target.shape[1:]),
+                                 dtype=self.example_target.dtype, device=self.device)
         target_mbs = target.tensor_split(n) if target is not None else None
         grad_loss = torch.tensor(1.0 / n, device=self.device)
         for stage in self.stages.values():
@@ -183,6 +203,7 @@ class Pipeline:
             PeerTimeoutError: a peer rank died or did not answer within ``timeout``.
         """
         forward_only = not torch.is_grad_enabled()
+        self._check_initialised("step()")
         values = self._check(inputs, target, forward_only, kwargs)
         self._feed(values, target)
         earlier = {} if forward_only else set_aside_shared_grads(self._params, self._holders, self.rank)
@@ -232,6 +253,13 @@ class Pipeline:
         """Measure ``steps`` steps; see ``dualpipe_fx.profile.profile_pipeline``."""
         from dualpipe_fx.profile import profile_pipeline
         return profile_pipeline(self, inputs, target, steps)
+
+
+def _shape_only(t):
+    """A meta tensor of ``t``'s shape, dtype and strides (other values as they are)."""
+    if not isinstance(t, torch.Tensor):
+        return t
+    return torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device="meta")
 
 
 def _concat(parts: list[torch.Tensor]) -> torch.Tensor:

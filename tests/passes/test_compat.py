@@ -103,3 +103,11 @@ def test_make_functional_fx_traces_writes_as_fresh_values():
     ref.sum().backward()
     torch.testing.assert_close(v, ref.detach())
     torch.testing.assert_close(g, wr.grad)
+
+
+def test_non_persistent_buffers_names_the_buffers_state_dict_leaves_out():
+    module = nn.Module()
+    module.register_buffer("kept", torch.ones(2))
+    module.register_buffer("table", torch.ones(2), persistent=False)
+    assert _compat.non_persistent_buffers(module) == {"table"}
+    assert set(module.state_dict()) == {"kept"}
