@@ -247,12 +247,30 @@ def _from_tree(value: Any) -> Any:
     return tree_map(node, value, is_leaf=_is_dataclass_node)
 
 
+def _holds_tensors(x: Any, depth: int = 4) -> bool:
+    """Whether a leaf pytree cannot see into holds tensors within ``depth`` attribute levels
+    (a transformers ``DynamicCache``: ``.layers[i].keys``)."""
+    if isinstance(x, torch.Tensor):
+        return True
+    if depth == 0:
+        return False
+    if isinstance(x, (list, tuple)):
+        return any(_holds_tensors(v, depth - 1) for v in x)
+    if isinstance(x, dict):
+        return any(_holds_tensors(v, depth - 1) for v in x.values())
+    attrs = getattr(x, "__dict__", None)
+    return isinstance(attrs, dict) and any(_holds_tensors(v, depth - 1) for v in attrs.values())
+
+
 @dataclass(frozen=True)
 class OutputLayout:
     """The model output's structure: ``tree_unflatten(leaves, spec)`` with :class:`Slot` ``j``
     replaced by tensor model output ``j``; any other leaf is a constant kept as traced
     (``None``, ints). Dataclasses that torch's pytree does not know are rebuilt with
     ``cls(**init_fields)``; registered nodes (``ModelOutput``, namedtuples) by their own rule.
+    An opaque leaf that holds tensors (a transformers ``DynamicCache`` built by
+    ``use_cache=True``) becomes ``None``: kept, it would hand back the trace's fake tensors
+    of one example micro-batch, not values of the run.
     """
 
     spec: Any
@@ -265,7 +283,7 @@ class OutputLayout:
         tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
         slots, j = [], 0
         for x in leaves:
-            slots.append(Slot(j) if isinstance(x, torch.Tensor) else x)
+            slots.append(Slot(j) if isinstance(x, torch.Tensor) else None if _holds_tensors(x) else x)
             j += isinstance(x, torch.Tensor)
         return OutputLayout(spec, tuple(slots)), tensors
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import dualpipe_fx
-from passes.capture import TraceError
+from passes.capture import Slot, TraceError
 from tests import hf_models as hm
 
 pytestmark = pytest.mark.timeout(120)
@@ -49,6 +49,9 @@ def test_four_stages_in_sequence_give_eager_loss_and_grads(name):
     _assert_matches(loss, grads, *_eager(case), name)
     # every parameter, the tied LM head's alias too, gets a grad
     assert {n for n, _ in case.model.named_parameters(remove_duplicate=False)} <= grads.keys()
+    # outputs: tensors, or constants; never the trace's own DynamicCache of fake tensors
+    assert all(isinstance(x, (Slot, int, float, str, type(None)))
+               for x in sp.partition.captured.output_layout.leaves), name
     if name in hm.TIED:
         # one tensor, two uses: the embedding in stage 0 and the LM head in the last stage
         # (both on rank 0 under DualPipeV); its grad is the sum of both

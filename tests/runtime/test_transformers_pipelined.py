@@ -5,7 +5,8 @@ What a user does with an HF model: ``compile(model, loss_fn, (ids_mb,), y_mb,
 example_kwargs={"attention_mask": mask_mb}, schedule="dualpipev", num_microbatches=4)``,
 then ``step(ids, target=y, attention_mask=mask)`` (or ``step(target=y, input_ids=ids)``),
 the loss on ``out.logits``. Two steps each, the second from zeroed grads: the loss and
-every grad equal the unsplit model's on the same full batch. Llama and GPT-2 tie the LM head
+every grad equal the unsplit model's on the same full batch; then a forward-only step
+(``torch.no_grad()``) returns the model's own output type with its logits. Llama and GPT-2 tie the LM head
 to the embedding; DualPipeV puts stage 0 and the last stage on rank 0, which sums the two
 uses. Mixtral's experts (grouped_mm: sort by expert, histc counts, one grouped GEMM) and
 router run inside stages like any other op. All cases run in one pair of ranks (one spawn, one import of transformers).
@@ -49,7 +50,11 @@ def hf_steps(rank, world):
             pipe.zero_grad()
             loss = pipe.step(*full.args, target=full.target, **full.kwargs)
             losses.append(None if loss is None else loss.item())
-        out[name] = (losses, {n: p.grad.clone() for n, p in pipe.named_parameters() if p.grad is not None})
+        grads = {n: p.grad.clone() for n, p in pipe.named_parameters() if p.grad is not None}
+        with torch.no_grad():  # forward only: the model's own ModelOutput, on rank 0
+            fwd = pipe.step(*full.args, **full.kwargs)
+        fwd = None if fwd is None else (type(fwd).__name__, dict(fwd))
+        out[name] = (losses, grads, fwd)
     return out
 
 
@@ -58,7 +63,8 @@ def test_hf_llama_gpt2_mixtral_train_like_one_process_on_two_ranks():
     results = run_ranks(hf_steps, 2, timeout=360)
     for name in hm.PIPELINED:
         full = _full(name)
-        ref = full.loss_fn(full.model(*full.args, **full.kwargs), full.target)
+        ref_out = full.model(*full.args, **full.kwargs)
+        ref = full.loss_fn(ref_out, full.target)
         ref.backward()
         grads = {n: p.grad for n, p in full.model.named_parameters(remove_duplicate=False)}
         losses = [r[name][0] for r in results if r[name][0][0] is not None]
@@ -73,3 +79,9 @@ def test_hf_llama_gpt2_mixtral_train_like_one_process_on_two_ranks():
                 seen.add(param)
         own = {n for n, _ in full.model.named_parameters()}  # tied aliases once
         assert seen >= own, (name, own - seen)
+        (cls, fields), = [r[name][2] for r in results if r[name][2] is not None]
+        assert cls == type(ref_out).__name__
+        # logits only: the DynamicCache that use_cache=True builds holds one traced
+        # micro-batch's fake tensors, so the output carries None in its place
+        assert list(fields) == ["logits"], (name, list(fields))
+        torch.testing.assert_close(fields["logits"], ref_out.logits.detach(), rtol=1e-5, atol=1e-6)
