@@ -65,12 +65,14 @@ class TinyAttention(nn.Module):
 
 
 def llama_init(module: nn.Module) -> None:
-    """reset_parameters where there is one; LlamaDecoder's RoPE tables are computed (they are
-    non-persistent: in no checkpoint). RMSNorm's weights come from the checkpoint."""
+    """Every tensor of the module it is called for: LlamaDecoder's RoPE tables (non-persistent,
+    in no checkpoint) computed, RMSNorm's scale set to one, reset_parameters() elsewhere."""
     if isinstance(module, ex.LlamaDecoder):
         head_dim = module.cfg.dim // module.cfg.n_heads
         module.rope_cos, module.rope_sin = ex._rope_tables(head_dim, module.cfg.max_seq_len, module.cfg.rope_theta)
-    elif hasattr(module, "reset_parameters"):
+    elif isinstance(module, ex.RMSNorm):
+        nn.init.ones_(module.weight)
+    else:
         module.reset_parameters()
 
 
