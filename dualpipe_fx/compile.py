@@ -80,9 +80,9 @@ def _check_devices(model: nn.Module, examples: tuple, target, kwargs, device) ->
     found += [(f"example {what}", t.device) for what, t in named]
     for what, d in found:
         if d.type != "meta" and d != device:
-            raise ValueError(f"compile(): {what} is on {d} but the stages run on {device} (the model's "
-                             "device, or device=); expected every tensor there or on meta. Fix: move them "
-                             "to one device")
+            raise ValueError(f"compile(): {what} on {d}, but the stages run on {device} (the model's "
+                             "device, or device=); expected every tensor there or on meta. Fix: move the "
+                             "model and the examples to one device, or pass that device=")
     return device
 
 

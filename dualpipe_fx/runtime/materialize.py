@@ -11,7 +11,7 @@ module that owns it, by a tensor on ``device``; the owning module is then initia
 neither, its persistent tensors are returned as ``Pending``: they hold no values until
 ``Pipeline.load_state_dict`` fills them (the pipeline refuses to step before that).
 
-The rule for values (document it to users as is):
+The rule for values (the README states it for users):
 
 - a module's own parameters and buffers get their values from ``param_init_fn(module)``,
   or ``module.reset_parameters()``, or a checkpoint (``load_state_dict``);
