@@ -41,10 +41,11 @@ def _record_metrics(trainer, record: dict) -> None:
 
 def _describe(trainer, job_config) -> dict:
     pipeline = trainer.pp_schedule.pipeline
-    recompute = dpfx_config.recompute_arg(job_config.activation_checkpoint, pipeline.model)
+    model = trainer.model_parts[0]  # the Pipeline keeps no model: read the rank's model part
+    recompute = dpfx_config.recompute_arg(job_config.activation_checkpoint, model)
     return {"saved": {str(s): saved_bytes(stage.flat_graphs) for s, stage in pipeline.stages.items()},
             "recompute": repr(recompute),
-            "checkpoint_wrappers": sum(isinstance(m, CheckpointWrapper) for m in pipeline.model.modules()),
+            "checkpoint_wrappers": sum(isinstance(m, CheckpointWrapper) for m in model.modules()),
             "losses": {}, "grad_norms": {}}
 
 
