@@ -105,6 +105,7 @@ class DualPipeFxSchedule:
         self.group = group
         self.loss_fn = loss_fn  # torchtitan's (sum-reduced) loss, for eval()
         self.device = getattr(pipeline, "device", torch.device("cpu"))
+        self.recompute = None  # the recompute policy the stage graphs were split with
 
     @staticmethod
     def _token_batch_only(kwargs) -> None:
@@ -195,7 +196,7 @@ def _materialize(model: nn.Module, job_config, device: torch.device) -> None:
     model.train()
 
 
-def _compile(model, loss_fn, job_config, device, group, num_mb: int):
+def _compile(model, loss_fn, job_config, device, group, num_mb: int, recompute=None):
     """``dualpipe_fx.compile`` on one example micro-batch; trace failures name the model."""
     import dualpipe_fx
 
@@ -204,9 +205,7 @@ def _compile(model, loss_fn, job_config, device, group, num_mb: int):
     tokens = torch.zeros(mb_size, seq_len, dtype=torch.long, device=device)
     labels = torch.zeros(mb_size, seq_len, dtype=torch.long, device=device)
     kwargs = compile_kwargs(job_config.dualpipe_fx)
-    # torchtitan's [activation_checkpoint], applied to the stage graphs (its own wrappers are
-    # never applied here: parallelize_fn is not called)
-    kwargs["recompute"] = recompute_arg(job_config.activation_checkpoint, model)
+    kwargs["recompute"] = recompute
     kwargs["timeout"] = timedelta(seconds=job_config.comm.init_timeout_seconds)
     try:
         return dualpipe_fx.compile(model, loss_fn, (tokens,), labels, num_microbatches=num_mb,
@@ -279,9 +278,13 @@ def pipeline_dualpipe_fx(model: nn.Module, parallel_dims, job_config, device: to
         device = torch.device("cpu")  # the trainer's "cpu:<LOCAL_RANK>" is the one CPU device
     _materialize(model, job_config, device)
     num_mb = num_microbatches(job_config)
-    pipeline = _compile(model, loss_fn, job_config, device, group, num_mb)
+    # torchtitan's [activation_checkpoint], applied to the stage graphs (its own wrappers are
+    # never applied here: parallelize_fn is not called); read off the whole model
+    recompute = recompute_arg(job_config.activation_checkpoint, model)
+    pipeline = _compile(model, loss_fn, job_config, device, group, num_mb, recompute)
     part = StageLocalModel(_local_tensors(model, pipeline))
     owner = _loss_owner(job_config.dualpipe_fx.schedule, num_mb, group)
     schedule = DualPipeFxSchedule(pipeline, num_mb, loss_owner=owner, group=group, loss_fn=loss_fn)
+    schedule.recompute = recompute  # what the stage graphs were split with
     # Every rank feeds the full batch and sees the (broadcast) loss; see DualPipeFxSchedule.
     return schedule, [part], True, True

@@ -21,7 +21,6 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import Checkpoi
 from torchtitan.tools.logging import init_logger
 
 from passes.split_backward import saved_bytes
-from titan_integration import config as dpfx_config
 from titan_integration.cpu import use_cpu_when_no_gpu
 from titan_integration.data import register_tiny_dataset
 from titan_integration.train import DualPipeFxTrainer, _prepare, parse_job_config
@@ -42,7 +41,7 @@ def _record_metrics(trainer, record: dict) -> None:
 def _describe(trainer, job_config) -> dict:
     pipeline = trainer.pp_schedule.pipeline
     model = trainer.model_parts[0]  # the Pipeline keeps no model: read the rank's model part
-    recompute = dpfx_config.recompute_arg(job_config.activation_checkpoint, model)
+    recompute = trainer.pp_schedule.recompute
     return {"saved": {str(s): saved_bytes(stage.flat_graphs) for s, stage in pipeline.stages.items()},
             "recompute": repr(recompute),
             "checkpoint_wrappers": sum(isinstance(m, CheckpointWrapper) for m in model.modules()),
