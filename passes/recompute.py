@@ -13,7 +13,7 @@ Policies (``split_backward(..., recompute=...)``):
   use_reentrant=False)`` regions of the model (``capture`` marks them), which recompute.
 - ``"full"``: recompute every forward node; F saves the stage inputs and parameters only.
 - ``"selective"``: save the outputs of matmul-class ops and attention (the expensive
-  ones), recompute the rest (norms, activations, pointwise, views), as torchtitan's
+  ones) and attention's inputs, recompute the rest (norms, activations, pointwise, views), as torchtitan's
   op-level selective activation checkpointing does.
 - a callable ``policy(node) -> "save" | "recompute"``: ``node`` is a node of the stage's
   post-autograd ATen joint graph (``node.target`` an ATen op; ``node.meta["dpfx_module"]``
@@ -39,6 +39,15 @@ Policy = Union[None, str, Callable[[Node], str]]
 _aten = torch.ops.aten
 
 # Outputs torchtitan's op-level selective AC saves: matmuls and attention.
+_ATTENTION = frozenset({
+    _aten._scaled_dot_product_flash_attention_for_cpu.default,
+    _aten._scaled_dot_product_flash_attention.default,
+    _aten._scaled_dot_product_efficient_attention.default,
+    _aten._scaled_dot_product_cudnn_attention.default,
+    _aten._flash_attention_forward.default,
+    _aten._efficient_attention_forward.default,
+})
+
 SELECTIVE_SAVE = frozenset({
     _aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default,
     _aten.convolution.default, _aten._grouped_mm.default,
@@ -65,7 +74,11 @@ def _full(node: Node) -> str:
 
 
 def _selective(node: Node) -> str:
-    return "save" if node.target in SELECTIVE_SAVE else "recompute"
+    # Attention's inputs too: its backward reads q, k, v, and recomputing them redoes RoPE's
+    # strided multiplies from the saved projections (benchmarks/recompute.py: 1.08-1.16x
+    # step time -> 1.02-1.07x, the same saved bytes, as the projections are then not saved)
+    feeds_attention = any(user.target in _ATTENTION for user in node.users)
+    return "save" if node.target in SELECTIVE_SAVE or feeds_attention else "recompute"
 
 
 def recompute_policy(recompute: Policy) -> Callable[[Node], bool]:
