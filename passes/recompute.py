@@ -38,7 +38,6 @@ Policy = Union[None, str, Callable[[Node], str]]
 
 _aten = torch.ops.aten
 
-# Outputs torchtitan's op-level selective AC saves: matmuls and attention.
 _ATTENTION = frozenset({
     _aten._scaled_dot_product_flash_attention_for_cpu.default,
     _aten._scaled_dot_product_flash_attention.default,
@@ -48,16 +47,11 @@ _ATTENTION = frozenset({
     _aten._efficient_attention_forward.default,
 })
 
+# Outputs torchtitan's op-level selective AC saves: matmuls and attention.
 SELECTIVE_SAVE = frozenset({
     _aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default,
     _aten.convolution.default, _aten._grouped_mm.default,
-    _aten._scaled_dot_product_flash_attention_for_cpu.default,
-    _aten._scaled_dot_product_flash_attention.default,
-    _aten._scaled_dot_product_efficient_attention.default,
-    _aten._scaled_dot_product_cudnn_attention.default,
-    _aten._flash_attention_forward.default,
-    _aten._efficient_attention_forward.default,
-})
+}) | _ATTENTION
 
 
 def _never_recomputed(node: Node) -> bool:
