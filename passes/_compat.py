@@ -143,7 +143,6 @@ def is_functional_collective(node: "torch.fx.Node") -> bool:
             and target.namespace in _COLLECTIVE_NAMESPACES and not is_functional_wait(node))
 
 
-
 # --- capture on fake tensors (meta-device models) ---
 
 def non_persistent_buffers(module: torch.nn.Module) -> frozenset[str]:

@@ -13,8 +13,8 @@ Policies (``split_backward(..., recompute=...)``):
   use_reentrant=False)`` regions of the model (``capture`` marks them), which recompute.
 - ``"full"``: recompute every forward node; F saves the stage inputs and parameters only.
 - ``"selective"``: save the outputs of matmul-class ops and attention (the expensive
-  ones) and attention's inputs, recompute the rest (norms, activations, pointwise, views), as torchtitan's
-  op-level selective activation checkpointing does.
+  ones) and attention's inputs, recompute the rest (norms, activations, pointwise,
+  views), as torchtitan's op-level selective activation checkpointing does.
 - a callable ``policy(node) -> "save" | "recompute"``: ``node`` is a node of the stage's
   post-autograd ATen joint graph (``node.target`` an ATen op; ``node.meta["dpfx_module"]``
   the FQN of the module that made it, when known).
@@ -134,5 +134,6 @@ def recomputed(needed: list[Node], is_forward: Callable[[Node], bool],
         if src is not node:
             chosen.add(src)
         stack.extend(a for a in src.all_input_nodes if is_forward(a))
+        # a getitem of a getitem (nested tuples) needs the inner getitem recomputed too
         stack.extend(a for a in node.all_input_nodes if is_forward(a))
     return chosen
