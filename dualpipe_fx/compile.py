@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dualpipe_fx.runtime.agree import HINTS, agree, as_timeout, call_fields, cut_fields, verify_names
 from dualpipe_fx.runtime.build import build_pipeline, local_names, local_parts
 from dualpipe_fx.runtime.errors import PeerTimeoutError, check_world  # noqa: F401  re-exported
 from dualpipe_fx.runtime.materialize import materialize
@@ -100,6 +101,15 @@ def _part_placement(program: Program) -> dict[int, int]:
     return placement
 
 
+def _agreed_options(args: Mapping[str, Any]) -> dict[str, Any]:
+    """compile()'s options every rank must share (callables are compared by their cut instead)."""
+    options = {k: args[k] for k in ("compile_stages", "overlap", "split_points")}
+    for k in ("cost", "recompute"):
+        if args[k] is None or isinstance(args[k], str):
+            options[k] = args[k]
+    return options
+
+
 class _RankZeroTimings:
     """``cost(node)`` from rank 0's measured op times, broadcast to the group.
 
@@ -126,10 +136,10 @@ class _RankZeroTimings:
 def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=None, *,
             example_kwargs: Optional[Mapping[str, Any]] = None, schedule: str = "dualpipev",
             num_microbatches: int, group: Optional[dist.ProcessGroup] = None,
-            compile_stages: bool = False, timeout: timedelta = timedelta(seconds=300),
+            compile_stages: bool = False, timeout: timedelta | float = timedelta(seconds=300),
             cost="flops", split_points: Optional[Sequence[str]] = None, overlap: bool = True,
-            recompute=None, device=None, param_init_fn: Optional[Callable[[nn.Module], None]] = None
-            ) -> Pipeline:
+            recompute=None, device=None, param_init_fn: Optional[Callable[[nn.Module], None]] = None,
+            verify_weights: bool = True) -> Pipeline:
     """Pipeline ``model`` over the ranks of ``group`` with ``schedule``.
 
     Args:
@@ -145,7 +155,8 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
         num_microbatches: micro-batches per step; ``step`` splits its batch into this many.
         group: the pipeline's process group (default: the world).
         compile_stages: wrap each stage graph in ``torch.compile``.
-        timeout: how long a rank waits for a peer before ``PeerTimeoutError``.
+        timeout: how long a rank waits for a peer before ``PeerTimeoutError``: a
+            ``timedelta`` or a number of seconds.
         cost, split_points: how to cut the model (see ``dualpipe_fx.split``). With
             ``cost="measured"`` rank 0's timings are broadcast, so every rank cuts alike.
         overlap: run each F&B pair as one multiplexed graph (``passes.multiplex``);
@@ -163,11 +174,21 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
             Default: ``module.reset_parameters()``. A module with neither gets its values
             from ``Pipeline.load_state_dict``; ``step()`` refuses to run before that. See
             ``dualpipe_fx.runtime.materialize`` for non-persistent buffers.
+        verify_weights: checksum every parameter and buffer that has values on this rank
+            and compare it with every other rank that has values for it (a model built
+            whole on each rank: all of them; built on meta: those the ranks share). False
+            compares only the parameters more than one rank reads. Cost: ~2 ms for 34 MB,
+            0.2-0.6% of compile time (benchmarks/agreement.py). Uninitialised tensors
+            waiting for ``load_state_dict`` are not compared.
 
     Returns:
         this rank's ``Pipeline``.
 
     Raises:
+        ValueError: the ranks disagree (the same error on every rank, before any P2P):
+            world size, torch/dualpipe_fx versions, schedule, num_microbatches, example
+            shapes and dtypes, options, the stage cut, or parameter checksums.
+        PeerTimeoutError: a rank did not join that agreement within ``timeout``.
         ValueError: the schedule does not fit the world size / micro-batch count, or the
             examples and the model are on different devices, or the model is on meta and
             ``device`` is None, or a module without an initialiser owns a non-persistent
@@ -178,6 +199,9 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
                          "torch.distributed.init_process_group(...) on every rank first")
     examples = _as_tuple(example_inputs)
     world = dist.get_world_size(group)
+    timeout = as_timeout(timeout)
+    agree(call_fields(schedule, world, num_microbatches, examples, example_target, example_kwargs,
+                      _agreed_options(locals())), group, timeout, "compile()", HINTS)
     check_world(schedule, world, num_microbatches, get_schedule(schedule))
     device = _check_devices(model, examples, example_target, example_kwargs, device)
     _check_init_fn(param_init_fn)
@@ -191,6 +215,10 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
     partition = parts.partition
     names = local_names(partition.stages, mine, partition.captured.param_aliases)
     pending = materialize(model, names, device, param_init_fn)
+    state = model.state_dict(keep_vars=True)
+    verify = verify_names(state, partition.stages, program, verify_weights,
+                          skip=[n for p in pending.values() for n in p.names])
+    agree(cut_fields(partition.stages, state, verify), group, timeout, "compile()", HINTS)
     return build_pipeline(model, parts.stages, program, examples, example_target, num_microbatches,
                           group, timeout, compile_stages, overlap, example_kwargs=example_kwargs,
                           call=partition.captured.call, outputs=partition.captured.output_layout,
