@@ -7,17 +7,64 @@ from typing import Any, Mapping, Optional
 import torch
 
 
+_CLOSED = ("Connection closed", "Connection reset", "connection reset", "pair closure", "Broken pipe",
+           "closed by peer", "Socket closed")
+
+
 class PeerTimeoutError(TimeoutError):
-    """A peer rank did not deliver within the pipeline's timeout (it died, hung or errored)."""
+    """A peer rank did not deliver: it closed the connection (died or raised), or it did not
+    answer within the pipeline's timeout (hung or slow). ``reason`` is ``"closed"`` or
+    ``"timeout"``; ``peer`` the rank waited for (None when not one rank)."""
 
     def __init__(self, rank: int, peer: Optional[int], what: str, timeout: timedelta,
                  cause: Optional[BaseException] = None) -> None:
         self.rank, self.peer = rank, peer
+        self.reason = "closed" if any(k in str(cause) for k in _CLOSED) else "timeout"
         who = f"rank {peer}" if peer is not None else "a peer rank"
+        if self.reason == "closed":
+            text = (f"rank {rank}: {who} closed the connection while rank {rank} waited for {what}: it died "
+                    f"or raised; see its log")
+        else:
+            text = (f"rank {rank} waited for {what} from {who} and gave up (timeout "
+                    f"{timeout.total_seconds():g}s): {who} hangs, is stopped or is slow; check its log, "
+                    f"and raise compile(timeout=...) if it is only slow")
+        super().__init__(f"{text}. The process group cannot be used again (later steps raise "
+                         f"PipelineBrokenError). Cause: {_first_line(cause)}")
+
+
+class PipelineBrokenError(RuntimeError):
+    """The pipeline's process group broke in an earlier step (a peer died, hung or closed
+    its connection); no later step can run on it."""
+
+    def __init__(self, rank: int, cause: str) -> None:
+        self.rank = rank
         super().__init__(
-            f"rank {rank} waited for {what} from {who} and gave up (timeout "
-            f"{timeout.total_seconds():g}s): {who} died, hangs or raised an error; check its log. "
-            f"Raise compile(timeout=...) if it is only slow. Cause: {cause}")
+            f"rank {rank}: the pipeline's process group broke in an earlier step ({cause}), and gloo/NCCL "
+            "cannot resume on a group with a lost peer. Rebuild it: end every rank's process and start them "
+            "again (torchrun --max-restarts=N restarts all of them when one fails), call "
+            "init_process_group and dualpipe_fx.compile() again, and resume from your last checkpoint "
+            "(save pipe.state_dict() with torch.distributed.checkpoint each few steps; load it with "
+            "pipe.load_state_dict)")
+
+
+class PipelineStepError(RuntimeError):
+    """A step failed on one rank (``rank``) after its P2P started; every rank raises this.
+
+    The failing rank's peers finished the step on stand-in zeros, so the group stays
+    healthy; every rank dropped the step (its grads set to None) and can run the next one.
+    """
+
+    def __init__(self, rank: int, where: str, kind: str, message: str) -> None:
+        self.rank, self.kind = rank, kind
+        super().__init__(
+            f"rank {rank} raised {kind} in {where or 'its step'}: {message}. Every rank dropped this step: its grads are "
+            "None (the failed step's partial grads and any accumulated since zero_grad()); the pipeline can "
+            "run the next step")
+
+
+def _first_line(err: Optional[BaseException]) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else repr(err)
 
 
 def check_batch(name: str, tensor, example: torch.Tensor, num_microbatches: int,

@@ -10,6 +10,11 @@ first waits (with ``timeout``) for the receives its action needs, then computes.
                      record start; run the graphs; hand outputs to a same-rank stage
                      record end (when profiling)
 
+When an action raises, the handler keeps the error (``failure``) and every later action of
+the step on this rank runs as a stand-in: no compute, zeros sent where a peer waits, and
+the receives still waited for, so the peers finish the step and P2P stays matched; the
+pipeline then makes every rank raise it (``Pipeline.step``).
+
 If OVERLAP_F_B had no handler, torch would run its parts through its own F/B code and
 bypass these handlers, so every compute kind is registered together.
 """
@@ -57,6 +62,7 @@ class Executor:
         self.overlap: Callable[["Executor", ir.Action, ir.Action], None] = run_pair_sequentially
         self.records: Optional[list[Record]] = None
         self.forward_only = False
+        self.failure: Optional[tuple[ir.Action, Exception]] = None  # this step's first error
 
     def register(self, schedule) -> None:
         ct = _compat.TorchComputationType
@@ -97,13 +103,46 @@ class Executor:
     def _on_single(self, torch_action, ctx) -> None:
         action = _to_ir(torch_action)
         self._wait_inputs(ctx.schedule_ref, action)
-        self._timed(action, self._run, action)
+        if self._attempt(action, self._run, action):
+            return
+        self._stand_in(action)
 
     def _on_pair(self, torch_action, ctx) -> None:
         forward, backward = (_to_ir(a) for a in torch_action.sub_actions)
         self._wait_inputs(ctx.schedule_ref, forward)
         self._wait_inputs(ctx.schedule_ref, backward)
-        self._timed(ir.FB(forward, backward), self.overlap, self, forward, backward)
+        if self._attempt(ir.FB(forward, backward), self.overlap, self, forward, backward):
+            return
+        self._stand_in(forward)
+        self._stand_in(backward)
+
+    def _attempt(self, action: ir.Action, fn, *args) -> bool:
+        """Run ``fn`` unless the step already failed here; False (error kept) when it did or does."""
+        if self.failure is not None:
+            return False
+        try:
+            self._timed(action, fn, *args)
+            return True
+        except PeerTimeoutError:
+            raise
+        except Exception as err:  # noqa: BLE001 - kept, and raised on every rank after the step
+            self.failure = (action, err)
+            return False
+
+    def _stand_in(self, action: ir.Action) -> None:
+        """The action of a failed step: its state dropped, zeros where a peer or a local stage waits."""
+        stage = self.stages[action.stage]
+        mb = action.microbatch
+        if action.kind == "F":
+            stage.stand_in_forward(mb)
+            if stage.place.next_stage in self.stages:
+                self.stages[stage.place.next_stage].set_inputs(mb, stage.take_outputs(mb))
+        elif action.kind in ("B", "I"):
+            stage.stand_in_backward(mb, weight=action.kind == "B")
+            if stage.place.prev_stage in self.stages:
+                self.stages[stage.place.prev_stage].set_grad_outputs(mb, stage.take_grad_inputs(mb))
+        else:
+            stage._saved_w.pop(mb, None)
 
     def _timed(self, action: ir.Action, fn, *args) -> None:
         if self.records is None:

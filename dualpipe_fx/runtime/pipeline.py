@@ -5,10 +5,23 @@ The loss rule: ``step`` returns the mean of the micro-batch losses,
 grad of that mean. For a mean-reduced ``loss_fn`` and equal micro-batches this equals
 ``loss_fn(model(x), y)`` on the whole batch, so the step matches single-process training.
 A sum-reduced ``loss_fn`` gives ``1/C`` of the whole-batch sum: scale it by ``C`` yourself.
+
+Failures (every rank raises, and none hangs):
+- a bad call on any rank (``check_inputs``): the ranks vote before any P2P, and each raises
+  the failing rank's ``ValueError``/``TypeError``, prefixed with that rank;
+- an error in a compute action on one rank (a bad token id, an OOM, a NaN check): that
+  rank finishes the step on stand-ins (``Executor``), the ranks vote after the schedule,
+  and every rank raises ``PipelineStepError`` naming the rank and the action. The step's
+  state is dropped and every local grad set to None (the failed step's partial grads
+  cannot be told apart from earlier accumulated ones); the next step runs normally;
+- a lost peer (died, hung, closed its connection): ``PeerTimeoutError``, and the group is
+  aborted so that every rank learns at once; later calls raise ``PipelineBrokenError``.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 from datetime import timedelta
 from typing import Iterator, Optional
 
@@ -16,7 +29,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dualpipe_fx.runtime.errors import PeerTimeoutError, check_batch, check_inputs
+from dualpipe_fx.runtime.agree import StepFailure, vote
+from dualpipe_fx.runtime.errors import (PeerTimeoutError, PipelineBrokenError, PipelineStepError, check_batch,
+                                        check_inputs)
 from dualpipe_fx.runtime.materialize import copy_into
 from dualpipe_fx.runtime.sync import exchange, set_aside_shared_grads, sync_shared_grads
 from dualpipe_fx.runtime.values import external_values
@@ -24,6 +39,8 @@ from passes._compat import tree_map
 
 
 _RECOMPILE = "call dualpipe_fx.compile() again"
+_log = logging.getLogger(__name__)
+_TORCH_RUNTIME_LOG = "torch.distributed.pipelining.schedules"
 
 
 class Pipeline:
@@ -66,6 +83,7 @@ class Pipeline:
         self._output_metas = output_metas
         self._params = self._local_named_params()
         self._loss_ranks = tuple(sorted({program.stage_to_rank()[c[-1]] for c in program.chains}))
+        self._broken: Optional[str] = None  # why the group cannot be used again
 
     # -- parameters and checkpoints ------------------------------------------------------
 
@@ -177,20 +195,52 @@ class Pipeline:
 
     def _run(self, forward_only: bool) -> None:
         self._executor.forward_only = forward_only
+        self._executor.failure = None
         try:
-            with torch.no_grad():
+            with torch.no_grad(), _one_line_errors(self.rank):
                 self._schedules[forward_only]._step_microbatches()
             for stage in self.stages.values():
                 stage.finish_early_sends(self.timeout)
-        except PeerTimeoutError:
+        except PeerTimeoutError as err:
+            self._break(err)
             raise
         except RuntimeError as err:
             if not _is_comm_error(err):
+                self._break(err)  # out of the schedule part-way: the peers' P2P cannot match any more
                 raise
             peers = sorted({r for s in self.stages.values() for r in (s.place.prev_rank, s.place.next_rank)
                             if r is not None and r != self.rank})
-            raise PeerTimeoutError(self.rank, peers[0] if len(peers) == 1 else None,
-                                   f"a send or receive (peers {peers})", self.timeout, err) from err
+            timeout_error = PeerTimeoutError(self.rank, peers[0] if len(peers) == 1 else None,
+                                             f"a send or receive (peers {peers})", self.timeout, err)
+            self._break(timeout_error)
+            raise timeout_error from err
+        except BaseException as err:
+            self._break(err)
+            raise
+
+    def _break(self, err: BaseException) -> None:
+        """Mark the group unusable, and abort it so that peers waiting on this rank fail now."""
+        if self._broken is None:
+            self._broken = f"{type(err).__name__} on rank {self.rank}: {str(err).splitlines()[0][:300]}"
+            _abort(self.group)
+
+    def _agree(self, error: Optional[Exception], phase: str, where: str = "") -> None:
+        """Every rank learns whether any rank failed ``phase``; if one did, all raise its error."""
+        try:
+            failure = vote(error, self.group, self.timeout, f"the step's {phase} vote", where)
+        except PeerTimeoutError as err:
+            self._break(err)
+            raise
+        if failure is None:
+            return
+        for stage in self.stages.values():
+            stage.clear_runtime_states()
+        for works in (*self.schedule.fwd_recv_ops.values(), *self.schedule.bwd_recv_ops.values()):
+            assert not works, "a step that failed here was finished on stand-ins: no receive left"
+        if phase == "inputs":  # nothing ran: earlier grads stay
+            raise _input_error(failure) from error
+        self.zero_grad(set_to_none=True)
+        raise PipelineStepError(failure.rank, failure.where, failure.kind, failure.message) from error
 
     def step(self, *inputs: torch.Tensor, target: Optional[torch.Tensor] = None, **kwargs):
         """One pipelined step of ``model(*inputs, **kwargs)`` on the full batch; see the class docstring.
@@ -201,18 +251,32 @@ class Pipeline:
                 another device, a missing target, other keywords than ``example_kwargs``
                 or a non-tensor keyword value other than the traced one.
             PeerTimeoutError: a peer rank died or did not answer within ``timeout``.
+            PipelineStepError: an action raised on some rank (named); every rank dropped the step.
+            PipelineBrokenError: an earlier step lost a peer; the process group must be rebuilt.
         """
+        if self._broken is not None:
+            raise PipelineBrokenError(self.rank, self._broken)
         forward_only = not torch.is_grad_enabled()
-        self._check_initialised("step()")
-        values = self._check(inputs, target, forward_only, kwargs)
-        self._feed(values, target)
+        error = None
+        try:
+            self._check_initialised("step()")
+            self._feed(self._check(inputs, target, forward_only, kwargs), target)
+        except Exception as err:  # noqa: BLE001 - every rank raises it, after the vote
+            error = err
+        self._agree(error, "inputs")
         earlier = {} if forward_only else set_aside_shared_grads(self._params, self._holders, self.rank)
         self._run(forward_only)
-        if forward_only:
-            return self._gather_outputs()
-        if self._holders:
-            sync_shared_grads(self._params, self._holders, self.group, self.rank, self.timeout, earlier)
-        return self._gather_loss()
+        action, error = self._executor.failure or (None, None)
+        self._agree(error, "outcome", f"action {action}" if action is not None else "")
+        try:
+            if forward_only:
+                return self._gather_outputs()
+            if self._holders:
+                sync_shared_grads(self._params, self._holders, self.group, self.rank, self.timeout, earlier)
+            return self._gather_loss()
+        except PeerTimeoutError as err:
+            self._break(err)
+            raise
 
     def _chain_last_mbs(self) -> list[tuple[int, object]]:
         """(data index, stage) of each micro-batch that ends on this rank, in data order."""
@@ -265,6 +329,54 @@ def _shape_only(t):
 def _concat(parts: list[torch.Tensor]) -> torch.Tensor:
     """One output over the micro-batches: along dim 0, or stacked for 0-dim (per-micro-batch) values."""
     return torch.stack(parts) if parts[0].dim() == 0 else torch.cat(parts)
+
+
+_INPUT_ERRORS = {"ValueError": ValueError, "TypeError": TypeError, "KeyError": KeyError}
+
+
+def _input_error(failure: StepFailure) -> Exception:
+    """The failing rank's check error, raised alike on every rank (``.rank`` names it)."""
+    err = _INPUT_ERRORS.get(failure.kind, RuntimeError)(f"rank {failure.rank}: {failure.message}")
+    err.rank = failure.rank
+    return err
+
+
+def _abort(group) -> None:
+    """Abort ``group``'s backend: every P2P a peer has pending on this rank fails at once."""
+    try:
+        (group if group is not None else dist.group.WORLD).abort()
+    except Exception as err:  # noqa: BLE001 - best effort: the group is unusable anyway
+        _log.debug("could not abort the process group: %s", err)
+
+
+class _ErrorOnce(logging.Filter):
+    """Drops torch's runtime error records (the action, then a ~40-line "Full Schedule"
+    table) and logs one line instead; the table goes to this module's debug log."""
+
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        self.rank = rank
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        if "caught exception" in str(record.msg) and record.args:
+            _log.error("rank %d: the step stopped at action %s (time step %s)", self.rank,
+                       record.args[1] if len(record.args) > 1 else "?", record.args[0])
+        else:
+            _log.debug("torch's runtime: %s", record.getMessage())
+        return False
+
+
+@contextlib.contextmanager
+def _one_line_errors(rank: int):
+    torch_log = logging.getLogger(_TORCH_RUNTIME_LOG)
+    quiet = _ErrorOnce(rank)
+    torch_log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        torch_log.removeFilter(quiet)
 
 
 def _is_comm_error(err: RuntimeError) -> bool:

@@ -259,6 +259,27 @@ class GraphStage(PipelineStageBase):
         it = iter(grads)
         self._grad_out[mb] = tuple(next(it) if m.differentiable else None for m in self.output_metas)
 
+    # -- stand-ins, once this rank's step failed: no compute, zeros for what peers wait for --
+
+    def _zeros(self, metas: Sequence[TensorMeta], only_differentiable: bool = False) -> tuple:
+        return tuple(torch.zeros(m.shape, dtype=m.dtype, device=self.device)
+                     if m.differentiable or not only_differentiable else None for m in metas)
+
+    def stand_in_forward(self, mb: int) -> None:
+        """F of a failed step: drop ``mb``'s inputs; zero outputs to send or hand over."""
+        self._inputs.pop(mb, None)
+        if not self.is_chain_last:
+            self._outputs[mb] = self._zeros(self.output_metas)
+
+    def stand_in_backward(self, mb: int, weight: bool) -> None:
+        """I/B (``weight``: also W) of a failed step: drop ``mb``'s saved values; zero grad_inputs."""
+        self._saved.pop(mb, None)
+        self._grad_out.pop(mb, None)
+        if weight:
+            self._saved_w.pop(mb, None)
+        if self.place.prev_stage is not None:
+            self._grad_in[mb] = self._zeros(self.input_metas, only_differentiable=True)
+
     # -- P2P ops for torch's SEND_*/RECV_* actions ------------------------------------
     # Each (sending stage, direction, tensor index) is its own tagged stream, so a send
     # started early (inside an F&B pair) cannot be matched with another stream's receive.

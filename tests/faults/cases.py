@@ -50,3 +50,51 @@ def disagreements(rank, world):
         "bad_timeout": lambda: _compile(rank, timeout="20s"),
     }
     return {name: _outcome(fn) for name, fn in cases.items()}
+
+
+def _grads(pipe) -> dict:
+    return {n: p.grad.clone() for n, p in pipe.named_parameters() if p.grad is not None}
+
+
+def _good(pipe, x, y) -> dict:
+    pipe.zero_grad()
+    return {"loss": _loss(pipe, x, y), "grads": _grads(pipe)}
+
+
+def _fail_once(stage, method: str, mb: int):
+    """Make ``stage.<method>`` raise once, for micro-batch ``mb``."""
+    real = getattr(stage, method)
+
+    def failing(m, *args, **kwargs):
+        if m == mb:
+            setattr(stage, method, real)
+            raise RuntimeError(f"injected failure in {method}({m})")
+        return real(m, *args, **kwargs)
+    setattr(stage, method, failing)
+
+
+def step_failures(rank, world):
+    """Steps that fail on one rank: every rank raises the same error, and the next step is clean."""
+    out = {}
+    pipe, x, y = _compile(rank)
+    out["before"] = _good(pipe, x, y)
+    bad = x[:-1] if rank == 1 else x
+    out["bad_batch_one_rank"] = _outcome(lambda: pipe.step(bad, target=y))
+    out["after_bad_batch"] = _good(pipe, x, y)
+    if rank == 1:  # stage 1 (rank 1) raises in its backward of micro-batch 1
+        _fail_once(pipe.stages[1], "run_backward_input", 1)
+    out["backward_raises"] = _outcome(lambda: pipe.step(x, target=y))
+    out["grads_after_failure"] = _grads(pipe)
+    out["after_backward_raises"] = _good(pipe, x, y)
+    nan_x = x.clone()
+    nan_x[3, 0] = float("nan")
+    out["nan_input"] = _outcome(lambda: _loss(pipe, nan_x, y))
+    out["after_nan"] = _good(pipe, x, y)
+    tied, tokens, targets = _compile(rank, kind="tied")
+    out["tied_before"] = _good(tied, tokens, targets)
+    wild = tokens.clone()
+    if rank == 0:
+        wild[2, 1] = 99  # micro-batch 2: an id past the vocabulary (16) -> IndexError in F0.2
+    out["token_out_of_range"] = _outcome(lambda: tied.step(wild, target=targets))
+    out["tied_after"] = _good(tied, tokens, targets)
+    return out

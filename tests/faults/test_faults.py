@@ -5,6 +5,10 @@ on the time, and that no process is left behind (the harness joins or kills ever
 """
 from __future__ import annotations
 
+import math
+
+import torch
+
 from tests.faults import cases
 from tests.runtime.dist_harness import run_ranks
 
@@ -24,3 +28,36 @@ def test_ranks_that_disagree_raise_the_same_value_error_on_every_rank():
     for r in results:
         assert r["int_timeout"]["type"] is None, r["int_timeout"]
         assert r["bad_timeout"]["type"] == "TypeError" and "timedelta" in r["bad_timeout"]["message"]
+
+
+def _same_step(a: dict, b: dict) -> None:
+    assert a["loss"] == b["loss"], (a["loss"], b["loss"])
+    assert a["grads"].keys() == b["grads"].keys()
+    for name in a["grads"]:
+        torch.testing.assert_close(a["grads"][name], b["grads"][name], rtol=0, atol=0)
+
+
+def test_a_step_that_fails_on_one_rank_fails_on_every_rank_and_the_next_is_clean():
+    results = run_ranks(cases.step_failures, 2, timeout=300)
+    for rank, r in enumerate(results):
+        bad = r["bad_batch_one_rank"]
+        assert bad["type"] == "ValueError" and bad["message"].startswith("rank 1: step(): inputs[0]"), bad
+        assert "batch size 7" in bad["message"] and bad["rank"] == 1 and bad["seconds"] < 5, bad
+        raised = r["backward_raises"]
+        assert raised["type"] == "PipelineStepError" and raised["rank"] == 1, raised
+        assert "rank 1 raised RuntimeError in action" in raised["message"], raised
+        assert "injected failure in run_backward_input(1)" in raised["message"], raised
+        assert raised["seconds"] < 10, raised
+        assert r["grads_after_failure"] == {}, "a failed step leaves every grad None"
+        wild = r["token_out_of_range"]
+        assert wild["type"] == "PipelineStepError" and wild["rank"] == 0, wild
+        assert "IndexError in action F0.2" in wild["message"], wild
+        nan = r["nan_input"]
+        assert nan["type"] is None and (nan["value"] is None) == (rank == 1), nan
+        if rank == 0:
+            assert math.isnan(nan["value"]), nan
+        for after in ("after_bad_batch", "after_backward_raises", "after_nan"):
+            _same_step(r["before"], r[after])  # no state of the failed step is left
+        _same_step(r["tied_before"], r["tied_after"])
+    assert results[0]["bad_batch_one_rank"]["message"] == results[1]["bad_batch_one_rank"]["message"]
+    assert results[0]["backward_raises"]["message"] == results[1]["backward_raises"]["message"]
