@@ -20,8 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
+import io
 import linecache
+import logging
 import os
+import sys
 import traceback
 import types
 from dataclasses import dataclass, field
@@ -651,12 +655,73 @@ def _fake_model(model: nn.Module, mode, device: torch.device) -> Iterator[None]:
             setattr(module, name, t)
 
 
+class _HeldLogs(logging.Filter):
+    """Holds the records one of torch's log handlers gets while it exports (on a failure, ~25
+    lines of warnings and graph code per process before our message); ``release`` hands
+    them on to that handler, or, after a failure, to this module's debug log."""
+
+    def __init__(self, handler: logging.Handler) -> None:
+        super().__init__()
+        self.handler = handler
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.records.append(record)
+        return False
+
+    def release(self, failed: bool) -> None:
+        self.handler.removeFilter(self)
+        for record in self.records:
+            if not failed:
+                self.handler.handle(record)
+            elif record.levelno >= logging.INFO:  # our TraceError says what failed
+                logging.getLogger(__name__).debug("torch while exporting: %s", record.getMessage())
+
+
+@contextlib.contextmanager
+def _torch_logs_held():
+    # torch gives each of its loggers its own handler (propagate=False)
+    loggers = [lg for name, lg in logging.root.manager.loggerDict.items()
+               if (name == "torch" or name.startswith("torch.")) and isinstance(lg, logging.Logger)]
+    held = [_HeldLogs(h) for h in {id(h): h for lg in loggers for h in lg.handlers}.values()]
+    for hold in held:
+        hold.handler.addFilter(hold)
+    failed, printed = True, io.StringIO()  # export prints a failed trace's partial graph to stderr
+    try:
+        with contextlib.redirect_stderr(printed):
+            yield
+        failed = False
+    finally:
+        for hold in held:
+            hold.release(failed)
+        if failed and printed.getvalue():
+            logging.getLogger(__name__).debug("torch while exporting (stderr): %s", printed.getvalue())
+        elif printed.getvalue():
+            sys.stderr.write(printed.getvalue())
+
+
+def _check_loss_needs_no_target(loss_fn: Callable) -> None:
+    """``example_target=None`` calls ``loss_fn(output)``: refuse a loss that needs a target."""
+    try:
+        params = list(inspect.signature(loss_fn).parameters.values())
+    except (TypeError, ValueError):  # a builtin without a signature: let the trace tell
+        return
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p for p in positional if p.default is p.empty]
+    if len(required) >= 2:
+        name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
+        raise ValueError(
+            f"example_target=None, but loss_fn {name}{inspect.signature(loss_fn)} takes a target "
+            f"({required[1].name!r}); expected one micro-batch of targets. Fix: pass example_target= "
+            f"(and target= to step()), or a loss_fn(output) of one argument")
+
+
 def _export(model, loss_fn, call: ModelCall, tensors, target, device: Optional[torch.device] = None):
     wrapper = _WithLoss(model, loss_fn, call, target is not None)
     args = (*tensors, target) if target is not None else tuple(tensors)
     recorder = _RegionRecorder()
     try:
-        with contextlib.ExitStack() as fake:
+        with contextlib.ExitStack() as fake, _torch_logs_held():
             if device is not None:
                 # torch.export takes fake inputs under an active fake mode; constants made
                 # in forward (torch.tensor(...)) stay real, hence non-fake inputs are allowed
@@ -906,6 +971,8 @@ def capture(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
         ValueError: a tensor on meta and ``device=None``.
     """
     inputs, kwargs = _as_inputs(example_inputs), _as_kwargs(example_kwargs)
+    if example_target is None:
+        _check_loss_needs_no_target(loss_fn)
     call = ModelCall.of(inputs, kwargs)
     found = call.values(inputs, kwargs, "capture()", "")
     fake_on = _fake_device(model, [*found.items(), ("target", example_target)], device)

@@ -82,10 +82,16 @@ def check_batch(name: str, tensor, example: torch.Tensor, num_microbatches: int,
                          f"num_microbatches={num_microbatches}; pass a batch that is a multiple of "
                          f"{num_microbatches} (e.g. {num_microbatches * example.shape[0]})")
     mb_shape = (tensor.shape[0] // num_microbatches, *tensor.shape[1:])
-    if mb_shape != tuple(example.shape) or tensor.dtype != example.dtype:
+    if mb_shape == tuple(example.shape) and tensor.dtype != example.dtype:
         raise ValueError(
-            f"step(): {name} of shape {tuple(tensor.shape)} ({tensor.dtype}) splits into micro-batches of "
-            f"{mb_shape}, but the pipeline was traced for {tuple(example.shape)} ({example.dtype}); pass "
+            f"step(): {name} has dtype {tensor.dtype}, but the pipeline was traced for {example.dtype} (its "
+            f"shape is right); pass {name}.to({example.dtype}), or call dualpipe_fx.compile() again with an "
+            f"example micro-batch of dtype {tensor.dtype}")
+    if mb_shape != tuple(example.shape):
+        dtype = f" ({tensor.dtype}; traced for {example.dtype})" if tensor.dtype != example.dtype else ""
+        raise ValueError(
+            f"step(): {name} of shape {tuple(tensor.shape)}{dtype} splits into micro-batches of "
+            f"{mb_shape}, but the pipeline was traced for {tuple(example.shape)}; pass "
             f"batches of shape {(num_microbatches * example.shape[0], *example.shape[1:])}, or call "
             f"dualpipe_fx.compile() again with an example micro-batch of the new shape")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from tests.faults import cases
@@ -61,3 +62,50 @@ def test_a_step_that_fails_on_one_rank_fails_on_every_rank_and_the_next_is_clean
         _same_step(r["tied_before"], r["tied_after"])
     assert results[0]["bad_batch_one_rank"]["message"] == results[1]["bad_batch_one_rank"]["message"]
     assert results[0]["backward_raises"]["message"] == results[1]["backward_raises"]["message"]
+
+
+class _Branchy(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent: cannot be traced
+            return self.lin(x)
+        return x
+
+
+def test_a_trace_failure_prints_only_our_message(capfd):
+    from passes.capture import TraceError, capture
+    with pytest.raises(TraceError, match="Python control flow at .*test_faults.py"):
+        capture(_Branchy(), lambda out, t: (out - t).sum(), (torch.randn(2, 4),), torch.randn(2, 4))
+    _, err = capfd.readouterr()
+    assert "def forward" not in err and "Unable to find user code" not in err, err
+
+
+def test_a_loss_that_needs_a_target_without_example_target_says_so():
+    from passes.capture import capture
+    with pytest.raises(ValueError, match=r"example_target=None, but loss_fn mse_loss.*pass example_target="):
+        capture(torch.nn.Linear(4, 4), torch.nn.functional.mse_loss, (torch.randn(2, 4),))
+
+
+def test_a_wrong_dtype_at_step_names_the_dtype_not_the_shape():
+    from dualpipe_fx.runtime.errors import check_batch
+    example = torch.zeros(2, 3, dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"has dtype torch.int32, but .* traced for torch.int64 \(its shape is right\)"):
+        check_batch("inputs[0]", torch.zeros(8, 3, dtype=torch.int32), example, 4, torch.device("cpu"))
+
+
+def test_torch_runtime_error_dump_becomes_one_line(capfd, caplog):
+    import logging
+
+    from dualpipe_fx.runtime.pipeline import _one_line_errors
+    torch_log = logging.getLogger("torch.distributed.pipelining.schedules")
+    with caplog.at_level(logging.ERROR, logger="dualpipe_fx.runtime.pipeline"), _one_line_errors(1):
+        torch_log.error("_PipelineScheduleRuntime caught exception at step %s when running action %s.  "
+                        "Full Schedule:", 7, "1F3")
+        torch_log.error("Full Schedule table\n" + "row\n" * 40)
+    _, err = capfd.readouterr()
+    assert "Full Schedule" not in err, err
+    ours = [r.getMessage() for r in caplog.records if r.name == "dualpipe_fx.runtime.pipeline"]
+    assert ours == ["rank 1: the step stopped at action 1F3 (time step 7)"], ours
