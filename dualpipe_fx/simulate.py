@@ -299,6 +299,23 @@ def _peak_activations(actions: list[Action]) -> int:
     return peak
 
 
+def in_flight_by_part(program: Program) -> dict[int, int]:
+    """Per model part: the most micro-batches whose forward ran and whose I (or B) has not, at once
+    on one rank; what the stage cut's memory estimate multiplies a part's activations by."""
+    peak: dict[int, int] = {}
+    for actions in program.values():
+        held: dict[int, int] = {}
+        for action in actions:
+            for part in action.parts():
+                model_part = program.model_part(part.stage)
+                if part.kind == "F":
+                    held[model_part] = held.get(model_part, 0) + 1
+                    peak[model_part] = max(peak.get(model_part, 0), held[model_part])
+                elif part.kind in ("B", "I"):
+                    held[model_part] -= 1
+    return peak
+
+
 def readme_bubble(schedule: str, num_stages: int, costs: Costs) -> Optional[float]:
     """The DualPipe README's bubble formula for ``schedule``, or None if the table has no row.
 

@@ -15,6 +15,7 @@ from typing import Any, Callable, Collection, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from passes.balance import BALANCE_MODES, MemorySpec
 from passes.capture import capture
 from passes.cost_model import activation_bytes, node_costs
 from passes.recompute import Policy, recompute_policy
@@ -51,6 +52,14 @@ class Split:
         """Largest stage cost over the mean stage cost (1.0 is perfect)."""
         return self.partition.balance
 
+    @property
+    def rank_balance(self) -> dict[str, float]:
+        """Per rank of ``placement``: the largest rank's time and memory estimate over the
+        means (``{"time": ..., "memory": ...}``; 1.0 is perfect; see ``passes.balance``)."""
+        loads = list(self.partition.rank_loads.values())
+        return {what: max(v[i] for v in loads) / (sum(v[i] for v in loads) / len(loads) or 1.0)
+                for i, what in enumerate(("time", "memory"))}
+
     def describe(self) -> str:
         """A table: per stage, its rank, param count (elements), FLOPs, activation bytes in/out
         and the bytes F saves for the backward, per micro-batch."""
@@ -68,6 +77,18 @@ class Split:
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
         lines.append(f"balance (max/mean cost): {self.balance:.3f}")
+        lines.append(self._describe_ranks())
+        return "\n".join(lines)
+
+    def _describe_ranks(self) -> str:
+        rows = [("rank", "stages", "cost", "memory estimate (B)")]
+        for rank, (time, mem) in sorted(self.partition.rank_loads.items()):
+            stages = ",".join(str(s) for s, r in sorted(self.placement.items()) if r == rank)
+            rows.append((str(rank), stages, f"{time:,.0f}", f"{mem:,.0f}"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+        ratio = self.rank_balance
+        lines.append(f"per rank, max/mean: cost {ratio['time']:.3f}, memory {ratio['memory']:.3f}")
         return "\n".join(lines)
 
     def _stage_params(self, sg: StageGraphs) -> list[torch.Tensor]:
@@ -164,11 +185,49 @@ def _check_kwarg_names(example_kwargs: Optional[Mapping[str, Any]]) -> None:
                          "example_inputs, or wrap the model so that its keyword has another name.")
 
 
+def _param_state_bytes(optimizer) -> Callable[[torch.Tensor], int]:
+    """Bytes a parameter costs its rank: value + grad + the optimizer's state for it.
+
+    ``"adamw"``: two states in the parameter's dtype (torch's AdamW/Adam keep ``exp_avg`` and
+    ``exp_avg_sq`` like the parameter); ``"sgd"``: none (no momentum); a number: that many
+    bytes per element.
+    """
+    if isinstance(optimizer, str) and optimizer in _OPTIMIZER_STATES:
+        states = _OPTIMIZER_STATES[optimizer]
+        return lambda p: (2 + states) * p.numel() * p.element_size()
+    if isinstance(optimizer, (int, float)) and not isinstance(optimizer, bool) and optimizer >= 0:
+        return lambda p: 2 * p.numel() * p.element_size() + int(optimizer * p.numel())
+    raise ValueError(f"optimizer={optimizer!r}; expected {', '.join(map(repr, _OPTIMIZER_STATES))} or the "
+                     "optimizer's state bytes per parameter element (a number >= 0, e.g. 8 for AdamW "
+                     "with fp32 states)")
+
+
+_OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "sgd": 0, "sgd_momentum": 1}
+
+
+def memory_spec(optimizer="adamw", in_flight: Optional[Mapping[int, int]] = None,
+                memory_budget: Optional[int] = None, recompute: Policy = None) -> MemorySpec:
+    """The stage cut's memory model (``passes.balance.MemorySpec``) from user-facing options."""
+    if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int)
+                                      or memory_budget <= 0):
+        raise ValueError(f"memory_budget={memory_budget!r}; expected bytes per rank as an int > 0 "
+                         "(e.g. 80 * 2**30), or None")
+    return MemorySpec(param_bytes=_param_state_bytes(optimizer), in_flight=dict(in_flight or {}),
+                      budget=memory_budget, inputs_only=isinstance(recompute, str) and recompute == "full")
+
+
+def _check_balance(balance) -> None:
+    if balance not in BALANCE_MODES:
+        raise ValueError(f"balance={balance!r}; expected one of {', '.join(map(repr, BALANCE_MODES))}")
+
+
 def split(model: nn.Module, loss_fn: Callable, example_inputs, example_target=None, num_stages: int = 4,
           *, example_kwargs: Optional[Mapping[str, Any]] = None, cost="flops",
           split_points: Optional[Sequence[str]] = None,
           placement: Optional[Mapping[int, int]] = None, recompute: Policy = None, device=None,
-          only_stages: Optional[Collection[int]] = None) -> Split:
+          only_stages: Optional[Collection[int]] = None, balance: str = "both",
+          memory_budget: Optional[int] = None, optimizer="adamw",
+          in_flight: Optional[Mapping[int, int]] = None) -> Split:
     """Capture ``model`` + ``loss_fn``, cut it into stages, split each stage's backward.
 
     **Contract**: ``(model, loss_fn, one example micro-batch) -> Split`` with
@@ -178,7 +237,7 @@ def split(model: nn.Module, loss_fn: Callable, example_inputs, example_target=No
     **Pseudocode**::
 
         captured = capture(model, loss_fn, example_inputs, example_target, example_kwargs=..., device=device)
-        partition = split_stages(captured, num_stages, cost, split_points, placement)
+        partition = split_stages(captured, num_stages, cost, split_points, placement, balance, memory)
         stages = [split_backward(gm, index=s, is_last=s == S-1, recompute=recompute) if s in only_stages else None
                   for s, gm in enumerate(partition.stages)]
 
@@ -202,21 +261,35 @@ def split(model: nn.Module, loss_fn: Callable, example_inputs, example_target=No
             ``passes.capture.capture``).
         only_stages: the stages whose I/W split runs (default: all); the others are None in
             ``Split.stages``. A pipeline rank splits only the stages it runs.
+        balance: what the cut evens out per rank of ``placement`` (a rank's load is the sum
+            over its stages): ``"time"`` (cost), ``"memory"`` (parameters + grads + optimizer
+            state + activations in flight, estimated; see ``passes.balance``) or ``"both"``
+            (default: the larger of time and memory, each relative to its mean; with
+            ``memory_budget``: the least time among cuts within the budget).
+        memory_budget: bytes per rank no rank's memory estimate may exceed, or None.
+        optimizer: ``"adamw"`` (two states in the parameter's dtype), ``"sgd"`` (none),
+            ``"sgd_momentum"`` (one) or state bytes per parameter element.
+        in_flight: ``{stage: micro-batches of activations held at once}`` (``compile()``
+            reads it off the schedule); default 1 per stage.
 
     Returns:
         :class:`Split`.
 
     Raises:
         passes.capture.TraceError: the model cannot be traced (names the source line).
-        ValueError: an invalid ``num_stages``/``split_points``/``placement``/``only_stages``, or a
-            keyword ``target``; a tensor on meta and ``device=None``.
+        ValueError: an invalid ``num_stages``/``split_points``/``placement``/``only_stages``/
+            ``balance``/``optimizer``/``memory_budget``, or a keyword ``target``; a tensor on
+            meta and ``device=None``; no cut within ``memory_budget`` (names the rank).
     """
     _check_kwarg_names(example_kwargs)
     recompute_policy(recompute)  # an unknown policy fails before the trace
+    _check_balance(balance)
+    memory = memory_spec(optimizer, in_flight, memory_budget, recompute)
     captured = capture(model, loss_fn, example_inputs, example_target, example_kwargs=example_kwargs,
                        device=device)
     placement = default_placement(num_stages) if placement is None else dict(placement)
-    partition = split_stages(captured, num_stages, cost=cost, split_points=split_points, placement=placement)
+    partition = split_stages(captured, num_stages, cost=cost, split_points=split_points, placement=placement,
+                             balance=balance, memory=memory)
     last = len(partition.stages) - 1
     wanted = _only(only_stages, len(partition.stages))
     stages = tuple(split_backward(gm, index=s, is_last=s == last, recompute=recompute) if s in wanted else None

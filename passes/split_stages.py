@@ -13,13 +13,14 @@ from __future__ import annotations
 import bisect
 import difflib
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
 import torch.fx as fx
 
+from passes.balance import BALANCE_MODES, MemorySpec, RankLoads, balance_cuts, search_cuts
 from passes.cost_model import CostSpec, activation_bytes, scalar_costs
 
 __all__ = ["StagePartition", "default_placement", "split_stages"]
@@ -45,6 +46,8 @@ class StagePartition:
     cut_bytes: tuple[int, ...]
     param_stages: Mapping[str, tuple[int, ...]]
     captured: Any
+    # per rank of the placement: (time in cost units, memory estimate in bytes; see passes.balance)
+    rank_loads: Mapping[int, tuple[float, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -236,6 +239,79 @@ def _choose_cuts(lay: _Layout, num_stages: int, forced: Sequence[int]) -> tuple[
 
 
 # --------------------------------------------------------------------------------------
+# Per rank: the cut moved until every rank's time and memory are even (passes.balance)
+
+
+def _saved_estimate(node: fx.Node) -> int:
+    """Bytes a node's value may be saved for backward: floating-point, not a view."""
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor) or not val.dtype.is_floating_point:
+        return 0
+    if isinstance(node.target, torch._ops.OpOverload) and node.target.is_view:
+        return 0
+    return activation_bytes(node)
+
+
+def _prefix(values: Sequence[float]) -> tuple[float, ...]:
+    out = [0.0]
+    for v in values:
+        out.append(out[-1] + v)
+    return tuple(out)
+
+
+def _rank_loads(lay: _Layout, placement: Mapping[int, int], memory: MemorySpec, mode: str) -> RankLoads:
+    param_at = [0.0] * len(lay.nodes)
+    for ph in lay.graph.nodes:
+        uses = [lay.pos[u] for u in ph.users if u in lay.pos]
+        if _kind(ph) == "param" and uses and isinstance(ph.meta.get("val"), torch.Tensor):
+            param_at[min(uses)] += memory.param_bytes(ph.meta["val"])
+    received = list(lay.cut_bytes) + [0]
+    return RankLoads(time=lay.prefix, params=_prefix(param_at), acts=_prefix([_saved_estimate(n) for n in lay.nodes]),
+                     received=received, placement=placement, memory=memory, mode=mode)
+
+
+def _per_rank_cuts(lay: _Layout, num_stages: int, forced, loads: RankLoads) -> tuple[int, ...]:
+    """The least largest rank load: the exact search over candidate cuts (chain and V
+    placements), and local moves from the per-stage time and memory optima; each polished
+    by local moves over every allowed cut; the lowest wins (ties: fewer bytes crossing)."""
+    starts = {_choose_cuts(lay, num_stages, forced)}
+    if loads.mode != "time":
+        weights = [loads.params[k + 1] - loads.params[k] + loads.acts[k + 1] - loads.acts[k]
+                   for k in range(len(lay.nodes))]
+        if sum(weights) > 0:
+            starts.add(_choose_cuts(replace(lay, prefix=_prefix(weights)), num_stages, forced))
+
+    def score(cuts):
+        worst = max(loads.load(t, m) for t, m in loads.ranks(cuts).values())
+        return worst, sum(lay.cut_bytes[k] for k in cuts)
+
+    done = [balance_cuts(loads, c, lay.allowed, forced, lay.cut_bytes) for c in sorted(starts)]
+    if not forced:  # the exact search knows no forced cuts: split_points keep the local moves only
+        found = search_cuts(loads, lay.allowed, lay.cut_bytes, num_stages, min(score(c)[0] for c in done))
+        if found is not None:
+            done.append(balance_cuts(loads, found, lay.allowed, forced, lay.cut_bytes))
+    return min(done, key=score)
+
+
+def _check_budget(loads: RankLoads, cuts, placement: Mapping[int, int]) -> None:
+    budget = loads.memory.budget
+    if budget is None:
+        return
+    for rank, (_, mem) in sorted(loads.ranks(cuts).items()):
+        if mem > budget:
+            stages = sorted(s for s, r in placement.items() if r == rank)
+            bounds = list(zip((0, *cuts), (*cuts, len(loads.time) - 1)))
+            params = sum(loads.params[bounds[s][1]] - loads.params[bounds[s][0]] for s in stages)
+            acts = sum(loads.stage_acts(s, *bounds[s]) for s in stages)
+            raise ValueError(
+                f"memory_budget={budget:,} bytes per rank: no cut fits; the best cut still gives rank {rank} "
+                f"(stages {stages}) {mem:,.0f} bytes = parameters, grads and optimizer state {params:,.0f} + "
+                f"activations {acts:,.0f} (estimate, at its schedule's peak). Fix: raise memory_budget, use "
+                f"more ranks, fewer micro-batches in flight, recompute='selective' or 'full', or a lighter "
+                f"optimizer")
+
+
+# --------------------------------------------------------------------------------------
 # split_points, and which stages read each parameter
 
 
@@ -358,7 +434,7 @@ def _build_stage(gm: fx.GraphModule, lay: _Layout, bounds: tuple[int, int], inde
     return stage
 
 
-def _check_args(captured, num_stages, placement) -> None:
+def _check_args(captured, num_stages, placement, balance=None) -> None:
     if not isinstance(num_stages, int) or isinstance(num_stages, bool):
         raise TypeError(f"num_stages={num_stages!r}; expected an int >= 1")
     if num_stages < 1:
@@ -366,13 +442,17 @@ def _check_args(captured, num_stages, placement) -> None:
     if not isinstance(getattr(captured, "gm", None), fx.GraphModule):
         raise TypeError(f"split_stages: got {type(captured).__name__}; expected the Captured "
                         f"result of passes.capture.capture(model, loss_fn, example_inputs)")
+    if balance is not None and balance not in BALANCE_MODES:
+        raise ValueError(f"balance={balance!r}; expected one of {', '.join(map(repr, BALANCE_MODES))} or None "
+                         "(per stage)")
     if placement is not None and sorted(placement) != list(range(num_stages)):
         raise ValueError(f"placement covers stages {sorted(placement)}; expected every stage "
                          f"0..{num_stages - 1} mapped to a rank")
 
 
 def split_stages(captured, num_stages: int, *, cost: CostSpec = "flops", split_points=None,
-                 placement: Optional[Mapping[int, int]] = None) -> StagePartition:
+                 placement: Optional[Mapping[int, int]] = None, balance: Optional[str] = None,
+                 memory: Optional[MemorySpec] = None) -> StagePartition:
     """Cut a captured graph into ``num_stages`` contiguous stages balanced by ``cost``.
 
     **Contract**: ``Captured`` (graph ``(params, buffers, inputs, target) -> (loss,
@@ -396,8 +476,15 @@ def split_stages(captured, num_stages: int, *, cost: CostSpec = "flops", split_p
         cost: ``"flops"`` (forward FLOPs), ``"measured"`` (timed ops) or ``cost(node) -> float``.
         split_points: module FQNs (e.g. ``["layers.4"]``) where a stage must start.
         placement: ``{stage: rank}``; default DualPipeV (rank r holds r and S-1-r) for even
-            S, else one rank per stage. Checked but not used: the cut depends on cost
-            alone, since a parameter shared by stages on several ranks is allowed.
+            S, else one rank per stage. Used by ``balance`` only (a parameter shared by
+            stages on several ranks is allowed anywhere).
+        balance: None: each stage's cost as even as it can be (the placement is not read).
+            ``"time"``, ``"memory"`` or ``"both"``: per rank of ``placement``, the largest
+            rank's time, memory estimate, or the larger of the two relative to the mean (with
+            ``memory.budget``: the largest time among cuts within the budget), see
+            ``passes.balance``.
+        memory: what a rank's memory holds (``passes.balance.MemorySpec``); default: AdamW
+            states, one micro-batch of activations per stage, no budget.
 
     Returns:
         ``StagePartition``.
@@ -405,10 +492,10 @@ def split_stages(captured, num_stages: int, *, cost: CostSpec = "flops", split_p
     Raises:
         ValueError: ``num_stages`` < 1 or more than the graph has places to cut; an unknown
             or uncuttable split point; more split points than cuts; a placement missing
-            stages.
+            stages; an unknown ``balance``; no cut within ``memory.budget`` (names the rank).
         TypeError: a wrong argument type.
     """
-    _check_args(captured, num_stages, placement)
+    _check_args(captured, num_stages, placement, balance)
     gm = captured.gm
     lay = _layout(gm, cost)
     if not lay.nodes:
@@ -419,7 +506,13 @@ def split_stages(captured, num_stages: int, *, cost: CostSpec = "flops", split_p
                          f"({len(lay.nodes)} ops) has {len(lay.allowed)} places to cut; use "
                          f"num_stages <= {len(lay.allowed) + 1}")
     forced = _forced_cuts(lay, split_points, num_stages)
-    cuts = _choose_cuts(lay, num_stages, forced)
+    placement = default_placement(num_stages) if placement is None else placement
+    loads = _rank_loads(lay, placement, memory or MemorySpec(), balance or "time")
+    if balance is None:
+        cuts = _choose_cuts(lay, num_stages, forced)
+    else:
+        cuts = _per_rank_cuts(lay, num_stages, forced, loads)
+    _check_budget(loads, cuts, placement)
     bounds = list(zip((0, *cuts), (*cuts, len(lay.nodes))))
     stages = tuple(_build_stage(gm, lay, b, i, num_stages) for i, b in enumerate(bounds))
     costs = tuple(lay.prefix[b] - lay.prefix[a] for a, b in bounds)
@@ -432,4 +525,5 @@ def split_stages(captured, num_stages: int, *, cost: CostSpec = "flops", split_p
         param_stages=MappingProxyType({ph.meta["dpfx_name"]: st
                                        for ph, st in _param_stages(lay, cuts).items()}),
         captured=captured,
+        rank_loads=MappingProxyType(loads.ranks(cuts)),
     )
