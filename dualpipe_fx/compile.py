@@ -29,6 +29,7 @@ from dualpipe_fx.runtime.materialize import materialize
 from dualpipe_fx.runtime.pipeline import Pipeline
 from dualpipe_fx.schedules import generate, get_schedule
 from dualpipe_fx.schedules.ir import Program
+from dualpipe_fx.simulate import in_flight_by_part
 from dualpipe_fx.split import split
 from passes._compat import tree_flatten
 from passes.cost_model import scalar_costs
@@ -139,7 +140,8 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
             compile_stages: bool = False, timeout: timedelta | float = timedelta(seconds=300),
             cost="flops", split_points: Optional[Sequence[str]] = None, overlap: bool = True,
             recompute=None, device=None, param_init_fn: Optional[Callable[[nn.Module], None]] = None,
-            verify_weights: bool = True) -> Pipeline:
+            verify_weights: bool = True, balance: str = "both", memory_budget: Optional[int] = None,
+            optimizer="adamw") -> Pipeline:
     """Pipeline ``model`` over the ranks of ``group`` with ``schedule``.
 
     Args:
@@ -168,6 +170,11 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
             on fake tensors of ``device`` (that device's kernels), and this rank allocates
             there only its own stages' parameters and buffers; the others stay on meta.
             Examples may be on meta or on ``device``.
+        balance, memory_budget, optimizer: how the cut evens out the ranks (see
+            ``dualpipe_fx.split``): ``"both"`` (default) evens the larger of each rank's time
+            and memory relative to their means; with ``memory_budget`` (bytes per rank) the
+            least time among cuts within it. Activations in flight per stage are read off the
+            schedule's program; memory is an estimate (``Pipeline.memory_plan`` has the plan).
         param_init_fn: ``fn(module)``, called (grad off, under a seed from
             ``torch.initial_seed()`` and the module's FQN) for each module owning a meta
             parameter or buffer of this rank, to initialise its own tensors in place.
@@ -192,7 +199,8 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
         ValueError: the schedule does not fit the world size / micro-batch count, or the
             examples and the model are on different devices, or the model is on meta and
             ``device`` is None, or a module without an initialiser owns a non-persistent
-            buffer on meta (before any communication).
+            buffer on meta, or no cut keeps every rank within ``memory_budget`` (before any
+            communication).
     """
     if not dist.is_initialized():
         raise ValueError("compile(): torch.distributed is not initialized; call "
@@ -211,7 +219,9 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
     mine = local_parts(program, dist.get_rank(group))
     parts = split(model, loss_fn, examples, example_target, program.num_model_parts, cost=cost,
                   split_points=split_points, placement=_part_placement(program),
-                  example_kwargs=example_kwargs, recompute=recompute, device=device, only_stages=mine)
+                  example_kwargs=example_kwargs, recompute=recompute, device=device, only_stages=mine,
+                  balance=balance, memory_budget=memory_budget, optimizer=optimizer,
+                  in_flight=in_flight_by_part(program))
     partition = parts.partition
     names = local_names(partition.stages, mine, partition.captured.param_aliases)
     pending = materialize(model, names, device, param_init_fn)
