@@ -63,6 +63,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dualpipe_fx import examples as ex  # noqa: E402
+from dualpipe_fx.memory import allocator_events, peak_live_bytes  # noqa: E402
 from passes.recompute import SELECTIVE_SAVE  # noqa: E402
 from tests.runtime.dist_harness import run_ranks  # noqa: E402
 
@@ -143,26 +144,10 @@ def _variants(policies) -> dict:
 
 # -- measuring -----------------------------------------------------------------------
 
-def peak_live_bytes(memory_events) -> dict:
-    """``memory_events``: ``(time_ns, signed bytes)`` of the allocator, any order.
-    Returns the peak of their running sum (time order) and the sum at the end."""
-    live = peak = 0
-    for _, nbytes in sorted(memory_events, key=lambda e: e[0]):
-        live += nbytes
-        peak = max(peak, live)
-    return {"peak": peak, "end": live}
-
-
-def _allocator_events(prof) -> list[tuple[int, int]]:
-    """The CPU allocator's ``(time_ns, signed bytes)`` that the profiler recorded."""
-    return [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-            if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")]
-
-
 def _transients(prof) -> dict[str, int]:
     """Per ``dpfx.*`` annotated action kind (``_watch``): the most that one action raised the
     live bytes above those at its start (what it computes, recomputes and drops inside)."""
-    events = sorted(_allocator_events(prof))
+    events = sorted(allocator_events(prof))
     times = [t for t, _ in events]
     live, running = [], 0
     for _, nbytes in events:
@@ -210,7 +195,7 @@ def _profiled_step(pipe, x, y) -> dict:
         pipe.step(x, target=y)
     dist.barrier()
     _unwatch(pipe)
-    return {"memory": peak_live_bytes(_allocator_events(prof)), "transients": _transients(prof), "kept": kept}
+    return {"memory": peak_live_bytes(allocator_events(prof)), "transients": _transients(prof), "kept": kept}
 
 
 def _storage_bytes(values, exclude: set[int]) -> int:

@@ -3,6 +3,7 @@ from dualpipe_fx.schedules import Action, Program
 from dualpipe_fx.schedules import SCHEDULES, ScheduleSpec, generate, get_schedule, validate_program  # noqa: F401
 from dualpipe_fx.split import Split, split  # noqa: F401
 from dualpipe_fx.simulate import Costs, SimResult, simulate  # noqa: F401
+from dualpipe_fx.memory import MemoryPlan, plan  # noqa: F401
 from dualpipe_fx.visualize import visualize  # noqa: F401
 from dualpipe_fx.compile import compile, Pipeline, PeerTimeoutError  # noqa: F401,A001
 from dualpipe_fx.runtime.errors import PipelineBrokenError, PipelineStepError  # noqa: F401

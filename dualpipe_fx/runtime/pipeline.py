@@ -101,6 +101,13 @@ class Pipeline:
     def parameters(self) -> Iterator[nn.Parameter]:
         yield from self._params.values()
 
+    def memory_plan(self, optimizer="adamw"):
+        """This rank's ``dualpipe_fx.memory.MemoryPlan`` (one row): params, grads, optimizer
+        state (``"adamw"``, ``"sgd"``, ... or bytes per element) and the step's peak bytes,
+        from its own stages' graphs; nothing runs."""
+        from dualpipe_fx.memory import pipeline_plan
+        return pipeline_plan(self, optimizer)
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         for param in self._params.values():
             if set_to_none:

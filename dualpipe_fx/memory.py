@@ -1,0 +1,597 @@
+"""Per-rank memory plan in bytes: parameters, grads, optimizer state, peak activations, buffers.
+
+**Contract**: ``plan(model, loss_fn, example_inputs, example_target, ranks=N,
+num_microbatches=C) -> MemoryPlan`` for a model (on meta or real) without any process
+group; ``Pipeline.memory_plan()`` gives the same rows for the rank(s) of a built pipeline.
+``peak_activation_bytes(program, saved, for_weight) -> {rank: bytes}`` is the walk at the
+core, on any per-stage byte figures (estimates for a memory-aware cut, say).
+
+**Pseudocode**
+    per stage: every storage its F, I and W graphs touch (fake tensors' storages, so a
+        view counts once), with where it comes from and what keeps it (saved for I, kept
+        for W, sent, handed over); the largest intermediates inside each graph
+    per rank: its program lowered with sends and receives as the runtime does
+    walk the actions: a storage lives from its birth to its last keeper; peak = max over
+        actions of (live storages + the action's intermediates)
+
+The model of a step, per micro-batch of a stage (what ``runtime.stage.GraphStage`` does):
+
+- a received activation buffer is allocated when its receive is posted (gloo: up to two
+  actions before its F, ``runtime.build.RECV_LOOKAHEAD``), and lives while F's ``saved``
+  or I's ``saved_for_weight`` hold it;
+- F's ``saved`` lives until I (or B); what I hands W (``saved_for_weight``: F values,
+  received grads, I's own values) until W;
+- a tensor sent to another rank (an activation after F, an input grad after I) is held by
+  its send request until the step ends (torch's runtime waits for sends at the end);
+  one handed to a stage on the same rank lives until that stage's F (or I) takes it;
+- the last stage's outputs (loss, logits) live past the step;
+- param grads: allocated by the stage's first W (or B) when the step starts without them,
+  summed in place afterwards;
+- inside an action, its graph's intermediates (neither inputs nor outputs) add their
+  largest live sum; an F&B pair adds both halves'.
+
+Optimizer state (per parameter, after the first ``optimizer.step()``): ``"adamw"`` /
+``"adam"``: torch's ``exp_avg`` and ``exp_avg_sq`` are ``zeros_like(param)``, so 2 x the
+parameter bytes in the parameter's dtype, plus a 4-byte fp32 ``step`` per parameter tensor
+(not fused, not capturable, no amsgrad); ``"sgd"`` (no momentum): 0; ``"sgd_momentum"``:
+1 x the parameter bytes (``momentum_buffer``); a number: that many bytes per parameter
+element.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+
+import torch
+
+from dualpipe_fx.schedules.ir import Action, Program
+
+__all__ = ["MemoryPlan", "RankMemory", "StageMemory", "allocator_events", "peak_activation_bytes",
+           "peak_live_bytes", "plan", "rank_memory", "stage_memory"]
+
+Optimizer = Union[str, float, int]
+_END = math.inf  # position of "after the step"
+
+
+# -- measuring (the CPU allocator, through the profiler) ---------------------------------
+
+def peak_live_bytes(memory_events: Iterable[tuple[int, int]]) -> dict:
+    """``memory_events``: ``(time_ns, signed bytes)`` of the allocator, any order.
+    Returns the peak of their running sum (time order) and the sum at the end."""
+    live = peak = 0
+    for _, nbytes in sorted(memory_events, key=lambda e: e[0]):
+        live += nbytes
+        peak = max(peak, live)
+    return {"peak": peak, "end": live}
+
+
+def allocator_events(prof) -> list[tuple[int, int]]:
+    """The CPU allocator's ``(time_ns, signed bytes)`` that a ``torch.profiler.profile(
+    profile_memory=True)`` recorded (blocks allocated before it started: no free reported)."""
+    return [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+            if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")]
+
+
+# -- per stage: the storages its graphs touch --------------------------------------------
+
+def _storages(val: Any) -> list[tuple[int, int]]:
+    """``(storage id, storage bytes)`` of the tensors in a node's ``meta["val"]``."""
+    vals = val if isinstance(val, (tuple, list)) else (val,)
+    out = []
+    for t in vals:
+        if isinstance(t, torch.Tensor):
+            st = t.untyped_storage()
+            out.append((st._cdata, st.nbytes()))
+    return out
+
+
+def _keys(nodes: Iterable) -> dict[int, int]:
+    return {k: b for n in nodes if isinstance(n, torch.fx.Node) for k, b in _storages(n.meta.get("val"))}
+
+
+def _placeholders(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+def _outputs(gm: torch.fx.GraphModule) -> list:
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+def _intermediate_peak(gm: torch.fx.GraphModule) -> int:
+    """The most bytes of the graph's own intermediates (storages neither of its inputs nor of
+    its outputs) alive at once, running its nodes in order, each freed after its last reader."""
+    nodes = list(gm.graph.nodes)
+    keep = set(_keys(_placeholders(gm))) | set(_keys(_outputs(gm)))
+    first: dict[int, int] = {}
+    last: dict[int, int] = {}
+    size: dict[int, int] = {}
+    for i, n in enumerate(nodes):
+        if n.op == "call_function":
+            for k, b in _storages(n.meta.get("val")):
+                if k not in keep:
+                    first.setdefault(k, i)
+                    size[k] = b
+                    last[k] = i
+        for a in n.all_input_nodes:
+            for k, _ in _storages(a.meta.get("val")):
+                if k in last:
+                    last[k] = i
+    delta = [0] * (len(nodes) + 1)
+    for k, b in size.items():
+        delta[first[k]] += b
+        delta[last[k] + 1] -= b
+    live = peak = 0
+    for d in delta:
+        live += d
+        peak = max(peak, live)
+    return peak
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    """What one micro-batch of one stage holds, in bytes (storages, so views count once;
+    parameters, buffers and the user's batch never).
+
+    ``held`` lists ``(source, keepers, bytes)``: ``source`` is where a storage comes from
+    (``"input"``: a received activation, ``"F"``: computed by F, ``"grad_output"``: a
+    received grad, ``"I"``: computed by I), ``keepers`` what keeps it alive past its own
+    action (``"saved"`` until I, ``"for_weight"`` until W, ``"output"`` sent on or handed
+    over, ``"grad_input"`` sent back or handed over). ``intermediates`` is each graph's
+    largest live sum of its own temporaries (``"F"``, ``"I"``, ``"W"``).
+    """
+
+    index: int
+    saved: int
+    for_weight: int
+    held: tuple[tuple[str, frozenset, int], ...]
+    intermediates: Mapping[str, int]
+    param_grads: Mapping[str, int]  # FQN -> grad bytes of each parameter the stage trains
+
+    @property
+    def inputs(self) -> int:
+        """Received activation bytes (a receive buffer) per micro-batch."""
+        return sum(b for src, _, b in self.held if src == "input")
+
+    @property
+    def grad_outputs(self) -> int:
+        """Received grad bytes (a receive buffer) per micro-batch."""
+        return sum(b for src, _, b in self.held if src == "grad_output")
+
+
+def stage_memory(graphs) -> StageMemory:
+    """Byte figures of one split stage (``passes.stage_graphs.StageGraphs`` with flat ``.gm``s),
+    read from the graphs' ``meta["val"]`` (fake tensors: nothing runs)."""
+    fwd, bwd_i, bwd_w = graphs.forward.gm, graphs.backward_input.gm, graphs.backward_weight.gm
+    phs = _placeholders(fwd)
+    n_par = len(graphs.param_names) + len(graphs.buffer_names)
+    n_act = len(graphs.input_names)
+    outer = set(_keys(phs[:n_par])) | set(_keys(phs[n_par + n_act:]))  # params, buffers, the batch
+    f_out = _outputs(fwd)
+    outputs, saved = _keys(f_out[: graphs.forward.num_outputs]), _keys(f_out[graphs.forward.num_outputs:])
+    i_phs, i_out = _placeholders(bwd_i), _outputs(bwd_i)
+    n_gin = graphs.backward_input.num_grad_inputs
+    grad_in, for_weight = _keys(i_out[:n_gin]), _keys(i_out[n_gin:])
+    source: dict[int, str] = {}
+    size: dict[int, int] = {}
+    for kind, nodes in (("input", phs[n_par: n_par + n_act]), ("F", fwd.graph.nodes),
+                        ("grad_output", i_phs[_n_saved(graphs):]), ("I", bwd_i.graph.nodes)):
+        for k, b in _keys(nodes).items():
+            if k not in outer and k not in source:
+                source[k], size[k] = kind, b
+    keepers: dict[tuple[str, frozenset], int] = {}
+    for k, src in source.items():
+        keep = frozenset(name for name, keys in (("saved", saved), ("for_weight", for_weight),
+                                                 ("output", outputs), ("grad_input", grad_in)) if k in keys)
+        keepers[(src, keep)] = keepers.get((src, keep), 0) + size[k]
+    named_grads = {}
+    w_out = _outputs(bwd_w)
+    for name, g in zip(graphs.param_names, w_out):
+        if isinstance(g, torch.fx.Node):
+            named_grads[name] = sum(b for _, b in _storages(g.meta.get("val")))
+    return StageMemory(
+        index=graphs.index,
+        saved=sum(b for k, b in saved.items() if k not in outer),
+        for_weight=sum(b for k, b in for_weight.items() if k not in outer),
+        held=tuple((src, keep, b) for (src, keep), b in sorted(keepers.items(), key=str)),
+        intermediates={"F": _intermediate_peak(fwd), "I": _intermediate_peak(bwd_i), "W": _intermediate_peak(bwd_w)},
+        param_grads=named_grads,
+    )
+
+
+def _n_saved(graphs) -> int:
+    """How many of ``backward_input``'s placeholders are F's saved values (the rest are grads)."""
+    return len(_outputs(graphs.forward.gm)) - graphs.forward.num_outputs
+
+
+# -- per rank: walking the program -------------------------------------------------------
+
+def _part_positions(actions: Sequence[Action]) -> dict[tuple[str, int, int], int]:
+    """Index of the action running each ``("F"|"G"|"W", stage, mb)``; a B is its own W."""
+    pos = {}
+    for i, action in enumerate(actions):
+        for p in action.parts():
+            pos[("G" if p.kind in ("B", "I") else p.kind, p.stage, p.microbatch)] = i
+            if p.kind == "B":
+                pos[("W", p.stage, p.microbatch)] = i
+    return pos
+
+
+_COMPUTE = ("F", "B", "I", "W", "OVERLAP_F_B")
+
+
+def receive_positions(program: Program, lookahead: int) -> dict[tuple[str, int, int], int]:
+    """``("F"|"B", receiving stage, mb) -> i``: the receive is posted before rank's compute
+    action ``i``, as the runtime lowers the program (torch's placement, then posted
+    ``lookahead`` actions earlier: ``runtime.lowering.hoist_receives``)."""
+    from dualpipe_fx import _compat
+    from dualpipe_fx.runtime.lowering import _is_single_chain, add_send_recv_chains, hoist_receives
+    from dualpipe_fx.schedules.lowering import to_torch_actions
+
+    actions = to_torch_actions(program)
+    place = program.stage_to_rank()
+    orders = (_compat.add_send_recv(actions, lambda s: place[s], program.num_stages)
+              if _is_single_chain(program) else add_send_recv_chains(actions, program))
+    out: dict[tuple[str, int, int], int] = {}
+    for order in orders.values():
+        i = 0
+        for a in (hoist_receives(order, lookahead) if lookahead else order):
+            kind = a.computation_type.value
+            if kind in ("RECV_F", "RECV_B"):
+                out[(kind[-1], a.stage_index, a.microbatch_index)] = i
+            elif kind in _COMPUTE:
+                i += 1
+    return out
+
+
+def _intervals(program: Program, rank: int, mem: Callable[[int], StageMemory],
+               recv: Mapping[tuple[str, int, int], int]) -> list[tuple[str, int, float, float]]:
+    """``(category, bytes, first, last)`` action positions of every storage of the rank's step
+    (``_END`` = past the step); categories ``activations``, ``recv``, ``sent``."""
+    actions = program[rank]
+    pos = _part_positions(actions)
+    place = program.stage_to_rank()
+    out = []
+    for stage in sorted(s for s, r in place.items() if r == rank):
+        prev, nxt = program.previous_stage(stage), program.next_stage(stage)
+        prev_far = prev is not None and place[prev] != rank
+        next_far = nxt is not None and place[nxt] != rank
+        sm = mem(stage)
+        for m in range(program.num_microbatches):
+            f, g, w = pos[("F", stage, m)], pos[("G", stage, m)], pos[("W", stage, m)]
+            for src, keep, nbytes in sm.held:
+                if src in ("F", "I") and not keep:
+                    continue  # the graph's own intermediates: counted by _action_intermediates
+                own = f if src in ("input", "F") else g  # the action that reads or makes it
+                last = max([own] + [{"saved": g, "for_weight": w}[k] for k in keep if k in ("saved", "for_weight")])
+                sent = False
+                if "output" in keep:
+                    if nxt is None or next_far:
+                        sent = True  # held by the send request (or kept as loss/logits) past the step
+                    else:
+                        last = max(last, pos[("F", nxt, m)] - 1)  # handed over: the next F takes it
+                if "grad_input" in keep and prev is not None:
+                    if prev_far:
+                        sent = True
+                    else:
+                        last = max(last, pos[("G", prev, m)] - 1)
+                if src == "input" and prev_far:
+                    out.append(("recv", nbytes, recv[("F", stage, m)], f - 1))
+                if src == "grad_output" and next_far:
+                    out.append(("recv", nbytes, recv[("B", stage, m)], g - 1))
+                out.append(("activations", nbytes, own, last))
+                if sent:
+                    out.append(("sent", nbytes, last + 1, _END))
+    return out
+
+
+def _grad_births(program: Program, rank: int, mem: Callable[[int], StageMemory]) -> list[tuple[str, int, int, float]]:
+    """Param grads, each allocated at the first W (or B) of a stage that trains it."""
+    pos = _part_positions(program[rank])
+    born: dict[str, tuple[int, int]] = {}
+    for stage, r in program.stage_to_rank().items():
+        if r != rank:
+            continue
+        first = min(pos[("W", stage, m)] for m in range(program.num_microbatches))
+        for name, nbytes in mem(stage).param_grads.items():
+            born[name] = (min(first, born.get(name, (first, 0))[0]), nbytes)
+    return [("grads", nbytes, at, _END) for at, nbytes in born.values()]
+
+
+def _action_intermediates(action: Action, mem: Callable[[int], StageMemory]) -> int:
+    def one(p: Action) -> int:
+        inter = mem(p.stage).intermediates
+        return max(inter["I"], inter["W"]) if p.kind == "B" else inter["I" if p.kind == "I" else p.kind]
+    return sum(one(p) for p in action.parts())
+
+
+def _peak(n: int, intervals, intermediates: Sequence[int]) -> dict[str, int]:
+    """The breakdown at the action where the sum of everything live is largest."""
+    cats = ("activations", "recv", "sent", "grads")
+    live = {c: [0] * (n + 1) for c in cats}
+    for cat, nbytes, first, last in intervals:
+        if last < first:
+            continue
+        live[cat][int(first)] += nbytes
+        live[cat][n if last == _END else int(last) + 1] -= nbytes
+    for c in cats:
+        for i in range(1, n + 1):
+            live[c][i] += live[c][i - 1]
+    totals = [sum(live[c][i] for c in cats) + intermediates[i] for i in range(n)]
+    at = max(range(n), key=totals.__getitem__, default=0)
+    if n == 0:
+        return dict.fromkeys((*cats, "intermediates", "total", "at"), 0)
+    return {**{c: live[c][at] for c in cats}, "intermediates": intermediates[at], "total": totals[at], "at": at}
+
+
+def peak_activation_bytes(program: Program, saved: Union[Mapping[int, int], Sequence[int]],
+                          for_weight: Union[Mapping[int, int], Sequence[int]]) -> dict[int, int]:
+    """Per rank, the most bytes of activations held at once between its actions: each
+    (stage, micro-batch) holds ``saved[part]`` from its F until its I (or B), then
+    ``for_weight[part]`` until its W. An action's additions count before its releases (an
+    I holds ``saved`` while it makes ``for_weight``; an F&B pair holds its F's while its B
+    runs). ``part`` is ``program.model_part(stage)`` (the stage itself but for DualPipe's
+    mirrors). The simulator's ``peak_activations`` with bytes instead of chunks.
+    """
+    out = {}
+    for rank, actions in program.items():
+        held = peak = 0
+        for action in actions:
+            for p in action.parts():
+                k = program.model_part(p.stage)
+                held += saved[k] if p.kind == "F" else (for_weight[k] if p.kind == "I" else 0)
+            peak = max(peak, held)
+            for p in action.parts():
+                k = program.model_part(p.stage)
+                held -= (saved[k] if p.kind in ("I", "B") else 0) + (for_weight[k] if p.kind == "W" else 0)
+        out[rank] = peak
+    return out
+
+
+# -- the plan ----------------------------------------------------------------------------
+
+def optimizer_bytes(optimizer: Optimizer, param_bytes: int, param_elements: int, param_tensors: int) -> int:
+    """Optimizer state for parameters of these sizes (see the module docstring)."""
+    if isinstance(optimizer, bool) or not isinstance(optimizer, (str, int, float)):
+        raise TypeError(f"optimizer={optimizer!r}; expected 'adamw', 'adam', 'sgd', 'sgd_momentum' or a number "
+                        "of bytes per parameter element")
+    if isinstance(optimizer, str):
+        name = optimizer.lower()
+        if name in ("adamw", "adam"):
+            return 2 * param_bytes + 4 * param_tensors
+        if name == "sgd":
+            return 0
+        if name == "sgd_momentum":
+            return param_bytes
+        raise ValueError(f"optimizer={optimizer!r} is not known; expected 'adamw', 'adam', 'sgd', 'sgd_momentum' "
+                         "or a number of bytes per parameter element (e.g. 12 for fp32 master weights + Adam)")
+    if optimizer < 0:
+        raise ValueError(f"optimizer={optimizer} bytes per parameter element is negative; expected >= 0")
+    return int(round(optimizer * param_elements))
+
+
+@dataclass(frozen=True)
+class RankMemory:
+    """One rank's bytes. ``params`` (and buffers), ``grads`` and ``optimizer`` live through
+    training; the step's peak is ``activations + recv_buffers + send_buffers +
+    intermediates``, its breakdown at the action where their sum is largest (grads already
+    allocated, e.g. zeroed in place). ``step_increase`` is the most the step adds when it
+    starts with no grads (``zero_grad(set_to_none=True)``): that walk with each grad
+    allocated at its stage's first W. ``peak_activations``: ``peak_activation_bytes`` with
+    the stages' ``saved`` and ``for_weight`` only."""
+
+    rank: int
+    stages: tuple[int, ...]
+    params: int
+    grads: int
+    optimizer: int
+    activations: int
+    recv_buffers: int
+    send_buffers: int
+    intermediates: int
+    peak_action: str
+    step_increase: int
+    peak_activations: int
+
+    @property
+    def step_peak(self) -> int:
+        return self.activations + self.recv_buffers + self.send_buffers + self.intermediates
+
+    @property
+    def total(self) -> int:
+        """params + grads + optimizer + the step's peak: an upper bound for training."""
+        return self.params + self.grads + self.optimizer + self.step_peak
+
+
+def _fmt(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Per-rank bytes of a pipelined model (see ``RankMemory``); ``table()`` prints them."""
+
+    ranks: tuple[RankMemory, ...]
+    schedule: str
+    num_microbatches: int
+    optimizer: Optimizer
+    recompute: Optional[str] = None
+    stages: tuple[StageMemory, ...] = field(default=(), repr=False)
+
+    def rank(self, r: int) -> RankMemory:
+        return next(row for row in self.ranks if row.rank == r)
+
+    def to_dict(self) -> dict:
+        rows = [asdict(r) | {"step_peak": r.step_peak, "total": r.total} for r in self.ranks]
+        for row in rows:
+            row["stages"] = list(row["stages"])
+        stages = [{"stage": s.index, "saved": s.saved, "for_weight": s.for_weight, "inputs": s.inputs,
+                   "intermediates": dict(s.intermediates)} for s in self.stages]
+        return {"schedule": self.schedule, "num_microbatches": self.num_microbatches,
+                "optimizer": self.optimizer, "recompute": self.recompute, "ranks": rows, "stages": stages}
+
+    def table(self, exact: bool = True) -> str:
+        """One row per rank (readable units; with ``exact``, bytes below each figure)."""
+        head = ("rank", "stages", "params", "grads", "optimizer", "activations", "recv buf", "sent buf",
+                "temporaries", "total")
+        rows = [head]
+        for r in self.ranks:
+            nums = (r.params, r.grads, r.optimizer, r.activations, r.recv_buffers, r.send_buffers,
+                    r.intermediates, r.total)
+            rows.append((str(r.rank), ",".join(map(str, r.stages)), *map(_fmt, nums)))
+            if exact:
+                rows.append(("", "", *(f"{n:,}" for n in nums)))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+        lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+        lines.append(f"{self.schedule}, {self.num_microbatches} micro-batches, optimizer {self.optimizer}"
+                     + (f", recompute {self.recompute}" if self.recompute else "")
+                     + "; total = params + grads + optimizer + the step's peak (activations, receive and "
+                     "send buffers, one action's temporaries)")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class ParamBytes:
+    """A rank's parameters and buffers (distinct tensors): all their bytes, and the trainable
+    parameters' bytes, elements and tensor count (what grads and the optimizer follow)."""
+
+    total: int
+    trainable: int
+    elements: int
+    tensors: int
+
+
+def rank_memory(program: Program, rank: int, stages: Mapping[int, StageMemory], params: ParamBytes,
+                optimizer: Optimizer = "adamw", recv_lookahead: int = 2,
+                receives: Optional[Mapping[tuple[str, int, int], int]] = None) -> RankMemory:
+    """One rank's ``RankMemory`` from its stages' figures (``stages[model part]``)."""
+    def mem(stage: int) -> StageMemory:
+        return stages[program.model_part(stage)]
+
+    receives = receive_positions(program, recv_lookahead) if receives is None else receives
+    actions = program[rank]
+    intervals = _intervals(program, rank, mem, receives)
+    inter = [_action_intermediates(a, mem) for a in actions]
+    grads = _grad_births(program, rank, mem)
+    steady = _peak(len(actions), intervals, inter)
+    fresh = _peak(len(actions), intervals + grads, inter)
+    mine = sorted(s for s, r in program.stage_to_rank().items() if r == rank)
+    saved = _Default({k: m.saved for k, m in stages.items()})
+    for_weight = _Default({k: m.for_weight for k, m in stages.items()})
+    only = Program({rank: actions}, chains=program.chains, num_microbatches=program.num_microbatches,
+                   model_parts=program.model_parts)
+    return RankMemory(
+        rank=rank, stages=tuple(mine), params=params.total,
+        grads=sum(g[1] for g in grads), optimizer=optimizer_bytes(optimizer, params.trainable, params.elements,
+                                                                   params.tensors),
+        activations=steady["activations"], recv_buffers=steady["recv"], send_buffers=steady["sent"],
+        intermediates=steady["intermediates"], peak_action=str(actions[steady["at"]]) if actions else "",
+        step_increase=fresh["total"],
+        peak_activations=peak_activation_bytes(only, saved, for_weight)[rank],
+    )
+
+
+class _Default(dict):
+    """Figures of this rank's stages; others read as 0 (never read by this rank's walk)."""
+
+    def __missing__(self, key):
+        return 0
+
+
+def _param_bytes(names: Iterable[str], values: Mapping[str, torch.Tensor], trainable: set[str]) -> ParamBytes:
+    seen: dict[str, torch.Tensor] = {n: values[n] for n in dict.fromkeys(names)}
+    nbytes = {n: t.numel() * t.element_size() for n, t in seen.items()}
+    train = [n for n in seen if n in trainable]
+    return ParamBytes(total=sum(nbytes.values()), trainable=sum(nbytes[n] for n in train),
+                      elements=sum(seen[n].numel() for n in train), tensors=len(train))
+
+
+def plan(model: torch.nn.Module, loss_fn: Callable, example_inputs, example_target=None, *, ranks: int,
+         num_microbatches: int, schedule: str = "dualpipev", device=None, recompute=None,
+         example_kwargs: Optional[Mapping[str, Any]] = None, optimizer: Optimizer = "adamw", cost="flops",
+         split_points: Optional[Sequence[str]] = None, balance: str = "both", memory_budget: Optional[int] = None,
+         recv_lookahead: Optional[int] = None) -> MemoryPlan:
+    """Per-rank memory of ``dualpipe_fx.compile(model, ...)`` on ``ranks`` ranks, without any
+    process group and without allocating the model.
+
+    Args:
+        model, loss_fn, example_inputs, example_target, example_kwargs: as ``compile``; ONE
+            micro-batch. A model on meta is traced on fake tensors of ``device``.
+        ranks, num_microbatches, schedule, recompute, cost, split_points, balance,
+            memory_budget: as ``compile``, whose cut this repeats (the same call to ``split``).
+        device: where the stages would run (default cpu); it picks the kernels traced and
+            the backend's receive look-ahead (cpu: gloo, ``runtime.build.RECV_LOOKAHEAD``;
+            others: 0) unless ``recv_lookahead`` is given.
+        optimizer: ``"adamw"``, ``"adam"``, ``"sgd"``, ``"sgd_momentum"`` or bytes per
+            parameter element (see the module docstring).
+
+    Returns:
+        ``MemoryPlan`` with a ``RankMemory`` per rank.
+
+    Raises:
+        ValueError: the schedule does not fit ``ranks``/``num_microbatches``, or as ``split``.
+    """
+    from dualpipe_fx.compile import _part_placement
+    from dualpipe_fx.runtime.build import RECV_LOOKAHEAD
+    from dualpipe_fx.schedules.registry import generate
+    from dualpipe_fx.simulate import in_flight_by_part
+    from dualpipe_fx.split import split
+
+    device = torch.device("cpu" if device is None else device)
+    optimizer_bytes(optimizer, 0, 0, 0)  # an unknown optimizer fails before the trace
+    program = generate(schedule, ranks, num_microbatches)
+    parts = split(model, loss_fn, example_inputs, example_target, program.num_model_parts, cost=cost,
+                  split_points=split_points, placement=_part_placement(program), example_kwargs=example_kwargs,
+                  recompute=recompute, device=device, balance=balance, memory_budget=memory_budget,
+                  optimizer=optimizer, in_flight=in_flight_by_part(program))
+    lookahead = (RECV_LOOKAHEAD if device.type == "cpu" else 0) if recv_lookahead is None else recv_lookahead
+    return _plan_from(program, {k: stage_memory(sg) for k, sg in enumerate(parts.stages)},
+                      _graph_values(parts.partition.stages), _trainable(model), optimizer, lookahead,
+                      recompute, range(ranks))
+
+
+def _graph_values(part_graphs) -> dict[int, dict[str, torch.Tensor]]:
+    """Per part, its parameters' and buffers' traced values by FQN (fake: only shapes)."""
+    return {k: {n.meta["dpfx_name"]: n.meta["val"] for n in gm.graph.nodes
+                if n.op == "placeholder" and n.meta.get("dpfx_kind") in ("param", "buffer")}
+            for k, gm in enumerate(part_graphs)}
+
+
+def _trainable(model: torch.nn.Module) -> set[str]:
+    return {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+
+
+def _plan_from(program: Program, stages: Mapping[int, StageMemory], values: Mapping[int, Mapping[str, torch.Tensor]],
+               trainable: set[str], optimizer: Optimizer, lookahead: int, recompute, ranks: Iterable[int]
+               ) -> MemoryPlan:
+    receives = receive_positions(program, lookahead)
+    place = program.stage_to_rank()
+    rows = []
+    for r in ranks:
+        parts = sorted({program.model_part(s) for s, q in place.items() if q == r})
+        named = {n: t for k in parts for n, t in values[k].items()}
+        rows.append(rank_memory(program, r, stages, _param_bytes(named, named, trainable), optimizer, lookahead,
+                                receives))
+    return MemoryPlan(ranks=tuple(rows), schedule=program.name, num_microbatches=program.num_microbatches,
+                      optimizer=optimizer, recompute=recompute if isinstance(recompute, str) else
+                      (None if recompute is None else getattr(recompute, "__name__", "custom")),
+                      stages=tuple(stages[k] for k in sorted(stages)))
+
+
+def pipeline_plan(pipe, optimizer: Optimizer = "adamw") -> MemoryPlan:
+    """``Pipeline.memory_plan``: this rank's row, from its own stages' graphs and tensors."""
+    from dualpipe_fx.runtime.build import RECV_LOOKAHEAD
+
+    program, stages, values, trainable = pipe.program, {}, {}, set()
+    for s, stage in pipe.stages.items():
+        k = program.model_part(s)
+        stages[k] = stage_memory(stage.flat_graphs)
+        names = stage.graphs.param_names + stage.graphs.buffer_names
+        values[k] = dict(zip(names, stage.params))
+        trainable |= {n for n, t in values[k].items() if isinstance(t, torch.nn.Parameter) and t.requires_grad}
+    lookahead = RECV_LOOKAHEAD if any(st.early_sends for st in pipe.stages.values()) else 0
+    return _plan_from(program, stages, values, trainable, optimizer, lookahead, None, [pipe.rank])

@@ -1,0 +1,95 @@
+"""The memory plan against measurement: a real 2-rank gloo DualPipeV step of a llama built on meta.
+
+Measured, not book-kept: the parameter bytes are the storages each rank really allocated
+(the model's tensors not on meta), and a step's peak is the CPU allocator's, through the
+profiler's memory events (``dualpipe_fx.memory.allocator_events``): the most bytes the step
+held at once above its start. Two steps are measured: one starting without grads
+(``zero_grad(set_to_none=True)``, planned as ``step_increase``) and one with grads zeroed in
+place (planned as ``step_peak``). The plan (``dualpipe_fx.plan`` in this process, on the
+meta model, no process group; and ``Pipeline.memory_plan()`` on the rank) must be within
+10% of each.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import dualpipe_fx
+from dualpipe_fx import examples as ex
+from dualpipe_fx.memory import allocator_events, peak_live_bytes
+from tests.runtime.dist_harness import run_ranks
+from tests.runtime.test_meta_models import llama_init
+
+C = 8  # micro-batches of 1
+SEQ = 256
+CFG = ex.LlamaConfig(vocab_size=128, dim=64, n_layers=4, n_heads=4, ffn_hidden=172, max_seq_len=SEQ)
+TOLERANCE = 0.10
+
+
+def _meta_model() -> ex.LlamaDecoder:
+    with torch.device("meta"):
+        return ex.LlamaDecoder(CFG)
+
+
+def _profiled_peak(pipe, tokens, target) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    dist.barrier()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        pipe.step(tokens, target=target)
+    dist.barrier()
+    return peak_live_bytes(allocator_events(prof))["peak"]
+
+
+def _allocated_bytes(model: torch.nn.Module) -> int:
+    """Distinct storages of the model's tensors that are not on meta: what this rank allocated."""
+    seen = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        if not t.is_meta:
+            seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+    return sum(seen.values())
+
+
+def _rank(rank: int, world: int) -> dict:
+    torch.manual_seed(0)
+    model = _meta_model()
+    tokens, target = ex.llama_batch(CFG, batch=C, seq=SEQ)
+    pipe = dualpipe_fx.compile(model, ex.llama_loss, (tokens[:1],), target[:1], num_microbatches=C,
+                               device="cpu", param_init_fn=llama_init)
+    pipe.step(tokens, target=target)  # warm-up: builds the F&B pairs' graphs
+    pipe.zero_grad(set_to_none=False)
+    steady = _profiled_peak(pipe, tokens, target)  # sums into the grads
+    # A step frees what the step before kept (the last stage's logits). The profiler reports
+    # the free of a block whose size it saw allocated, in any session, so a profiled step right
+    # after a profiled one would count those frees (-1 MiB on rank 0): one unprofiled between.
+    pipe.step(tokens, target=target)
+    pipe.zero_grad(set_to_none=True)
+    fresh = _profiled_peak(pipe, tokens, target)  # allocates the grads
+    return {"fresh": fresh, "steady": steady, "params": _allocated_bytes(model),
+            "plan": pipe.memory_plan().ranks[0]}
+
+
+def _close(planned: int, measured: int) -> bool:
+    return abs(planned - measured) <= TOLERANCE * measured
+
+
+@pytest.mark.timeout(600)
+def test_plan_matches_the_allocator_on_a_2_rank_dualpipev_step():
+    tokens, target = ex.llama_batch(CFG, batch=1, seq=SEQ)
+    plan = dualpipe_fx.plan(_meta_model(), ex.llama_loss, tokens, target, ranks=2, num_microbatches=C,
+                            device="cpu")
+    print(plan.table())
+    measured = run_ranks(_rank, 2, timeout=540)
+    for rank, got in enumerate(measured):
+        row = plan.rank(rank)
+        print(f"rank {rank}: params planned {row.params:,} allocated {got['params']:,}; step from no grads "
+              f"planned {row.step_increase:,} measured {got['fresh']:,} ({row.step_increase / got['fresh']:.3f}); "
+              f"step with grads planned {row.step_peak:,} measured {got['steady']:,} "
+              f"({row.step_peak / got['steady']:.3f}); peak at {row.peak_action}")
+        assert row == got["plan"]  # the rank's own plan, from its pipeline, is the same row
+        assert row.params == got["params"], (rank, row.params, got["params"])
+        assert _close(row.step_increase, got["fresh"]), (rank, row, got)
+        assert _close(row.step_peak, got["steady"]), (rank, row, got)
+        # the terms are real: without the buffers and temporaries the plan would be short
+        assert row.activations + row.grads < got["fresh"]
