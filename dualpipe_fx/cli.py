@@ -6,6 +6,10 @@ program one rank per row, then one table comparing every registered schedule at 
 same ranks, micro-batches and costs (bubble, bubble ratio, peak activations, makespan,
 and the DualPipe README's bubble formula where it has one).
 
+``dualpipe-fx plan --example llama --ranks 8 --microbatches 16 --dtype bfloat16
+[--optimizer adamw] [--recompute none|selective|full] [--layers --dim --seq ...] [--json out.json]``
+builds the example on meta and prints ``dualpipe_fx.plan``'s per-rank bytes.
+
 Bad input prints one line ``dualpipe-fx: error: ...`` naming the value and the rule,
 and exits with status 2.
 
@@ -151,6 +155,8 @@ def _subcommands() -> list[tuple[str, str, Callable, Callable[[argparse.Namespac
          _add_schedule_arguments, _run_schedule),
         ("run", "train a built-in example pipelined on local gloo ranks, beside single-process training",
          _add_run_arguments, _run_demo),
+        ("plan", "per-rank memory in bytes of a built-in example, built on meta (nothing allocated)",
+         _add_plan_arguments, _run_plan),
     ]
 
 
@@ -162,6 +168,84 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
 def _run_demo(args: argparse.Namespace) -> int:
     from dualpipe_fx.demo import run
     return run(args)
+
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _add_plan_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--example", choices=("llama", "mlp"), default="llama", help="built-in model (default llama)")
+    p.add_argument("--ranks", type=int, required=True, help="N, the number of pipeline ranks")
+    p.add_argument("--microbatches", type=int, required=True, help="C, micro-batches per step")
+    p.add_argument("--schedule", default="dualpipev", help="a registered schedule (default dualpipev)")
+    p.add_argument("--dtype", default="float32", help=f"parameter dtype: {', '.join(_DTYPES)} (default float32)")
+    p.add_argument("--optimizer", default="adamw",
+                   help="adamw, adam, sgd, sgd_momentum, or state bytes per parameter element (default adamw)")
+    p.add_argument("--recompute", choices=("none", "selective", "full"), default="none")
+    p.add_argument("--microbatch-size", type=int, default=1, help="samples per micro-batch (default 1)")
+    p.add_argument("--layers", type=int, help="llama: n_layers (default 8); mlp: depth (default 8)")
+    p.add_argument("--dim", type=int, help="llama: model width (default 64); mlp: width (default 1024)")
+    p.add_argument("--heads", type=int, help="llama: attention heads (default max(4, dim // 128))")
+    p.add_argument("--seq", type=int, help="llama: sequence length (default 16)")
+    p.add_argument("--vocab", type=int, help="llama: vocabulary size (default 256)")
+    p.add_argument("--device", default="cpu", help="where the stages would run: its kernels are traced (default cpu)")
+    p.add_argument("--json", help="also write the plan here (.json)")
+
+
+def _plan_example(args: argparse.Namespace):
+    """(model on meta in ``--dtype``, loss_fn, one micro-batch's input, target)."""
+    import torch
+
+    from dualpipe_fx import examples as ex
+
+    if args.dtype not in _DTYPES:
+        raise UsageError(f"--dtype {args.dtype!r}: expected one of {', '.join(_DTYPES)}")
+    dtype = getattr(torch, args.dtype)
+    if args.example == "mlp":
+        with torch.device("meta"):
+            model = ex.LinearGeluStack(depth=args.layers or 8, width=args.dim or 1024).to(dtype)
+        x, y = ex.linear_gelu_batch(model.width, batch=args.microbatch_size)
+        return model, ex.mse_loss, x.to(dtype), y.to(dtype)
+    base = ex.LlamaConfig()
+    dim = args.dim or base.dim
+    seq = args.seq or base.max_seq_len // 4
+    cfg = ex.LlamaConfig(vocab_size=args.vocab or base.vocab_size, dim=dim, n_layers=args.layers or base.n_layers,
+                         n_heads=args.heads or max(4, dim // 128),
+                         ffn_hidden=base.ffn_hidden if args.dim is None else (8 * dim // 3 + 63) // 64 * 64,
+                         max_seq_len=seq)
+    with torch.device("meta"):
+        model = ex.LlamaDecoder(cfg).to(dtype)
+    tokens, target = ex.llama_batch(cfg, batch=args.microbatch_size, seq=seq)
+    return model, ex.llama_loss, tokens, target
+
+
+def _optimizer(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from dualpipe_fx.memory import plan
+
+    if args.json is not None and not args.json.lower().endswith(".json"):
+        raise UsageError(f"--json {args.json!r} must end in .json")
+    model, loss_fn, x, y = _plan_example(args)
+    result = plan(model, loss_fn, x, y, ranks=args.ranks, num_microbatches=args.microbatches,
+                  schedule=args.schedule, device=args.device, optimizer=_optimizer(args.optimizer),
+                  recompute=None if args.recompute == "none" else args.recompute)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{args.example}: {n_params:,} parameters ({args.dtype}), {args.ranks} ranks, {args.schedule}, "
+          f"{args.microbatches} micro-batches of {tuple(x.shape)}; bytes per rank, at the step's peak:")
+    print(result.table())
+    if args.json is not None:
+        with open(args.json, "w") as f:
+            json.dump(result.to_dict(), f, indent=1)
+        print(f"wrote {args.json}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

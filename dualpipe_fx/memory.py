@@ -48,7 +48,7 @@ import torch
 from dualpipe_fx.schedules.ir import Action, Program
 
 __all__ = ["MemoryPlan", "RankMemory", "StageMemory", "allocator_events", "peak_activation_bytes",
-           "peak_live_bytes", "plan", "rank_memory", "stage_memory"]
+           "peak_live_bytes", "plan", "rank_memory", "split_plan", "stage_memory"]
 
 Optimizer = Union[str, float, int]
 _END = math.inf  # position of "after the step"
@@ -248,7 +248,7 @@ def receive_positions(program: Program, lookahead: int) -> dict[tuple[str, int, 
 def _intervals(program: Program, rank: int, mem: Callable[[int], StageMemory],
                recv: Mapping[tuple[str, int, int], int]) -> list[tuple[str, int, float, float]]:
     """``(category, bytes, first, last)`` action positions of every storage of the rank's step
-    (``_END`` = past the step); categories ``activations``, ``recv``, ``sent``."""
+    (``_END`` = past the step); categories ``activations``, ``recv``, ``sent``, ``kept``."""
     actions = program[rank]
     pos = _part_positions(actions)
     place = program.stage_to_rank()
@@ -265,15 +265,17 @@ def _intervals(program: Program, rank: int, mem: Callable[[int], StageMemory],
                     continue  # the graph's own intermediates: counted by _action_intermediates
                 own = f if src in ("input", "F") else g  # the action that reads or makes it
                 last = max([own] + [{"saved": g, "for_weight": w}[k] for k in keep if k in ("saved", "for_weight")])
-                sent = False
+                sent = None  # the category that holds it past the step, if any
                 if "output" in keep:
-                    if nxt is None or next_far:
-                        sent = True  # held by the send request (or kept as loss/logits) past the step
+                    if nxt is None:
+                        sent = "kept"  # the last stage's loss and model outputs (logits)
+                    elif next_far:
+                        sent = "sent"  # held by its send request until the step ends
                     else:
                         last = max(last, pos[("F", nxt, m)] - 1)  # handed over: the next F takes it
                 if "grad_input" in keep and prev is not None:
                     if prev_far:
-                        sent = True
+                        sent = "sent"
                     else:
                         last = max(last, pos[("G", prev, m)] - 1)
                 if src == "input" and prev_far:
@@ -282,7 +284,7 @@ def _intervals(program: Program, rank: int, mem: Callable[[int], StageMemory],
                     out.append(("recv", nbytes, recv[("B", stage, m)], g - 1))
                 out.append(("activations", nbytes, own, last))
                 if sent:
-                    out.append(("sent", nbytes, last + 1, _END))
+                    out.append((sent, nbytes, last + 1, _END))
     return out
 
 
@@ -308,7 +310,7 @@ def _action_intermediates(action: Action, mem: Callable[[int], StageMemory]) -> 
 
 def _peak(n: int, intervals, intermediates: Sequence[int]) -> dict[str, int]:
     """The breakdown at the action where the sum of everything live is largest."""
-    cats = ("activations", "recv", "sent", "grads")
+    cats = ("activations", "recv", "sent", "kept", "grads")
     live = {c: [0] * (n + 1) for c in cats}
     for cat, nbytes, first, last in intervals:
         if last < first:
@@ -375,7 +377,7 @@ def optimizer_bytes(optimizer: Optimizer, param_bytes: int, param_elements: int,
 class RankMemory:
     """One rank's bytes. ``params`` (and buffers), ``grads`` and ``optimizer`` live through
     training; the step's peak is ``activations + recv_buffers + send_buffers +
-    intermediates``, its breakdown at the action where their sum is largest (grads already
+    kept_outputs + intermediates``, its breakdown at the action where their sum is largest (grads already
     allocated, e.g. zeroed in place). ``step_increase`` is the most the step adds when it
     starts with no grads (``zero_grad(set_to_none=True)``): that walk with each grad
     allocated at its stage's first W. ``peak_activations``: ``peak_activation_bytes`` with
@@ -389,6 +391,7 @@ class RankMemory:
     activations: int
     recv_buffers: int
     send_buffers: int
+    kept_outputs: int
     intermediates: int
     peak_action: str
     step_increase: int
@@ -396,7 +399,7 @@ class RankMemory:
 
     @property
     def step_peak(self) -> int:
-        return self.activations + self.recv_buffers + self.send_buffers + self.intermediates
+        return self.activations + self.recv_buffers + self.send_buffers + self.kept_outputs + self.intermediates
 
     @property
     def total(self) -> int:
@@ -437,11 +440,11 @@ class MemoryPlan:
     def table(self, exact: bool = True) -> str:
         """One row per rank (readable units; with ``exact``, bytes below each figure)."""
         head = ("rank", "stages", "params", "grads", "optimizer", "activations", "recv buf", "sent buf",
-                "temporaries", "total")
+                "outputs", "temporaries", "total")
         rows = [head]
         for r in self.ranks:
             nums = (r.params, r.grads, r.optimizer, r.activations, r.recv_buffers, r.send_buffers,
-                    r.intermediates, r.total)
+                    r.kept_outputs, r.intermediates, r.total)
             rows.append((str(r.rank), ",".join(map(str, r.stages)), *map(_fmt, nums)))
             if exact:
                 rows.append(("", "", *(f"{n:,}" for n in nums)))
@@ -449,8 +452,9 @@ class MemoryPlan:
         lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
         lines.append(f"{self.schedule}, {self.num_microbatches} micro-batches, optimizer {self.optimizer}"
                      + (f", recompute {self.recompute}" if self.recompute else "")
-                     + "; total = params + grads + optimizer + the step's peak (activations, receive and "
-                     "send buffers, one action's temporaries)")
+                     + "\ntotal = params + grads + optimizer + the step's peak: activations (saved for I, kept "
+                     "for W, handed over), receive buffers, sent tensors (held until the step ends), the "
+                     "last stage's outputs (loss, logits: kept for the whole step), one action's temporaries")
         return "\n".join(lines)
 
 
@@ -489,6 +493,7 @@ def rank_memory(program: Program, rank: int, stages: Mapping[int, StageMemory], 
         grads=sum(g[1] for g in grads), optimizer=optimizer_bytes(optimizer, params.trainable, params.elements,
                                                                    params.tensors),
         activations=steady["activations"], recv_buffers=steady["recv"], send_buffers=steady["sent"],
+        kept_outputs=steady["kept"],
         intermediates=steady["intermediates"], peak_action=str(actions[steady["at"]]) if actions else "",
         step_increase=fresh["total"],
         peak_activations=peak_activation_bytes(only, saved, for_weight)[rank],
@@ -549,9 +554,26 @@ def plan(model: torch.nn.Module, loss_fn: Callable, example_inputs, example_targ
                   recompute=recompute, device=device, balance=balance, memory_budget=memory_budget,
                   optimizer=optimizer, in_flight=in_flight_by_part(program))
     lookahead = (RECV_LOOKAHEAD if device.type == "cpu" else 0) if recv_lookahead is None else recv_lookahead
-    return _plan_from(program, {k: stage_memory(sg) for k, sg in enumerate(parts.stages)},
-                      _graph_values(parts.partition.stages), _trainable(model), optimizer, lookahead,
-                      recompute, range(ranks))
+    return split_plan(parts, program, optimizer=optimizer, recv_lookahead=lookahead, recompute=recompute)
+
+
+def split_plan(split, program: Program, *, optimizer: Optimizer = "adamw", recv_lookahead: int = 2,
+               recompute=None) -> MemoryPlan:
+    """The plan of a ``dualpipe_fx.split(...)`` result run by ``program`` (one whose stages are
+    the split's model parts, e.g. ``generate("dualpipev", S // 2, C)`` for ``S`` stages); every
+    stage must have been split (no ``only_stages``). ``recv_lookahead``: 2 on gloo, 0 on NCCL.
+
+    ``print(split.describe()); print(split_plan(split, program).table())``
+    """
+    missing = [k for k, sg in enumerate(split.stages) if sg is None]
+    if missing or program.num_model_parts != len(split.stages):
+        raise ValueError(f"split_plan: the split has {len(split.stages)} stages (not split: {missing}) and the "
+                         f"program runs {program.num_model_parts} model parts; expected a fully split model "
+                         "with one stage per model part. Fix: dualpipe_fx.split(..., num_stages="
+                         f"{program.num_model_parts}) without only_stages")
+    return _plan_from(program, {k: stage_memory(sg) for k, sg in enumerate(split.stages)},
+                      _graph_values(split.partition.stages), _trainable(split.model), optimizer, recv_lookahead,
+                      recompute, sorted(program))
 
 
 def _graph_values(part_graphs) -> dict[int, dict[str, torch.Tensor]]:

@@ -118,3 +118,24 @@ def test_help_exits_0(capsys):
 def test_costs_left_out_keep_their_defaults():
     assert parse_costs("FB=2.5, comm=0.5") == Costs(F=1, B=2, W=1, FB=2.5, comm=0.5)
     assert parse_costs("") == Costs(F=1, B=2, W=1)
+
+
+def test_plan_prints_every_ranks_bytes_for_a_meta_llama_on_8_ranks(capsys, tmp_path):
+    """`dualpipe-fx plan`: 16 stages of the 8-layer example cut by op, traced on meta; one row
+    per rank (readable units, then exact bytes), and the same figures in the JSON."""
+    path = tmp_path / "plan.json"
+    assert main(["plan", "--example", "llama", "--ranks", "8", "--microbatches", "16", "--dtype", "bfloat16",
+                 "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    plan = json.loads(path.read_text())
+    assert [r["rank"] for r in plan["ranks"]] == list(range(8)) and len(plan["stages"]) == 16
+    assert plan["ranks"][0]["stages"] == [0, 15] and plan["optimizer"] == "adamw"
+    for r in plan["ranks"]:
+        assert r["grads"] > 0 and r["optimizer"] > 2 * r["grads"] and r["activations"] > 0
+        assert f"{r['total']:,}" in out
+    assert "(bfloat16)" in out and "activations" in out
+
+
+def test_plan_refuses_an_unknown_dtype(capsys):
+    assert main(["plan", "--ranks", "2", "--microbatches", "4", "--dtype", "float8"]) == 2
+    assert "--dtype 'float8'" in capsys.readouterr().err

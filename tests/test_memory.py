@@ -10,7 +10,7 @@ from torch.profiler import ProfilerActivity, profile
 import dualpipe_fx
 from dualpipe_fx import examples as ex
 from dualpipe_fx.memory import (MemoryPlan, allocator_events, optimizer_bytes, peak_activation_bytes,
-                                peak_live_bytes, stage_memory)
+                                peak_live_bytes, split_plan, stage_memory)
 from dualpipe_fx.schedules import generate
 from dualpipe_fx.simulate import Costs, simulate
 
@@ -107,9 +107,20 @@ def test_plan_of_a_meta_model_allocates_nothing_and_adds_up():
         assert r.optimizer == 2 * r.grads + 4 * len([n for s in plan.stages if s.index in r.stages
                                                      for n in s.param_grads])
         assert r.total == r.params + r.grads + r.optimizer + r.activations + r.recv_buffers + r.send_buffers \
-            + r.intermediates
+            + r.kept_outputs + r.intermediates
         assert r.activations >= r.peak_activations > 0 and r.step_increase >= r.step_peak
     d = plan.to_dict()
     assert d["ranks"][0]["total"] == plan.ranks[0].total and len(d["stages"]) == 4
     table = plan.table()
     assert "activations" in table and f"{plan.ranks[1].total:,}" in table
+
+
+def test_split_plan_shows_a_split_beside_its_describe():
+    model = ex.LlamaDecoder(CFG)
+    tokens, target = ex.llama_batch(CFG, batch=1, seq=16)
+    sp = dualpipe_fx.split(model, ex.llama_loss, tokens, target, num_stages=4)
+    plan = split_plan(sp, generate("dualpipev", 2, 4))
+    assert [r.stages for r in plan.ranks] == [(0, 3), (1, 2)]
+    assert [s.saved for s in plan.stages] == [stage_memory(sg).saved for sg in sp.stages]
+    with pytest.raises(ValueError, match="num_stages=8"):
+        split_plan(sp, generate("dualpipev", 4, 8))

@@ -91,5 +91,5 @@ def test_plan_matches_the_allocator_on_a_2_rank_dualpipev_step():
         assert row.params == got["params"], (rank, row.params, got["params"])
         assert _close(row.step_increase, got["fresh"]), (rank, row, got)
         assert _close(row.step_peak, got["steady"]), (rank, row, got)
-        # the terms are real: without the buffers and temporaries the plan would be short
-        assert row.activations + row.grads < got["fresh"]
+        # the terms beyond saved / for_weight are real: that count alone is short of the measured peak
+        assert row.peak_activations < (1 - TOLERANCE) * got["steady"]
