@@ -98,3 +98,41 @@ def step_failures(rank, world):
     out["token_out_of_range"] = _outcome(lambda: tied.step(wild, target=targets))
     out["tied_after"] = _good(tied, tokens, targets)
     return out
+
+
+def lost_peer(rank, world, victim, action_index, signal_name, timeout_s):
+    """``victim`` sends itself ``signal_name`` (SIGKILL or SIGSTOP) at its ``action_index``-th
+    compute action of step 2; the survivors report what they raised, then what a third step
+    raises. A survivor kills a stopped victim, so no process is left behind."""
+    import os
+    import signal
+
+    import torch.distributed as dist
+    pids = [None] * world
+    dist.all_gather_object(pids, os.getpid())
+    pipe, x, y = _compile(rank, num_microbatches=2 * world, timeout=timedelta(seconds=timeout_s))
+    pipe.step(x, target=y)
+    if rank == victim:
+        executor, count = pipe._executor, [0]
+        real = executor._timed
+
+        def timed(action, fn, *args):
+            if count[0] == action_index:
+                os.kill(os.getpid(), getattr(signal, signal_name))
+            count[0] += 1
+            return real(action, fn, *args)
+        executor._timed = timed
+    out = {"step": _outcome(lambda: pipe.step(x, target=y)), "pid": os.getpid()}
+    out["reason"] = None
+    if out["step"]["type"] == "PeerTimeoutError":
+        out["reason"] = "closed" if "closed the connection" in out["step"]["message"] else "timeout"
+    out["next"] = _outcome(lambda: pipe.step(x, target=y))
+    if signal_name == "SIGSTOP" and rank == min(r for r in range(world) if r != victim):
+        os.kill(pids[victim], signal.SIGKILL)
+    return out
+
+
+def compute_actions(world: int) -> int:
+    """How many compute actions each rank runs per dualpipev step with 2·world micro-batches."""
+    from dualpipe_fx.schedules import generate
+    return min(len(actions) for actions in generate("dualpipev", world, 2 * world).values())

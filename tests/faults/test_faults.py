@@ -6,12 +6,16 @@ on the time, and that no process is left behind (the harness joins or kills ever
 from __future__ import annotations
 
 import math
+import multiprocessing as mp
+import signal
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.faults import cases
-from tests.runtime.dist_harness import run_ranks
+from tests.runtime.dist_harness import run_ranks, spawn_ranks
 
 
 def test_ranks_that_disagree_raise_the_same_value_error_on_every_rank():
@@ -109,3 +113,50 @@ def test_torch_runtime_error_dump_becomes_one_line(capfd, caplog):
     assert "Full Schedule" not in err, err
     ours = [r.getMessage() for r in caplog.records if r.name == "dualpipe_fx.runtime.pipeline"]
     assert ours == ["rank 1: the step stopped at action 1F3 (time step 7)"], ours
+
+
+def _check_lost_peer(outcomes, victim: int, signal_name: str, timeout_s: float) -> None:
+    assert not mp.active_children(), "a rank process was left behind"
+    assert outcomes[victim].exitcode == -signal.SIGKILL, outcomes[victim]  # killed (itself, or by a survivor)
+    for o in outcomes:
+        if o.rank == victim:
+            continue
+        assert o.error is None, o.error
+        step, nxt = o.result["step"], o.result["next"]
+        assert step["type"] == "PeerTimeoutError" and step["rank"] == o.rank, step
+        if signal_name == "SIGKILL":  # told apart from a timeout, and fast: no timeout waited out
+            assert o.result["reason"] == "closed" and step["seconds"] < timeout_s / 2, (o.rank, step)
+        else:  # a neighbour of the stopped rank waits its timeout; the rest learn of the abort
+            assert step["seconds"] < timeout_s + 10, (o.rank, step)
+        assert nxt["type"] == "PipelineBrokenError" and "torchrun --max-restarts" in nxt["message"], nxt
+        assert nxt["seconds"] < 1, nxt
+
+
+def _killed_at_a_drawn_action(world: int, data) -> None:
+    victim = data.draw(st.integers(0, world - 1), label="victim")
+    index = data.draw(st.integers(0, cases.compute_actions(world) - 1), label="action index")
+    timeout_s = 30.0
+    outcomes = spawn_ranks(cases.lost_peer, world, (victim, index, "SIGKILL", timeout_s), timeout=240)
+    _check_lost_peer(outcomes, victim, "SIGKILL", timeout_s)
+
+
+# each example spawns and compiles on every rank (~10 s for 2 ranks, ~40 s for 4 on 2 CPUs)
+@settings(max_examples=2, deadline=None, derandomize=True)
+@given(data=st.data())
+def test_a_rank_killed_at_any_action_makes_every_survivor_raise_2_ranks(data):
+    _killed_at_a_drawn_action(2, data)
+
+
+@settings(max_examples=1, deadline=None, derandomize=True)
+@given(data=st.data())
+def test_a_rank_killed_at_any_action_makes_every_survivor_raise_4_ranks(data):
+    _killed_at_a_drawn_action(4, data)
+
+
+def test_a_stopped_rank_makes_every_survivor_raise_after_the_timeout():
+    timeout_s = 3.0
+    outcomes = spawn_ranks(cases.lost_peer, 2, (1, 3, "SIGSTOP", timeout_s), timeout=240)
+    _check_lost_peer(outcomes, 1, "SIGSTOP", timeout_s)
+    step = outcomes[0].result["step"]
+    assert outcomes[0].result["reason"] == "timeout" and step["seconds"] >= timeout_s, step
+    assert "timeout 3s" in step["message"] and "rank 1" in step["message"], step
