@@ -4,8 +4,11 @@ torchtitan 0.2.2's trainer calls ``train_spec.pipelining_fn(model, parallel_dims
 job_config, device, model_args, parallelize_fn, loss_fn)`` and expects
 ``(schedule, model_parts, has_first_stage, has_last_stage)``. Its own ``pipeline_llm``
 deep-copies the model per stage and deletes modules by FQN; :func:`pipeline_dualpipe_fx`
-instead traces the whole model with its loss, lets dualpipe_fx cut and balance the
-stages, split every backward into I and W, and build the rank's DualPipeV program.
+instead traces the whole model (still on meta) with its loss, lets dualpipe_fx cut and
+balance the stages, split every backward into I and W, and build the rank's DualPipeV
+program. A rank allocates only its own stages' tensors and runs the model's own
+``init_weights`` on them, with the values a non-pipelined run under the same ``debug.seed``
+gives them (:mod:`titan_integration.init`); it never holds the whole model.
 
 What the trainer gets back:
 
@@ -43,6 +46,7 @@ import torch.distributed as dist
 from torch import nn
 
 from titan_integration.config import compile_kwargs, num_microbatches, recompute_arg
+from titan_integration.init import init_like_unsplit
 
 
 class StageLocalModel(nn.Module):
@@ -73,7 +77,7 @@ class StageLocalModel(nn.Module):
         return module, leaf
 
     def to_empty(self, *, device=None, recurse: bool = True) -> "StageLocalModel":
-        # Weights were materialised and initialised before tracing (see _materialize);
+        # This rank's weights were allocated by compile() and initialised by _init_weights;
         # replacing them would cut them off from the stage graphs.
         return self
 
@@ -176,23 +180,36 @@ class DualPipeFxSchedule:
             torch._foreach_mul_(grads, factor)
 
 
-def _materialize(model: nn.Module, job_config, device: torch.device) -> None:
-    """Allocate the meta-built model on ``device`` and run its own ``init_weights``.
+def _zeros_until_init_weights(module: nn.Module) -> None:
+    """compile()'s ``param_init_fn``: this rank's tensors of ``module`` hold zeros for now.
 
-    The same calls the trainer makes for an unsplit model, under ``debug.seed`` exactly
-    as a single-process run seeds them, so every rank holds the weights the non-pipelined
-    run starts from (each rank keeps only its stages' part after compile).
+    The values come from the model's own ``init_weights`` right after compile
+    (:func:`_init_weights`), which walks the whole model in one RNG stream; a per-module
+    init here would draw other values only to be overwritten. Zeros rather than whatever
+    the allocation held, so that compile's check that the ranks sharing a tensor hold the
+    same values compares alike placeholders (the real values agree by construction: every
+    rank draws the same stream).
     """
-    buffer_device = None
+    for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+        tensor.zero_()
+
+
+def _init_weights(model: nn.Module, job_config, device: torch.device) -> None:
+    """torchtitan's ``init_weights`` on the rank's part of the compiled model: unsplit values.
+
+    The trainer's calls for an unsplit model (``to_empty`` on ``init_device``,
+    ``init_weights(buffer_device=...)``, under ``debug.seed``), except that only this rank's
+    tensors exist: the others stand in as views of one scratch buffer, so every RNG draw
+    happens as in the unsplit run (:func:`titan_integration.init.init_like_unsplit`). With
+    ``training.enable_cpu_offload`` torchtitan initialises on the CPU (CPU generator) and
+    computes buffers on the device; so does this, then copies the values to ``device``
+    (dualpipe_fx does not offload: the parameters live on ``device``).
+    """
+    init_device, buffer_device = device, None
     if job_config.training.enable_cpu_offload:
-        buffer_device, device = device, torch.device("cpu")
-    model.to_empty(device=device)
-    seed = job_config.debug.seed
-    rng = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
-    with rng, torch.no_grad():
-        if seed is not None:
-            torch.manual_seed(seed)
-        model.init_weights(buffer_device=buffer_device)
+        init_device, buffer_device = torch.device("cpu"), device
+    init_like_unsplit(model, lambda: model.init_weights(buffer_device=buffer_device),
+                      seed=job_config.debug.seed, device=device, init_device=init_device)
     model.train()
 
 
@@ -209,7 +226,8 @@ def _compile(model, loss_fn, job_config, device, group, num_mb: int, recompute=N
     kwargs["timeout"] = timedelta(seconds=job_config.comm.init_timeout_seconds)
     try:
         return dualpipe_fx.compile(model, loss_fn, (tokens,), labels, num_microbatches=num_mb,
-                                   group=group, **kwargs)
+                                   group=group, device=device, param_init_fn=_zeros_until_init_weights,
+                                   **kwargs)
     except dualpipe_fx.TraceError as err:
         name, flavor = job_config.model.name, job_config.model.flavor
         raise ValueError(f"model.name = {name!r} (flavor {flavor!r}) does not trace with "
@@ -229,13 +247,13 @@ def _loss_owner(schedule: str, num_mb: int, group) -> int:
 def _local_tensors(model: nn.Module, pipeline) -> list[tuple[str, torch.Tensor]]:
     """This rank's params and persistent buffers: the model's own tensors, state_dict FQNs.
 
-    ``pipeline.state_dict()`` names this rank's share (tied weights under every FQN);
-    the tensors themselves are taken from the model so that they stay the live objects.
+    The tensors the rank's stage graphs read, named as in ``model.state_dict()`` (tied
+    weights under every FQN); they are the live objects. Not ``pipeline.state_dict()``: it
+    returns clones, a transient copy of the rank's whole share.
     """
-    full = model.state_dict(keep_vars=True)  # non-persistent buffers (llama's freqs_cis) are absent
-    local = dict(pipeline.named_parameters())
-    local.update((k, full[k]) for k in pipeline.state_dict() if k in full)
-    return sorted(local.items())
+    local = {id(t) for stage in pipeline.stages.values() for t in stage.params}
+    # non-persistent buffers (llama's freqs_cis) are absent from state_dict
+    return sorted((k, v) for k, v in model.state_dict(keep_vars=True).items() if id(v) in local)
 
 
 def _check_parallel_dims(parallel_dims) -> None:
@@ -260,10 +278,11 @@ def pipeline_dualpipe_fx(model: nn.Module, parallel_dims, job_config, device: to
 
     **Pseudocode**::
 
-        materialise the meta model on device; init_weights under debug.seed
         C = local_batch_size / pipeline_parallel_microbatch_size
         recompute = [activation_checkpoint] as None | "full" | "selective" | BlockRecompute
-        pipeline = dualpipe_fx.compile(model, loss_fn, one micro-batch, recompute, group=pp group)
+        pipeline = dualpipe_fx.compile(meta model, loss_fn, one micro-batch, recompute,
+                                       group=pp group, device=device)  # allocates this rank's share
+        model.init_weights under debug.seed, other ranks' tensors as scratch: unsplit values
         part = StageLocalModel(pipeline.named_parameters())
         return DualPipeFxSchedule(pipeline), [part], True, True  # every rank feeds data, sees loss
 
@@ -276,12 +295,13 @@ def pipeline_dualpipe_fx(model: nn.Module, parallel_dims, job_config, device: to
     group = parallel_dims.get_mesh("pp").get_group()
     if device.type == "cpu":
         device = torch.device("cpu")  # the trainer's "cpu:<LOCAL_RANK>" is the one CPU device
-    _materialize(model, job_config, device)
     num_mb = num_microbatches(job_config)
     # torchtitan's [activation_checkpoint], applied to the stage graphs (its own wrappers are
     # never applied here: parallelize_fn is not called); read off the whole model
     recompute = recompute_arg(job_config.activation_checkpoint, model)
+    # the model is on meta: compile traces it for `device` and allocates this rank's tensors
     pipeline = _compile(model, loss_fn, job_config, device, group, num_mb, recompute)
+    _init_weights(model, job_config, device)
     part = StageLocalModel(_local_tensors(model, pipeline))
     owner = _loss_owner(job_config.dualpipe_fx.schedule, num_mb, group)
     schedule = DualPipeFxSchedule(pipeline, num_mb, loss_owner=owner, group=group, loss_fn=loss_fn)

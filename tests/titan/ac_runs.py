@@ -9,13 +9,17 @@ every run. Each run's process group gets a fresh TCP store on its own port: in t
 torchrun's agent keeps for the whole job, a second process group would find the first
 one's rendezvous keys and connect to ranks that are gone. Rank r writes ``OUT_DIR/rank{r}.json``: per run, the losses and grad norms
 torchtitan logged, the bytes each of this rank's stages saves per micro-batch, the
-recompute argument compile() got, and how many torch.utils.checkpoint wrappers the model
-carries (torchtitan's own AC must not be applied on the pipelining path).
+recompute argument compile() got, how many torch.utils.checkpoint wrappers the model
+carries (torchtitan's own AC must not be applied on the pipelining path), and a digest of
+each of the rank's tensors as the trainer got them, before the first step (the initial
+weights, to compare bitwise with torchtitan's non-pipelined init).
 """
+import hashlib
 import json
 import os
 import sys
 
+import torch
 import torch.distributed as dist
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 from torchtitan.tools.logging import init_logger
@@ -38,6 +42,11 @@ def _record_metrics(trainer, record: dict) -> None:
     trainer.metrics_processor.log = logged
 
 
+def digest(tensor) -> str:
+    """sha1 of a CPU tensor's bytes: equal digests, bitwise equal values."""
+    return hashlib.sha1(tensor.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
 def _describe(trainer, job_config) -> dict:
     pipeline = trainer.pp_schedule.pipeline
     model = trainer.model_parts[0]  # the Pipeline keeps no model: read the rank's model part
@@ -45,6 +54,7 @@ def _describe(trainer, job_config) -> dict:
     return {"saved": {str(s): saved_bytes(stage.flat_graphs) for s, stage in pipeline.stages.items()},
             "recompute": repr(recompute),
             "checkpoint_wrappers": sum(isinstance(m, CheckpointWrapper) for m in model.modules()),
+            "init_digest": {k: digest(v) for k, v in model.state_dict().items()},
             "losses": {}, "grad_norms": {}}
 
 

@@ -159,11 +159,10 @@ def test_model_that_does_not_trace_is_named(monkeypatch):
     args = spec.model_args["debugmodel"]
     args.update_from_config(cfg)
     with torch.device("meta"):
-        model = spec.model_cls(args)
-    pipelining._materialize(model, cfg, torch.device("cpu"))
+        model = spec.model_cls(args)  # as the trainer hands it over: compile() gets it on meta
 
-    def capture_only(model, loss_fn, inputs, target=None, **kwargs):
-        return capture(model, loss_fn, inputs, target)
+    def capture_only(model, loss_fn, inputs, target=None, *, device=None, **kwargs):
+        return capture(model, loss_fn, inputs, target, device=device)
 
     monkeypatch.setattr(dualpipe_fx, "compile", capture_only)
     with pytest.raises(ValueError) as info:

@@ -4,7 +4,9 @@ Rebuilds: the 2-rank DualPipeV run trains exactly like torchtitan's own single-p
 run without pipeline parallelism (same seed, same data): equal step-1 loss, later losses
 following; a run resumed from the step-2 checkpoint gives the uninterrupted step-3 loss; and
 torchtitan's [activation_checkpoint] modes (full, selective op, selective every 2nd block)
-train exactly like no AC while every stage saves fewer bytes per micro-batch.
+train exactly like no AC while every stage saves fewer bytes per micro-batch; and each
+rank starts from bitwise the weights torchtitan's non-pipelined init gives its tensors,
+although it never holds the whole model.
 """
 import json
 import os
@@ -161,3 +163,20 @@ def test_activation_checkpoint_modes_save_fewer_bytes(ac_runs):
             assert full[stage] < op[stage] < none_bytes, (rank, stage, runs)
             assert every2[stage] <= none_bytes, (rank, stage, runs)
         assert sum(every2.values()) < sum(plain.values()), (rank, runs)
+
+
+def test_each_rank_starts_from_torchtitans_unpipelined_init_bitwise(ac_runs):
+    """The pipelined ranks build the model on meta and initialise only their own tensors;
+    their values are those of torchtitan's own init of the whole model (debug.seed = 42)."""
+    from tests.titan.ac_runs import digest
+    from tests.titan.unsplit import build
+
+    reference = {k: digest(v) for k, v in build("llama3", seed=42).state_dict().items()}
+    held = {}
+    for rank, runs in ac_runs.items():
+        for name, run in runs.items():
+            got = run["init_digest"]
+            assert got == {k: reference.get(k) for k in got}, (rank, name)
+        held[rank] = set(runs["none"]["init_digest"])
+    assert held[0] | held[1] == set(reference)
+    assert not held[0] & held[1]  # DualPipeV on llama3: no tensor on both ranks
