@@ -54,11 +54,12 @@ class Split:
 
     @property
     def rank_balance(self) -> dict[str, float]:
-        """Per rank of ``placement``: the largest rank's time and memory estimate over the
-        means (``{"time": ..., "memory": ...}``; 1.0 is perfect; see ``passes.balance``)."""
+        """Per rank of ``placement``: the largest rank's time, memory estimate and parameter
+        state over the means (``{"time": ..., "memory": ..., "params": ...}``; 1.0 is perfect;
+        see ``passes.balance``)."""
         loads = list(self.partition.rank_loads.values())
         return {what: max(v[i] for v in loads) / (sum(v[i] for v in loads) / len(loads) or 1.0)
-                for i, what in enumerate(("time", "memory"))}
+                for i, what in enumerate(("time", "memory", "params"))}
 
     def describe(self) -> str:
         """A table: per stage, its rank, param count (elements), FLOPs, activation bytes in/out
@@ -82,13 +83,14 @@ class Split:
 
     def _describe_ranks(self) -> str:
         rows = [("rank", "stages", "cost", "memory estimate (B)")]
-        for rank, (time, mem) in sorted(self.partition.rank_loads.items()):
+        for rank, (time, mem, _) in sorted(self.partition.rank_loads.items()):
             stages = ",".join(str(s) for s, r in sorted(self.placement.items()) if r == rank)
             rows.append((str(rank), stages, f"{time:,.0f}", f"{mem:,.0f}"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
         ratio = self.rank_balance
-        lines.append(f"per rank, max/mean: cost {ratio['time']:.3f}, memory {ratio['memory']:.3f}")
+        lines.append(f"per rank, max/mean: cost {ratio['time']:.3f}, memory {ratio['memory']:.3f}, "
+                     f"parameter state {ratio['params']:.3f}")
         return "\n".join(lines)
 
     def _stage_params(self, sg: StageGraphs) -> list[torch.Tensor]:

@@ -99,62 +99,63 @@ class RankLoads:
     def stage_memory(self, s: int, a: int, b: int) -> float:
         return self.params[b] - self.params[a] + self.stage_acts(s, a, b)
 
-    def ranks(self, cuts: Sequence[int]) -> dict[int, tuple[float, float]]:
-        """``{rank: (time, memory bytes)}`` for ``cuts``."""
-        bounds = list(zip((0, *cuts), (*cuts, len(self.time) - 1)))
+    def add_stage(self, into: dict[int, list[float]], s: int, a: int, b: int) -> None:
+        """Add stage ``s`` on ``[a, b)`` to its rank's ``[time, memory, parameter state]``."""
+        load = into.setdefault(self.placement[s], [0.0, 0.0, 0.0])
+        load[0] += self.stage_time(a, b)
+        load[1] += self.stage_memory(s, a, b)
+        load[2] += self.params[b] - self.params[a]
+
+    def ranks(self, cuts: Sequence[int]) -> dict[int, tuple[float, float, float]]:
+        """``{rank: (time, memory bytes, parameter-state bytes)}`` for ``cuts``."""
         out: dict[int, list[float]] = {}
-        for s, (a, b) in enumerate(bounds):
-            t_m = out.setdefault(self.placement[s], [0.0, 0.0])
-            t_m[0] += self.stage_time(a, b)
-            t_m[1] += self.stage_memory(s, a, b)
-        return {r: (t, m) for r, (t, m) in out.items()}
+        for s, (a, b) in enumerate(zip((0, *cuts), (*cuts, len(self.time) - 1))):
+            self.add_stage(out, s, a, b)
+        return {r: tuple(v) for r, v in out.items()}
 
     # ---- the scalar a cut minimises the largest of
 
     @cached_property
-    def _means(self) -> tuple[float, float]:
+    def _means(self) -> tuple[float, float, float]:
         n = len(set(self.placement.values()))
         mean_flight = sum(self.memory.in_flight.get(s, 1) for s in self.placement) / len(self.placement)
         mem = self.params[-1] + mean_flight * self.acts[-1]
-        return max(self.time[-1] / n, 1e-300), max(mem / n, 1e-300)
+        return max(self.time[-1] / n, 1e-300), max(mem / n, 1e-300), max(self.params[-1] / n, 1e-300)
 
-    def load(self, time: float, memory: float) -> float:
+    def load(self, time: float, memory: float, params: float = 0.0) -> float:
+        """"time": time; "memory": memory; "both": the largest of time, memory and parameter
+        state, each over its mean (the parameter state is kept even on its own: it does not
+        depend on micro-batch sizes, which activations do); with a budget: time, and every
+        over-budget rank above every within-budget one."""
         if self.mode == "time":
             return time
         if self.mode == "memory":
             return memory
-        t_mean, m_mean = self._means
+        t_mean, m_mean, p_mean = self._means
         budget = self.memory.budget
-        if budget is not None:  # over budget ranks above every within-budget one
+        if budget is not None:
             return time / t_mean + (1e6 + memory / budget if memory > budget else 0.0)
-        return max(time / t_mean, memory / m_mean)
+        return max(time / t_mean, memory / m_mean, params / p_mean)
 
 
-def _pair_loads(loads: RankLoads, cuts: list[int], k: int, p: int, other: Mapping[int, tuple[float, float]]
-                ) -> float:
+def _pair_loads(loads: RankLoads, cuts: list[int], k: int, p: int, other: Mapping[int, list[float]]) -> float:
     """max load of the ranks of stages k-1 and k when cut k sits at ``p``."""
-    left, right = k - 1, k
     a0 = cuts[k - 2] if k >= 2 else 0
     b1 = cuts[k] if k < len(cuts) else len(loads.time) - 1
     got: dict[int, list[float]] = {r: list(v) for r, v in other.items()}
-    for s, (a, b) in ((left, (a0, p)), (right, (p, b1))):
-        r = loads.placement[s]
-        t_m = got.setdefault(r, [0.0, 0.0])
-        t_m[0] += loads.stage_time(a, b)
-        t_m[1] += loads.stage_memory(s, a, b)
-    return max(loads.load(t, m) for t, m in got.values())
+    loads.add_stage(got, k - 1, a0, p)
+    loads.add_stage(got, k, p, b1)
+    return max(loads.load(*v) for v in got.values())
 
 
-def _others(loads: RankLoads, cuts: list[int], k: int) -> dict[int, tuple[float, float]]:
+def _others(loads: RankLoads, cuts: list[int], k: int) -> dict[int, list[float]]:
     """The two ranks' loads from their stages other than k-1 and k."""
     ranks = {loads.placement[k - 1], loads.placement[k]}
-    bounds = list(zip((0, *cuts), (*cuts, len(loads.time) - 1)))
-    out = {r: [0.0, 0.0] for r in ranks}
-    for s, (a, b) in enumerate(bounds):
+    out: dict[int, list[float]] = {r: [0.0, 0.0, 0.0] for r in ranks}
+    for s, (a, b) in enumerate(zip((0, *cuts), (*cuts, len(loads.time) - 1))):
         if s not in (k - 1, k) and loads.placement[s] in ranks:
-            out[loads.placement[s]][0] += loads.stage_time(a, b)
-            out[loads.placement[s]][1] += loads.stage_memory(s, a, b)
-    return {r: (t, m) for r, (t, m) in out.items()}
+            loads.add_stage(out, s, a, b)
+    return out
 
 
 def _best_position(loads: RankLoads, cuts: list[int], k: int, candidates: Sequence[int],
@@ -234,29 +235,29 @@ class _Grid:
     received: "np.ndarray"  # bytes a stage starting there receives (0 at position 0)
 
 
-def _caps(loads: RankLoads, lam: float) -> tuple[float, float]:
-    """``(time cap, memory cap)`` per rank for a largest load of ``lam``."""
+def _caps(loads: RankLoads, lam: float) -> tuple[float, float, float]:
+    """``(time cap, memory cap, parameter-state cap)`` per rank for a largest load of ``lam``."""
     if loads.mode == "time":
-        return lam, math.inf
+        return lam, math.inf, math.inf
     if loads.mode == "memory":
-        return math.inf, lam
-    t_mean, m_mean = loads._means
+        return math.inf, lam, math.inf
+    t_mean, m_mean, p_mean = loads._means
     if loads.memory.budget is not None:
-        return lam * t_mean, float(loads.memory.budget)
-    return lam * t_mean, lam * m_mean
+        return lam * t_mean, float(loads.memory.budget), math.inf
+    return lam * t_mean, lam * m_mean, lam * p_mean
 
 
 def _weight(loads: RankLoads, stage: int) -> float:
     return float(loads.memory.in_flight.get(stage, 1))
 
 
-def _v_search(grid: _Grid, loads: RankLoads, num_stages: int, caps: tuple[float, float, float]
+def _v_search(grid: _Grid, loads: RankLoads, num_stages: int, caps: tuple[float, float, float, float]
               ) -> Optional[list[int]]:
     """Cut indices (into ``grid``) with every rank within ``caps`` for the V placement (rank r:
     stages r and S-1-r), or None. States after rank r: (front end a, back start b), kept on
     the frontier (a larger a and a smaller b are both better: less is left). ``caps``: per
-    rank time and memory, per stage time."""
-    cap_t, cap_m, cap_s = caps
+    rank time, memory and parameter state, per stage time."""
+    cap_t, cap_m, cap_p, cap_s = caps
     K, P = len(grid.pos), num_stages // 2
     front, back = np.array([0]), np.array([K - 1])
     trail = []  # per rank: (states' a', their b', predecessor state index)
@@ -271,6 +272,8 @@ def _v_search(grid: _Grid, loads: RankLoads, num_stages: int, caps: tuple[float,
         back_cap = cap_m - m_front - wb * grid.received.max()
         ib = np.maximum(np.searchsorted(grid.time, grid.time[b] - np.minimum(cap_t - t_front, cap_s), "left"),
                         np.searchsorted(q_back, q_back[b] - back_cap, "left"))
+        p_front = grid.params[j] - grid.params[a]
+        ib = np.maximum(ib, np.searchsorted(grid.params, grid.params[b] - (cap_p - p_front), "left"))
         room = num_stages - 2 - 2 * r  # stages still to place between a' and b'
         ib = np.maximum(ib, j + room)  # a shorter back stage leaves them room, within the caps
         ok = (j > a) & (ib < b) & (t_front <= cap_s)
@@ -288,7 +291,7 @@ def _v_search(grid: _Grid, loads: RankLoads, num_stages: int, caps: tuple[float,
     t_mid = grid.time[b] - grid.time[a]
     m_mid = grid.params[b] - grid.params[a] + w1 * (grid.acts[c] - grid.acts[a] + grid.received[a]) \
         + w2 * (grid.acts[b] - grid.acts[c] + grid.received[c])
-    ok = (c > a) & (c < b) & (t_mid <= cap_t) & (m_mid <= cap_m)
+    ok = (c > a) & (c < b) & (t_mid <= cap_t) & (m_mid <= cap_m) & (grid.params[b] - grid.params[a] <= cap_p)
     ok &= (grid.time[c] - grid.time[a] <= cap_s) & (grid.time[b] - grid.time[c] <= cap_s)
     hits = np.argwhere(ok)
     if hits.size == 0:
@@ -302,17 +305,18 @@ def _v_search(grid: _Grid, loads: RankLoads, num_stages: int, caps: tuple[float,
     return list(reversed(fronts)) + [int(mid)] + backs
 
 
-def _chain_search(grid: _Grid, loads: RankLoads, num_stages: int, caps: tuple[float, float, float]
+def _chain_search(grid: _Grid, loads: RankLoads, num_stages: int, caps: tuple[float, float, float, float]
                   ) -> Optional[list[int]]:
     """One stage per rank: each stage runs as far as the caps let it (greedy)."""
-    cap_t, cap_m, cap_s = caps
+    cap_t, cap_m, cap_p, cap_s = caps
     cap_t = min(cap_t, cap_s)
     K, at, cuts = len(grid.pos), 0, []
     for s in range(num_stages - 1):
         q = grid.params + _weight(loads, s) * grid.acts
         mem_cap = cap_m - _weight(loads, s) * grid.received[at]
         far = min(np.searchsorted(grid.time, grid.time[at] + cap_t, "right"),
-                  np.searchsorted(q, q[at] + mem_cap, "right")) - 1
+                  np.searchsorted(q, q[at] + mem_cap, "right"),
+                  np.searchsorted(grid.params, grid.params[at] + cap_p, "right")) - 1
         far = min(far, K - 1 - (num_stages - 1 - s))
         if far <= at:
             return None
@@ -320,7 +324,8 @@ def _chain_search(grid: _Grid, loads: RankLoads, num_stages: int, caps: tuple[fl
         at = far
     w = _weight(loads, num_stages - 1)
     q = grid.params + w * grid.acts
-    if grid.time[K - 1] - grid.time[at] > cap_t or q[K - 1] - q[at] + w * grid.received[at] > cap_m:
+    if grid.time[K - 1] - grid.time[at] > cap_t or q[K - 1] - q[at] + w * grid.received[at] > cap_m \
+            or grid.params[K - 1] - grid.params[at] > cap_p:
         return None
     return cuts
 

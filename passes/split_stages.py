@@ -46,8 +46,9 @@ class StagePartition:
     cut_bytes: tuple[int, ...]
     param_stages: Mapping[str, tuple[int, ...]]
     captured: Any
-    # per rank of the placement: (time in cost units, memory estimate in bytes; see passes.balance)
-    rank_loads: Mapping[int, tuple[float, float]] = field(default_factory=dict)
+    # per rank of the placement: (time in cost units, memory estimate, parameter state; bytes; see
+    # passes.balance)
+    rank_loads: Mapping[int, tuple[float, float, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -282,7 +283,7 @@ def _per_rank_cuts(lay: _Layout, num_stages: int, forced, loads: RankLoads) -> t
             starts.add(_choose_cuts(replace(lay, prefix=_prefix(weights)), num_stages, forced))
 
     def score(cuts):
-        worst = max(loads.load(t, m) for t, m in loads.ranks(cuts).values())
+        worst = max(loads.load(*v) for v in loads.ranks(cuts).values())
         return worst, sum(lay.cut_bytes[k] for k in cuts)
 
     done = [balance_cuts(loads, c, lay.allowed, forced, lay.cut_bytes) for c in sorted(starts)]
@@ -297,7 +298,7 @@ def _check_budget(loads: RankLoads, cuts, placement: Mapping[int, int]) -> None:
     budget = loads.memory.budget
     if budget is None:
         return
-    for rank, (_, mem) in sorted(loads.ranks(cuts).items()):
+    for rank, (_, mem, _) in sorted(loads.ranks(cuts).items()):
         if mem > budget:
             stages = sorted(s for s, r in placement.items() if r == rank)
             bounds = list(zip((0, *cuts), (*cuts, len(loads.time) - 1)))
