@@ -1,14 +1,14 @@
 """Run a model's own whole-model init on a rank that holds only part of it: unsplit values.
 
 After ``dualpipe_fx.compile`` on a meta-built model, a rank's own parameters and buffers
-are allocated (uninitialised) and every other tensor is still on meta. torchtitan's
-``model.init_weights()`` walks the whole model drawing from one RNG stream, so the values
-a parameter gets depend on every draw made before it. :func:`init_like_unsplit` calls that
-init on the whole model with every meta tensor standing in for by a view of ONE scratch
-buffer: each draw happens as in the unsplit run (the same ops, shapes, strides and dtypes,
-value-dependent rejection loops included), so this rank's tensors get bitwise the values a
-non-pipelined run gives them under the same seed, and the other tensors' values are
-written into the scratch and dropped. Afterwards the meta tensors are put back.
+are allocated (titan_integration fills them with zeros) and every other tensor is still on
+meta. torchtitan's ``model.init_weights()`` walks the whole model drawing from one RNG
+stream, so the values a parameter gets depend on every draw made before it.
+:func:`init_like_unsplit` calls that init on the whole model with a view of ONE scratch
+buffer standing in for each meta tensor: each draw happens as in the unsplit run (the
+same ops, shapes, strides and dtypes, value-dependent rejection loops included), so this
+rank's tensors get bitwise the values a non-pipelined run gives them under the same seed,
+and the other tensors' values are written into the scratch and dropped. Afterwards the meta tensors are put back.
 
 **Contract**: ``init_like_unsplit(model, init, seed=, device=, init_device=) -> None``;
 ``model``'s non-meta tensors hold the values ``init()`` gives them on an unsplit model
