@@ -43,7 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=3, help="optimizer steps (default 3)")
     p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (default 0.05)")
     p.add_argument("--compile-stages", action="store_true", help="torch.compile the stage graphs")
-    p.add_argument("--png", default=None, help="draw the measured timeline of one extra step to this PNG")
+    p.add_argument("--png", default=None, help="draw the measured timeline of a profiled step to this PNG")
+    p.add_argument("--profile-steps", type=int, default=5,
+                   help="steps profiled after training for --png; the bubble printed is their median (default 5)")
 
 
 def _free_port() -> int:
@@ -97,12 +99,18 @@ def _train(rank: int, world: int, args) -> None:
             shown = held[0].item() / held[1].item()
             print(f"{step + 1:>4}  {shown:>15.6f}  {ref_loss:>15.6f}  {diff:>16.2e}")
     if args.png:
-        prof = pipe.profile(batches[0][0], target=batches[0][1], steps=1)
+        prof = pipe.profile(batches[0][0], target=batches[0][1], steps=args.profile_steps)
         if rank == 0:
             dualpipe_fx.visualize(pipe.program, args.png, sim=prof)
-            measured = {r: round(b, 3) for r, b in prof.bubble_ratio_per_rank.items()}
-            print(f"measured bubble ratio per rank {measured}, {prof.samples_per_s:.1f} samples/s; "
-                  f"wrote the measured timeline of one step to {args.png}")
+            print(bubble_line(prof, args.png))
+
+
+def bubble_line(prof, png: str) -> str:
+    """What ``--png`` prints: the bubble per rank as the median over the profiled steps."""
+    steps = len(prof.step_times)
+    ratios = ", ".join(f"rank {r} {b:.3f}" for r, b in sorted(prof.bubble_ratio_per_rank.items()))
+    return (f"measured bubble ratio, median of {steps} profiled steps: {ratios}; "
+            f"{prof.samples_per_s:.1f} samples/s; wrote the timeline of the last one to {png}")
 
 
 def _entry(rank: int, world: int, port: int, args) -> None:
@@ -120,6 +128,8 @@ def run(args: argparse.Namespace) -> int:
     """Handler of ``dualpipe-fx run``; returns the exit status."""
     from dualpipe_fx.schedules import get_schedule
     spec = get_schedule(args.schedule)  # unknown name -> ValueError before any process starts
+    if args.png and args.profile_steps < 1:
+        raise ValueError(f"--profile-steps {args.profile_steps}: profile at least 1 step")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun
         dist.init_process_group("gloo", timeout=timedelta(seconds=300))
         world = dist.get_world_size()

@@ -84,23 +84,39 @@ def _legend(fig: Any) -> None:
                bbox_to_anchor=(0.5, 0.0), ncol=5, frameon=False, fontsize=8)
 
 
+# How a timeline's time unit is shown: (factor to the shown unit, the shown unit).
+_SHOWN = MappingProxyType({"s": (1e3, "ms"), "ms": (1.0, "ms"), "us": (1.0, "us"), "unit": (1.0, "")})
+
+
+def _shown(sim: Any) -> tuple[float, str]:
+    return _SHOWN.get(getattr(sim, "time_unit", "unit"), (1.0, getattr(sim, "time_unit", "")))
+
+
+def _amount(value: float, sim: Any) -> str:
+    """``value`` (in the timeline's unit) rounded, with its unit: ``73.8 ms``, ``14.5``."""
+    factor, unit = _shown(sim)
+    return f"{value * factor:.1f} {unit}" if unit else f"{round(value * factor, 2):g}"
+
+
 def _title(program: Program, sim: Any, title: Optional[str]) -> str:
     if title is not None:
         return title
     text = f"{program.name or 'program'}: {program.num_ranks} ranks, {program.num_stages} stages, " \
            f"{program.num_microbatches} micro-batches"
     if hasattr(sim, "makespan") and hasattr(sim, "bubble"):
-        text += f"; makespan {sim.makespan:g}, bubble {sim.bubble:g}"
+        text += f"; makespan {_amount(sim.makespan, sim)}, bubble {_amount(sim.bubble, sim)}"
     return text
 
 
-def _write_png(program: Program, path: Path, sim: Any, title: Optional[str]) -> None:
+def _figure(program: Program, sim: Any, title: Optional[str]) -> Any:
+    """The picture as a matplotlib ``Figure`` (Agg): one row per rank, labelled ``rank r``."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never open a window
     import matplotlib.pyplot as plt
 
-    entries = list(sim.timeline)
+    factor, unit = _shown(sim)
+    entries = [TimelineEntry(e.rank, e.action, e.start * factor, e.end * factor) for e in sim.timeline]
     t0 = min((e.start for e in entries), default=0.0)
     span = max((e.end for e in entries), default=1.0) - t0 or 1.0
     ranks = sorted(set(program) | {e.rank for e in entries})
@@ -110,15 +126,26 @@ def _write_png(program: Program, path: Path, sim: Any, title: Optional[str]) -> 
     px_per_unit = 72 * width_in * 0.85 / span  # points per time unit, for label sizes
     for entry in entries:
         _draw_entry(ax, entry, t0, getattr(sim, "costs", None), px_per_unit)
-    ax.set_xlim(0, span)
+    ax.set_xlim(0, span * 1.005)  # the last cell's border stays inside the frame
     ax.set_ylim(max(ranks, default=0) + 0.6, min(ranks, default=0) - 0.6)  # rank 0 on top
-    ax.set_yticks(ranks, [f"Device {r}" for r in ranks], fontweight="bold")
-    ax.set_xlabel(f"time ({getattr(sim, 'time_unit', 'unit')})")
+    ax.set_yticks(ranks, [f"rank {r}" for r in ranks], fontweight="bold")
+    ax.set_xlabel(f"time ({unit or 'unit'})")
     ax.set_title(_title(program, sim, title), fontsize=10)
     for side in ("top", "right", "left"):
         ax.spines[side].set_visible(False)
     _legend(fig)
-    fig.subplots_adjust(left=0.07, right=0.99, top=1 - 0.4 / height_in, bottom=1.0 / height_in)
+    # room on the left for the widest row label, measured as drawn (plus the tick and a pad)
+    renderer = fig.canvas.get_renderer()
+    label_px = max((t.get_window_extent(renderer).width for t in ax.get_yticklabels()), default=0.0)
+    left = (label_px + 0.2 * fig.dpi) / (width_in * fig.dpi)
+    fig.subplots_adjust(left=left, right=0.98, top=1 - 0.4 / height_in, bottom=1.0 / height_in)
+    return fig
+
+
+def _write_png(program: Program, path: Path, sim: Any, title: Optional[str]) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = _figure(program, sim, title)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

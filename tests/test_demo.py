@@ -7,10 +7,11 @@ import pytest
 
 
 @pytest.mark.parametrize("example,schedule", [("llama", "dualpipev"), ("mlp", "1f1b")])
-def test_run_follows_single_process_training(example, schedule):
+def test_run_follows_single_process_training(example, schedule, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    png = ["--png", str(tmp_path / "measured.png"), "--profile-steps", "3"] if example == "llama" else []
     done = subprocess.run([sys.executable, "-m", "dualpipe_fx.cli", "run", "--example", example,
-                           "--ranks", "2", "--schedule", schedule, "--steps", "2"],
+                           "--ranks", "2", "--schedule", schedule, "--steps", "2", *png],
                           capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line.split() for line in done.stdout.splitlines() if line.strip()[:1].isdigit()]
@@ -18,6 +19,9 @@ def test_run_follows_single_process_training(example, schedule):
     for _, pipelined, single, diff in rows:
         assert abs(float(pipelined) - float(single)) <= 1e-5 * abs(float(single)), done.stdout
         assert float(diff) < 1e-5, done.stdout
+    if png:  # the bubble as a median over several profiled steps, and the picture of the last
+        assert "measured bubble ratio, median of 3 profiled steps: rank 0 " in done.stdout, done.stdout
+        assert (tmp_path / "measured.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_run_rejects_too_few_microbatches_before_spawning():

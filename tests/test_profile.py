@@ -67,3 +67,20 @@ def test_late_data_is_measured_as_the_transfer_latency():
     # gloo moves the data once the receive is posted too: posted at 0.9, it took 0.4
     records[1][0][2].append((1, "recvF", 0, 0.9))
     assert transfer_latency(program, records) == pytest.approx(0.4)
+
+
+def test_the_bubble_is_the_median_over_the_profiled_steps_and_run_prints_it_so():
+    from dualpipe_fx.demo import bubble_line
+
+    program = generate("dualpipev", 2, 4)
+    steps = [_records(program, Costs(F=1.0 + GAP, B=b + GAP, W=1.0 + GAP, FB=b + 1.0 + GAP))[1]
+             for b in (2.0, 6.0, 3.0)]  # three steps, three different bubbles
+    alone = [summarize(program, records, batch=8).bubble_ratio_per_rank for records in steps]
+    prof = summarize(program, {r: [records[r][0] for records in steps] for r in program}, batch=8)
+    for rank in program:
+        ratios = sorted(a[rank] for a in alone)
+        assert ratios[0] < ratios[1] < ratios[2], ratios  # the steps really differ
+        assert prof.bubble_ratio_per_rank[rank] == pytest.approx(ratios[1])
+    line = bubble_line(prof, "measured.png")
+    assert line.startswith("measured bubble ratio, median of 3 profiled steps: rank 0 "), line
+    assert f"rank 1 {prof.bubble_ratio_per_rank[1]:.3f}" in line, line

@@ -110,3 +110,41 @@ def test_unknown_suffix_is_an_error(tmp_path):
 def test_sim_without_timeline_is_an_error(tmp_path):
     with pytest.raises(TypeError, match="without .timeline"):
         visualize(generate("1f1b", 2, 2), tmp_path / "x.png", sim=object())
+
+
+def test_png_text_rows_say_rank_whole_and_the_title_is_rounded_with_units():
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    from dualpipe_fx.visualize import _figure
+
+    program = generate("dualpipev", 2, 4)
+    sim = simulate(program, DEFAULT_COSTS)
+    scale = 0.0738123 / sim.makespan  # a measured step of 73.8 ms, in seconds
+
+    @dataclass
+    class Profile(MeasuredProfile):
+        makespan: float = 0.0738123
+        bubble: float = 0.0046049
+
+    measured = Profile([TimelineEntry(e.rank, e.action, e.start * scale, e.end * scale) for e in sim.timeline])
+    fig = _figure(program, measured, None)
+    try:
+        ax = fig.axes[0]
+        assert ax.get_title().endswith("; makespan 73.8 ms, bubble 4.6 ms"), ax.get_title()
+        assert ax.get_xlabel() == "time (ms)"
+        labels = ax.get_yticklabels()
+        assert [t.get_text() for t in labels] == ["rank 0", "rank 1"]
+        renderer = fig.canvas.get_renderer()
+        for label in labels:  # whole: inside the figure, not clipped at its left edge
+            assert label.get_window_extent(renderer).x0 >= 0, label.get_window_extent(renderer)
+        right = max(p.get_x() + p.get_width() for p in ax.patches if isinstance(p, Rectangle))
+        assert right == pytest.approx(73.8123, rel=1e-6) and right < ax.get_xlim()[1]  # last action inside
+        assert fig.transFigure.inverted().transform(ax.transData.transform((right, 0)))[0] < 1.0
+    finally:
+        plt.close(fig)
+    sim_title = _figure(program, sim, None)
+    try:
+        assert sim_title.axes[0].get_title().endswith(f"; makespan {sim.makespan:g}, bubble {sim.bubble:g}")
+    finally:
+        plt.close(sim_title)
