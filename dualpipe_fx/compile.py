@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dualpipe_fx.runtime.agree import HINTS, agree, as_timeout, call_fields, cut_fields, verify_names
+from dualpipe_fx.runtime.agree import HINTS, agree, as_timeout, call_fields, cut_fields, together, verify_names
 from dualpipe_fx.runtime.build import build_pipeline, local_names, local_parts
 from dualpipe_fx.runtime.errors import PeerTimeoutError, check_world  # noqa: F401  re-exported
 from dualpipe_fx.runtime.materialize import materialize
@@ -196,6 +196,9 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
             world size, torch/dualpipe_fx versions, schedule, num_microbatches, example
             shapes and dtypes, options, the stage cut, or parameter checksums.
         PeerTimeoutError: a rank did not join that agreement within ``timeout``.
+        PeerFailedError: another rank raised in the middle of ``compile()`` (its device,
+            trace, cut or ``param_init_fn``): raised at once, naming that rank and its
+            message; the failing rank raises its own error.
         ValueError: the schedule does not fit the world size / micro-batch count, or the
             examples and the model are on different devices, or the model is on meta and
             ``device`` is None, or a module without an initialiser owns a non-persistent
@@ -210,26 +213,31 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
     timeout = as_timeout(timeout)
     agree(call_fields(schedule, world, num_microbatches, examples, example_target, example_kwargs,
                       _agreed_options(locals())), group, timeout, "compile()", HINTS)
-    check_world(schedule, world, num_microbatches, get_schedule(schedule))
-    device = _check_devices(model, examples, example_target, example_kwargs, device)
-    _check_init_fn(param_init_fn)
-    program = generate(schedule, world, num_microbatches)
+    # Each `together` block ends in a vote: an error on one rank (its device, its trace, its
+    # init) stops every rank at once instead of leaving them in the next collective.
+    with together(group, timeout, "compile()"):
+        check_world(schedule, world, num_microbatches, get_schedule(schedule))
+        device = _check_devices(model, examples, example_target, example_kwargs, device)
+        _check_init_fn(param_init_fn)
+        program = generate(schedule, world, num_microbatches)
     if isinstance(cost, str) and cost == "measured" and world > 1:
         cost = _RankZeroTimings(group)
     mine = local_parts(program, dist.get_rank(group))
-    parts = split(model, loss_fn, examples, example_target, program.num_model_parts, cost=cost,
-                  split_points=split_points, placement=_part_placement(program),
-                  example_kwargs=example_kwargs, recompute=recompute, device=device, only_stages=mine,
-                  balance=balance, memory_budget=memory_budget, optimizer=optimizer,
-                  in_flight=in_flight_by_part(program))
-    partition = parts.partition
-    names = local_names(partition.stages, mine, partition.captured.param_aliases)
-    pending = materialize(model, names, device, param_init_fn)
-    state = model.state_dict(keep_vars=True)
-    verify = verify_names(state, partition.stages, program, verify_weights,
-                          skip=[n for p in pending.values() for n in p.names])
+    with together(group, timeout, "compile()"):
+        parts = split(model, loss_fn, examples, example_target, program.num_model_parts, cost=cost,
+                      split_points=split_points, placement=_part_placement(program),
+                      example_kwargs=example_kwargs, recompute=recompute, device=device, only_stages=mine,
+                      balance=balance, memory_budget=memory_budget, optimizer=optimizer,
+                      in_flight=in_flight_by_part(program))
+        partition = parts.partition
+        names = local_names(partition.stages, mine, partition.captured.param_aliases)
+        pending = materialize(model, names, device, param_init_fn)
+        state = model.state_dict(keep_vars=True)
+        verify = verify_names(state, partition.stages, program, verify_weights,
+                              skip=[n for p in pending.values() for n in p.names])
     agree(cut_fields(partition.stages, state, verify), group, timeout, "compile()", HINTS)
-    return build_pipeline(model, parts.stages, program, examples, example_target, num_microbatches,
-                          group, timeout, compile_stages, overlap, example_kwargs=example_kwargs,
-                          call=partition.captured.call, outputs=partition.captured.output_layout,
-                          part_graphs=partition.stages, device=device, pending=pending)
+    with together(group, timeout, "compile()"):
+        return build_pipeline(model, parts.stages, program, examples, example_target, num_microbatches,
+                              group, timeout, compile_stages, overlap, example_kwargs=example_kwargs,
+                              call=partition.captured.call, outputs=partition.captured.output_layout,
+                              part_graphs=partition.stages, device=device, pending=pending)

@@ -6,7 +6,9 @@ on every rank otherwise, naming the field, the ranks and their values. Fields in
 ``PARTIAL`` are ``{key: value}`` maps compared only on the keys several ranks hold (a
 parameter checksum exists only where the parameter has values). ``vote(error, group,
 timeout)`` is the per-step version: one all-reduce of "the lowest rank that failed", and,
-only when one did, a broadcast of its error's type and text.
+only when one did, a broadcast of its error's type and text. ``with together(group,
+timeout, where):`` votes on whether its body raised on any rank, so that a failure on
+one rank in the middle of ``compile()`` stops every rank at once.
 
 **Pseudocode**
     payloads = all_gather(len(pickle(fields))), all_gather(pickle(fields) padded)
@@ -19,6 +21,7 @@ rank that never comes makes the others raise ``PeerTimeoutError`` instead of han
 """
 from __future__ import annotations
 
+import contextlib
 import pickle
 from dataclasses import dataclass
 from datetime import timedelta
@@ -27,7 +30,7 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from dualpipe_fx.runtime.errors import PeerTimeoutError
+from dualpipe_fx.runtime.errors import PeerFailedError, PeerTimeoutError
 
 PARTIAL = ("parameter checksums",)
 _MESSAGE_BYTES = 4096  # a failed step's (type, message), utf-8, truncated
@@ -191,6 +194,25 @@ def vote(error: Optional[BaseException], group, timeout: timedelta, what: str,
     raw = bytes(buf.tolist()).rstrip(b"\0").decode(errors="replace")
     kind, where, message = raw.split("\n", 2)
     return StepFailure(failed, kind, message, where)
+
+
+@contextlib.contextmanager
+def together(group, timeout: timedelta, where: str):
+    """Run the ``with`` body on every rank, then ``vote``: if it raised on any rank, every
+    rank raises at once, the failing rank(s) their own error and the others
+    ``PeerFailedError`` naming the lowest failing rank and its message. Without it a rank
+    whose part of ``compile()`` failed leaves the others waiting out the timeout in the next
+    collective."""
+    rank = dist.get_rank(group)
+    try:
+        yield
+    except Exception as err:
+        with contextlib.suppress(PeerTimeoutError):  # a lost peer: this rank's own error says more
+            vote(err, group, timeout, f"{where}'s vote")
+        raise
+    failure = vote(None, group, timeout, f"{where}'s vote")
+    if failure is not None:
+        raise PeerFailedError(rank, failure.rank, where, failure.kind, failure.message)
 
 
 # -- compile()'s two fingerprints ------------------------------------------------------

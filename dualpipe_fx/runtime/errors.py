@@ -62,6 +62,17 @@ class PipelineStepError(RuntimeError):
             "run the next step")
 
 
+class PeerFailedError(RuntimeError):
+    """Another rank (``rank``) raised ``kind`` during a collective phase (``where``, e.g.
+    ``compile()``); this rank stopped there too instead of waiting for it. The failing rank
+    raises its own error."""
+
+    def __init__(self, me: int, rank: int, where: str, kind: str, message: str) -> None:
+        self.rank, self.kind = rank, kind
+        super().__init__(f"rank {me}: {where} stopped because rank {rank} raised {kind}: {message} "
+                         f"(the full error and its traceback are in rank {rank}'s log)")
+
+
 def _first_line(err: Optional[BaseException]) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else repr(err)

@@ -12,6 +12,7 @@ from datetime import timedelta
 import torch
 
 import dualpipe_fx
+import dualpipe_fx.examples
 from tests.runtime.cases import make_case
 
 
@@ -39,13 +40,51 @@ def _loss(pipe, x, y):
     return None if loss is None else loss.item()
 
 
+class _BranchyOn(torch.nn.Module):
+    """A linear stack whose forward branches on data when ``branchy``: untraceable on that rank only."""
+
+    def __init__(self, branchy: bool) -> None:
+        super().__init__()
+        self.stack, self.branchy = dualpipe_fx.examples.LinearGeluStack(depth=8, width=8), branchy
+
+    def forward(self, x):
+        if self.branchy and x.sum() > 0:
+            return self.stack(x) * 2
+        return self.stack(x)
+
+
+def _one_rank_fails(rank, where: str):
+    """compile() of the linear stack where rank 1 alone fails ``where``: its device, its trace
+    or its param_init_fn (the model on meta)."""
+    model, loss_fn, x, y = make_case("linear", 4)
+    kw = {"timeout": timedelta(seconds=20)}
+    if where == "device":
+        kw["device"] = "meta" if rank == 1 else None
+    elif where == "trace":
+        model = _BranchyOn(branchy=rank == 1)
+    else:
+        with torch.device("meta"):
+            model = dualpipe_fx.examples.LinearGeluStack(depth=8, width=8)
+
+        def init(module):
+            if rank == 1:
+                raise RuntimeError(f"injected init failure in {type(module).__name__}")
+            module.reset_parameters()
+        kw.update(device="cpu", param_init_fn=init)
+    return dualpipe_fx.compile(model, loss_fn, (x[:2],), y[:2], num_microbatches=4, **kw)
+
+
 def disagreements(rank, world):
-    """Ranks that call compile() differently: every rank raises the same ValueError at once."""
+    """Ranks that call compile() differently: every rank raises the same ValueError at once.
+    A compile() that fails on one rank only, after the first agreement, stops every rank."""
     cases = {
         "seed": lambda: _compile(rank, seed=rank),
         "num_microbatches": lambda: _compile(rank, num_microbatches=4 * (rank + 1)),
         "schedule": lambda: _compile(rank, schedule="dualpipev" if rank == 0 else "1f1b"),
         "example_shape": lambda: _compile(rank, batch_mb=2 if rank == 0 else 1),
+        "device_one_rank": lambda: _one_rank_fails(rank, "device"),
+        "trace_one_rank": lambda: _one_rank_fails(rank, "trace"),
+        "init_one_rank": lambda: _one_rank_fails(rank, "init"),
         "int_timeout": lambda: _loss(*_compile(rank, timeout=20)),
         "bad_timeout": lambda: _compile(rank, timeout="20s"),
     }

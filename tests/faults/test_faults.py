@@ -30,7 +30,16 @@ def test_ranks_that_disagree_raise_the_same_value_error_on_every_rank():
         assert all(g["seconds"] < 15 for g in got), (case, got)  # no timeout waited out
     assert "rank 0 has 4; rank 1 has 8" in results[0]["num_microbatches"]["message"]
     assert "'dualpipev'" in results[0]["schedule"]["message"] and "'1f1b'" in results[0]["schedule"]["message"]
-    for r in results:
+    for case, own, text in (("device_one_rank", "ValueError", "compile(device='meta')"),
+                            ("trace_one_rank", "TraceError", "Python control flow"),
+                            ("init_one_rank", "RuntimeError", "injected init failure in Linear")):
+        failing, other = results[1][case], results[0][case]
+        assert failing["type"] == own and text in failing["message"], (case, failing)
+        assert other["type"] == "PeerFailedError" and other["rank"] == 1, (case, other)
+        assert other["message"].startswith(f"rank 0: compile() stopped because rank 1 raised {own}: "), other
+        assert text in other["message"], (case, other)
+        assert failing["seconds"] < 15 and other["seconds"] < 15, (case, failing, other)  # no timeout waited
+    for r in results:  # the group is still healthy: the next compile() and step run
         assert r["int_timeout"]["type"] is None, r["int_timeout"]
         assert r["bad_timeout"]["type"] == "TypeError" and "timedelta" in r["bad_timeout"]["message"]
 
