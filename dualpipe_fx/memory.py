@@ -24,7 +24,8 @@ The model of a step, per micro-batch of a stage (what ``runtime.stage.GraphStage
 - a tensor sent to another rank (an activation after F, an input grad after I) is held by
   its send request until the step ends (torch's runtime waits for sends at the end);
   one handed to a stage on the same rank lives until that stage's F (or I) takes it;
-- the last stage's outputs (loss, logits) live past the step;
+- the last stage's loss lives past the step (its model outputs, the logits, only through their F in a
+  training step: the runtime keeps them for forward-only steps alone);
 - param grads: allocated by the stage's first W (or B) when the step starts without them,
   summed in place afterwards;
 - inside an action, its graph's intermediates (neither inputs nor outputs) add their
@@ -170,6 +171,11 @@ def stage_memory(graphs) -> StageMemory:
     outer = set(_keys(phs[:n_par])) | set(_keys(phs[n_par + n_act:]))  # params, buffers, the batch
     f_out = _outputs(fwd)
     outputs, saved = _keys(f_out[: graphs.forward.num_outputs]), _keys(f_out[graphs.forward.num_outputs:])
+    # a training step keeps the last stage's loss, not its model outputs (logits): they live
+    # through their F only, unless saved for I
+    model_outputs = _keys(f_out[1: graphs.forward.num_outputs]) if graphs.is_last else {}
+    if graphs.is_last:
+        outputs = _keys(f_out[:1])
     i_phs, i_out = _placeholders(bwd_i), _outputs(bwd_i)
     n_gin = graphs.backward_input.num_grad_inputs
     grad_in, for_weight = _keys(i_out[:n_gin]), _keys(i_out[n_gin:])
@@ -183,7 +189,8 @@ def stage_memory(graphs) -> StageMemory:
     keepers: dict[tuple[str, frozenset], int] = {}
     for k, src in source.items():
         keep = frozenset(name for name, keys in (("saved", saved), ("for_weight", for_weight),
-                                                 ("output", outputs), ("grad_input", grad_in)) if k in keys)
+                                                 ("output", outputs), ("grad_input", grad_in),
+                                                 ("model_output", model_outputs)) if k in keys)
         keepers[(src, keep)] = keepers.get((src, keep), 0) + size[k]
     named_grads = {}
     w_out = _outputs(bwd_w)
@@ -268,7 +275,7 @@ def _intervals(program: Program, rank: int, mem: Callable[[int], StageMemory],
                 sent = None  # the category that holds it past the step, if any
                 if "output" in keep:
                     if nxt is None:
-                        sent = "kept"  # the last stage's loss and model outputs (logits)
+                        sent = "kept"  # the last stage's loss
                     elif next_far:
                         sent = "sent"  # held by its send request until the step ends
                     else:
@@ -454,7 +461,7 @@ class MemoryPlan:
                      + (f", recompute {self.recompute}" if self.recompute else "")
                      + "\ntotal = params + grads + optimizer + the step's peak: activations (saved for I, kept "
                      "for W, handed over), receive buffers, sent tensors (held until the step ends), the "
-                     "last stage's outputs (loss, logits: kept for the whole step), one action's temporaries")
+                     "last stage's losses (kept for the whole step), one action's temporaries")
         return "\n".join(lines)
 
 

@@ -108,7 +108,8 @@ def test_plan_of_a_meta_model_allocates_nothing_and_adds_up():
                                                      for n in s.param_grads])
         assert r.total == r.params + r.grads + r.optimizer + r.activations + r.recv_buffers + r.send_buffers \
             + r.kept_outputs + r.intermediates
-        assert r.activations >= r.peak_activations > 0 and r.step_increase >= r.step_peak
+        # (the total peaks where the sum does: saved + for_weight alone may peak elsewhere)
+        assert r.activations > 0 and r.peak_activations > 0 and r.step_increase >= r.step_peak
     d = plan.to_dict()
     assert d["ranks"][0]["total"] == plan.ranks[0].total and len(d["stages"]) == 4
     table = plan.table()

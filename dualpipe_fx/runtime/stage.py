@@ -173,7 +173,8 @@ class GraphStage(PipelineStageBase):
             self._saved[mb] = saved
         if self.is_chain_last:
             self.losses[mb] = outputs[0]
-            self.model_outputs[mb] = outputs[1:]
+            if not keep_saved:  # forward-only steps return the model's outputs; training drops them here
+                self.model_outputs[mb] = outputs[1:]
         else:
             self._outputs[mb] = outputs
         return outputs
