@@ -300,20 +300,26 @@ def _peak_activations(actions: list[Action]) -> int:
 
 
 def in_flight_by_part(program: Program) -> dict[int, int]:
-    """Per model part: the most micro-batches whose forward ran and whose I (or B) has not, at once
-    on one rank; what the stage cut's memory estimate multiplies a part's activations by."""
-    peak: dict[int, int] = {}
+    """Per model part: how many micro-batches whose forward ran and whose I (or B) has not its
+    rank holds at the moment it holds the most of them (DualPipeV on 8 ranks, 16 micro-batches:
+    rank r holds 15-r of stage r and r+1 of stage 15-r); what the stage cut's memory estimate
+    multiplies a part's activations by. A part on several ranks (mirrors): the largest."""
+    out: dict[int, int] = {}
     for actions in program.values():
         held: dict[int, int] = {}
+        best: tuple[int, dict[int, int]] = (0, {})
         for action in actions:
             for part in action.parts():
                 model_part = program.model_part(part.stage)
                 if part.kind == "F":
                     held[model_part] = held.get(model_part, 0) + 1
-                    peak[model_part] = max(peak.get(model_part, 0), held[model_part])
                 elif part.kind in ("B", "I"):
                     held[model_part] -= 1
-    return peak
+            if sum(held.values()) > best[0]:
+                best = (sum(held.values()), dict(held))
+        for model_part, count in best[1].items():
+            out[model_part] = max(out.get(model_part, 0), count)
+    return out
 
 
 def readme_bubble(schedule: str, num_stages: int, costs: Costs) -> Optional[float]:

@@ -215,7 +215,8 @@ def memory_spec(optimizer="adamw", in_flight: Optional[Mapping[int, int]] = None
         raise ValueError(f"memory_budget={memory_budget!r}; expected bytes per rank as an int > 0 "
                          "(e.g. 80 * 2**30), or None")
     return MemorySpec(param_bytes=_param_state_bytes(optimizer), in_flight=dict(in_flight or {}),
-                      budget=memory_budget, inputs_only=isinstance(recompute, str) and recompute == "full")
+                      budget=memory_budget, inputs_only=isinstance(recompute, str) and recompute == "full",
+                      selective=isinstance(recompute, str) and recompute == "selective")
 
 
 def _check_balance(balance) -> None:

@@ -11,10 +11,12 @@ A rank's load, from per-node figures (prefix sums over the graph's compute nodes
 - time: the FLOPs (or measured seconds) of its stages' nodes;
 - memory: for each of its parameters (counted at its first use) ``MemorySpec.param_bytes``
   (parameter + grad + optimizer state), plus for each of its stages ``in_flight[s]`` times
-  that stage's activation estimate: the bytes of every non-view floating-point value the
-  stage makes, plus what it receives (``recompute="full"``: what it receives only). The
-  exact saved bytes come from the I/W split, which a rank runs for its own stages only, so
-  the cut uses this estimate; ``dualpipe_fx.memory`` reports the exact plan.
+  that stage's activation estimate: what autograd saves for its ops, found by running each
+  distinct op once on fake tensors (``passes.cost_model.saved_bytes_estimate``), plus what
+  it receives (``recompute="full"``: what it receives only). The exact saved bytes come from
+  the I/W split, which a rank runs for its own stages only, so the cut uses this estimate
+  (within 10% of the split's figure on llama stages); ``dualpipe_fx.memory`` reports the
+  exact plan.
 
 **Contract**: ``balance_cuts(loads, cuts, allowed, forced) -> cuts``: same number of cuts,
 each in ``allowed`` or ``forced``, forced ones kept; the largest rank load never above the
@@ -61,13 +63,15 @@ class MemorySpec:
     ``param_bytes(param)``: bytes a parameter costs its rank (value + grad + optimizer
     state); ``in_flight[s]``: micro-batches whose activations stage ``s`` holds at once at its
     rank's peak (from the schedule; 1 where absent); ``budget``: bytes per rank, or None;
-    ``inputs_only``: activations are the stage's received inputs only (full recompute).
+    ``inputs_only``: activations are the stage's received inputs only (full recompute);
+    ``selective``: they are what selective recompute keeps (matmul and attention outputs).
     """
 
     param_bytes: Callable[[torch.Tensor], int] = _adamw_like
     in_flight: Mapping[int, int] = field(default_factory=dict)
     budget: Optional[int] = None
     inputs_only: bool = False
+    selective: bool = False  # activations: what recompute="selective" keeps
 
 
 @dataclass(frozen=True)
@@ -123,10 +127,9 @@ class RankLoads:
         return max(self.time[-1] / n, 1e-300), max(mem / n, 1e-300), max(self.params[-1] / n, 1e-300)
 
     def load(self, time: float, memory: float, params: float = 0.0) -> float:
-        """"time": time; "memory": memory; "both": the largest of time, memory and parameter
-        state, each over its mean (the parameter state is kept even on its own: it does not
-        depend on micro-batch sizes, which activations do); with a budget: time, and every
-        over-budget rank above every within-budget one."""
+        """"time": time; "memory": memory; "both": the larger of time and memory, each over its
+        mean; with a budget: time, and every over-budget rank above every within-budget one.
+        (``params`` is reported, not balanced: memory holds it.)"""
         if self.mode == "time":
             return time
         if self.mode == "memory":
@@ -135,7 +138,7 @@ class RankLoads:
         budget = self.memory.budget
         if budget is not None:
             return time / t_mean + (1e6 + memory / budget if memory > budget else 0.0)
-        return max(time / t_mean, memory / m_mean, params / p_mean)
+        return max(time / t_mean, memory / m_mean)
 
 
 def _pair_loads(loads: RankLoads, cuts: list[int], k: int, p: int, other: Mapping[int, list[float]]) -> float:
@@ -244,7 +247,7 @@ def _caps(loads: RankLoads, lam: float) -> tuple[float, float, float]:
     t_mean, m_mean, p_mean = loads._means
     if loads.memory.budget is not None:
         return lam * t_mean, float(loads.memory.budget), math.inf
-    return lam * t_mean, lam * m_mean, lam * p_mean
+    return lam * t_mean, lam * m_mean, math.inf
 
 
 def _weight(loads: RankLoads, stage: int) -> float:

@@ -26,7 +26,7 @@ import torch.fx as fx
 from torch.fx.node import map_aggregate
 from torch.utils.flop_counter import FlopCounterMode
 
-from passes._compat import FakeTensorMode, decomposes_implicitly
+from passes._compat import FakeTensorMode, decomposes_implicitly, tree_flatten
 
 CostSpec = Union[str, Callable[[fx.Node], float]]
 
@@ -232,6 +232,107 @@ def node_costs(gm: fx.GraphModule, *, measured: bool = False, repeats: int = 3) 
             time=_node_time(node, repeats) if measured else 0.0,
         )
     return MappingProxyType(table)
+
+
+def _probe_saved(node: fx.Node) -> tuple[int, frozenset]:
+    """Run ``node`` once on fake tensors (floating ones requiring grad) and see what autograd
+    saves: ``(bytes of saved storages that are none of its inputs, indices of the flat args
+    it saves)``. Nothing is allocated; an op the fake kernels cannot run saves nothing."""
+    try:
+        args, kwargs = _materialize(node, real=False)
+        flat = tree_flatten((args, kwargs))[0]
+        for t in flat:
+            if isinstance(t, torch.Tensor) and t.dtype.is_floating_point:
+                t.requires_grad_(True)
+        packed: list[torch.Tensor] = []
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t,
+                                                                           lambda t: t):
+            node.target(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - the estimate is best effort: the plan has exact bytes
+        return 0, frozenset()
+    inputs = {t.untyped_storage()._cdata: i for i, t in enumerate(flat) if isinstance(t, torch.Tensor)}
+    own, from_inputs, seen = 0, set(), set()
+    for t in packed:
+        key = t.untyped_storage()._cdata
+        if key in seen:
+            continue
+        seen.add(key)
+        if key in inputs:
+            from_inputs.add(inputs[key])
+        else:
+            own += _concrete(t.untyped_storage().nbytes())
+    return own, frozenset(from_inputs)
+
+
+def _base(node: fx.Node) -> fx.Node:
+    """The value a chain of view ops reads (a view saves its base's storage)."""
+    while isinstance(getattr(node, "target", None), torch._ops.OpOverload) and node.target.is_view \
+            and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+_MATMULS = ("linear", "matmul", "mm", "addmm", "bmm", "baddbmm", "convolution", "conv1d", "conv2d", "conv3d",
+            "_grouped_mm", "einsum")
+
+
+def _packet_name(node: fx.Node) -> str:
+    packet = getattr(node.target, "overloadpacket", None)
+    return getattr(packet, "__name__", getattr(node.target, "__name__", ""))
+
+
+def _selective_estimate(gm: fx.GraphModule, nodes: list) -> dict[str, int]:
+    """What ``recompute="selective"`` keeps: matmul and attention outputs, attention's inputs."""
+    own = {n.name: 0 for n in nodes}
+    kept: set[fx.Node] = set()
+    for n in nodes:
+        name = _packet_name(n)
+        if name in _MATMULS or "attention" in name:
+            kept.add(n)
+        if "attention" in name:
+            kept |= {_base(a) for a in n.all_input_nodes if a.op != "placeholder" or
+                     a.meta.get("dpfx_kind") not in ("param", "buffer")}
+    for n in kept:
+        if n.name in own:
+            own[n.name] += activation_bytes(n)
+    return own
+
+
+def saved_bytes_estimate(gm: fx.GraphModule, *, selective: bool = False) -> Mapping[str, int]:
+    """Per call node: bytes autograd keeps for the backward because of it, per micro-batch, from
+    a fake run of each distinct op (memoised like FLOPs): what the op saves that is not an
+    input (a softmax's output, attention's log-sum-exp), plus its own value when some op that
+    reads it saves it. Values that depend on parameters and buffers alone (a transposed
+    weight) count nothing: they live anyway. An estimate: ``passes.split_backward`` has the
+    exact saved values of a split stage. ``selective``: what ``recompute="selective"`` keeps.
+    """
+    nodes = [n for n in gm.graph.nodes if _is_compute(n)]
+    if selective:
+        return MappingProxyType(_selective_estimate(gm, nodes))
+    kinds = {n: n.meta.get("dpfx_kind") for n in gm.graph.nodes if n.op == "placeholder"}
+    static: set[fx.Node] = {n for n, k in kinds.items() if k in ("param", "buffer")}
+    static |= {n for n in gm.graph.nodes if n.op == "get_attr"}
+    for n in nodes:
+        if n.all_input_nodes and all(a in static for a in n.all_input_nodes):
+            static.add(n)
+    memo: dict[str, tuple[int, frozenset]] = {}
+    own: dict[str, int] = {n.name: 0 for n in nodes}
+    kept: set[fx.Node] = set()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        for n in nodes:
+            key = _signature(n)
+            if key not in memo:
+                memo[key] = _probe_saved(n)
+            nbytes, from_inputs = memo[key]
+            own[n.name] = nbytes
+            flat = tree_flatten((n.args, n.kwargs))[0]
+            for i in from_inputs:
+                if i < len(flat) and isinstance(flat[i], fx.Node):
+                    kept.add(_base(flat[i]))
+    for n in kept:
+        if n.name in own and n not in static:
+            own[n.name] += activation_bytes(n)
+    return MappingProxyType(own)
 
 
 def edge_bytes(gm: fx.GraphModule) -> Mapping[tuple[str, str], int]:

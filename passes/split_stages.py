@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 
 from passes.balance import BALANCE_MODES, MemorySpec, RankLoads, balance_cuts, search_cuts
-from passes.cost_model import CostSpec, activation_bytes, scalar_costs
+from passes.cost_model import CostSpec, activation_bytes, saved_bytes_estimate, scalar_costs
 
 __all__ = ["StagePartition", "default_placement", "split_stages"]
 
@@ -243,16 +243,6 @@ def _choose_cuts(lay: _Layout, num_stages: int, forced: Sequence[int]) -> tuple[
 # Per rank: the cut moved until every rank's time and memory are even (passes.balance)
 
 
-def _saved_estimate(node: fx.Node) -> int:
-    """Bytes a node's value may be saved for backward: floating-point, not a view."""
-    val = node.meta.get("val")
-    if not isinstance(val, torch.Tensor) or not val.dtype.is_floating_point:
-        return 0
-    if isinstance(node.target, torch._ops.OpOverload) and node.target.is_view:
-        return 0
-    return activation_bytes(node)
-
-
 def _prefix(values: Sequence[float]) -> tuple[float, ...]:
     out = [0.0]
     for v in values:
@@ -267,7 +257,8 @@ def _rank_loads(lay: _Layout, placement: Mapping[int, int], memory: MemorySpec, 
         if _kind(ph) == "param" and uses and isinstance(ph.meta.get("val"), torch.Tensor):
             param_at[min(uses)] += memory.param_bytes(ph.meta["val"])
     received = list(lay.cut_bytes) + [0]
-    return RankLoads(time=lay.prefix, params=_prefix(param_at), acts=_prefix([_saved_estimate(n) for n in lay.nodes]),
+    saved = {} if memory.inputs_only else saved_bytes_estimate(lay.graph.owning_module, selective=memory.selective)
+    return RankLoads(time=lay.prefix, params=_prefix(param_at), acts=_prefix([saved.get(n.name, 0) for n in lay.nodes]),
                      received=received, placement=placement, memory=memory, mode=mode)
 
 

@@ -112,16 +112,21 @@ def test_llama3_8b_dualpipev_ranks_hold_even_parameter_bytes(llama3_8b):
     """Per stage, rank 0 got the embedding and the LM head: 2.85 GiB against ~1.75 GiB."""
     model, loss_fn, tokens = llama3_8b
     got = {}
-    in_flight = in_flight_by_part(generate("dualpipev", 8, 16))  # as compile() passes it
     for balance in ("time", "both", "memory"):
         sp = dualpipe_fx.split(model, loss_fn, (tokens,), tokens, num_stages=16, device="cpu",
-                               only_stages=(), balance=balance, in_flight=in_flight)
+                               only_stages=(), balance=balance)
         per_rank = _rank_param_bytes(sp)
         got[balance] = max(per_rank.values()) / (sum(per_rank.values()) / len(per_rank))
         if balance == "both":
             assert sp.rank_balance["time"] < 1.10, sp.describe()
     assert got["both"] <= 1.10 and got["memory"] <= 1.10, got
     assert got["time"] > 1.3, got  # time alone leaves rank 0 both ends
+    # as compile() cuts it: the schedule's activations in flight (16 of stage 0 on rank 0 at its
+    # peak, 1 of stage 15) count too, so rank 0 may hold more parameters and fewer activations
+    in_flight = in_flight_by_part(generate("dualpipev", 8, 16))
+    sp = dualpipe_fx.split(model, loss_fn, (tokens,), tokens, num_stages=16, device="cpu", only_stages=(),
+                           in_flight=in_flight)
+    assert sp.rank_balance["memory"] < 1.10 and sp.rank_balance["time"] < 1.10, sp.describe()
 
 
 def test_memory_budget_is_kept_or_named():
