@@ -41,3 +41,10 @@ def functional_all_to_all_single(x, output_split_sizes, input_split_sizes, group
 def functional_wait_tensor(x):
     """``_c10d_functional.wait_tensor``: block until the collective producing ``x`` is done."""
     return _torch.ops._c10d_functional.wait_tensor(x)
+# --- data-parallel entries (runtime/data_parallel.py, runtime/lowering.py) ---
+# add_unshard_reshard(actions, max_active_stages=3): one rank's compute actions with an
+# UNSHARD before a stage's first use (prefetched up to 3 stages ahead) and a RESHARD after
+# its last; torch's own lowering runs it on single-chain programs, we run it on the others.
+from torch.distributed.pipelining.schedules import _add_unshard_reshard as add_unshard_reshard  # noqa: F401,E402
+# add_reduce_grad(actions, n_microbatches): REDUCE_GRAD(stage) right after the stage's last W or B.
+from torch.distributed.pipelining.schedules import _add_reduce_grad as add_reduce_grad  # noqa: F401,E402

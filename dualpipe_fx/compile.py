@@ -24,6 +24,7 @@ from torch import nn
 
 from dualpipe_fx.runtime.agree import HINTS, agree, as_timeout, call_fields, cut_fields, together, verify_names
 from dualpipe_fx.runtime.build import build_pipeline, local_names, local_parts
+from dualpipe_fx.runtime.data_parallel import check_groups, dp_fields
 from dualpipe_fx.runtime.errors import PeerTimeoutError, check_world  # noqa: F401  re-exported
 from dualpipe_fx.runtime.materialize import materialize
 from dualpipe_fx.runtime.pipeline import Pipeline
@@ -141,7 +142,8 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
             cost="flops", split_points: Optional[Sequence[str]] = None, overlap: bool = True,
             recompute=None, device=None, param_init_fn: Optional[Callable[[nn.Module], None]] = None,
             verify_weights: bool = True, balance: str = "both", memory_budget: Optional[int] = None,
-            optimizer="adamw") -> Pipeline:
+            optimizer="adamw", dp_group: Optional[dist.ProcessGroup] = None,
+            dp_mode: str = "replicate") -> Pipeline:
     """Pipeline ``model`` over the ranks of ``group`` with ``schedule``.
 
     Args:
@@ -187,6 +189,17 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
             compares only the parameters more than one rank reads. Cost: ~2 ms for 34 MB,
             0.2-0.6% of compile time (benchmarks/agreement.py). Uninitialised tensors
             waiting for ``load_state_dict`` are not compared.
+        dp_group, dp_mode: data parallelism over ``dp_group``, the ranks that hold this
+            rank's stages in the other pipeline replicas (``group`` and ``dp_group`` are a
+            row and a column of one grid). Each replica steps on its own batch; the grads are
+            those of the mean over the replicas. ``"replicate"`` (DDP): each parameter's
+            grad is all-reduced as soon as its last W of the step ran, overlapping the rest
+            of the step. ``"shard"`` (ZeRO-3, FSDP ``FULL_SHARD``) and ``"shard_grad_op"``
+            (ZeRO-2): parameters, grads and optimizer state are sharded by rows;
+            ``parameters()`` are ``DTensor`` shards, a stage's parameters are all-gathered
+            before its first action of the step (and, with ``"shard"``, freed after its
+            last), grads reduce-scattered after its last W. The collectives are torch's
+            UNSHARD/RESHARD/REDUCE_GRAD runtime actions (``runtime/data_parallel.py``).
 
     Returns:
         this rank's ``Pipeline``.
@@ -199,6 +212,10 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
         PeerFailedError: another rank raised in the middle of ``compile()`` (its device,
             trace, cut or ``param_init_fn``): raised at once, naming that rank and its
             message; the failing rank raises its own error.
+        ValueError: ``dp_group`` does not form a grid with ``group`` (it lacks this rank,
+            shares another rank with ``group``, or the grid exceeds the world), or an unknown
+            ``dp_mode`` (before any communication); the replicas in ``dp_group`` disagree on
+            the call, their place in the pipeline, the cut or the starting weights.
         ValueError: the schedule does not fit the world size / micro-batch count, or the
             examples and the model are on different devices, or the model is on meta and
             ``device`` is None, or a module without an initialiser owns a non-persistent
@@ -211,6 +228,7 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
     examples = _as_tuple(example_inputs)
     world = dist.get_world_size(group)
     timeout = as_timeout(timeout)
+    data_parallel = check_groups(group, dp_group, dp_mode)
     agree(call_fields(schedule, world, num_microbatches, examples, example_target, example_kwargs,
                       _agreed_options(locals())), group, timeout, "compile()", HINTS)
     # Each `together` block ends in a vote: an error on one rank (its device, its trace, its
@@ -236,8 +254,13 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
         verify = verify_names(state, partition.stages, program, verify_weights,
                               skip=[n for p in pending.values() for n in p.names])
     agree(cut_fields(partition.stages, state, verify), group, timeout, "compile()", HINTS)
+    if data_parallel is not None:  # the replicas: the same call, place, cut and starting weights
+        agree({**call_fields(schedule, world, num_microbatches, examples, example_target, example_kwargs,
+                             _agreed_options(locals())), **dp_fields(group, dp_mode),
+               **cut_fields(partition.stages, state, verify)}, dp_group, timeout, "compile()", HINTS)
     with together(group, timeout, "compile()"):
         return build_pipeline(model, parts.stages, program, examples, example_target, num_microbatches,
                               group, timeout, compile_stages, overlap, example_kwargs=example_kwargs,
                               call=partition.captured.call, outputs=partition.captured.output_layout,
-                              part_graphs=partition.stages, device=device, pending=pending)
+                              part_graphs=partition.stages, device=device, pending=pending,
+                              data_parallel=data_parallel)

@@ -59,3 +59,13 @@ def test_action_tuple_layout_matches_lowering():
     assert (f.stage_index, f.computation_type, f.microbatch_index, f.sub_actions) == (3, _compat.FORWARD, 7, None)
     assert str(f) == "3F7" and str(pair) == "(3F7;2B1)OVERLAP_F_B"
     assert f.is_compute_op and pair.is_compute_op
+
+
+def test_data_parallel_entries_place_unshard_reshard_and_reduce_grad_per_stage():
+    A, ct = _compat.TorchAction, _compat.TorchComputationType
+    for name in ("UNSHARD", "RESHARD", "REDUCE_GRAD"):
+        assert hasattr(ct, name), name
+    actions = [A(0, ct.FORWARD, 0), A(0, ct.FORWARD, 1), A(0, ct.BACKWARD_INPUT, 0), A(0, ct.BACKWARD_WEIGHT, 0),
+               A(0, ct.FULL_BACKWARD, 1)]
+    lowered = _compat.add_reduce_grad(_compat.add_unshard_reshard(actions), 2)
+    assert [str(a) for a in lowered] == ["0UNSHARD", "0F0", "0F1", "0I0", "0W0", "0B1", "0REDUCE_GRAD", "0RESHARD"]

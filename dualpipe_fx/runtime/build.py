@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dualpipe_fx import _compat
+from dualpipe_fx.runtime.data_parallel import DataParallel
 from dualpipe_fx.runtime.executor import Executor
 from dualpipe_fx.runtime.lowering import forward_only, load_program
 from dualpipe_fx.runtime.materialize import Pending
@@ -139,6 +140,15 @@ def local_names(part_graphs: Sequence[torch.fx.GraphModule], parts: Collection[i
     return names | {a for n in names for a in aliases.get(n, ())}
 
 
+def _named_params(stages: Mapping[int, GraphStage]) -> dict[str, torch.Tensor]:
+    """This rank's parameters by FQN (as ``Pipeline.named_parameters``), once each."""
+    named: dict[str, torch.Tensor] = {}
+    for stage in stages.values():
+        for name, param in zip(stage.graphs.param_names, stage.params):
+            named.setdefault(name, param)
+    return dict(sorted(named.items()))
+
+
 def _local_state(model: nn.Module, stages: Mapping[int, GraphStage]) -> dict[str, torch.Tensor]:
     """This rank's params and persistent buffers under every FQN the model's state_dict uses."""
     local = {id(t) for stage in stages.values() for t in stage.params}
@@ -152,8 +162,10 @@ def build_pipeline(model: nn.Module, parts: Sequence[StageGraphs], program: Prog
                    example_kwargs: Optional[Mapping[str, Any]] = None, call: Optional[ModelCall] = None,
                    outputs: Optional[OutputLayout] = None,
                    part_graphs: Sequence[torch.fx.GraphModule], device: Optional[torch.device] = None,
-                   pending: Optional[Mapping[str, Pending]] = None) -> Pipeline:
-    """This rank's pipeline (see the module docstring)."""
+                   pending: Optional[Mapping[str, Pending]] = None,
+                   data_parallel: Optional[tuple[dist.ProcessGroup, str]] = None) -> Pipeline:
+    """This rank's pipeline (see the module docstring); ``data_parallel``: (group, mode) for
+    ``runtime.data_parallel.DataParallel``, or None."""
     rank = dist.get_rank(group)
     example_kwargs = dict(example_kwargs or {})
     call = ModelCall.of(examples, example_kwargs) if call is None else call
@@ -168,6 +180,10 @@ def build_pipeline(model: nn.Module, parts: Sequence[StageGraphs], program: Prog
     for stage in stages.values():
         stage.early_sends = by_tag
     executor = Executor(stages, rank, timeout)
+    dp = None
+    if data_parallel is not None:
+        dp = DataParallel(data_parallel[1], data_parallel[0], stages, _named_params(stages), timeout)
+        executor.data_parallel = dp
     if overlap:
         executor.overlap = OverlapRunner(compile_graphs=compile_stages)  # every FB action: one merged graph
     schedules = {}
@@ -175,10 +191,12 @@ def build_pipeline(model: nn.Module, parts: Sequence[StageGraphs], program: Prog
     for forwards in (False, True):  # training, and forward-only (no_grad) steps
         schedules[forwards] = _GraphSchedule(list(stages.values()), program.num_microbatches,
                                              loss_fn=None, scale_grads=False)
-        load_program(schedules[forwards], forward_only(program) if forwards else program, forwards, lookahead)
+        load_program(schedules[forwards], forward_only(program) if forwards else program, forwards, lookahead,
+                     data_parallel=dp is not None)
         executor.register(schedules[forwards])
-    return Pipeline(state=_local_state(model, stages), program=program, stages=stages, schedules=schedules,
+    state = _local_state(model, stages)
+    return Pipeline(state=dp.public(state) if dp is not None else state, program=program, stages=stages, schedules=schedules,
                     executor=executor, examples=examples, example_target=target, example_kwargs=example_kwargs,
                     call=call, outputs=outputs, device=device, num_microbatches=num_microbatches,
                     group=group, timeout=timeout, holders=shared_holders(_names_by_rank(part_graphs, program)),
-                    output_metas=output_metas, pending=pending)
+                    output_metas=output_metas, pending=pending, data_parallel=dp)

@@ -2,7 +2,8 @@
 
 **Contract**: ``Executor(stages, timeout).register(schedule)`` registers a handler for
 FORWARD, BACKWARD_INPUT, FULL_BACKWARD, BACKWARD_WEIGHT, OVERLAP_F_B and REDUCE_GRAD on
-a ``_PipelineScheduleRuntime``; torch runs the SEND/RECV actions itself. Every handler
+a ``_PipelineScheduleRuntime`` (with ``data_parallel`` set, its UNSHARD, RESHARD and
+REDUCE_GRAD handlers); torch runs the SEND/RECV actions itself. Every handler
 first waits (with ``timeout``) for the receives its action needs, then computes.
 
 **Pseudocode**
@@ -63,13 +64,20 @@ class Executor:
         self.records: Optional[list[Record]] = None
         self.forward_only = False
         self.failure: Optional[tuple[ir.Action, Exception]] = None  # this step's first error
+        # runtime.data_parallel.DataParallel, or None: runs UNSHARD/RESHARD/REDUCE_GRAD, and
+        # each compute action first waits (ready) for its stage's parameters
+        self.data_parallel = None
 
     def register(self, schedule) -> None:
         ct = _compat.TorchComputationType
         for kind, handler in ((ct.FORWARD, self._on_single), (ct.BACKWARD_INPUT, self._on_single),
                               (ct.FULL_BACKWARD, self._on_single), (ct.BACKWARD_WEIGHT, self._on_single),
-                              (ct.OVERLAP_F_B, self._on_pair), (ct.REDUCE_GRAD, _no_op)):
+                              (ct.OVERLAP_F_B, self._on_pair)):
             schedule.register_custom_function(kind, handler)
+        if self.data_parallel is not None:
+            self.data_parallel.register(schedule)
+        else:
+            schedule.register_custom_function(ct.REDUCE_GRAD, _no_op)
 
     # -- compute, shared by the handlers and by overlap runners ---------------------
 
@@ -103,6 +111,8 @@ class Executor:
     def _on_single(self, torch_action, ctx) -> None:
         action = _to_ir(torch_action)
         self._wait_inputs(ctx.schedule_ref, action)
+        if self.data_parallel is not None:
+            self.data_parallel.ready(action.stage)
         if self._attempt(action, self._run, action):
             return
         self._stand_in(action)
@@ -111,6 +121,9 @@ class Executor:
         forward, backward = (_to_ir(a) for a in torch_action.sub_actions)
         self._wait_inputs(ctx.schedule_ref, forward)
         self._wait_inputs(ctx.schedule_ref, backward)
+        if self.data_parallel is not None:
+            self.data_parallel.ready(forward.stage)
+            self.data_parallel.ready(backward.stage)
         if self._attempt(ir.FB(forward, backward), self.overlap, self, forward, backward):
             return
         self._stand_in(forward)

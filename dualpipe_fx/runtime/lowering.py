@@ -120,14 +120,29 @@ def forward_only(program: Program) -> Program:
                    name=f"{program.name} (forward only)", model_parts=program.model_parts)
 
 
-def load_program(schedule, program: Program, forwards_only: bool = False, recv_lookahead: int = 0) -> None:
+def add_data_parallel(actions: dict, program: Program, forwards_only: bool) -> dict:
+    """Each rank's compute actions with UNSHARD/RESHARD around each stage's use and (training)
+    REDUCE_GRAD after its last W or B: torch's own passes, which its lowering applies to
+    single-chain programs only."""
+    out = {r: _compat.add_unshard_reshard(a) for r, a in actions.items()}
+    if not forwards_only:
+        out = {r: _compat.add_reduce_grad(a, program.num_microbatches) for r, a in out.items()}
+    return out
+
+
+def load_program(schedule, program: Program, forwards_only: bool = False, recv_lookahead: int = 0,
+                 data_parallel: bool = False) -> None:
     """Lower ``program`` with communication into ``schedule`` (a _PipelineScheduleRuntime).
 
     ``forwards_only`` programs skip torch's validation, which insists on one backward per
     forward, and go straight to the same send/recv lowering. ``recv_lookahead > 0``
     posts every receive that many compute actions earlier (``hoist_receives``; gloo only).
+    ``data_parallel``: every program gets UNSHARD/RESHARD/REDUCE_GRAD (torch's lowering adds
+    them to single-chain training programs anyway; then they are no-ops without data parallelism).
     """
     actions = to_torch_actions(program)
+    if data_parallel and (forwards_only or not _is_single_chain(program)):
+        actions = add_data_parallel(actions, program, forwards_only)
     if forwards_only:
         place = program.stage_to_rank()
         schedule.stage_index_to_group_rank = place

@@ -33,7 +33,7 @@ from dualpipe_fx.runtime.agree import StepFailure, vote
 from dualpipe_fx.runtime.errors import (PeerTimeoutError, PipelineBrokenError, PipelineStepError, check_batch,
                                         check_inputs)
 from dualpipe_fx.runtime.materialize import copy_into
-from dualpipe_fx.runtime.sync import exchange, set_aside_shared_grads, sync_shared_grads
+from dualpipe_fx.runtime.sync import exchange, set_aside_shared_grads, sum_shared_grads, sync_shared_grads
 from dualpipe_fx.runtime.values import external_values
 from passes._compat import tree_map
 
@@ -58,7 +58,7 @@ class Pipeline:
 
     def __init__(self, *, state, program, stages, schedules, executor, examples, example_target,
                  num_microbatches, group, timeout, holders, output_metas, call, device,
-                 example_kwargs=None, outputs=None, pending=None) -> None:
+                 example_kwargs=None, outputs=None, pending=None, data_parallel=None) -> None:
         # No reference to the model or the examples: their shapes are all a step needs, and
         # holding them would keep the other ranks' parameters of a real model alive.
         self._state_tensors = dict(state)  # FQN -> this rank's param/persistent buffer (aliases too)
@@ -81,7 +81,9 @@ class Pipeline:
         self.device = device
         self._holders = holders
         self._output_metas = output_metas
-        self._params = self._local_named_params()
+        # runtime.data_parallel.DataParallel or None; in its shard modes _params are its DTensor shards
+        self._data_parallel = data_parallel
+        self._params = data_parallel.params if data_parallel is not None else self._local_named_params()
         self._loss_ranks = tuple(sorted({program.stage_to_rank()[c[-1]] for c in program.chains}))
         self._broken: Optional[str] = None  # why the group cannot be used again
 
@@ -95,7 +97,9 @@ class Pipeline:
         return dict(sorted(named.items()))
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """This rank's parameters under their original FQNs (the model's own objects)."""
+        """This rank's parameters under their original FQNs: the model's own objects, or with
+        ``compile(dp_mode="shard" | "shard_grad_op")`` their ``DTensor`` shards over ``dp_group``
+        (what an optimizer steps on; the stage graphs read gathered copies)."""
         yield from self._params.items()
 
     def parameters(self) -> Iterator[nn.Parameter]:
@@ -119,7 +123,9 @@ class Pipeline:
         """This rank's share of ``model.state_dict()``; the union over ranks is all of it.
 
         Keys are the model's own FQNs, so ``torch.distributed.checkpoint`` can save it from
-        every rank and load it into the unsplit model or another pipeline layout.
+        every rank and load it into the unsplit model or another pipeline layout. Under
+        ``dp_mode="shard"``/``"shard_grad_op"`` parameters are ``DTensor`` shards (global
+        shapes; ``.full_tensor()`` gathers one), which DCP saves and reshards as they are.
         """
         self._check_initialised("state_dict()")
         return {k: v.detach().clone() for k, v in self._state_tensors.items()}
@@ -136,7 +142,10 @@ class Pipeline:
         if strict and missing:
             raise KeyError(f"load_state_dict: rank {self.rank} needs {missing} but the checkpoint lacks "
                            f"them; pass a checkpoint from this model or strict=False")
-        loaded = copy_into(self._state_tensors, state_dict)
+        targets, sources = self._state_tensors, state_dict
+        if self._data_parallel is not None:  # sharded: my rows of each full (or DTensor) entry
+            targets, sources = self._data_parallel.load_targets(targets, state_dict)
+        loaded = copy_into(targets, sources)
         for module, pending in list(self._pending.items()):
             left = tuple(n for n in pending.names if n not in loaded)
             if left:
@@ -247,6 +256,8 @@ class Pipeline:
         if phase == "inputs":  # nothing ran: earlier grads stay
             raise _input_error(failure) from error
         self.zero_grad(set_to_none=True)
+        if self._data_parallel is not None:
+            self._data_parallel.drop_step()
         raise PipelineStepError(failure.rank, failure.where, failure.kind, failure.message) from error
 
     def step(self, *inputs: torch.Tensor, target: Optional[torch.Tensor] = None, **kwargs):
@@ -271,16 +282,34 @@ class Pipeline:
         except Exception as err:  # noqa: BLE001 - every rank raises it, after the vote
             error = err
         self._agree(error, "inputs")
-        earlier = {} if forward_only else set_aside_shared_grads(self._params, self._holders, self.rank)
+        dp = self._data_parallel
+        if dp is not None:
+            dp.begin_step(forward_only)  # earlier grads set aside: they are reduced already
+        earlier = {} if forward_only or dp else set_aside_shared_grads(self._params, self._holders, self.rank)
         self._run(forward_only)
+        reduced = self._finish_data_parallel()
         action, error = self._executor.failure or (None, None)
         self._agree(error, "outcome", f"action {action}" if action is not None else "")
         try:
             if forward_only:
                 return self._gather_outputs()
-            if self._holders:
+            if dp is not None:  # reduced over dp per holder, then summed over the holders (data_parallel.py)
+                reduced.update(sum_shared_grads(reduced, self._holders, self.group, self.rank, self.timeout)
+                               if self._holders else {})
+                dp.assign(reduced)
+            elif self._holders:
                 sync_shared_grads(self._params, self._holders, self.group, self.rank, self.timeout, earlier)
             return self._gather_loss()
+        except PeerTimeoutError as err:
+            self._break(err)
+            raise
+
+    def _finish_data_parallel(self) -> dict:
+        """Wait for the step's data-parallel collectives: ``{FQN: reduced grad}`` ({} without)."""
+        if self._data_parallel is None:
+            return {}
+        try:
+            return self._data_parallel.finish_step()
         except PeerTimeoutError as err:
             self._break(err)
             raise

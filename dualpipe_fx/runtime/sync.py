@@ -64,18 +64,32 @@ def sync_shared_grads(params: dict[str, torch.nn.Parameter], holders: dict[str, 
     ``earlier``: what ``set_aside_shared_grads`` took before the step, added back once.
     """
     mine = [n for n, ranks in holders.items() if rank in ranks]
-    grads = {n: _grad(params[n]) for n in mine}
+    totals = sum_shared_grads({n: _grad(params[n]) for n in mine}, holders, group, rank, timeout)
+    for name, total in totals.items():
+        if earlier and name in earlier:
+            total = earlier[name].add_(total)
+        params[name].grad = total
+
+
+def sum_shared_grads(grads: dict[str, torch.Tensor], holders: dict[str, tuple[int, ...]],
+                     group: Optional[dist.ProcessGroup], rank: int, timeout: timedelta) -> dict[str, torch.Tensor]:
+    """``{name: sum of every holder's grads[name]}`` (rank order) for this rank's shared names.
+
+    ``grads`` holds this rank's grad of each shared name it holds (the full grad, or under
+    data-parallel sharding its shard: the holders of a name shard it alike).
+    """
+    mine = [n for n, ranks in holders.items() if rank in ranks]
     got: dict[tuple[int, str], torch.Tensor] = {}
     for peer in sorted({r for n in mine for r in holders[n]} - {rank}):
         got.update(_swap(grads, [n for n in mine if peer in holders[n]], peer, group, rank, timeout))
+    totals = {}
     for name in mine:
         parts = [grads[name] if r == rank else got[(r, name)] for r in holders[name]]
         total = parts[0].clone()
         for part in parts[1:]:
             total.add_(part)
-        if earlier and name in earlier:
-            total = earlier[name].add_(total)
-        params[name].grad = total
+        totals[name] = total
+    return totals
 
 
 def _swap(grads: dict[str, torch.Tensor], names: list[str], peer: int, group, rank: int,

@@ -1,0 +1,425 @@
+"""Data parallelism over a second process group, run as the schedule's own actions.
+
+**Contract**: ``DataParallel(mode, group, stages, named, timeout)`` replicates or shards this
+rank's parameters (``named``: FQN -> the tensor the stage graphs read) over ``group`` (the
+ranks that hold the same pipeline stages in other replicas). Its handlers run torch's
+runtime actions, which the lowering places per stage (``runtime/lowering.py``):
+
+- ``UNSHARD s``: start an all-gather of stage ``s``'s parameters (shard modes);
+  ``ready(s)``, called by the executor before each compute action of ``s``, waits for it;
+- ``REDUCE_GRAD s``, right after ``s``'s last W (or B) of the step: start the reduction of
+  the grads of ``s``'s parameters that no later local stage still adds to: an all-reduce
+  (``replicate``) or a reduce-scatter (shard modes), asynchronous, overlapping the
+  remaining actions; ``finish_step()`` waits for them and divides by the group size (gloo
+  has no AVG or PREMUL_SUM: SUM, then divide);
+- ``RESHARD s``, after ``s``'s last action: free its gathered parameters (``shard`` only).
+
+Modes (FSDP's names for the two sharding strategies):
+
+- ``"replicate"`` (DDP): every rank holds the full parameters; ``params`` are the model's own.
+- ``"shard"`` (ZeRO-3, FSDP ``FULL_SHARD``): each rank keeps 1/N of every parameter (rows of
+  dim 0, ``torch.chunk`` order) and of the grads and optimizer state; a stage's parameters
+  exist in full only from its UNSHARD to its RESHARD.
+- ``"shard_grad_op"`` (ZeRO-2, FSDP ``SHARD_GRAD_OP``): as ``shard``, but the gathered
+  parameters stay allocated between steps (refreshed by each step's all-gather).
+
+In the shard modes ``params`` are ``DTensor`` parameters (``Shard(0)`` on a 1-D mesh over
+``group``; a 0-dim parameter is ``Replicate()`` and all-reduced): a torch optimizer steps on
+the local shards, ``state_dict()`` keeps the model's FQNs and global shapes, and
+``torch.distributed.checkpoint`` saves and reshards them.
+
+**Pseudocode**
+    begin_step:  earlier grads set aside (they are reduced already); counters reset
+    UNSHARD s:   flat = my shards of s's params (padded rows) -> all_gather async
+    ready(s):    wait; copy each param's rows out of the gathered flat
+    REDUCE_GRAD s: params whose local users are all done -> flat of grads -> all_reduce /
+                 reduce_scatter async; full grads dropped (shard modes)
+    finish_step: wait; flat / N -> {FQN: this step's grad (full, or my shard)}
+    assign:      (after the pipeline sums shared parameters' grads) grad = earlier + this step's
+
+Order for shared parameters (a tied weight on two pipeline ranks, DualPipe's mirrors): each
+holder's partial grad is reduced over the data-parallel group once, at its last W, and the
+pipeline then sums the reduced partials across holders (``sync.sum_shared_grads``). Sums
+commute, so this equals summing over the holders first and reducing once; the bytes reduced
+are the same (every holder needs the full result either way), but the reduction starts as
+soon as the holder's own backward is done instead of after the step. Copies stay bitwise
+equal: every data-parallel rank gets the same reduced bytes, and every holder adds the same
+partials in the same (rank) order. Earlier steps' grads (accumulation) are set aside before
+the step and added back once, so they are never reduced twice.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Mapping, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dualpipe_fx import _compat
+from dualpipe_fx.runtime.errors import PeerTimeoutError
+
+MODES = ("replicate", "shard", "shard_grad_op")
+
+
+@dataclass
+class _Layout:
+    """One parameter over the data-parallel ranks: rows ``[start, stop)`` of dim 0 are mine."""
+
+    name: str
+    full: torch.Tensor  # what the stage graphs read
+    sharded: bool       # False: every rank holds it whole (replicate mode, or 0-dim)
+    chunk: int = 0      # elements per rank in the padded flat layout (sharded)
+    start: int = 0
+    stop: int = 0
+
+    @property
+    def row(self) -> int:
+        return math.prod(self.full.shape[1:])
+
+    @property
+    def local_shape(self) -> tuple[int, ...]:
+        return (self.stop - self.start, *self.full.shape[1:])
+
+    @property
+    def local_numel(self) -> int:
+        return (self.stop - self.start) * self.row
+
+
+@dataclass
+class _Pending:
+    """A collective in flight and the parameters it moves."""
+
+    work: object
+    layouts: list[_Layout]
+    flat: torch.Tensor  # all-gather/reduce-scatter output, or the all-reduced buffer
+    kind: str           # "gather" | "reduce"
+    done: bool = False
+    offsets: list[int] = field(default_factory=list)
+    keep: Optional[torch.Tensor] = None  # the send buffer, alive until the wait
+
+
+def _layout(name: str, full: torch.Tensor, size: int, index: int, sharded: bool) -> _Layout:
+    if not sharded or full.dim() == 0:
+        return _Layout(name, full, False)
+    rows = full.shape[0]
+    per = -(-rows // size)  # torch.chunk's (and DTensor Shard(0)'s) rows per rank
+    start, stop = min(rows, index * per), min(rows, (index + 1) * per)
+    return _Layout(name, full, True, per * math.prod(full.shape[1:]), start, stop)
+
+
+class DataParallel:
+    """This rank's parameters over the data-parallel ``group``; see the module docstring."""
+
+    def __init__(self, mode: str, group: dist.ProcessGroup, stages: Mapping[int, object],
+                 named: Mapping[str, torch.Tensor], timeout: timedelta) -> None:
+        assert mode in MODES, mode
+        self.mode = mode
+        self.group = group
+        self.size = dist.get_world_size(group)
+        self.index = dist.get_rank(group)
+        self.timeout = timeout
+        by_id = {id(t): n for n, t in named.items()}
+        # stage -> the FQNs of its parameters (once each); a name's number of local stages
+        self.stage_names = {s: list(dict.fromkeys(by_id[id(p)] for p in st.params[: st.num_params]))
+                            for s, st in stages.items()}
+        self.users: dict[str, int] = {}
+        for names in self.stage_names.values():
+            for n in names:
+                self.users[n] = self.users.get(n, 0) + 1
+        shard = mode != "replicate"
+        self.layouts = {n: _layout(n, named[n], self.size, self.index, shard) for n in self.users}
+        self.mesh = None
+        self.params: dict[str, nn.Parameter] = dict(named)  # what an optimizer steps on
+        if shard:
+            self._shard_params()
+        self._left: dict[str, int] = {}
+        self._active: dict[str, int] = {}
+        self._gathering: dict[str, _Pending] = {}
+        self._gathered: set[str] = set()
+        self._reducing: list[_Pending] = []
+        self._earlier: dict[str, torch.Tensor] = {}
+
+    # -- shards ----------------------------------------------------------------------------
+
+    def _shard_params(self) -> None:
+        from torch.distributed.device_mesh import DeviceMesh
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+
+        some = next(iter(self.layouts.values()), None)
+        device_type = some.full.device.type if some is not None else "cpu"
+        self.mesh = DeviceMesh.from_group(self.group, device_type)
+        for name, lay in self.layouts.items():
+            full = lay.full
+            local = full.detach()[lay.start:lay.stop].clone() if lay.sharded else full.detach().clone()
+            placement = Shard(0) if lay.sharded else Replicate()
+            dt = DTensor.from_local(local, self.mesh, [placement], run_check=False,
+                                    shape=full.shape, stride=full.stride())
+            self.params[name] = nn.Parameter(dt, requires_grad=full.requires_grad)
+            # the full tensor gets storage of its own, so freeing it frees nothing else
+            full.data = full.detach().clone(memory_format=torch.contiguous_format)
+            if self.mode == "shard":
+                _free(full)
+
+    def _dtensor(self, lay: _Layout, local: torch.Tensor):
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+
+        return DTensor.from_local(local, self.mesh, [Shard(0) if lay.sharded else Replicate()],
+                                  run_check=False, shape=lay.full.shape, stride=lay.full.stride())
+
+    def public(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``state`` (FQN -> tensor) with each full parameter replaced by what ``params`` holds."""
+        by_id = {id(lay.full): self.params[n] for n, lay in self.layouts.items()}
+        return {k: by_id.get(id(v), v) for k, v in state.items()}
+
+    def load_targets(self, state: Mapping[str, torch.Tensor], source: Mapping[str, torch.Tensor]):
+        """(targets, sources) for ``copy_into``: a sharded entry takes my rows of a full source
+        (or the local part of a DTensor); other entries pass through."""
+        from torch.distributed.tensor import DTensor
+
+        by_id = {id(p): self.layouts[n] for n, p in self.params.items()}
+        targets, sources = {}, {}
+        for k, t in state.items():
+            lay = by_id.get(id(t))
+            if lay is None or self.mesh is None:
+                targets[k] = t
+                if k in source:
+                    sources[k] = source[k]
+                continue
+            targets[k] = t.to_local()
+            if k in source:
+                s = source[k]
+                s = s.full_tensor() if isinstance(s, DTensor) else s
+                sources[k] = s[lay.start:lay.stop] if lay.sharded else s
+        return targets, sources
+
+    # -- the step ----------------------------------------------------------------------------
+
+    def begin_step(self, forward_only: bool) -> None:
+        self._left = dict(self.users)
+        self._active = {}
+        self._gathered = set() if self.mesh is not None else set(self.layouts)
+        self._earlier = {}
+        if forward_only:
+            return
+        for name, param in self.params.items():
+            if param.grad is not None:
+                self._earlier[name], param.grad = param.grad, None
+            self.layouts[name].full.grad = None
+
+    def on_unshard(self, action, ctx=None) -> None:
+        names = self.stage_names[action.stage_index]
+        for n in names:
+            self._active[n] = self._active.get(n, 0) + 1
+        todo = [self.layouts[n] for n in names if n not in self._gathered and n not in self._gathering]
+        for group in _by_dtype(todo):
+            self._gather(group)
+
+    def _gather(self, layouts: list[_Layout]) -> None:
+        if not any(lay.sharded for lay in layouts):  # 0-dim replicated: my copy is the value
+            for lay in layouts:
+                _fill(lay.full, self.params[lay.name].detach().to_local())
+                self._gathered.add(lay.name)
+            return
+        offsets, total = _offsets([lay.chunk if lay.sharded else lay.full.numel() for lay in layouts])
+        dtype, device = layouts[0].full.dtype, layouts[0].full.device
+        mine = torch.zeros(total, dtype=dtype, device=device)
+        for lay, off in zip(layouts, offsets):
+            local = self.params[lay.name].detach().to_local().reshape(-1)
+            mine[off: off + local.numel()] = local
+        out = torch.empty(self.size * total, dtype=dtype, device=device)
+        work = dist.all_gather_single(out, mine, group=self.group, async_op=True)
+        pending = _Pending(work, layouts, out, "gather", offsets=offsets)
+        for lay in layouts:
+            self._gathering[lay.name] = pending
+
+    def ready(self, stage_index: int) -> None:
+        """Wait until stage ``stage_index``'s parameters are gathered (no-op when replicated)."""
+        if self.mesh is None:
+            return
+        for n in self.stage_names[stage_index]:
+            pending = self._gathering.get(n)
+            if pending is not None:
+                self._finish_gather(pending)
+            assert n in self._gathered, f"stage {stage_index} computes before its UNSHARD gathered {n}"
+
+    def _finish_gather(self, pending: _Pending) -> None:
+        self._wait(pending.work, "the all-gather of parameters")
+        total = pending.flat.numel() // self.size
+        rows = pending.flat.view(self.size, total)
+        for lay, off in zip(pending.layouts, pending.offsets):
+            if lay.sharded:
+                full = rows[:, off: off + lay.chunk].reshape(-1)[: lay.full.numel()].view(lay.full.shape)
+            else:
+                full = self.params[lay.name].detach().to_local()
+            _fill(lay.full, full)
+            self._gathered.add(lay.name)
+            del self._gathering[lay.name]
+
+    def on_reshard(self, action, ctx=None) -> None:
+        for n in self.stage_names[action.stage_index]:
+            self._active[n] = self._active.get(n, 1) - 1
+            if self._active[n] == 0 and self.mode == "shard" and n in self._gathered:
+                _free(self.layouts[n].full)
+                self._gathered.discard(n)
+
+    def on_reduce_grad(self, action, ctx=None) -> None:
+        ready = []
+        for n in self.stage_names[action.stage_index]:
+            self._left[n] -= 1
+            if self._left[n] == 0 and self.layouts[n].full.grad is not None:
+                ready.append(self.layouts[n])
+        for sharded in (False, True):
+            for group in _by_dtype([lay for lay in ready if lay.sharded == sharded]):
+                self._reduce(group)
+
+    def _reduce(self, layouts: list[_Layout]) -> None:
+        sizes = [lay.chunk if lay.sharded else lay.full.numel() for lay in layouts]
+        offsets, total = _offsets(sizes)
+        grad, send = layouts[0].full.grad, None
+        if not layouts[0].sharded:
+            flat = torch.cat([lay.full.grad.reshape(-1) for lay in layouts])
+            work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+        else:
+            send = torch.zeros(self.size, total, dtype=grad.dtype, device=grad.device)
+            for lay, off in zip(layouts, offsets):
+                padded = send.new_zeros(self.size * lay.chunk)
+                padded[: lay.full.numel()] = lay.full.grad.reshape(-1)
+                send[:, off: off + lay.chunk] = padded.view(self.size, lay.chunk)
+            flat = torch.empty(total, dtype=grad.dtype, device=grad.device)
+            work = dist.reduce_scatter_single(flat, send.view(-1), op=dist.ReduceOp.SUM, group=self.group,
+                                              async_op=True)
+        if self.mesh is not None:
+            for lay in layouts:
+                lay.full.grad = None  # ZeRO-2/3: the full grad is gone once it is in the flat
+        self._reducing.append(_Pending(work, layouts, flat, "reduce", offsets=offsets, keep=send))
+
+    def finish_step(self) -> dict[str, torch.Tensor]:
+        """Wait for the step's collectives; ``{FQN: this step's reduced grad}`` (full, or my shard)."""
+        for pending in list(dict.fromkeys(self._gathering.values())):
+            self._finish_gather(pending)  # a gather whose stage never computed (a failed step)
+        grads: dict[str, torch.Tensor] = {}
+        reducing, self._reducing = self._reducing, []
+        for pending in reducing:
+            self._wait(pending.work, "the reduction of grads")
+            pending.flat.div_(self.size)
+            for lay, off in zip(pending.layouts, pending.offsets):
+                if lay.sharded:
+                    grads[lay.name] = pending.flat[off: off + lay.local_numel].view(lay.local_shape)
+                else:
+                    grads[lay.name] = _like(pending.flat[off: off + lay.full.numel()], lay.full)
+        return grads
+
+    def assign(self, grads: Mapping[str, torch.Tensor]) -> None:
+        """Set each parameter's grad: earlier steps' (set aside) plus this step's ``grads``."""
+        for name, grad in grads.items():
+            if self.mesh is not None:
+                grad = self._dtensor(self.layouts[name], grad)
+            earlier = self._earlier.pop(name, None)
+            self.params[name].grad = grad if earlier is None else earlier.add_(grad)
+        for name, earlier in self._earlier.items():  # no grad this step
+            self.params[name].grad = earlier
+        self._earlier = {}
+
+    def drop_step(self) -> None:
+        """A failed step: no grad is kept (as without data parallelism), full grads freed."""
+        self._earlier = {}
+        for lay in self.layouts.values():
+            lay.full.grad = None
+
+    def register(self, schedule) -> None:
+        ct = _compat.TorchComputationType
+        schedule.register_custom_function(ct.UNSHARD, self.on_unshard)
+        schedule.register_custom_function(ct.RESHARD, self.on_reshard)
+        schedule.register_custom_function(ct.REDUCE_GRAD, self.on_reduce_grad)
+
+    def _wait(self, work, what: str) -> None:
+        try:
+            work.wait(self.timeout)
+        except RuntimeError as err:
+            raise PeerTimeoutError(dist.get_rank(), None, f"{what} over the data-parallel group",
+                                   self.timeout, err) from err
+
+
+def _by_dtype(layouts: list[_Layout]) -> list[list[_Layout]]:
+    groups: dict[str, list[_Layout]] = {}
+    for lay in layouts:
+        groups.setdefault(str(lay.full.dtype), []).append(lay)
+    return [groups[k] for k in sorted(groups)]
+
+
+def _offsets(sizes: list[int]) -> tuple[list[int], int]:
+    offsets, total = [], 0
+    for n in sizes:
+        offsets.append(total)
+        total += n
+    return offsets, total
+
+
+def _like(flat: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``flat`` as a grad for ``param`` (same shape and strides)."""
+    if param.is_contiguous():
+        return flat.view(param.shape)
+    return torch.empty_strided(param.shape, param.stride(), dtype=flat.dtype,
+                               device=flat.device).copy_(flat.view(param.shape))
+
+
+def _free(t: torch.Tensor) -> None:
+    """Release ``t``'s memory, keeping its shape (FSDP's way: the storage resized to 0)."""
+    t.untyped_storage().resize_(0)
+
+
+def _fill(t: torch.Tensor, values: torch.Tensor) -> None:
+    """Copy ``values`` into ``t``, re-allocating its storage first if it was freed."""
+    storage = t.untyped_storage()
+    need = t.numel() * t.element_size()
+    if storage.nbytes() < need:
+        storage.resize_(need)
+    with torch.no_grad():
+        t.copy_(values)
+
+
+def check_groups(group: Optional[dist.ProcessGroup], dp_group: Optional[dist.ProcessGroup],
+                 dp_mode: str) -> Optional[tuple[dist.ProcessGroup, str]]:
+    """``(dp_group, dp_mode)`` once they fit the pipeline ``group``, or None without data
+    parallelism; the local checks, before any communication.
+
+    The pipeline group and the data-parallel group must meet in this rank alone (a grid:
+    every pipeline replica holds each stage once), and together fit in the world.
+
+    Raises:
+        ValueError: an unknown ``dp_mode``; ``dp_group`` without this rank; the two groups
+            sharing another rank; more ranks in the grid than in the world.
+    """
+    if dp_mode not in MODES:
+        raise ValueError(f"compile(dp_mode={dp_mode!r}): expected one of {MODES} ('replicate': DDP, "
+                         "'shard': ZeRO-3 / FSDP FULL_SHARD, 'shard_grad_op': ZeRO-2)")
+    if dp_group is None:
+        return None
+    me = dist.get_rank()
+    dp_ranks = dist.get_process_group_ranks(dp_group) if dist.get_rank(dp_group) >= 0 else []
+    if me not in dp_ranks:
+        raise ValueError(f"compile(dp_group=...): global rank {me} is not in dp_group; expected the "
+                         "group of ranks that hold this rank's pipeline stages in the other replicas "
+                         "(the one this rank created it for with dist.new_group)")
+    pp_ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
+    both = sorted(set(pp_ranks) & set(dp_ranks))
+    if both != [me]:
+        raise ValueError(f"compile(): the pipeline group {pp_ranks} and dp_group {dp_ranks} share ranks "
+                         f"{both}; expected only this rank ({me}) in both: each data-parallel peer holds "
+                         "the same stages in another pipeline replica. Fix: build the groups as the rows "
+                         "and columns of one grid, e.g. pp group = ranks [r*P, (r+1)*P), dp group = "
+                         "ranks {i, i+P, i+2P, ...}")
+    world = dist.get_world_size()
+    if len(pp_ranks) * len(dp_ranks) > world:
+        raise ValueError(f"compile(): pipeline group of {len(pp_ranks)} x dp_group of {len(dp_ranks)} ranks "
+                         f"> world size {world}; expected the grid to fit in the world")
+    return dp_group, dp_mode
+
+
+def dp_fields(group: Optional[dist.ProcessGroup], dp_mode: str) -> dict[str, object]:
+    """What every data-parallel peer must share beyond compile()'s call: its place in its pipeline."""
+    return {"pipeline group size": dist.get_world_size(group), "pipeline rank": dist.get_rank(group),
+            "dp_mode": dp_mode}
