@@ -31,7 +31,7 @@ from dualpipe_fx.runtime.pipeline import Pipeline
 from dualpipe_fx.schedules import generate, get_schedule
 from dualpipe_fx.schedules.ir import Program
 from dualpipe_fx.simulate import in_flight_by_part
-from dualpipe_fx.split import split
+from dualpipe_fx.split import Split, split
 from passes._compat import tree_flatten
 from passes.cost_model import scalar_costs
 
@@ -96,11 +96,20 @@ def _check_init_fn(param_init_fn) -> None:
 
 
 def _part_placement(program: Program) -> dict[int, int]:
-    """Rank of each model part (mirrors: the first copy), for ``Split.placement``; the cut ignores it."""
+    """Rank of each model part (mirrors: the first copy): whose loads the per-rank cut evens out."""
     placement: dict[int, int] = {}
     for stage, rank in sorted(program.stage_to_rank().items()):
         placement.setdefault(program.model_part(stage), rank)
     return placement
+
+
+def split_for_program(program: Program, model: nn.Module, loss_fn: Callable, examples: tuple, example_target,
+                      **options) -> "Split":
+    """The cut ``compile()`` makes for ``program`` (and ``dualpipe_fx.plan`` repeats): one stage per
+    model part, balanced per rank of the program's placement with its activations in flight;
+    ``options`` as ``dualpipe_fx.split`` (``only_stages``, ``balance``, ``recompute``, ...)."""
+    return split(model, loss_fn, examples, example_target, program.num_model_parts,
+                 placement=_part_placement(program), in_flight=in_flight_by_part(program), **options)
 
 
 def _agreed_options(args: Mapping[str, Any]) -> dict[str, Any]:
@@ -242,11 +251,10 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
         cost = _RankZeroTimings(group)
     mine = local_parts(program, dist.get_rank(group))
     with together(group, timeout, "compile()"):
-        parts = split(model, loss_fn, examples, example_target, program.num_model_parts, cost=cost,
-                      split_points=split_points, placement=_part_placement(program),
-                      example_kwargs=example_kwargs, recompute=recompute, device=device, only_stages=mine,
-                      balance=balance, memory_budget=memory_budget, optimizer=optimizer,
-                      in_flight=in_flight_by_part(program))
+        parts = split_for_program(program, model, loss_fn, examples, example_target, cost=cost,
+                                  split_points=split_points, example_kwargs=example_kwargs, recompute=recompute,
+                                  device=device, only_stages=mine, balance=balance,
+                                  memory_budget=memory_budget, optimizer=optimizer)
         partition = parts.partition
         names = local_names(partition.stages, mine, partition.captured.param_aliases)
         pending = materialize(model, names, device, param_init_fn)

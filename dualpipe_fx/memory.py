@@ -547,19 +547,17 @@ def plan(model: torch.nn.Module, loss_fn: Callable, example_inputs, example_targ
     Raises:
         ValueError: the schedule does not fit ``ranks``/``num_microbatches``, or as ``split``.
     """
-    from dualpipe_fx.compile import _part_placement
+    from dualpipe_fx.compile import split_for_program
     from dualpipe_fx.runtime.build import RECV_LOOKAHEAD
     from dualpipe_fx.schedules.registry import generate
-    from dualpipe_fx.simulate import in_flight_by_part
-    from dualpipe_fx.split import split
 
     device = torch.device("cpu" if device is None else device)
     optimizer_bytes(optimizer, 0, 0, 0)  # an unknown optimizer fails before the trace
     program = generate(schedule, ranks, num_microbatches)
-    parts = split(model, loss_fn, example_inputs, example_target, program.num_model_parts, cost=cost,
-                  split_points=split_points, placement=_part_placement(program), example_kwargs=example_kwargs,
-                  recompute=recompute, device=device, balance=balance, memory_budget=memory_budget,
-                  optimizer=optimizer, in_flight=in_flight_by_part(program))
+    examples = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    parts = split_for_program(program, model, loss_fn, examples, example_target, cost=cost,
+                              split_points=split_points, example_kwargs=example_kwargs, recompute=recompute,
+                              device=device, balance=balance, memory_budget=memory_budget, optimizer=optimizer)
     lookahead = (RECV_LOOKAHEAD if device.type == "cpu" else 0) if recv_lookahead is None else recv_lookahead
     return split_plan(parts, program, optimizer=optimizer, recv_lookahead=lookahead, recompute=recompute)
 
