@@ -109,3 +109,21 @@ def test_example_batch_dispatch():
     assert tokens.shape == (2, 6) and int(tokens.max()) < SMALL.vocab_size
     with pytest.raises(TypeError, match="expected LlamaDecoder or LinearGeluStack"):
         example_batch(nn.Linear(2, 2))
+
+
+def test_llama_built_on_meta_initialises_itself_module_by_module():
+    """compile()'s default init (each module's reset_parameters) covers every tensor of the
+    built-in llama: RoPE tables equal a CPU-built model's, RMSNorm scales are one."""
+    from dualpipe_fx.runtime.materialize import materialize
+    from dualpipe_fx.examples import LlamaConfig, LlamaDecoder
+
+    cfg = LlamaConfig(n_layers=2)
+    with torch.device("meta"):
+        model = LlamaDecoder(cfg)
+    names = set(model.state_dict(keep_vars=True)) | {"rope_cos", "rope_sin"}
+    assert materialize(model, names, torch.device("cpu"), None) == {}  # nothing left pending
+    ref = LlamaDecoder(cfg)
+    assert torch.equal(model.rope_cos, ref.rope_cos) and torch.equal(model.rope_sin, ref.rope_sin)
+    assert all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in model.modules()
+               if type(m).__name__ == "RMSNorm")
+    assert not any(t.is_meta for t in (*model.parameters(), *model.buffers()))
