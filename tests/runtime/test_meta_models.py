@@ -329,13 +329,31 @@ def test_materialize_allocates_only_the_named_tensors_keeps_ties_and_refuses_los
     assert {n for n, t in held.items() if not t.is_meta} == names
     assert model.output.weight is model.tok_embeddings.weight
     with torch.device("meta"):
-        model = ex.LlamaDecoder(LLAMA)
-    with pytest.raises(ValueError, match=r"module '' \(LlamaDecoder\) has non-persistent buffers \['rope_cos', "
-                                         r"'rope_sin'\].*reset_parameters.*param_init_fn"):
-        materialize(model, {"rope_cos", "rope_sin"}, "cpu")
-    pending = materialize(model, {"norm.weight", "output.weight"}, "cpu")  # RMSNorm: no reset_parameters
-    assert list(pending) == ["norm"] and pending["norm"].names == ("norm.weight",)
-    assert not model.output.weight.is_meta and model.layers[0].attention.wq.weight.is_meta
+        model = _NoInit()
+    with pytest.raises(ValueError, match=r"module '' \(_NoInit\) has non-persistent buffers \['table'\]"
+                                         r".*reset_parameters.*param_init_fn"):
+        materialize(model, {"table"}, "cpu")
+    pending = materialize(model, {"scale.weight", "head.weight"}, "cpu")  # _Scale: no reset_parameters
+    assert list(pending) == ["scale"] and pending["scale"].names == ("scale.weight",)
+    assert not model.head.weight.is_meta and model.other.weight.is_meta
+
+
+class _Scale(nn.Module):
+    """A parameter and no initialiser: its values can only come from a checkpoint."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(4))
+
+
+class _NoInit(nn.Module):
+    """A non-persistent buffer on a root without reset_parameters (lost on meta), a module
+    without one (pending), and Linears that reset themselves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("table", torch.arange(4.0), persistent=False)
+        self.scale, self.head, self.other = _Scale(), nn.Linear(4, 4), nn.Linear(4, 4)
 
 
 # --------------------------------------------------------------------------------------
