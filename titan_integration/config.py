@@ -272,15 +272,14 @@ def _check_other_parallelisms(job_config) -> None:
     degrees = {
         "parallelism.tensor_parallel_degree": par.tensor_parallel_degree,
         "parallelism.context_parallel_degree": par.context_parallel_degree,
-        "parallelism.data_parallel_replicate_degree": par.data_parallel_replicate_degree,
         "parallelism.expert_parallel_degree": par.expert_parallel_degree,
     }
-    if par.data_parallel_shard_degree != -1:
-        degrees["parallelism.data_parallel_shard_degree"] = par.data_parallel_shard_degree
+    # data_parallel_replicate_degree / data_parallel_shard_degree map onto compile(dp_group=,
+    # dp_mode=) (titan_integration.pipelining.data_parallel_args)
     for key, degree in degrees.items():
         if degree > 1:
             raise ValueError(f"{key} = {degree} is not supported together with dualpipe_fx.enable "
-                             f"(pipeline parallelism only, for now); set {key} = 1")
+                             f"(pipeline and data parallelism only, for now); set {key} = 1")
     if job_config.compile.enable and "model" in job_config.compile.components:
         raise ValueError("compile.enable = true with \"model\" in compile.components compiles "
                          "torchtitan's module parts, which dualpipe_fx replaces; set "
@@ -334,7 +333,7 @@ def validate_job_config(job_config) -> None:
         schedule known, balance in (flops, measured)
         C = local_batch_size / microbatch_size fits the schedule (e.g. C >= 2N)
         activation_checkpoint: mode none/full/selective ("op" or an int), no debug
-        no TP/CP/DP/EP, no torch.compile of model parts, split_points count, no clipping with DualPipe
+        no TP/CP/EP (DP maps onto compile(dp_group=)), no torch.compile of model parts, split_points count, no clipping with DualPipe
         validation batch shape == training's; keys map onto dualpipe_fx.compile arguments
 
     Args:

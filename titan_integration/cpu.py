@@ -25,6 +25,11 @@ torchtitan assumes CUDA in these places; :func:`use_cpu_when_no_gpu` handles eac
 8. ``checkpoint.async_mode = "async_with_pinned_mem"`` pins host memory for a GPU copy.
    -> rejected on CPU by :func:`check_cpu_config`, naming the key.
 
+9. torchtitan's FSDP sets a gradient divide factor of 1 (its loss is already divided by the
+   global token count), which FSDP2 runs as a ``PREMUL_SUM`` reduce-scatter; gloo has none.
+   -> on CPU, ``set_gradient_divide_factor`` also forces SUM reductions (FSDP2 then divides
+   by the factor itself): the same grads, so torchtitan's own FSDP runs (as the reference
+   for dualpipe_fx's ``dp_shard``).
 MFU uses a GPU peak-FLOPs table (CPU falls back to A100 with a warning): ignore ``mfu`` on CPU.
 """
 from __future__ import annotations
@@ -91,7 +96,24 @@ def use_cpu_when_no_gpu() -> bool:
         module.device_type = "cpu"
         if hasattr(module, "device_module"):
             module.device_module = device_module
+    _fsdp_sums_on_gloo()
     return True
+
+
+def _fsdp_sums_on_gloo() -> None:
+    """Item 9: FSDP2's divide factor as SUM + its own division (gloo has no PREMUL_SUM)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    original = FSDPModule.set_gradient_divide_factor
+    if getattr(original, "dualpipe_fx_cpu", False):
+        return
+
+    def set_gradient_divide_factor(self, factor: float) -> None:
+        original(self, factor)
+        self.set_force_sum_reduction_for_comms(True)
+
+    set_gradient_divide_factor.dualpipe_fx_cpu = True
+    FSDPModule.set_gradient_divide_factor = set_gradient_divide_factor
 
 
 def check_cpu_config(job_config) -> None:

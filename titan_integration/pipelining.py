@@ -110,6 +110,7 @@ class DualPipeFxSchedule:
         self.loss_fn = loss_fn  # torchtitan's (sum-reduced) loss, for eval()
         self.device = getattr(pipeline, "device", torch.device("cpu"))
         self.recompute = None  # the recompute policy the stage graphs were split with
+        self.grad_sum = 1  # data-parallel size whose grads torchtitan sums (FSDP), else 1
 
     @staticmethod
     def _token_batch_only(kwargs) -> None:
@@ -168,9 +169,10 @@ class DualPipeFxSchedule:
             broadcast loss from the rank holding it
         """
         factor = self.num_microbatches / float(global_valid_tokens)
-        self._scale_grads(1.0 / factor)
+        grad_factor = factor * self.grad_sum  # torchtitan's FSDP sums over the replicas; we average
+        self._scale_grads(1.0 / grad_factor)
         loss = self.pipeline.step(inputs, target=labels)
-        self._scale_grads(factor)
+        self._scale_grads(grad_factor)
         return self._shared(None if loss is None else loss * factor)
 
     @torch.no_grad()
@@ -213,7 +215,7 @@ def _init_weights(model: nn.Module, job_config, device: torch.device) -> None:
     model.train()
 
 
-def _compile(model, loss_fn, job_config, device, group, num_mb: int, recompute=None):
+def _compile(model, loss_fn, job_config, device, group, num_mb: int, recompute=None, dp=None):
     """``dualpipe_fx.compile`` on one example micro-batch; trace failures name the model."""
     import dualpipe_fx
 
@@ -224,6 +226,7 @@ def _compile(model, loss_fn, job_config, device, group, num_mb: int, recompute=N
     kwargs = compile_kwargs(job_config.dualpipe_fx)
     kwargs["recompute"] = recompute
     kwargs["timeout"] = timedelta(seconds=job_config.comm.init_timeout_seconds)
+    kwargs.update({k: v for k, v in (dp or {}).items() if k in ("dp_group", "dp_mode")})
     try:
         return dualpipe_fx.compile(model, loss_fn, (tokens,), labels, num_microbatches=num_mb,
                                    group=group, device=device, param_init_fn=_zeros_until_init_weights,
@@ -253,16 +256,40 @@ def _local_tensors(model: nn.Module, pipeline) -> list[tuple[str, torch.Tensor]]
     """
     local = {id(t) for stage in pipeline.stages.values() for t in stage.params}
     # non-persistent buffers (llama's freqs_cis) are absent from state_dict
-    return sorted((k, v) for k, v in model.state_dict(keep_vars=True).items() if id(v) in local)
+    tensors = {k: v for k, v in model.state_dict(keep_vars=True).items() if id(v) in local}
+    dp = getattr(pipeline, "_data_parallel", None)  # sharded data parallelism: the DTensor shards
+    return sorted((dp.public(tensors) if dp is not None else tensors).items())
 
 
 def _check_parallel_dims(parallel_dims) -> None:
-    for name in ("dp_replicate", "dp_shard", "cp", "tp", "ep"):
+    for name in ("cp", "tp", "ep"):
         degree = getattr(parallel_dims, name, 1)
         if degree > 1:
-            raise ValueError(f"dualpipe_fx.enable runs pipeline parallelism only, but the "
-                             f"resolved {name} degree is {degree}; set the matching "
-                             f"parallelism.* degree to 1 (world size = pipeline_parallel_degree)")
+            raise ValueError(f"dualpipe_fx.enable runs pipeline and data parallelism only, but the "
+                             f"resolved {name} degree is {degree}; set the matching parallelism.* "
+                             f"degree to 1 (world size = pipeline_parallel_degree x data-parallel degrees)")
+
+
+def data_parallel_args(parallel_dims, job_config) -> dict:
+    """``compile(dp_group=, dp_mode=)`` from torchtitan's device mesh, and how grads sum over it.
+
+    The data-parallel group is torchtitan's ``batch`` mesh (``dp_replicate x dp_shard``: the
+    ranks that read different data and hold the same pipeline stages). ``dp_shard > 1``
+    (FSDP, or HSDP with ``dp_replicate``) -> ``"shard"`` (ZeRO-3), or ``"shard_grad_op"``
+    (ZeRO-2) with ``parallelism.fsdp_reshard_after_forward = "never"``; ``dp_replicate > 1``
+    alone (DDP) -> ``"replicate"``. ``grad_sum``: torchtitan's FSDP sums grads over the
+    batch mesh (its gradient divide factor is 1; the loss is already divided by the global
+    token count), its DDP averages them; dualpipe_fx averages, so a sharded run multiplies
+    by the data-parallel size to give torchtitan's grads.
+    """
+    if not (parallel_dims.dp_replicate > 1 or parallel_dims.dp_shard > 1):
+        return {}
+    group = parallel_dims.get_mesh("batch").get_group()
+    if parallel_dims.dp_shard > 1:
+        never = job_config.parallelism.fsdp_reshard_after_forward == "never"
+        return {"dp_group": group, "dp_mode": "shard_grad_op" if never else "shard",
+                "grad_sum": dist.get_world_size(group)}
+    return {"dp_group": group, "dp_mode": "replicate", "grad_sum": 1}
 
 
 def pipeline_dualpipe_fx(model: nn.Module, parallel_dims, job_config, device: torch.device,
@@ -271,8 +298,9 @@ def pipeline_dualpipe_fx(model: nn.Module, parallel_dims, job_config, device: to
 
     **Contract**: torchtitan's ``PipeliningFunction``: ``(meta model, parallel_dims,
     job_config, device, model_args, parallelize_fn, loss_fn) -> (schedule, [part],
-    has_first_stage, has_last_stage)``. ``parallelize_fn`` is not applied (no TP/FSDP on FX
-    stage graphs, ``validate_job_config`` rejects configs that would need it; its activation
+    has_first_stage, has_last_stage)``. ``parallelize_fn`` is not applied: its FSDP/DDP become
+    ``compile(dp_group=, dp_mode=)`` over torchtitan's ``batch`` mesh (:func:`data_parallel_args`),
+    TP/CP/EP are refused (``validate_job_config``, ``_check_parallel_dims``); its activation
     checkpoint wrappers are replaced by ``compile(recompute=...)`` from
     ``[activation_checkpoint]``, so nothing is recomputed twice).
 
@@ -300,11 +328,14 @@ def pipeline_dualpipe_fx(model: nn.Module, parallel_dims, job_config, device: to
     # never applied here: parallelize_fn is not called); read off the whole model
     recompute = recompute_arg(job_config.activation_checkpoint, model)
     # the model is on meta: compile traces it for `device` and allocates this rank's tensors
-    pipeline = _compile(model, loss_fn, job_config, device, group, num_mb, recompute)
-    _init_weights(model, job_config, device)
+    dp = data_parallel_args(parallel_dims, job_config)
+    pipeline = _compile(model, loss_fn, job_config, device, group, num_mb, recompute, dp)
+    with pipeline.full_parameters():  # sharded data parallelism: each rank keeps its rows of the init
+        _init_weights(model, job_config, device)
     part = StageLocalModel(_local_tensors(model, pipeline))
     owner = _loss_owner(job_config.dualpipe_fx.schedule, num_mb, group)
     schedule = DualPipeFxSchedule(pipeline, num_mb, loss_owner=owner, group=group, loss_fn=loss_fn)
     schedule.recompute = recompute  # what the stage graphs were split with
+    schedule.grad_sum = dp.get("grad_sum", 1)
     # Every rank feeds the full batch and sees the (broadcast) loss; see DualPipeFxSchedule.
     return schedule, [part], True, True

@@ -49,6 +49,7 @@ the step and added back once, so they are never reduced twice.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -210,7 +211,10 @@ class DataParallel:
             self.layouts[name].full.grad = None
 
     def on_unshard(self, action, ctx=None) -> None:
-        names = self.stage_names[action.stage_index]
+        self._unshard(action.stage_index)
+
+    def _unshard(self, stage_index: int) -> None:
+        names = self.stage_names[stage_index]
         for n in names:
             self._active[n] = self._active.get(n, 0) + 1
         todo = [self.layouts[n] for n in names if n not in self._gathered and n not in self._gathering]
@@ -328,6 +332,29 @@ class DataParallel:
         self._earlier = {}
         for lay in self.layouts.values():
             lay.full.grad = None
+
+    @contextlib.contextmanager
+    def full_parameters(self):
+        """This rank's full parameters (gathered) to write whole, e.g. by a whole-model init
+        after ``compile()``; on exit each rank's shards take their rows of what was written
+        (every replica must write the same values) and ``"shard"`` frees the full copies."""
+        if self.mesh is None:
+            yield
+            return
+        self.begin_step(forward_only=True)
+        for stage in self.stage_names:
+            self._unshard(stage)
+        for stage in self.stage_names:
+            self.ready(stage)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, lay in self.layouts.items():
+                    self.params[name].to_local().copy_(lay.full[lay.start:lay.stop] if lay.sharded else lay.full)
+                    if self.mode == "shard":
+                        _free(lay.full)
+            self._gathered = set()
 
     def register(self, schedule) -> None:
         ct = _compat.TorchComputationType

@@ -105,6 +105,15 @@ class Pipeline:
     def parameters(self) -> Iterator[nn.Parameter]:
         yield from self._params.values()
 
+    def full_parameters(self):
+        """Context manager: this rank's parameters whole, to write in place (e.g. a whole-model
+        init after ``compile()``). Without sharded data parallelism the parameters are whole
+        already; with ``dp_mode="shard"``/``"shard_grad_op"`` they are gathered on entry and
+        each rank keeps its rows of what was written on exit (a collective over ``dp_group``)."""
+        if self._data_parallel is None:
+            return contextlib.nullcontext()
+        return self._data_parallel.full_parameters()
+
     def memory_plan(self, optimizer="adamw"):
         """This rank's ``dualpipe_fx.memory.MemoryPlan`` (one row): params, grads, optimizer
         state (``"adamw"``, ``"sgd"``, ... or bytes per element) and the step's peak bytes,

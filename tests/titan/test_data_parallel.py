@@ -1,0 +1,52 @@
+"""torchtitan with dualpipe_fx and data parallelism on 4 CPU ranks (PP=2 x DP=2) trains
+exactly like torchtitan without pipeline parallelism at the same global batch.
+
+- ``data_parallel_replicate_degree = 2`` -> ``compile(dp_mode="replicate")``; reference:
+  torchtitan's DDP on 2 ranks (each DP rank reads the same data shard in both runs).
+- ``data_parallel_shard_degree = 2`` -> ``compile(dp_mode="shard")`` (DTensor shards);
+  reference: torchtitan's FSDP on 2 ranks. torchtitan's FSDP initialises DTensors with
+  another RNG layout than an unsharded init, so both runs start from one seed checkpoint
+  (torchtitan's ``create_seed_checkpoint``, loaded by DCP into each run's shards).
+"""
+import shutil
+
+import pytest
+
+pytest.importorskip("torchtitan", reason="torchtitan is the optional 'titan' extra")
+
+from tests.titan.test_train import run_train  # noqa: E402
+
+NO_PP = ("--dualpipe_fx.no-enable", "--parallelism.pipeline_parallel_degree", "1")
+REPLICATE = ("--parallelism.data_parallel_replicate_degree", "2", "--parallelism.data_parallel_shard_degree", "1")
+SHARD = ("--parallelism.data_parallel_shard_degree", "2")
+FROM_SEED = ("--checkpoint.enable", "--checkpoint.interval", "100")
+
+
+def _from_seed(seed_dir, dump):
+    (dump / "checkpoint").mkdir(parents=True)
+    shutil.copytree(seed_dir / "checkpoint" / "step-0", dump / "checkpoint" / "step-0")
+    return dump
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    seed = tmp_path_factory.mktemp("seed")
+    run_train(1, seed, *NO_PP, "--checkpoint.enable", "--checkpoint.create_seed_checkpoint",
+              "--parallelism.data_parallel_shard_degree", "1")
+    out = {"ddp": run_train(2, tmp_path_factory.mktemp("ddp"), *NO_PP, *REPLICATE)[0],
+           "pp x replicate": run_train(4, tmp_path_factory.mktemp("pp_rep"), *REPLICATE)[0]}
+    out["fsdp"] = run_train(2, _from_seed(seed, tmp_path_factory.mktemp("fsdp")), *NO_PP, *SHARD, *FROM_SEED)[0]
+    out["pp x shard"], log = run_train(4, _from_seed(seed, tmp_path_factory.mktemp("pp_shard")), *SHARD, *FROM_SEED)
+    out["pp x shard log"] = log
+    return out
+
+
+@pytest.mark.parametrize("ours,reference", [("pp x replicate", "ddp"), ("pp x shard", "fsdp")])
+def test_pp2_x_dp2_losses_equal_torchtitan_without_pp(runs, ours, reference):
+    assert sorted(runs[ours]) == sorted(runs[reference]) == [1, 2, 3]
+    for step, loss in runs[reference].items():
+        assert runs[ours][step] == pytest.approx(loss, rel=1e-5, abs=1e-5), (step, runs[ours], runs[reference])
+
+
+def test_shard_run_loaded_the_seed_checkpoint(runs):
+    assert "Loading the checkpoint" in runs["pp x shard log"]
