@@ -31,7 +31,10 @@ def _eager_grads(model, loss_fn, x, y):
 def llama_modes():
     model, (tokens, target) = LlamaDecoder(), llama_batch()
     ref = _eager_grads(model, llama_loss, tokens, target)
-    splits = {mode: dualpipe_fx.split(model, llama_loss, tokens, target, num_stages=4, recompute=mode)
+    # balance="time": the same cut for every mode (a memory-aware cut moves with what is saved),
+    # so that the modes' stages compare
+    splits = {mode: dualpipe_fx.split(model, llama_loss, tokens, target, num_stages=4, recompute=mode,
+                                      balance="time")
               for mode in (None, "selective", "full")}
     return model, tokens, target, ref, splits
 
