@@ -130,13 +130,15 @@ def _joint_fn(stage_gm: GraphModule, order: list[Node], n_params: int, n_bufs: i
     # A cut can fall just before an in-place write into the value it carries: in the model
     # that value was an intermediate, here it is a leaf, which autograd won't let be written.
     written = {pos[b] for b in map(mutated_base, stage_gm.graph.nodes) if b is not None and b in pos}
+    # a received float no gradient reaches (split_stages marks it) stays a plain tensor; its grad is zeros
+    carry = [n.meta.get("dpfx_requires_grad", True) for n in order[n_params + n_bufs: n_params + n_bufs + n_inputs]]
 
     def fn(*flat):
         args = list(flat[: len(order)])
         grads_out = flat[len(order):]
         params = [p.detach().requires_grad_(True) if _differentiable(p) else p for p in args[:n_params]]
-        inputs = [x.detach().requires_grad_(True) if _differentiable(x) else x
-                  for x in args[n_params + n_bufs: n_params + n_bufs + n_inputs]]
+        inputs = [x.detach().requires_grad_(True) if _differentiable(x) and carries else x
+                  for x, carries in zip(args[n_params + n_bufs: n_params + n_bufs + n_inputs], carry)]
         vals = params + args[n_params: n_params + n_bufs] + inputs + args[n_params + n_bufs + n_inputs:]
         with torch.enable_grad():
             run_vals = [v.clone() if i in written else v for i, v in enumerate(vals)]

@@ -22,6 +22,7 @@ import torch.fx as fx
 
 from passes.balance import BALANCE_MODES, MemorySpec, RankLoads, balance_cuts, search_cuts
 from passes.cost_model import CostSpec, activation_bytes, saved_bytes_estimate, scalar_costs
+from passes.grad_flow import grad_carrying
 
 __all__ = ["StagePartition", "default_placement", "split_stages"]
 
@@ -370,16 +371,18 @@ def _value_name(value: fx.Node) -> str:
     return value.meta["dpfx_name"] if _kind(value) == "input" else value.name
 
 
-def _placeholder(graph: fx.Graph, like: fx.Node, kind: str, name: str) -> fx.Node:
+def _placeholder(graph: fx.Graph, like: fx.Node, kind: str, name: str, carries: bool = True) -> fx.Node:
     ph = graph.placeholder(like.name)
     ph.meta = {k: v for k, v in like.meta.items() if k in ("val", "tensor_meta")}
     ph.meta["dpfx_kind"] = kind
     ph.meta["dpfx_name"] = name
+    if kind == "activation":  # False: no gradient reaches it (passes.grad_flow)
+        ph.meta["dpfx_requires_grad"] = carries
     return ph
 
 
 def _build_stage(gm: fx.GraphModule, lay: _Layout, bounds: tuple[int, int], index: int,
-                 num_stages: int) -> fx.GraphModule:
+                 num_stages: int, carrying: frozenset) -> fx.GraphModule:
     start, stop = bounds
     n = len(lay.nodes)
     body = lay.nodes[start:stop]
@@ -395,7 +398,7 @@ def _build_stage(gm: fx.GraphModule, lay: _Layout, bounds: tuple[int, int], inde
             if _kind(ph) == kind and ph in reads:
                 env[ph] = _placeholder(graph, ph, kind, ph.meta["dpfx_name"])
     for value in (lay.crossing[start] if start > 0 else ()):
-        env[value] = _placeholder(graph, value, "activation", _value_name(value))
+        env[value] = _placeholder(graph, value, "activation", _value_name(value), value.name in carrying)
     externals = ("input",) if index == 0 else ()
     externals += ("target",) if index == num_stages - 1 else ()
     for ph in placeholders:
@@ -506,7 +509,8 @@ def split_stages(captured, num_stages: int, *, cost: CostSpec = "flops", split_p
         cuts = _per_rank_cuts(lay, num_stages, forced, loads)
     _check_budget(loads, cuts, placement)
     bounds = list(zip((0, *cuts), (*cuts, len(lay.nodes))))
-    stages = tuple(_build_stage(gm, lay, b, i, num_stages) for i, b in enumerate(bounds))
+    carrying = grad_carrying(gm)
+    stages = tuple(_build_stage(gm, lay, b, i, num_stages, carrying) for i, b in enumerate(bounds))
     costs = tuple(lay.prefix[b] - lay.prefix[a] for a, b in bounds)
     mean = sum(costs) / num_stages
     return StagePartition(
