@@ -47,6 +47,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 import torch
 
 from dualpipe_fx.schedules.ir import Action, Program
+from passes.cost_model import concrete_size
 
 __all__ = ["MemoryPlan", "RankMemory", "StageMemory", "allocator_events", "peak_activation_bytes",
            "peak_live_bytes", "plan", "rank_memory", "split_plan", "stage_memory"]
@@ -83,7 +84,7 @@ def _storages(val: Any) -> list[tuple[int, int]]:
     for t in vals:
         if isinstance(t, torch.Tensor):
             st = t.untyped_storage()
-            out.append((st._cdata, st.nbytes()))
+            out.append((st._cdata, concrete_size(st.nbytes())))  # data-dependent: a guess
     return out
 
 

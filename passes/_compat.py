@@ -6,6 +6,8 @@ Each name below is re-exported under a stable local name and covered by
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+from typing import Any, Mapping
 
 import torch
 import torch.utils.checkpoint
@@ -23,6 +25,7 @@ from torch.utils._pytree import TreeSpec, tree_flatten, tree_map, tree_unflatten
 __all__ = [
     "DATA_DEPENDENT_ERRORS",
     "FakeTensorMode",
+    "fake_mode_with_shape_env",
     "current_fx_node",
     "current_tracer_graph",
     "make_fx",
@@ -30,6 +33,8 @@ __all__ = [
     "non_persistent_buffers",
     "on_checkpoint_regions",
     "REENTRANT_CHECKPOINT",
+    "SymSizeFacts",
+    "sym_size_facts",
     "TreeSpec",
     "tree_flatten",
     "tree_unflatten",
@@ -57,6 +62,15 @@ def current_fx_node(t: torch.Tensor) -> "torch.fx.Node | None":
         return None
     slot = _get_proxy_slot(t, mode.tracer, default=None)
     return None if slot is None else slot.proxy.node
+
+
+def fake_mode_with_shape_env() -> FakeTensorMode:
+    """A fake mode whose tensors keep static shapes but whose ``.item()``/``.tolist()`` give
+    data-dependent (unbacked) SymInts, as export's do: an MoE's per-expert token counts trace
+    instead of raising ``DataDependentOutputException``."""
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    return FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv(), static_shapes=True)
 
 
 def make_functional_fx(fn):
@@ -148,3 +162,38 @@ def is_functional_collective(node: "torch.fx.Node") -> bool:
 def non_persistent_buffers(module: torch.nn.Module) -> frozenset[str]:
     """Names of ``module``'s own buffers that ``state_dict()`` leaves out (``persistent=False``)."""
     return frozenset(module._non_persistent_buffers_set)
+
+
+# --- data-dependent (unbacked) sizes ---
+
+@dataclasses.dataclass(frozen=True)
+class SymSizeFacts:
+    """What torch's ShapeEnv knows about a size: its sympy ``expr``, the values of the
+    backed symbols (``hints``), the ``(lower, upper)`` range of each unbacked symbol
+    (``ranges``; ``None`` for an unbounded side) and the relations asserted at run time
+    (``asserts``: sympy booleans such as ``u0 + ... + u7 <= 48``)."""
+
+    expr: Any
+    hints: Mapping[Any, int]
+    ranges: Mapping[Any, tuple]
+    asserts: tuple
+
+
+def sym_size_facts(size: "torch.SymInt") -> SymSizeFacts:
+    """The :class:`SymSizeFacts` of ``size`` (a SymInt from a traced graph's meta["val"])."""
+    import sympy
+
+    node = size.node
+    env = node.shape_env
+    expr = node.expr
+    symbols = expr.free_symbols
+    backed = env.backed_var_to_val if hasattr(env, "backed_var_to_val") else env.var_to_val  # torch 2.13 name
+    hints = {s: int(backed[s]) for s in symbols if isinstance(backed.get(s), (int, sympy.Integer))}
+
+    def bound(b):
+        return int(b) if isinstance(b, (int, sympy.Integer)) else None  # torch's int_oo: None
+
+    ranges = {s: (bound(env.var_to_range[s].lower), bound(env.var_to_range[s].upper))
+              for s in symbols if s in env.var_to_range}
+    asserts = tuple(ra.expr for ras in env.deferred_runtime_asserts.values() for ra in ras)
+    return SymSizeFacts(expr, hints, ranges, asserts)

@@ -19,14 +19,16 @@ import statistics
 import time
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Callable, Mapping, Union
+from typing import Any, Callable, Mapping, Optional, Union
+
+import sympy
 
 import torch
 import torch.fx as fx
 from torch.fx.node import map_aggregate
 from torch.utils.flop_counter import FlopCounterMode
 
-from passes._compat import FakeTensorMode, decomposes_implicitly, tree_flatten
+from passes._compat import FakeTensorMode, decomposes_implicitly, sym_size_facts, tree_flatten
 
 CostSpec = Union[str, Callable[[fx.Node], float]]
 
@@ -71,11 +73,54 @@ def extra_flop_formulas() -> dict:
     return table
 
 
+# Data-dependent (unbacked) sizes, such as the per-expert token counts an MoE's
+# `counts.tolist()` puts into the graph, have no value at trace time. They are costed with a
+# guess, never an error (see _unbacked_guess):
+#   1. a symbol in a run-time assert `u_a + ... + u_k <= N` or `== N` (torch asserts this when
+#      the sizes split or slice a dim of N): N / k, i.e. tokens / experts for routed sizes;
+#   2. else the upper end of its value range, when finite (the slice `x[:sum(counts)]` of 48 rows);
+#   3. else its lower end, at least UNBACKED_FALLBACK.
+UNBACKED_FALLBACK = 1
+
+
+def _split_share(symbol, asserts) -> Optional[int]:
+    """N / k when ``symbol`` is one of the k terms of an asserted ``sum <= N`` or ``sum == N``."""
+    for rel in asserts:
+        if not isinstance(rel, (sympy.Le, sympy.Eq)):
+            continue
+        total, bound = (rel.lhs, rel.rhs) if rel.rhs.is_Integer else (rel.rhs, rel.lhs)
+        if not bound.is_Integer or not isinstance(total, sympy.Add):
+            continue
+        terms = total.args
+        if symbol in terms and all(t.is_Symbol for t in terms):
+            return max(1, round(int(bound) / len(terms)))
+    return None
+
+
+def _unbacked_guess(symbol, facts) -> int:
+    share = _split_share(symbol, facts.asserts)
+    if share is not None:
+        return share
+    lower, upper = facts.ranges.get(symbol, (None, None))
+    if upper is not None:
+        return upper
+    return max(lower or 0, UNBACKED_FALLBACK)
+
+
 def _concrete(size) -> int:
-    """A plain int for a size that may be a SymInt (its hint under dynamic shapes)."""
-    if isinstance(size, torch.SymInt):
+    """A plain int for a size that may be a SymInt: its hint under dynamic shapes, or for a
+    data-dependent size the guess documented above ``UNBACKED_FALLBACK``."""
+    if not isinstance(size, torch.SymInt):
+        return int(size)
+    if size.node.hint is not None:
         return int(size.node.hint)
-    return int(size)
+    facts = sym_size_facts(size)
+    values = {s: facts.hints.get(s) for s in facts.expr.free_symbols}
+    values.update({s: _unbacked_guess(s, facts) for s, v in values.items() if v is None})
+    return max(0, int(facts.expr.xreplace(values)))
+
+
+concrete_size = _concrete  # public: memory plans read storage sizes the same way
 
 
 def _storage_numel(shape, stride) -> int:
@@ -123,6 +168,12 @@ def _nbytes(vals: Any) -> int:
     if isinstance(vals, (list, tuple)):
         return sum(_nbytes(v) for v in vals)
     return 0
+
+
+def value_bytes(val: Any) -> int:
+    """Bytes of a traced value (a tensor or a list of them; other values count 0). A
+    data-dependent size counts as its documented guess (see ``UNBACKED_FALLBACK``)."""
+    return _nbytes(val)
 
 
 def activation_bytes(node: fx.Node) -> int:

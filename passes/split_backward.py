@@ -33,6 +33,7 @@ from torch.fx import GraphModule, Node
 
 from passes import _compat
 from passes.capture import TraceError, mutated_base
+from passes.cost_model import value_bytes
 from passes.recompute import Policy, recompute_policy, recomputed
 from passes.stage_graphs import StageGraphs
 
@@ -124,7 +125,9 @@ def _differentiable(t: Any) -> bool:
 
 def _joint_fn(stage_gm: GraphModule, order: list[Node], n_params: int, n_bufs: int, n_inputs: int,
               diff_out: list[int]):
-    """f(*params, *buffers, *inputs, *grad_outs) -> (*outputs, *grad_inputs, *param_grads)."""
+    """f(*params, *buffers, *inputs, *grad_outs) -> (*outputs, *grad_inputs, *param_grads,
+    *buffers after the forward). The last are the buffers as written by the forward (an MoE's
+    ``tokens_per_expert.add_(counts)`` under no_grad); an unwritten one comes back as itself."""
     pos = {n: i for i, n in enumerate(order)}
     ph_order = [n for n in stage_gm.graph.nodes if n.op == "placeholder"]
     # A cut can fall just before an in-place write into the value it carries: in the model
@@ -151,7 +154,7 @@ def _joint_fn(stage_gm: GraphModule, order: list[Node], n_params: int, n_bufs: i
         by_id = {id(t): g for t, g in zip(wrt, grads)}
         g_in = [_grad_or_zero(x, by_id) for x in inputs]
         g_par = [_grad_or_zero(p, by_id) for p in params]
-        return (*outs, *g_in, *g_par)
+        return (*outs, *g_in, *g_par, *run_vals[n_params: n_params + n_bufs])
 
     return fn
 
@@ -236,7 +239,8 @@ def _reads(nodes, outputs, phase, allowed) -> list[Node]:
     return list(found)
 
 
-def _sub_graph(joint: GraphModule, inputs: Sequence[Node], body: Sequence[Node], outputs: Sequence) -> GraphModule:
+def _sub_graph(joint: GraphModule, inputs: Sequence[Node], body: Sequence[Node], outputs: Sequence,
+               writes: Sequence[tuple[Node, Node]] = ()) -> GraphModule:
     graph = torch.fx.Graph()
     env: dict[Node, Node] = {}
     for n in inputs:
@@ -244,6 +248,8 @@ def _sub_graph(joint: GraphModule, inputs: Sequence[Node], body: Sequence[Node],
         env[n].meta.update(n.meta)
     for n in body:
         env[n] = graph.node_copy(n, lambda a: env[a])
+    for dst, src in writes:  # in place into the live buffer: impure, kept by dead-code elimination
+        graph.call_function(torch.ops.aten.copy_.default, (env[dst], env[src]))
     graph.output(tuple(env[o] if isinstance(o, Node) else o for o in outputs))
     graph.eliminate_dead_code()
     graph.lint()
@@ -278,7 +284,7 @@ def saved_bytes(graphs: StageGraphs) -> int:
 
 
 def _bytes(val: Any) -> int:
-    return val.numel() * val.element_size() if isinstance(val, torch.Tensor) else 0
+    return value_bytes(val) if isinstance(val, torch.Tensor) else 0  # data-dependent sizes: a guess
 
 
 class StageBackwardInput:
@@ -356,7 +362,8 @@ def _trace_joint(stage_gm, params, bufs, inputs, diff_out, out_vals):
     order = params + bufs + inputs
     fn = _joint_fn(stage_gm, order, len(params), len(bufs), len(inputs), diff_out)
     # real constants of the stage graph (lifted tensors: index lists, masks) meet fake values
-    mode = _compat.FakeTensorMode(allow_non_fake_inputs=True)
+    # with a shape env: data-dependent sizes (an MoE's .tolist() counts) trace as unbacked SymInts
+    mode = _compat.fake_mode_with_shape_env()
     example = [_fake_like(mode, n.meta["val"]) for n in order]
     # grads are traced dense whatever the output's layout; StageBackwardInput.grad_args agrees
     example += [_fake_like(mode, out_vals[i].contiguous()) if isinstance(out_vals[i], torch.Tensor)
@@ -431,8 +438,11 @@ def _partition(stage_gm, joint, index, is_last, params, bufs, acts, ext, out_arg
     n_out = len(out_args)
     outs = flat_out[:n_out]
     g_in = flat_out[n_out: n_out + len(acts)]  # grads of external inputs are not returned
-    g_par = flat_out[n_out + len(acts) + len(ext):]
-    phase = _phases(joint.graph, phs[:n_fwd], phs[n_fwd:], outs, g_in, g_par)
+    g_par = flat_out[n_out + len(acts) + len(ext): n_out + len(acts) + len(ext) + len(params)]
+    # buffers the forward writes: F writes each new value back into the buffer (copy_)
+    writes = [(ph, new) for ph, new in zip(phs[len(params): len(params) + len(bufs)],
+                                           flat_out[len(flat_out) - len(bufs):]) if new is not ph]
+    phase = _phases(joint.graph, phs[:n_fwd], phs[n_fwd:], outs + [new for _, new in writes], g_in, g_par)
     body = {ph: [n for n in joint.graph.nodes if phase.get(n) == ph and n.op != "placeholder"]
             for ph in (_F, _I, _W)}
     # Forward values the policy recomputes are copied into I (body[_F] keeps them for F's outputs)
@@ -443,7 +453,7 @@ def _partition(stage_gm, joint, index, is_last, params, bufs, acts, ext, out_arg
     sfw = _reads(body[_W], g_par, phase, (_F, _G, _I))
     saved = _reads(body[_I] + body[_W], g_in, phase, (_F,))
     saved = saved + [n for n in sfw if phase[n] == _F and n not in saved]
-    fwd = _sub_graph(joint, phs[:n_fwd], body[_F], outs + saved)
+    fwd = _sub_graph(joint, phs[:n_fwd], body[_F], outs + saved, writes)
     bwd_i = _sub_graph(joint, saved + phs[n_fwd:], body[_I], g_in + sfw)
     bwd_w = _sub_graph(joint, sfw, body[_W], g_par)
     used = [len(g.users) > 0 for g in phs[n_fwd:]]

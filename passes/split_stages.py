@@ -122,6 +122,12 @@ def _crossings(graph: fx.Graph, nodes, pos) -> tuple[tuple, tuple]:
     return tuple(crossing), cut_bytes
 
 
+def _data_dependent(val: Any) -> bool:
+    """A tensor with a size known only at run time (an unbacked SymInt, e.g. MoE routing)."""
+    return isinstance(val, torch.Tensor) and any(
+        isinstance(d, torch.SymInt) and d.node.hint is None for d in val.shape)
+
+
 def _forbidden_cuts(graph: fx.Graph, nodes, pos, crossing) -> dict[int, str]:
     """Cuts that would split a region, carry a non-tensor value or run the loss early."""
     n = len(nodes)
@@ -137,6 +143,9 @@ def _forbidden_cuts(graph: fx.Graph, nodes, pos, crossing) -> dict[int, str]:
         bad = [v.name for v in crossing[k] if not isinstance(v.meta.get("val"), torch.Tensor)]
         if bad:
             why.setdefault(k, f"non-tensor value(s) {bad} would cross it")
+        sized = [v.name for v in crossing[k] if _data_dependent(v.meta.get("val"))]
+        if sized:  # the receiving rank could not size its receive buffer
+            why.setdefault(k, f"value(s) {sized} of data-dependent shape would cross it")
     target_uses = [pos[u] for v in graph.nodes if _kind(v) == "target"
                    for u in v.users if u in pos]
     for k in range(min(target_uses, default=n) + 1, n):

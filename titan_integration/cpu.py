@@ -30,6 +30,13 @@ torchtitan assumes CUDA in these places; :func:`use_cpu_when_no_gpu` handles eac
    -> on CPU, ``set_gradient_divide_factor`` also forces SUM reductions (FSDP2 then divides
    by the factor itself): the same grads, so torchtitan's own FSDP runs (as the reference
    for dualpipe_fx's ``dp_shard``).
+10. The MoE router and reorderer count tokens per expert with ``torch.histc`` on the int64
+    expert indices; CUDA's ``histc`` takes integers, CPU's only floating point
+    (``"histogram_cpu" not implemented for 'Long'``). -> :class:`IntHistcTorch` stands in for
+    ``torch`` in ``torchtitan.models.moe.moe`` alone: ``histc`` of an integer tensor counts
+    it as float and returns the input's dtype, as CUDA does (exact below 2**24 per bin); the
+    model is unchanged, and the unpipelined baseline runs the same stand-in.
+
 MFU uses a GPU peak-FLOPs table (CPU falls back to A100 with a warning): ignore ``mfu`` on CPU.
 """
 from __future__ import annotations
@@ -82,6 +89,27 @@ class CpuDeviceModule:
         return None
 
 
+class IntHistcTorch:
+    """``torch`` with CUDA's integer ``histc`` (item 10 above); every other name is torch's."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def histc(input, bins=100, min=0, max=0, *, out=None):  # noqa: A002 - torch's signature
+        if input.is_floating_point() or input.is_complex():
+            return torch.histc(input, bins=bins, min=min, max=max, out=out)
+        counts = torch.histc(input.float(), bins=bins, min=min, max=max).to(input.dtype)
+        return counts if out is None else out.copy_(counts)
+
+
+def use_int_histc_on_cpu() -> None:
+    """Item 10: torchtitan's MoE module counts tokens per expert with :class:`IntHistcTorch`."""
+    moe = importlib.import_module("torchtitan.models.moe.moe")
+    if not isinstance(moe.torch, IntHistcTorch):
+        moe.torch = IntHistcTorch()
+
+
 def use_cpu_when_no_gpu() -> bool:
     """Point torchtitan at the CPU (and gloo) when ``torch.cuda`` has no device.
 
@@ -97,6 +125,7 @@ def use_cpu_when_no_gpu() -> bool:
         if hasattr(module, "device_module"):
             module.device_module = device_module
     _fsdp_sums_on_gloo()
+    use_int_histc_on_cpu()
     return True
 
 

@@ -45,8 +45,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from titan_integration.clipping import mark_replicas
 from titan_integration.config import compile_kwargs, num_microbatches, recompute_arg
 from titan_integration.init import init_like_unsplit
+from titan_integration.moe import expose_moe_load_balancing
 
 
 class StageLocalModel(nn.Module):
@@ -333,6 +335,9 @@ def pipeline_dualpipe_fx(model: nn.Module, parallel_dims, job_config, device: to
     with pipeline.full_parameters():  # sharded data parallelism: each rank keeps its rows of the init
         _init_weights(model, job_config, device)
     part = StageLocalModel(_local_tensors(model, pipeline))
+    # MoE: torchtitan's load-balancing hook reads part.layers[i].moe (titan_integration.moe)
+    expose_moe_load_balancing(part, model, {id(t) for s in pipeline.stages.values() for t in s.params})
+    mark_replicas(part, group)  # DualPipe's mirror copies count once in the grad norm (clipping.py)
     owner = _loss_owner(job_config.dualpipe_fx.schedule, num_mb, group)
     schedule = DualPipeFxSchedule(pipeline, num_mb, loss_owner=owner, group=group, loss_fn=loss_fn)
     schedule.recompute = recompute  # what the stage graphs were split with

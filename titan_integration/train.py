@@ -35,6 +35,7 @@ from torchtitan.tools.logging import init_logger, logger
 from torchtitan.train import Trainer
 
 from titan_integration import config as dpfx_config
+from titan_integration.clipping import use_replica_aware_clipping
 from titan_integration.cpu import check_cpu_config, disable_cpu_autocast, use_cpu_when_no_gpu
 from titan_integration.data import register_tiny_dataset
 from titan_integration.pipelining import pipeline_dualpipe_fx
@@ -101,6 +102,8 @@ def register_dualpipe_fx(model_name: str) -> None:
 def _prepare(job_config) -> None:
     if job_config.dualpipe_fx.enable:
         register_dualpipe_fx(job_config.model.name)
+        # a parameter on several pipeline ranks (DualPipe's mirrors) counts once in the grad norm
+        use_replica_aware_clipping()
         # torchtitan warns that PP loss shows on the last rank only; DualPipeFxTrainer
         # broadcasts it to every rank, so that warning would be wrong here.
         torchtitan.train.ensure_pp_loss_visible = lambda *args, **kwargs: None

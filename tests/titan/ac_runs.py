@@ -12,7 +12,9 @@ torchtitan logged, the bytes each of this rank's stages saves per micro-batch, t
 recompute argument compile() got, how many torch.utils.checkpoint wrappers the model
 carries (torchtitan's own AC must not be applied on the pipelining path), and a digest of
 each of the rank's tensors as the trainer got them, before the first step (the initial
-weights, to compare bitwise with torchtitan's non-pipelined init).
+weights, to compare bitwise with torchtitan's non-pipelined init); how many of its
+parameters count in a lower rank's grad norm (DualPipe's mirrors), and whether an MoE
+model's expert_bias moved (torchtitan's load-balancing hook ran).
 """
 import hashlib
 import json
@@ -55,6 +57,8 @@ def _describe(trainer, job_config) -> dict:
             "recompute": repr(recompute),
             "checkpoint_wrappers": sum(isinstance(m, CheckpointWrapper) for m in model.modules()),
             "init_digest": {k: digest(v) for k, v in model.state_dict().items()},
+            "replicas_marked": sum(bool(getattr(p, "_dualpipe_fx_counted_elsewhere", False))
+                                   for p in model.parameters()),
             "losses": {}, "grad_norms": {}}
 
 
@@ -67,6 +71,8 @@ def run(train_args: list[str], extra: list[str], port: str) -> dict:
         record = _describe(trainer, job_config)
         _record_metrics(trainer, record)
         trainer.train()
+        record["expert_bias_moved"] = any(  # the MoE load-balancing hook ran on this rank
+            bool(t.abs().sum() > 0) for k, t in trainer.model_parts[0].named_buffers() if k.endswith("expert_bias"))
     finally:
         trainer.close()
         if dist.is_initialized():

@@ -68,15 +68,21 @@ def test_section_is_known_without_custom_config_module(tmp_path):
     (["--dualpipe_fx.schedule", "zb-vv"], "dualpipe_fx.schedule", "known schedules"),
     (["--dualpipe_fx.split_points", "layers.3"], "dualpipe_fx.split_points", "exactly 3"),
     (["--parallelism.tensor_parallel_degree", "2"], "parallelism.tensor_parallel_degree", "= 1"),
+    (["--parallelism.expert_parallel_degree", "2"], "parallelism.expert_parallel_degree", "parallelize_fn"),
     (["--compile.enable"], "compile.enable", "dualpipe_fx.compile_stages"),
     (["--validation.enable", "--validation.seq_len", "32"], "validation.seq_len", "= 64"),
-    (["--dualpipe_fx.schedule", "dualpipe"], "training.max_norm", "twice"),
 ])
 def test_bad_config_error_names_the_key(extra, key, words):
     with pytest.raises(ValueError) as info:
         parse(*extra)
     message = str(info.value)
     assert key in message and words in message, message
+
+
+def test_dualpipe_accepts_grad_clipping():
+    # the mirror copies count once in the grad norm (titan_integration/clipping.py)
+    cfg = parse("--dualpipe_fx.schedule", "dualpipe", "--training.max_norm", "1.0")
+    assert cfg.training.max_norm == 1.0
 
 
 def test_microbatch_rule_follows_the_schedule():

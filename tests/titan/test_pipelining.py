@@ -146,27 +146,41 @@ def test_section_keys_map_onto_compile_arguments():
 
 
 def test_model_that_does_not_trace_is_named(monkeypatch):
-    """deepseek_v3's MoE routing (torch.histc on int64 counts) does not capture; the error
-    names model.name and flavor. compile() is cut down to its capture step, which is what
-    fails, so that no process group is needed."""
+    """A model whose forward does not capture: the error names model.name and flavor.
+    compile() is cut down to a TraceError, so that no process group is needed."""
+    import dualpipe_fx
+
+    cfg = parse_job_config(["--job.config_file", TOML, "--training.seq_len", "16"])
+
+    def fails_to_trace(*args, **kwargs):
+        raise dualpipe_fx.TraceError("forward calls torch.nonzero on a value (data-dependent)")
+
+    monkeypatch.setattr(dualpipe_fx, "compile", fails_to_trace)
+    with pytest.raises(ValueError) as info:
+        pipelining._compile(_Tiny(), _sum_ce, cfg, torch.device("cpu"), None, 4)
+    message = str(info.value)
+    assert "model.name = 'llama3'" in message and "debugmodel" in message, message
+    assert "does not trace" in message and "torch.nonzero" in message
+
+
+def test_deepseek_v3_captures_and_cuts_on_cpu(monkeypatch):
+    """deepseek_v3's MoE (histc on int64 counts with the CPU stand-in, experts looping over
+    .tolist() sizes) captures and is cut into stages without error; compile() is cut down
+    to capture + split_stages, so that no process group is needed."""
     import dualpipe_fx
     from passes.capture import capture
-    from torchtitan.protocols.train_spec import get_train_spec
+    from passes.split_stages import split_stages
+    from titan_integration.cpu import use_int_histc_on_cpu
+    from tests.titan.unsplit import build
 
+    use_int_histc_on_cpu()
     cfg = parse_job_config(["--job.config_file", TOML, "--model.name", "deepseek_v3",
                             "--training.seq_len", "16"])
-    spec = get_train_spec("deepseek_v3")
-    args = spec.model_args["debugmodel"]
-    args.update_from_config(cfg)
-    with torch.device("meta"):
-        model = spec.model_cls(args)  # as the trainer hands it over: compile() gets it on meta
+    model = build("deepseek_v3", on_meta=True)  # as the trainer hands it over: on meta
 
-    def capture_only(model, loss_fn, inputs, target=None, *, device=None, **kwargs):
-        return capture(model, loss_fn, inputs, target, device=device)
+    def capture_and_cut(model, loss_fn, inputs, target=None, *, device=None, **kwargs):
+        return split_stages(capture(model, loss_fn, inputs, target, device=device), 4)
 
-    monkeypatch.setattr(dualpipe_fx, "compile", capture_only)
-    with pytest.raises(ValueError) as info:
-        pipelining._compile(model, _sum_ce, cfg, torch.device("cpu"), None, 4)
-    message = str(info.value)
-    assert "model.name = 'deepseek_v3'" in message and "debugmodel" in message, message
-    assert "does not trace" in message
+    monkeypatch.setattr(dualpipe_fx, "compile", capture_and_cut)
+    partition = pipelining._compile(model, _sum_ce, cfg, torch.device("cpu"), None, 4)
+    assert len(partition.stages) == 4

@@ -6,7 +6,8 @@ following; a run resumed from the step-2 checkpoint gives the uninterrupted step
 torchtitan's [activation_checkpoint] modes (full, selective op, selective every 2nd block)
 train exactly like no AC while every stage saves fewer bytes per micro-batch; and each
 rank starts from bitwise the weights torchtitan's non-pipelined init gives its tensors,
-although it never holds the whole model.
+although it never holds the whole model; the bidirectional DualPipe with grad clipping logs
+DualPipeV's grad norms; and torchtitan's MoE deepseek_v3 trains like its unpipelined run.
 """
 import json
 import os
@@ -113,14 +114,21 @@ AC_RUNS = {
     "op": ["--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "op"],
     "every2": ["--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "2"],
 }
+AC_NAMES = tuple(AC_RUNS)
+# ... and in the same job: the bidirectional DualPipe with grad clipping (max_norm = 1.0 in the
+# job file), and torchtitan's MoE model deepseek_v3 (debugmodel)
+OTHER_RUNS = {
+    "dualpipe": ["--dualpipe_fx.schedule", "dualpipe"],
+    "deepseek": ["--model.name", "deepseek_v3"],
+}
 
 
 @pytest.fixture(scope="module")
 def ac_runs(tmp_path_factory):
     """``{rank: {run: {losses, grad_norms, saved, recompute, checkpoint_wrappers}}}``."""
     out = tmp_path_factory.mktemp("ac_runs")
-    ports = ",".join(str(_free_port()) for _ in AC_RUNS)
-    runs = [f"{name}:{','.join(flags)}" for name, flags in AC_RUNS.items()]
+    ports = ",".join(str(_free_port()) for _ in {**AC_RUNS, **OTHER_RUNS})
+    runs = [f"{name}:{','.join(flags)}" for name, flags in {**AC_RUNS, **OTHER_RUNS}.items()]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
            os.path.join(REPO, "tests", "titan", "ac_runs.py"), str(out), ports, *runs, "--",
@@ -148,7 +156,7 @@ def test_activation_checkpoint_modes_train_like_no_ac(baseline, ac_runs):
 
 def test_activation_checkpoint_modes_map_onto_recompute(ac_runs):
     for runs in ac_runs.values():
-        assert {name: run["recompute"] for name, run in runs.items()} == {
+        assert {name: runs[name]["recompute"] for name in AC_NAMES} == {
             "none": "None", "full": "'full'", "op": "'selective'",
             "every2": "BlockRecompute(['layers.1', 'layers.3', 'layers.5'])"}
         # torchtitan's own checkpoint wrappers never reach the model on the pipelining path
@@ -174,9 +182,42 @@ def test_each_rank_starts_from_torchtitans_unpipelined_init_bitwise(ac_runs):
     reference = {k: digest(v) for k, v in build("llama3", seed=42).state_dict().items()}
     held = {}
     for rank, runs in ac_runs.items():
-        for name, run in runs.items():
-            got = run["init_digest"]
+        for name in AC_NAMES + ("dualpipe",):
+            got = runs[name]["init_digest"]
             assert got == {k: reference.get(k) for k in got}, (rank, name)
         held[rank] = set(runs["none"]["init_digest"])
     assert held[0] | held[1] == set(reference)
     assert not held[0] & held[1]  # DualPipeV on llama3: no tensor on both ranks
+
+
+def test_dualpipe_with_clipping_logs_dualpipev_grad_norms(ac_runs):
+    """DualPipe holds every model part on two ranks; each mirrored parameter counts once in
+    the grad norm, so the logged norms (and the clipped updates: the losses) are DualPipeV's."""
+    for rank, runs in ac_runs.items():
+        bidirectional, v = runs["dualpipe"], runs["none"]
+        assert bidirectional["grad_norms"] == pytest.approx(v["grad_norms"], rel=1e-5), rank
+        assert bidirectional["losses"] == pytest.approx(v["losses"], rel=1e-5), rank
+        assert v["replicas_marked"] == 0, rank  # DualPipeV: no parameter on two ranks
+    # rank 1 holds rank 0's mirrors (and rank 0 counts its own): they are left out on rank 1
+    assert ac_runs[0]["dualpipe"]["replicas_marked"] == 0
+    assert ac_runs[1]["dualpipe"]["replicas_marked"] > 0
+
+
+@pytest.fixture(scope="module")
+def deepseek_baseline(tmp_path_factory):
+    """torchtitan's own single-process deepseek_v3 run, no pipeline parallelism."""
+    losses, _ = run_train(1, tmp_path_factory.mktemp("deepseek_baseline"), "--model.name", "deepseek_v3",
+                          "--dualpipe_fx.no-enable", "--parallelism.pipeline_parallel_degree", "1")
+    return losses
+
+
+def test_deepseek_v3_trains_like_unpipelined_torchtitan(deepseek_baseline, ac_runs):
+    """MoE with data-dependent expert sizes (the CPU experts loop over .tolist() counts) and
+    auxiliary-loss-free load balancing: the forward graphs count tokens per expert into the
+    live buffer and torchtitan's hook moves expert_bias on the pipelined ranks too."""
+    assert sorted(deepseek_baseline) == list(range(1, STEPS + 1))
+    for rank, runs in ac_runs.items():
+        run = runs["deepseek"]
+        for step, loss in run["losses"].items():
+            assert loss == pytest.approx(deepseek_baseline[int(step)], rel=1e-5), (rank, step, deepseek_baseline)
+    assert any(runs["deepseek"]["expert_bias_moved"] for runs in ac_runs.values())
