@@ -279,11 +279,17 @@ def _check_other_parallelisms(job_config) -> None:
     if par.expert_parallel_degree > 1:
         raise ValueError(
             f"parallelism.expert_parallel_degree = {par.expert_parallel_degree} is not supported "
-            f"together with dualpipe_fx.enable: torchtitan shards the experts in its parallelize_fn "
-            f"(DTensor experts, all_to_all in module hooks outside the forward), which the traced "
-            f"stage graphs do not run; dualpipe_fx overlaps expert all_to_all only when the forward "
-            f"itself calls the functional collectives (dualpipe_fx/examples_moe.py). Set "
-            f"parallelism.expert_parallel_degree = 1 (the MoE model then trains with PP and DP)")
+            f"together with dualpipe_fx.enable: torchtitan's EP lives in its parallelize_fn (DTensor "
+            f"experts; the token dispatch/combine all_to_all run in module hooks outside the forward, "
+            f"with split sizes known only at run time), which the traced stage graphs never run. "
+            f"Missing for EP under dualpipe_fx: (1) an expert module whose own forward dispatches "
+            f"and combines with functional all_to_all (as dualpipe_fx/examples_moe.py does) swapped "
+            f"in before tracing, holding this EP rank's slice of the unsplit init; (2) compile("
+            f"dp_group=) reduces or shards every parameter over the data-parallel group, and EP "
+            f"borrows that group (dp_shard), so expert parameters, which EP shards, would be "
+            f"wrongly averaged: a per-parameter exclusion is needed; (3) the model part would have "
+            f"to expose the experts as DTensors on torchtitan's ep mesh (checkpoints, grad norm). "
+            f"Set parallelism.expert_parallel_degree = 1 (the MoE model then trains with PP and DP)")
     for key, degree in degrees.items():
         if degree > 1:
             raise ValueError(f"{key} = {degree} is not supported together with dualpipe_fx.enable "

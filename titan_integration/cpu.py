@@ -36,12 +36,18 @@ torchtitan assumes CUDA in these places; :func:`use_cpu_when_no_gpu` handles eac
     ``torch`` in ``torchtitan.models.moe.moe`` alone: ``histc`` of an integer tensor counts
     it as float and returns the input's dtype, as CUDA does (exact below 2**24 per bin); the
     model is unchanged, and the unpipelined baseline runs the same stand-in.
+11. torchtitan's own expert parallelism (``expert_parallel_degree > 1``, the reference run
+    without PP) permutes the dispatched tokens with ``generate_permute_indices``, a Triton
+    kernel unless ``use_cpu=True`` (``0 active drivers`` on a CPU-only machine).
+    -> :func:`use_cpu_permute_indices`: ``torchtitan.models.moe.utils`` calls it with
+    ``use_cpu=True``, torchtitan's own CPU implementation of the same indices.
 
 MFU uses a GPU peak-FLOPs table (CPU falls back to A100 with a warning): ignore ``mfu`` on CPU.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import os
 import resource
@@ -110,6 +116,16 @@ def use_int_histc_on_cpu() -> None:
         moe.torch = IntHistcTorch()
 
 
+def use_cpu_permute_indices() -> None:
+    """Item 11: torchtitan's EP token permutation through its CPU path (no Triton)."""
+    kernels = importlib.import_module("torchtitan.models.moe.kernels")
+    utils = importlib.import_module("torchtitan.models.moe.utils")
+    if not getattr(utils.generate_permute_indices, "dualpipe_fx_cpu", False):
+        cpu_indices = functools.partial(kernels.generate_permute_indices, use_cpu=True)
+        cpu_indices.dualpipe_fx_cpu = True
+        utils.generate_permute_indices = cpu_indices
+
+
 def use_cpu_when_no_gpu() -> bool:
     """Point torchtitan at the CPU (and gloo) when ``torch.cuda`` has no device.
 
@@ -126,6 +142,7 @@ def use_cpu_when_no_gpu() -> bool:
             module.device_module = device_module
     _fsdp_sums_on_gloo()
     use_int_histc_on_cpu()
+    use_cpu_permute_indices()
     return True
 
 

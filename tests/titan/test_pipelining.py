@@ -184,3 +184,20 @@ def test_deepseek_v3_captures_and_cuts_on_cpu(monkeypatch):
     monkeypatch.setattr(dualpipe_fx, "compile", capture_and_cut)
     partition = pipelining._compile(model, _sum_ce, cfg, torch.device("cpu"), None, 4)
     assert len(partition.stages) == 4
+
+
+def test_torchtitans_ep_token_permutation_runs_on_cpu():
+    """cpu.py item 11: torchtitan's own EP (the reference run without PP) permutes the
+    dispatched tokens through its CPU path instead of a Triton kernel: rows grouped by local
+    expert, source rank by source rank, each group padded to the alignment."""
+    from titan_integration.cpu import use_cpu_permute_indices
+    from torchtitan.models.moe import utils
+
+    use_cpu_permute_indices()
+    x = torch.arange(6.0).view(6, 1)
+    # counts per (source rank, local expert): rank 0 sends 1 and 2, rank 1 sends 3 and 0
+    _, out, _, counts = utils._permute(x, torch.tensor([1, 2, 3, 0]), 2, 2)
+    align = utils.TOKEN_GROUP_ALIGN_SIZE_M
+    assert counts.tolist() == [align, align]
+    assert out[:4].view(-1).tolist() == [0.0, 3.0, 4.0, 5.0]  # expert 0: rank 0's row, rank 1's rows
+    assert out[align: align + 2].view(-1).tolist() == [1.0, 2.0]  # expert 1: rank 0's rows
