@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 BALANCE_MODES = ("flops", "measured")
+RANK_BALANCE_MODES = ("time", "memory", "both")
 
 
 @dataclass
@@ -45,6 +46,15 @@ class DualPipeFx:
     balance: Literal["flops", "measured"] = "flops"
     """How stages are balanced: by counted FLOPs, or by op times measured on rank 0 (and
     broadcast, so every rank cuts the model at the same places)."""
+
+    rank_balance: Literal["time", "memory", "both"] = "both"
+    """What the cut evens out per rank (``compile(balance=...)``): its time, its memory
+    (parameters, grads, AdamW state and the schedule's activations in flight), or the larger
+    of the two over their means."""
+
+    memory_budget_gib: float = 0.0
+    """GiB per rank that no rank's memory estimate may exceed (``compile(memory_budget=...)``;
+    with ``rank_balance = "both"``: the fastest cut within it); 0: no budget."""
 
     split_points: list[str] = field(default_factory=list)
     """Optional stage boundaries (module FQNs such as ``layers.3``); empty = automatic.
@@ -82,9 +92,10 @@ def num_microbatches(job_config) -> int:
 
 def compile_kwargs(section) -> dict[str, Any]:
     """The ``[dualpipe_fx]`` keys as ``dualpipe_fx.compile`` keyword arguments."""
+    budget = int(section.memory_budget_gib * 2**30) or None
     return {"schedule": section.schedule, "compile_stages": section.compile_stages,
             "cost": section.balance, "split_points": list(section.split_points) or None,
-            "overlap": section.overlap}
+            "overlap": section.overlap, "balance": section.rank_balance, "memory_budget": budget}
 
 
 def _check_enable(job_config) -> None:
@@ -107,6 +118,12 @@ def _check_schedule(job_config):
     if section.balance not in BALANCE_MODES:
         raise ValueError(f"dualpipe_fx.balance = {section.balance!r} is not one of {BALANCE_MODES}; "
                          f"use \"flops\" (counted) or \"measured\" (timed on this machine)")
+    if section.rank_balance not in RANK_BALANCE_MODES:
+        raise ValueError(f"dualpipe_fx.rank_balance = {section.rank_balance!r} is not one of "
+                         f"{RANK_BALANCE_MODES}; use \"both\" (default), \"time\" or \"memory\"")
+    if not section.memory_budget_gib >= 0:
+        raise ValueError(f"dualpipe_fx.memory_budget_gib = {section.memory_budget_gib!r}; expected GiB per "
+                         "rank >= 0 (0: no budget)")
     return spec
 
 

@@ -33,6 +33,17 @@ def test_example_config_parses_with_the_section():
     assert dpfx_config.num_microbatches(cfg) == 4
 
 
+def test_rank_balance_and_memory_budget_reach_compile():
+    kwargs = dpfx_config.compile_kwargs(parse().dualpipe_fx)
+    assert (kwargs["balance"], kwargs["memory_budget"]) == ("both", None)
+    cfg = parse("--dualpipe_fx.rank_balance", "memory", "--dualpipe_fx.memory_budget_gib", "1.5")
+    kwargs = dpfx_config.compile_kwargs(cfg.dualpipe_fx)
+    assert (kwargs["balance"], kwargs["memory_budget"]) == ("memory", 3 * 2**29)
+    cfg.dualpipe_fx.rank_balance = "speed"
+    with pytest.raises(ValueError, match=r"dualpipe_fx.rank_balance = 'speed' is not one of"):
+        dpfx_config._check_schedule(cfg)
+
+
 def test_cli_overrides_and_baseline_flags():
     cfg = parse("--dualpipe_fx.no-enable", "--parallelism.pipeline_parallel_degree", "1",
                 "--dualpipe_fx.split_points", "layers.1,layers.3,layers.5")
