@@ -51,6 +51,7 @@ import functools
 import importlib
 import os
 import resource
+import socket
 from types import SimpleNamespace
 
 import torch
@@ -175,3 +176,15 @@ def check_cpu_config(job_config) -> None:
 def disable_cpu_autocast(trainer) -> None:
     """Item 6: run CPU training in ``training.dtype`` instead of a bf16 autocast."""
     trainer.maybe_enable_amp = contextlib.nullcontext()
+
+
+def single_process_env() -> None:
+    """Without torchrun, run as a 1-rank job (torchtitan reads these variables)."""
+    if "LOCAL_RANK" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+        os.environ.setdefault(key, value)

@@ -155,7 +155,7 @@ class DualPipeFxSchedule:
             losses.append(summed)
 
     def step_normalized(self, inputs: torch.Tensor, labels: torch.Tensor,
-                        global_valid_tokens: torch.Tensor) -> torch.Tensor:
+                        global_valid_tokens: torch.Tensor, **kwargs) -> torch.Tensor:
         """One step whose loss and gradients equal torchtitan's non-pipelined step.
 
         **Contract**: ``(tokens [B, S], labels [B, S], G) -> loss`` (a 0-d tensor, the same
@@ -173,7 +173,7 @@ class DualPipeFxSchedule:
         factor = self.num_microbatches / float(global_valid_tokens)
         grad_factor = factor * self.grad_sum  # torchtitan's FSDP sums over the replicas; we average
         self._scale_grads(1.0 / grad_factor)
-        loss = self.pipeline.step(inputs, target=labels)
+        loss = self.pipeline.step(inputs, target=labels, **kwargs)  # kwargs: compile's example_kwargs
         self._scale_grads(grad_factor)
         return self._shared(None if loss is None else loss * factor)
 
@@ -217,7 +217,8 @@ def _init_weights(model: nn.Module, job_config, device: torch.device) -> None:
     model.train()
 
 
-def _compile(model, loss_fn, job_config, device, group, num_mb: int, recompute=None, dp=None):
+def _compile(model, loss_fn, job_config, device, group, num_mb: int, recompute=None, dp=None,
+             token_kwargs=()):
     """``dualpipe_fx.compile`` on one example micro-batch; trace failures name the model."""
     import dualpipe_fx
 
@@ -229,6 +230,8 @@ def _compile(model, loss_fn, job_config, device, group, num_mb: int, recompute=N
     kwargs["recompute"] = recompute
     kwargs["timeout"] = timedelta(seconds=job_config.comm.init_timeout_seconds)
     kwargs.update({k: v for k, v in (dp or {}).items() if k in ("dp_group", "dp_mode")})
+    # model keywords shaped like the tokens (torchtitan 0.3's RoPE `positions`)
+    kwargs["example_kwargs"] = {name: torch.zeros_like(tokens) for name in token_kwargs} or None
     try:
         return dualpipe_fx.compile(model, loss_fn, (tokens,), labels, num_microbatches=num_mb,
                                    group=group, device=device, param_init_fn=_zeros_until_init_weights,
@@ -249,16 +252,28 @@ def _loss_owner(schedule: str, num_mb: int, group) -> int:
     return dist.get_global_rank(group, program.stage_to_rank()[program.chains[0][-1]])
 
 
+def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and persistent buffers by FQN, as ``state_dict(keep_vars=True)`` without hooks."""
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for name, buf in module.named_buffers(recurse=False):
+            # non-persistent buffers (llama's freqs_cis) are not state
+            if buf is not None and name not in module._non_persistent_buffers_set:
+                tensors[f"{prefix}.{name}" if prefix else name] = buf
+    return tensors
+
+
 def _local_tensors(model: nn.Module, pipeline) -> list[tuple[str, torch.Tensor]]:
     """This rank's params and persistent buffers: the model's own tensors, state_dict FQNs.
 
-    The tensors the rank's stage graphs read, named as in ``model.state_dict()`` (tied
-    weights under every FQN); they are the live objects. Not ``pipeline.state_dict()``: it
-    returns clones, a transient copy of the rank's whole share.
+    The tensors the rank's stage graphs read, under the FQNs ``model.state_dict()`` gives
+    without its hooks (tied weights under every FQN); they are the live objects. Not
+    ``state_dict()`` itself: a post-hook may rename or rebuild tensors (torchtitan 0.3's fused
+    ``wqkv`` saves as new ``wq``/``wk``/``wv`` tensors, which no stage reads). Not
+    ``pipeline.state_dict()``: it returns clones, a transient copy of the rank's whole share.
     """
     local = {id(t) for stage in pipeline.stages.values() for t in stage.params}
-    # non-persistent buffers (llama's freqs_cis) are absent from state_dict
-    tensors = {k: v for k, v in model.state_dict(keep_vars=True).items() if id(v) in local}
+    tensors = {k: v for k, v in _state_tensors(model).items() if id(v) in local}
     dp = getattr(pipeline, "_data_parallel", None)  # sharded data parallelism: the DTensor shards
     return sorted((dp.public(tensors) if dp is not None else tensors).items())
 
@@ -295,12 +310,14 @@ def data_parallel_args(parallel_dims, job_config) -> dict:
 
 
 def pipeline_dualpipe_fx(model: nn.Module, parallel_dims, job_config, device: torch.device,
-                         model_args, parallelize_fn, loss_fn):
+                         model_args, parallelize_fn, loss_fn, *, token_kwargs=()):
     """torchtitan ``pipelining_fn`` that pipelines ``model`` with ``dualpipe_fx.compile``.
 
     **Contract**: torchtitan's ``PipeliningFunction``: ``(meta model, parallel_dims,
     job_config, device, model_args, parallelize_fn, loss_fn) -> (schedule, [part],
-    has_first_stage, has_last_stage)``. ``parallelize_fn`` is not applied: its FSDP/DDP become
+    has_first_stage, has_last_stage)``; ``token_kwargs``: names of model keywords shaped like
+    the token batch (0.3's ``positions``), traced as compile's ``example_kwargs`` and given
+    to ``step_normalized``. ``parallelize_fn`` is not applied: its FSDP/DDP become
     ``compile(dp_group=, dp_mode=)`` over torchtitan's ``batch`` mesh (:func:`data_parallel_args`),
     TP/CP/EP are refused (``validate_job_config``, ``_check_parallel_dims``); its activation
     checkpoint wrappers are replaced by ``compile(recompute=...)`` from
@@ -331,7 +348,7 @@ def pipeline_dualpipe_fx(model: nn.Module, parallel_dims, job_config, device: to
     recompute = recompute_arg(job_config.activation_checkpoint, model)
     # the model is on meta: compile traces it for `device` and allocates this rank's tensors
     dp = data_parallel_args(parallel_dims, job_config)
-    pipeline = _compile(model, loss_fn, job_config, device, group, num_mb, recompute, dp)
+    pipeline = _compile(model, loss_fn, job_config, device, group, num_mb, recompute, dp, token_kwargs)
     with pipeline.full_parameters():  # sharded data parallelism: each rank keeps its rows of the init
         _init_weights(model, job_config, device)
     part = StageLocalModel(_local_tensors(model, pipeline))

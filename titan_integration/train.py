@@ -22,8 +22,6 @@ What it adds to ``torchtitan.train.main``:
 from __future__ import annotations
 
 import dataclasses
-import os
-import socket
 import sys
 from typing import Optional
 
@@ -36,7 +34,7 @@ from torchtitan.train import Trainer
 
 from titan_integration import config as dpfx_config
 from titan_integration.clipping import use_replica_aware_clipping
-from titan_integration.cpu import check_cpu_config, disable_cpu_autocast, use_cpu_when_no_gpu
+from titan_integration.cpu import check_cpu_config, disable_cpu_autocast, single_process_env, use_cpu_when_no_gpu
 from titan_integration.data import register_tiny_dataset
 from titan_integration.pipelining import pipeline_dualpipe_fx
 
@@ -109,22 +107,10 @@ def _prepare(job_config) -> None:
         torchtitan.train.ensure_pp_loss_visible = lambda *args, **kwargs: None
 
 
-def _single_process_env() -> None:
-    """Without torchrun, run as a 1-rank job (torchtitan reads these variables)."""
-    if "LOCAL_RANK" in os.environ:
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
-        os.environ.setdefault(key, value)
-
-
 def main(args: Optional[list[str]] = None) -> None:
     """Parse, build :class:`DualPipeFxTrainer`, train, clean up (as ``torchtitan.train.main``)."""
     init_logger()
-    _single_process_env()
+    single_process_env()
     on_cpu = use_cpu_when_no_gpu()
     register_tiny_dataset()
     job_config = parse_job_config(args)
