@@ -139,7 +139,8 @@ def test_section_keys_map_onto_compile_arguments():
                             "--dualpipe_fx.split_points", "layers.1,layers.3,layers.5"])
     kwargs = dpfx_config.compile_kwargs(cfg.dualpipe_fx)
     assert kwargs == {"schedule": "dualpipev", "compile_stages": False, "cost": "measured",
-                      "split_points": ["layers.1", "layers.3", "layers.5"], "overlap": False}
+                      "split_points": ["layers.1", "layers.3", "layers.5"], "overlap": False,
+                      "balance": "both", "memory_budget": None}
     assert set(kwargs) <= set(inspect.signature(dualpipe_fx.compile).parameters)
     # [activation_checkpoint] travels separately (it needs the model): recompute_arg
     assert "recompute" in inspect.signature(dualpipe_fx.compile).parameters
