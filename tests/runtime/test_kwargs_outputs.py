@@ -123,7 +123,8 @@ def test_forward_only_returns_the_models_own_structures(results):
 def test_a_bad_keyword_step_fails_alike_on_both_ranks(results):
     errors = results[0]["errors"]
     assert errors == results[1]["errors"]
-    assert errors["constant"].startswith("ValueError: step(): kwargs['use_flag'] is False"), errors
+    # the step's input vote raises the failing rank's message on every rank, prefixed with that rank
+    assert errors["constant"].startswith("ValueError: rank 0: step(): kwargs['use_flag'] is False"), errors
     assert "traced with True" in errors["constant"] and "dualpipe_fx.compile() again" in errors["constant"]
     assert errors["missing"].startswith("TypeError") and "missing ['tgt']" in errors["missing"], errors
-    assert errors["batch"].startswith("ValueError: step(): kwargs['src_mask'] has batch size 7"), errors
+    assert errors["batch"].startswith("ValueError: rank 0: step(): kwargs['src_mask'] has batch size 7"), errors
