@@ -175,12 +175,13 @@ class StepFailure:
 
 
 def vote(error: Optional[BaseException], group, timeout: timedelta, what: str,
-         where: str = "") -> Optional[StepFailure]:
+         where: str = "", kind: Optional[str] = None) -> Optional[StepFailure]:
     """None when no rank failed; else the lowest failing rank's error (and ``where`` it
-    failed), the same on every rank."""
+    failed), the same on every rank. ``kind``: the error's type name, when ``error`` relays
+    another rank's (default: ``type(error).__name__``)."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     if world == 1:
-        return None if error is None else StepFailure(rank, type(error).__name__, str(error), where)
+        return None if error is None else StepFailure(rank, kind or type(error).__name__, str(error), where)
     flag = torch.tensor([rank if error is not None else world], dtype=torch.int64)
     _wait(dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group, async_op=True), group, timeout, what)
     failed = int(flag.item())
@@ -188,7 +189,7 @@ def vote(error: Optional[BaseException], group, timeout: timedelta, what: str,
         return None
     buf = torch.zeros(_MESSAGE_BYTES, dtype=torch.uint8)
     if rank == failed:
-        text = f"{type(error).__name__}\n{where}\n{error}".encode()[: _MESSAGE_BYTES - 1]
+        text = f"{kind or type(error).__name__}\n{where}\n{error}".encode()[: _MESSAGE_BYTES - 1]
         buf[: len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
     _wait(dist.broadcast(buf, group_src=failed, group=group, async_op=True), group, timeout, what)
     raw = bytes(buf.tolist()).rstrip(b"\0").decode(errors="replace")

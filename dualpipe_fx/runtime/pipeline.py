@@ -253,6 +253,7 @@ class Pipeline:
         """Every rank learns whether any rank failed ``phase``; if one did, all raise its error."""
         try:
             failure = vote(error, self.group, self.timeout, f"the step's {phase} vote", where)
+            failure = self._agree_replicas(failure, phase)
         except PeerTimeoutError as err:
             self._break(err)
             raise
@@ -268,6 +269,21 @@ class Pipeline:
         if self._data_parallel is not None:
             self._data_parallel.drop_step()
         raise PipelineStepError(failure.rank, failure.where, failure.kind, failure.message) from error
+
+    def _agree_replicas(self, failure: Optional[StepFailure], phase: str) -> Optional[StepFailure]:
+        """With data parallelism, the replicas vote too (over ``dp_group``, after each pipeline's
+        own vote): a step one replica drops, every replica drops, since the others' collectives
+        over ``dp_group`` would wait on it. Returns this pipeline's failure, else a replica's."""
+        if self._data_parallel is None:
+            return failure
+        relay = None if failure is None else RuntimeError(f"pipeline rank {failure.rank}: {failure.message}")
+        across = vote(relay, self._data_parallel.group, self.timeout, f"the step's {phase} vote across replicas",
+                      "" if failure is None else failure.where, kind=None if failure is None else failure.kind)
+        if failure is not None or across is None:
+            return failure
+        rank = dist.get_global_rank(self._data_parallel.group, across.rank)
+        return StepFailure(rank, across.kind, f"in the data-parallel replica of global rank {rank}, {across.message}",
+                           across.where)
 
     def step(self, *inputs: torch.Tensor, target: Optional[torch.Tensor] = None, **kwargs):
         """One pipelined step of ``model(*inputs, **kwargs)`` on the full batch; see the class docstring.

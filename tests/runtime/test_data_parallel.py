@@ -94,7 +94,29 @@ def _all_cases(rank: int, world: int):
                   "numel": sum(p.numel() for p in pipe.parameters())}
         results[(kind, schedule, mode)] = {"losses": losses, "grads": grads, "params": params, "state": state,
                                            "memory": memory}
+    results["replica failure"] = _replica_failure(rank, pp_group, dp_group)
     return results
+
+
+def _replica_failure(rank: int, pp_group, dp_group) -> dict:
+    """Replica 1 alone gets a bad batch: every rank of both replicas raises its ValueError at
+    once (the replicas vote too; replica 0's step would otherwise wait on replica 1 in its
+    dp_group collectives), then a good step runs on all four."""
+    import time
+
+    model, loss_fn, x, y = cases.make_case("linear", 4 * DP)
+    xs, ys = x[:8], y[:8]
+    pipe = dualpipe_fx.compile(model, loss_fn, (xs[:2],), ys[:2], num_microbatches=4, group=pp_group,
+                               dp_group=dp_group, dp_mode="replicate", timeout=60)
+    start, error = time.perf_counter(), None
+    try:
+        pipe.step(xs[:7] if rank // PP == 1 else xs, target=ys[:7] if rank // PP == 1 else ys)
+    except ValueError as err:
+        error = str(err)
+    seconds = time.perf_counter() - start
+    loss = pipe.step(xs, target=ys)
+    grads = {n: _full(p.grad) for n, p in pipe.named_parameters() if p.grad is not None}
+    return {"error": error, "seconds": seconds, "loss": None if loss is None else loss.item(), "grads": grads}
 
 
 def _reference(kind: str, c: int, opt_kind: str):
@@ -154,7 +176,7 @@ def test_pp2_x_dp2_equals_single_process_on_the_global_batch(results, kind, sche
 
 def test_shard_modes_hold_a_shard_and_zero3_frees_the_gathered_parameters(results):
     for r in results:
-        for (kind, schedule, mode), got in ((k, v) for k, v in r.items() if k != "errors"):
+        for (kind, schedule, mode), got in ((k, v) for k, v in r.items() if isinstance(k, tuple)):
             m = got["memory"]
             if mode == "replicate":
                 assert m["local numel"] == m["numel"]
@@ -164,3 +186,16 @@ def test_shard_modes_hold_a_shard_and_zero3_frees_the_gathered_parameters(result
                 assert m["gathered bytes"] == 0, (kind, schedule, mode, m)
             else:  # ZeRO-2: the gathered copies stay
                 assert m["gathered bytes"] >= m["full bytes"], (kind, schedule, mode, m)
+
+
+def test_a_bad_batch_on_one_replica_raises_on_every_rank_at_once(results):
+    got = {rank: res["replica failure"] for rank, res in enumerate(results)}
+    for rank, res in got.items():
+        assert res["error"] is not None and "batch size 7" in res["error"], (rank, res["error"])
+        assert res["seconds"] < 20, (rank, res["seconds"])  # a vote, not dp_group's timeout
+    assert "data-parallel replica of global rank" in got[0]["error"]  # replica 0 names replica 1's rank
+    # the next step runs everywhere, and the replicas' reduced grads are bitwise equal
+    for a, b in ((0, 2), (1, 3)):
+        assert got[a]["grads"].keys() == got[b]["grads"].keys() and got[a]["grads"]
+        for name in got[a]["grads"]:
+            assert torch.equal(got[a]["grads"][name], got[b]["grads"][name]), name
