@@ -15,6 +15,7 @@ from typing import Any, Callable, Collection, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from dualpipe_fx.memory import optimizer_bytes
 from passes.balance import BALANCE_MODES, MemorySpec
 from passes.capture import capture
 from passes.cost_model import activation_bytes, node_costs
@@ -188,23 +189,11 @@ def _check_kwarg_names(example_kwargs: Optional[Mapping[str, Any]]) -> None:
 
 
 def _param_state_bytes(optimizer) -> Callable[[torch.Tensor], int]:
-    """Bytes a parameter costs its rank: value + grad + the optimizer's state for it.
-
-    ``"adamw"``: two states in the parameter's dtype (torch's AdamW/Adam keep ``exp_avg`` and
-    ``exp_avg_sq`` like the parameter); ``"sgd"``: none (no momentum); a number: that many
-    bytes per element.
-    """
-    if isinstance(optimizer, str) and optimizer in _OPTIMIZER_STATES:
-        states = _OPTIMIZER_STATES[optimizer]
-        return lambda p: (2 + states) * p.numel() * p.element_size()
-    if isinstance(optimizer, (int, float)) and not isinstance(optimizer, bool) and optimizer >= 0:
-        return lambda p: 2 * p.numel() * p.element_size() + int(optimizer * p.numel())
-    raise ValueError(f"optimizer={optimizer!r}; expected {', '.join(map(repr, _OPTIMIZER_STATES))} or the "
-                     "optimizer's state bytes per parameter element (a number >= 0, e.g. 8 for AdamW "
-                     "with fp32 states)")
-
-
-_OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "sgd": 0, "sgd_momentum": 1}
+    """Bytes a parameter costs its rank: value + grad + the optimizer's state for it, counted
+    as the memory plan counts it (``dualpipe_fx.memory.optimizer_bytes``)."""
+    optimizer_bytes(optimizer, 0, 0, 0)  # an unknown optimizer fails before the trace
+    return lambda p: 2 * p.numel() * p.element_size() + optimizer_bytes(optimizer, p.numel() * p.element_size(),
+                                                                          p.numel(), 1)
 
 
 def memory_spec(optimizer="adamw", in_flight: Optional[Mapping[int, int]] = None,

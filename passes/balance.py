@@ -18,19 +18,21 @@ A rank's load, from per-node figures (prefix sums over the graph's compute nodes
   (within 10% of the split's figure on llama stages); ``dualpipe_fx.memory`` reports the
   exact plan.
 
-**Contract**: ``balance_cuts(loads, cuts, allowed, forced) -> cuts``: same number of cuts,
-each in ``allowed`` or ``forced``, forced ones kept; the largest rank load never above the
-start's.
+**Contract**: ``search_cuts(loads, allowed, cut_bytes, S, upper) -> cuts | None`` (chain
+and V placements; None for others) and ``balance_cuts(loads, cuts, allowed, forced,
+cut_bytes) -> cuts``: ``S - 1`` sorted cuts, each in ``allowed`` or ``forced`` (kept); local
+moves never raise the largest rank load above the start's.
 
 **Pseudocode**::
 
-    repeat until no cut moves (or a sweep cap):
-        for each cut k (stage k-1 on rank a | stage k on rank b):
-            p = the allowed position between cuts k-1 and k+1 that minimises max(load a, load b)
-                (ties: fewest bytes crossing)
-            move cut k to p if that lowers max(load a, load b)
+    search: bisect the largest rank load L; at each L a frontier DP over <= 400 candidate cuts
+            (V: inward from both ends, rank by rank; chain: greedy); then, within 1% of the
+            least L, bisect the largest stage time for the most even stages
+    local moves, until none moves: cut k (stage k-1 on rank a | stage k on rank b) goes to the
+            allowed position between its neighbours that lowers max(load a, load b) most
+            (ties: fewest bytes crossing)
 
-Each move lowers the larger of two loads without raising any load above it, so the
+Each local move lowers the larger of two loads without raising any load above it, so the
 largest load never grows and the sweeps end.
 """
 from __future__ import annotations
@@ -44,7 +46,7 @@ from typing import Callable, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-__all__ = ["MemorySpec", "RankLoads", "balance_cuts", "BALANCE_MODES"]
+__all__ = ["BALANCE_MODES", "MemorySpec", "RankLoads", "balance_cuts", "search_cuts"]
 
 BALANCE_MODES = ("time", "memory", "both")
 _RTOL = 1e-9  # loads this close count as equal (float noise)
@@ -120,21 +122,21 @@ class RankLoads:
     # ---- the scalar a cut minimises the largest of
 
     @cached_property
-    def _means(self) -> tuple[float, float, float]:
+    def _means(self) -> tuple[float, float]:
         n = len(set(self.placement.values()))
         mean_flight = sum(self.memory.in_flight.get(s, 1) for s in self.placement) / len(self.placement)
         mem = self.params[-1] + mean_flight * self.acts[-1]
-        return max(self.time[-1] / n, 1e-300), max(mem / n, 1e-300), max(self.params[-1] / n, 1e-300)
+        return max(self.time[-1] / n, 1e-300), max(mem / n, 1e-300)
 
-    def load(self, time: float, memory: float, params: float = 0.0) -> float:
+    def load(self, time: float, memory: float) -> float:
         """"time": time; "memory": memory; "both": the larger of time and memory, each over its
         mean; with a budget: time, and every over-budget rank above every within-budget one.
-        (``params`` is reported, not balanced: memory holds it.)"""
+        (A rank's parameter state is reported by ``ranks``, not balanced on its own.)"""
         if self.mode == "time":
             return time
         if self.mode == "memory":
             return memory
-        t_mean, m_mean, p_mean = self._means
+        t_mean, m_mean = self._means
         budget = self.memory.budget
         if budget is not None:
             return time / t_mean + (1e6 + memory / budget if memory > budget else 0.0)
@@ -148,7 +150,7 @@ def _pair_loads(loads: RankLoads, cuts: list[int], k: int, p: int, other: Mappin
     got: dict[int, list[float]] = {r: list(v) for r, v in other.items()}
     loads.add_stage(got, k - 1, a0, p)
     loads.add_stage(got, k, p, b1)
-    return max(loads.load(*v) for v in got.values())
+    return max(loads.load(t, m) for t, m, _ in got.values())
 
 
 def _others(loads: RankLoads, cuts: list[int], k: int) -> dict[int, list[float]]:
@@ -238,29 +240,29 @@ class _Grid:
     received: "np.ndarray"  # bytes a stage starting there receives (0 at position 0)
 
 
-def _caps(loads: RankLoads, lam: float) -> tuple[float, float, float]:
-    """``(time cap, memory cap, parameter-state cap)`` per rank for a largest load of ``lam``."""
+def _caps(loads: RankLoads, lam: float) -> tuple[float, float]:
+    """``(time cap, memory cap)`` per rank for a largest load of ``lam``."""
     if loads.mode == "time":
-        return lam, math.inf, math.inf
+        return lam, math.inf
     if loads.mode == "memory":
-        return math.inf, lam, math.inf
-    t_mean, m_mean, p_mean = loads._means
+        return math.inf, lam
+    t_mean, m_mean = loads._means
     if loads.memory.budget is not None:
-        return lam * t_mean, float(loads.memory.budget), math.inf
-    return lam * t_mean, lam * m_mean, math.inf
+        return lam * t_mean, float(loads.memory.budget)
+    return lam * t_mean, lam * m_mean
 
 
 def _weight(loads: RankLoads, stage: int) -> float:
     return float(loads.memory.in_flight.get(stage, 1))
 
 
-def _v_search(grid: _Grid, loads: RankLoads, num_stages: int, caps: tuple[float, float, float, float]
+def _v_search(grid: _Grid, loads: RankLoads, num_stages: int, caps: tuple[float, float, float]
               ) -> Optional[list[int]]:
     """Cut indices (into ``grid``) with every rank within ``caps`` for the V placement (rank r:
     stages r and S-1-r), or None. States after rank r: (front end a, back start b), kept on
     the frontier (a larger a and a smaller b are both better: less is left). ``caps``: per
-    rank time, memory and parameter state, per stage time."""
-    cap_t, cap_m, cap_p, cap_s = caps
+    rank time and memory, per stage time."""
+    cap_t, cap_m, cap_s = caps
     K, P = len(grid.pos), num_stages // 2
     front, back = np.array([0]), np.array([K - 1])
     trail = []  # per rank: (states' a', their b', predecessor state index)
@@ -275,8 +277,6 @@ def _v_search(grid: _Grid, loads: RankLoads, num_stages: int, caps: tuple[float,
         back_cap = cap_m - m_front - wb * grid.received.max()
         ib = np.maximum(np.searchsorted(grid.time, grid.time[b] - np.minimum(cap_t - t_front, cap_s), "left"),
                         np.searchsorted(q_back, q_back[b] - back_cap, "left"))
-        p_front = grid.params[j] - grid.params[a]
-        ib = np.maximum(ib, np.searchsorted(grid.params, grid.params[b] - (cap_p - p_front), "left"))
         room = num_stages - 2 - 2 * r  # stages still to place between a' and b'
         ib = np.maximum(ib, j + room)  # a shorter back stage leaves them room, within the caps
         ok = (j > a) & (ib < b) & (t_front <= cap_s)
@@ -294,7 +294,7 @@ def _v_search(grid: _Grid, loads: RankLoads, num_stages: int, caps: tuple[float,
     t_mid = grid.time[b] - grid.time[a]
     m_mid = grid.params[b] - grid.params[a] + w1 * (grid.acts[c] - grid.acts[a] + grid.received[a]) \
         + w2 * (grid.acts[b] - grid.acts[c] + grid.received[c])
-    ok = (c > a) & (c < b) & (t_mid <= cap_t) & (m_mid <= cap_m) & (grid.params[b] - grid.params[a] <= cap_p)
+    ok = (c > a) & (c < b) & (t_mid <= cap_t) & (m_mid <= cap_m)
     ok &= (grid.time[c] - grid.time[a] <= cap_s) & (grid.time[b] - grid.time[c] <= cap_s)
     hits = np.argwhere(ok)
     if hits.size == 0:
@@ -308,18 +308,17 @@ def _v_search(grid: _Grid, loads: RankLoads, num_stages: int, caps: tuple[float,
     return list(reversed(fronts)) + [int(mid)] + backs
 
 
-def _chain_search(grid: _Grid, loads: RankLoads, num_stages: int, caps: tuple[float, float, float, float]
+def _chain_search(grid: _Grid, loads: RankLoads, num_stages: int, caps: tuple[float, float, float]
                   ) -> Optional[list[int]]:
     """One stage per rank: each stage runs as far as the caps let it (greedy)."""
-    cap_t, cap_m, cap_p, cap_s = caps
+    cap_t, cap_m, cap_s = caps
     cap_t = min(cap_t, cap_s)
     K, at, cuts = len(grid.pos), 0, []
     for s in range(num_stages - 1):
         q = grid.params + _weight(loads, s) * grid.acts
         mem_cap = cap_m - _weight(loads, s) * grid.received[at]
         far = min(np.searchsorted(grid.time, grid.time[at] + cap_t, "right"),
-                  np.searchsorted(q, q[at] + mem_cap, "right"),
-                  np.searchsorted(grid.params, grid.params[at] + cap_p, "right")) - 1
+                  np.searchsorted(q, q[at] + mem_cap, "right")) - 1
         far = min(far, K - 1 - (num_stages - 1 - s))
         if far <= at:
             return None
@@ -327,8 +326,7 @@ def _chain_search(grid: _Grid, loads: RankLoads, num_stages: int, caps: tuple[fl
         at = far
     w = _weight(loads, num_stages - 1)
     q = grid.params + w * grid.acts
-    if grid.time[K - 1] - grid.time[at] > cap_t or q[K - 1] - q[at] + w * grid.received[at] > cap_m \
-            or grid.params[K - 1] - grid.params[at] > cap_p:
+    if grid.time[K - 1] - grid.time[at] > cap_t or q[K - 1] - q[at] + w * grid.received[at] > cap_m:
         return None
     return cuts
 

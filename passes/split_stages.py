@@ -284,7 +284,7 @@ def _per_rank_cuts(lay: _Layout, num_stages: int, forced, loads: RankLoads) -> t
             starts.add(_choose_cuts(replace(lay, prefix=_prefix(weights)), num_stages, forced))
 
     def score(cuts):
-        worst = max(loads.load(*v) for v in loads.ranks(cuts).values())
+        worst = max(loads.load(t, m) for t, m, _ in loads.ranks(cuts).values())
         return worst, sum(lay.cut_bytes[k] for k in cuts)
 
     done = [balance_cuts(loads, c, lay.allowed, forced, lay.cut_bytes) for c in sorted(starts)]
