@@ -114,7 +114,8 @@ def split_for_program(program: Program, model: nn.Module, loss_fn: Callable, exa
 
 def _agreed_options(args: Mapping[str, Any]) -> dict[str, Any]:
     """compile()'s options every rank must share (callables are compared by their cut instead)."""
-    options = {k: args[k] for k in ("compile_stages", "overlap", "split_points")}
+    options = {k: args[k] for k in ("compile_stages", "overlap", "split_points", "balance", "memory_budget",
+                                    "optimizer")}
     for k in ("cost", "recompute"):
         if args[k] is None or isinstance(args[k], str):
             options[k] = args[k]
@@ -238,8 +239,9 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
     world = dist.get_world_size(group)
     timeout = as_timeout(timeout)
     data_parallel = check_groups(group, dp_group, dp_mode)
-    agree(call_fields(schedule, world, num_microbatches, examples, example_target, example_kwargs,
-                      _agreed_options(locals())), group, timeout, "compile()", HINTS)
+    call = call_fields(schedule, world, num_microbatches, examples, example_target, example_kwargs,
+                       _agreed_options(locals()))
+    agree(call, group, timeout, "compile()", HINTS)
     # Each `together` block ends in a vote: an error on one rank (its device, its trace, its
     # init) stops every rank at once instead of leaving them in the next collective.
     with together(group, timeout, "compile()"):
@@ -261,11 +263,10 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
         state = model.state_dict(keep_vars=True)
         verify = verify_names(state, partition.stages, program, verify_weights,
                               skip=[n for p in pending.values() for n in p.names])
-    agree(cut_fields(partition.stages, state, verify), group, timeout, "compile()", HINTS)
+    cut = cut_fields(partition.stages, state, verify)
+    agree(cut, group, timeout, "compile()", HINTS)
     if data_parallel is not None:  # the replicas: the same call, place, cut and starting weights
-        agree({**call_fields(schedule, world, num_microbatches, examples, example_target, example_kwargs,
-                             _agreed_options(locals())), **dp_fields(group, dp_mode),
-               **cut_fields(partition.stages, state, verify)}, dp_group, timeout, "compile()", HINTS)
+        agree({**call, **dp_fields(group, dp_mode), **cut}, dp_group, timeout, "compile()", HINTS)
     with together(group, timeout, "compile()"):
         return build_pipeline(model, parts.stages, program, examples, example_target, num_microbatches,
                               group, timeout, compile_stages, overlap, example_kwargs=example_kwargs,

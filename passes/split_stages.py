@@ -153,6 +153,14 @@ def _forbidden_cuts(graph: fx.Graph, nodes, pos, crossing) -> dict[int, str]:
     return why
 
 
+def _prefix(values: Sequence[float]) -> tuple[float, ...]:
+    """``out[k]`` = the sum of ``values[:k]``."""
+    out = [0.0]
+    for v in values:
+        out.append(out[-1] + v)
+    return tuple(out)
+
+
 def _layout(gm: fx.GraphModule, cost: CostSpec) -> _Layout:
     nodes = tuple(n for n in gm.graph.nodes if _is_compute(n))
     pos = {node: i for i, node in enumerate(nodes)}
@@ -160,13 +168,10 @@ def _layout(gm: fx.GraphModule, cost: CostSpec) -> _Layout:
     costs = [table.get(node.name, 0.0) for node in nodes]
     if sum(costs) <= 0.0:
         costs = [1.0] * len(nodes)  # nothing costs anything: balance the node counts
-    prefix = [0.0]
-    for c in costs:
-        prefix.append(prefix[-1] + c)
     crossing, cut_bytes = _crossings(gm.graph, nodes, pos)
     why = _forbidden_cuts(gm.graph, nodes, pos, crossing)
     allowed = tuple(k for k in range(1, len(nodes)) if k not in why)
-    return _Layout(gm.graph, nodes, MappingProxyType(pos), tuple(prefix), crossing, cut_bytes, allowed,
+    return _Layout(gm.graph, nodes, MappingProxyType(pos), _prefix(costs), crossing, cut_bytes, allowed,
                    MappingProxyType(why))
 
 
@@ -253,13 +258,6 @@ def _choose_cuts(lay: _Layout, num_stages: int, forced: Sequence[int]) -> tuple[
 # Per rank: the cut moved until every rank's time and memory are even (passes.balance)
 
 
-def _prefix(values: Sequence[float]) -> tuple[float, ...]:
-    out = [0.0]
-    for v in values:
-        out.append(out[-1] + v)
-    return tuple(out)
-
-
 def _rank_loads(lay: _Layout, placement: Mapping[int, int], memory: MemorySpec, mode: str) -> RankLoads:
     param_at = [0.0] * len(lay.nodes)
     for ph in lay.graph.nodes:
@@ -299,12 +297,10 @@ def _check_budget(loads: RankLoads, cuts, placement: Mapping[int, int]) -> None:
     budget = loads.memory.budget
     if budget is None:
         return
-    for rank, (_, mem, _) in sorted(loads.ranks(cuts).items()):
+    for rank, (_, mem, params) in sorted(loads.ranks(cuts).items()):
         if mem > budget:
             stages = sorted(s for s, r in placement.items() if r == rank)
-            bounds = list(zip((0, *cuts), (*cuts, len(loads.time) - 1)))
-            params = sum(loads.params[bounds[s][1]] - loads.params[bounds[s][0]] for s in stages)
-            acts = sum(loads.stage_acts(s, *bounds[s]) for s in stages)
+            acts = mem - params
             raise ValueError(
                 f"memory_budget={budget:,} bytes per rank: no cut fits; the best cut still gives rank {rank} "
                 f"(stages {stages}) {mem:,.0f} bytes = parameters, grads and optimizer state {params:,.0f} + "
