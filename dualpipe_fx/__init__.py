@@ -6,6 +6,7 @@ from dualpipe_fx.simulate import Costs, SimResult, simulate  # noqa: F401
 from dualpipe_fx.memory import MemoryPlan, plan  # noqa: F401
 from dualpipe_fx.visualize import visualize  # noqa: F401
 from dualpipe_fx.compile import compile, Pipeline, PeerTimeoutError  # noqa: F401,A001
+from dualpipe_fx.runtime.data_parallel import ExpertParallel  # noqa: F401
 from dualpipe_fx.runtime.errors import PeerFailedError, PipelineBrokenError, PipelineStepError  # noqa: F401
 from passes.capture import TraceError  # noqa: F401  (raised by compile/split for untraceable models)
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from dualpipe_fx.runtime.agree import HINTS, agree, as_timeout, call_fields, cut_fields, together, verify_names
 from dualpipe_fx.runtime.build import build_pipeline, local_names, local_parts
-from dualpipe_fx.runtime.data_parallel import check_groups, dp_fields
+from dualpipe_fx.runtime.data_parallel import ExpertParallel, check_expert_parallel, check_groups, dp_fields
 from dualpipe_fx.runtime.errors import PeerTimeoutError, check_world  # noqa: F401  re-exported
 from dualpipe_fx.runtime.materialize import materialize
 from dualpipe_fx.runtime.pipeline import Pipeline
@@ -145,6 +145,15 @@ class _RankZeroTimings:
         return self._tables[id(gm)].get(node.name, 0.0)
 
 
+def _replicated(cut: dict, experts: Optional[ExpertParallel]) -> dict:
+    """``cut`` without the checksums of expert parameters: data-parallel peers in other EP ranks
+    hold other experts under the same FQNs."""
+    if experts is None:
+        return cut
+    sums = {k: v for k, v in cut["parameter checksums"].items() if not experts.is_expert(k)}
+    return {**cut, "parameter checksums": sums}
+
+
 def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=None, *,
             example_kwargs: Optional[Mapping[str, Any]] = None, schedule: str = "dualpipev",
             num_microbatches: int, group: Optional[dist.ProcessGroup] = None,
@@ -153,7 +162,7 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
             recompute=None, device=None, param_init_fn: Optional[Callable[[nn.Module], None]] = None,
             verify_weights: bool = True, balance: str = "both", memory_budget: Optional[int] = None,
             optimizer="adamw", dp_group: Optional[dist.ProcessGroup] = None,
-            dp_mode: str = "replicate") -> Pipeline:
+            dp_mode: str = "replicate", expert_parallel: Optional[ExpertParallel] = None) -> Pipeline:
     """Pipeline ``model`` over the ranks of ``group`` with ``schedule``.
 
     Args:
@@ -210,6 +219,13 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
             before its first action of the step (and, with ``"shard"``, freed after its
             last), grads reduce-scattered after its last W. The collectives are torch's
             UNSHARD/RESHARD/REDUCE_GRAD runtime actions (``runtime/data_parallel.py``).
+        expert_parallel: an ``ExpertParallel(group, params, replica_group)`` when the model's
+            experts are split over an EP group inside ``dp_group`` (each rank holds its slice
+            and the model's forward exchanges tokens by all_to_all, traced into the stage
+            graphs): those parameters are never sharded over ``dp_group``; their grads are
+            reduced over ``replica_group`` only and averaged like the rest (the grads of the
+            mean loss over ``dp_group``). In the shard modes they are ``DTensor``
+            ``Shard(0)`` parameters on a mesh over the EP group named ``"ep"``.
 
     Returns:
         this rank's ``Pipeline``.
@@ -239,6 +255,7 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
     world = dist.get_world_size(group)
     timeout = as_timeout(timeout)
     data_parallel = check_groups(group, dp_group, dp_mode)
+    experts = check_expert_parallel(dp_group, expert_parallel)
     call = call_fields(schedule, world, num_microbatches, examples, example_target, example_kwargs,
                        _agreed_options(locals()))
     agree(call, group, timeout, "compile()", HINTS)
@@ -266,10 +283,14 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
     cut = cut_fields(partition.stages, state, verify)
     agree(cut, group, timeout, "compile()", HINTS)
     if data_parallel is not None:  # the replicas: the same call, place, cut and starting weights
-        agree({**call, **dp_fields(group, dp_mode), **cut}, dp_group, timeout, "compile()", HINTS)
+        agree({**call, **dp_fields(group, dp_mode), **_replicated(cut, experts),
+               "expert parallel": None if experts is None else (
+                   dist.get_world_size(experts.group),
+                   1 if experts.replica_group is None else dist.get_world_size(experts.replica_group))}, dp_group, timeout, "compile()",
+              HINTS)
     with together(group, timeout, "compile()"):
         return build_pipeline(model, parts.stages, program, examples, example_target, num_microbatches,
                               group, timeout, compile_stages, overlap, example_kwargs=example_kwargs,
                               call=partition.captured.call, outputs=partition.captured.output_layout,
                               part_graphs=partition.stages, device=device, pending=pending,
-                              data_parallel=data_parallel)
+                              data_parallel=data_parallel, experts=experts)

@@ -6,6 +6,7 @@ Each name below is re-exported under a stable local name and covered by
 from __future__ import annotations
 
 import contextlib
+import logging
 import dataclasses
 from typing import Any, Mapping
 
@@ -30,6 +31,7 @@ __all__ = [
     "current_tracer_graph",
     "make_fx",
     "make_functional_fx",
+    "quiet_fake_kernel_errors",
     "non_persistent_buffers",
     "on_checkpoint_regions",
     "REENTRANT_CHECKPOINT",
@@ -165,6 +167,20 @@ def non_persistent_buffers(module: torch.nn.Module) -> frozenset[str]:
 
 
 # --- data-dependent (unbacked) sizes ---
+
+@contextlib.contextmanager
+def quiet_fake_kernel_errors():
+    """Inside, a fake (meta) kernel that raises is not also logged at ERROR by torch's fake
+    tensor module: the cost model runs ops on guessed data-dependent sizes, which may not fit
+    together (a split whose guessed sizes do not sum to the guessed length), and catches it."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
 
 @dataclasses.dataclass(frozen=True)
 class SymSizeFacts:

@@ -28,7 +28,8 @@ import torch.fx as fx
 from torch.fx.node import map_aggregate
 from torch.utils.flop_counter import FlopCounterMode
 
-from passes._compat import FakeTensorMode, decomposes_implicitly, sym_size_facts, tree_flatten
+from passes._compat import (FakeTensorMode, decomposes_implicitly, quiet_fake_kernel_errors, sym_size_facts,
+                            tree_flatten)
 
 CostSpec = Union[str, Callable[[fx.Node], float]]
 
@@ -268,7 +269,7 @@ def node_costs(gm: fx.GraphModule, *, measured: bool = False, repeats: int = 3) 
     nodes = [n for n in gm.graph.nodes if _is_compute(n)]
     # one fake mode and one counter for the whole graph: entering them per node is slow.
     # Tensors made inside the fake mode are fake: no real memory, even for huge shapes.
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    with FakeTensorMode(allow_non_fake_inputs=True), quiet_fake_kernel_errors():
         with FlopCounterMode(display=False, custom_mapping=extra_flop_formulas()) as counter:
             memo: dict[str, float] = {}
             flops = {n.name: _node_flops(n, counter, memo) for n in nodes}
@@ -369,7 +370,7 @@ def saved_bytes_estimate(gm: fx.GraphModule, *, selective: bool = False) -> Mapp
     memo: dict[str, tuple[int, frozenset]] = {}
     own: dict[str, int] = {n.name: 0 for n in nodes}
     kept: set[fx.Node] = set()
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    with FakeTensorMode(allow_non_fake_inputs=True), quiet_fake_kernel_errors():
         for n in nodes:
             key = _signature(n)
             if key not in memo:

@@ -163,7 +163,7 @@ def build_pipeline(model: nn.Module, parts: Sequence[StageGraphs], program: Prog
                    outputs: Optional[OutputLayout] = None,
                    part_graphs: Sequence[torch.fx.GraphModule], device: Optional[torch.device] = None,
                    pending: Optional[Mapping[str, Pending]] = None,
-                   data_parallel: Optional[tuple[dist.ProcessGroup, str]] = None) -> Pipeline:
+                   data_parallel: Optional[tuple[dist.ProcessGroup, str]] = None, experts=None) -> Pipeline:
     """This rank's pipeline (see the module docstring); ``data_parallel``: (group, mode) for
     ``runtime.data_parallel.DataParallel``, or None."""
     rank = dist.get_rank(group)
@@ -182,7 +182,7 @@ def build_pipeline(model: nn.Module, parts: Sequence[StageGraphs], program: Prog
     executor = Executor(stages, rank, timeout)
     dp = None
     if data_parallel is not None:
-        dp = DataParallel(data_parallel[1], data_parallel[0], stages, _named_params(stages), timeout)
+        dp = DataParallel(data_parallel[1], data_parallel[0], stages, _named_params(stages), timeout, experts)
         executor.data_parallel = dp
     if overlap:
         executor.overlap = OverlapRunner(compile_graphs=compile_stages)  # every FB action: one merged graph

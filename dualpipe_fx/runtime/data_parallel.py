@@ -37,6 +37,16 @@ the local shards, ``state_dict()`` keeps the model's FQNs and global shapes, and
     finish_step: wait; flat / N -> {FQN: this step's grad (full, or my shard)}
     assign:      (after the pipeline sums shared parameters' grads) grad = earlier + this step's
 
+**Expert parallelism** (``ExpertParallel``): an MoE's experts are split over an EP group inside
+``dp_group`` (its ranks read different batches and exchange tokens by all_to_all in the stage
+graphs), so each rank holds its own slice of the expert parameters. Those are never sharded
+or gathered over ``dp_group``: their grads (already summed over the EP ranks' losses by the
+reverse all_to_all) are all-reduced over ``replica_group`` alone (the ranks holding the same
+slice; none when EP spans ``dp_group``) and divided by the size of ``dp_group`` like every
+other grad: the grads of the mean loss over ``dp_group``. In the shard modes they are
+``DTensor`` parameters ``Shard(0)`` on a 1-D mesh over the EP group named ``"ep"`` (global
+shapes for checkpoints; torchtitan's grad clipping tells them apart by that name).
+
 Order for shared parameters (a tied weight on two pipeline ranks, DualPipe's mirrors): each
 holder's partial grad is reduced over the data-parallel group once, at its last W, and the
 pipeline then sums the reduced partials across holders (``sync.sum_shared_grads``). Sums
@@ -63,6 +73,29 @@ from dualpipe_fx import _compat
 from dualpipe_fx.runtime.errors import PeerTimeoutError
 
 MODES = ("replicate", "shard", "shard_grad_op")
+
+
+@dataclass(frozen=True)
+class ExpertParallel:
+    """Which of this rank's parameters are its expert-parallel slice, and over which groups.
+
+    ``compile(..., dp_group=, expert_parallel=ExpertParallel(group, params, replica_group))``:
+
+    - ``group``: the EP group, ranks of ``dp_group`` that split the experts and exchange tokens
+      (the model's own forward runs the all_to_all, e.g. ``examples_moe.MoEFeedForward``);
+    - ``params``: the expert parameters' FQNs, or a predicate ``fqn -> bool``; this rank's
+      tensors hold its ``1/|group|`` of the experts along dim 0 (rank ``r``: rows
+      ``[r*n, (r+1)*n)`` of the global tensor);
+    - ``replica_group``: the ranks of ``dp_group`` holding the same slice (one per EP group);
+      None when the EP group is the whole ``dp_group``.
+    """
+
+    group: dist.ProcessGroup
+    params: object  # Collection[str] | Callable[[str], bool]
+    replica_group: Optional[dist.ProcessGroup] = None
+
+    def is_expert(self, name: str) -> bool:
+        return bool(self.params(name)) if callable(self.params) else name in self.params
 
 
 @dataclass
@@ -115,7 +148,8 @@ class DataParallel:
     """This rank's parameters over the data-parallel ``group``; see the module docstring."""
 
     def __init__(self, mode: str, group: dist.ProcessGroup, stages: Mapping[int, object],
-                 named: Mapping[str, torch.Tensor], timeout: timedelta) -> None:
+                 named: Mapping[str, torch.Tensor], timeout: timedelta,
+                 experts: Optional[ExpertParallel] = None) -> None:
         assert mode in MODES, mode
         self.mode = mode
         self.group = group
@@ -131,8 +165,15 @@ class DataParallel:
             for n in names:
                 self.users[n] = self.users.get(n, 0) + 1
         shard = mode != "replicate"
-        self.layouts = {n: _layout(n, named[n], self.size, self.index, shard) for n in self.users}
+        self.experts = experts
+        self.expert_names = {n for n in self.users if experts is not None and experts.is_expert(n)}
+        # experts: over the ranks holding the same slice (None: no one else holds it)
+        replicas = experts.replica_group if experts is not None else None
+        self.expert_group = replicas if replicas is not None and dist.get_world_size(replicas) > 1 else None
+        self.layouts = {n: _layout(n, named[n], self.size, self.index, shard and n not in self.expert_names)
+                        for n in self.users}
         self.mesh = None
+        self.ep_mesh = None
         self.params: dict[str, nn.Parameter] = dict(named)  # what an optimizer steps on
         if shard:
             self._shard_params()
@@ -152,8 +193,13 @@ class DataParallel:
         some = next(iter(self.layouts.values()), None)
         device_type = some.full.device.type if some is not None else "cpu"
         self.mesh = DeviceMesh.from_group(self.group, device_type)
+        if self.expert_names:
+            self.ep_mesh = DeviceMesh.from_group(self.experts.group, device_type, mesh_dim_names=("ep",))
         for name, lay in self.layouts.items():
             full = lay.full
+            if name in self.expert_names:  # the DTensor's local tensor is the one the graphs read
+                self.params[name] = nn.Parameter(self._dtensor(lay, full.detach()), requires_grad=full.requires_grad)
+                continue
             local = full.detach()[lay.start:lay.stop].clone() if lay.sharded else full.detach().clone()
             placement = Shard(0) if lay.sharded else Replicate()
             dt = DTensor.from_local(local, self.mesh, [placement], run_check=False,
@@ -167,6 +213,11 @@ class DataParallel:
     def _dtensor(self, lay: _Layout, local: torch.Tensor):
         from torch.distributed.tensor import DTensor, Replicate, Shard
 
+        if lay.name in self.expert_names:
+            ep = self.ep_mesh.size()
+            shape = (lay.full.shape[0] * ep, *lay.full.shape[1:])
+            return DTensor.from_local(local, self.ep_mesh, [Shard(0)], run_check=False, shape=shape,
+                                      stride=torch.empty(shape, device="meta").stride())
         return DTensor.from_local(local, self.mesh, [Shard(0) if lay.sharded else Replicate()],
                                   run_check=False, shape=lay.full.shape, stride=lay.full.stride())
 
@@ -193,6 +244,9 @@ class DataParallel:
             if k in source:
                 s = source[k]
                 s = s.full_tensor() if isinstance(s, DTensor) else s
+                if lay.name in self.expert_names and s.shape[0] != lay.full.shape[0]:  # global: my rows
+                    n = lay.full.shape[0]
+                    s = s[dist.get_rank(self.experts.group) * n:][:n]
                 sources[k] = s[lay.start:lay.stop] if lay.sharded else s
         return targets, sources
 
@@ -201,7 +255,7 @@ class DataParallel:
     def begin_step(self, forward_only: bool) -> None:
         self._left = dict(self.users)
         self._active = {}
-        self._gathered = set() if self.mesh is not None else set(self.layouts)
+        self._gathered = set(self.expert_names) if self.mesh is not None else set(self.layouts)
         self._earlier = {}
         if forward_only:
             return
@@ -265,7 +319,7 @@ class DataParallel:
     def on_reshard(self, action, ctx=None) -> None:
         for n in self.stage_names[action.stage_index]:
             self._active[n] = self._active.get(n, 1) - 1
-            if self._active[n] == 0 and self.mode == "shard" and n in self._gathered:
+            if self._active[n] == 0 and self.mode == "shard" and n in self._gathered and n not in self.expert_names:
                 _free(self.layouts[n].full)
                 self._gathered.discard(n)
 
@@ -275,17 +329,22 @@ class DataParallel:
             self._left[n] -= 1
             if self._left[n] == 0 and self.layouts[n].full.grad is not None:
                 ready.append(self.layouts[n])
+        experts = [lay for lay in ready if lay.name in self.expert_names]
+        for group in _by_dtype(experts):
+            self._reduce(group, self.expert_group)
         for sharded in (False, True):
-            for group in _by_dtype([lay for lay in ready if lay.sharded == sharded]):
-                self._reduce(group)
+            for group in _by_dtype([lay for lay in ready if lay.sharded == sharded and lay not in experts]):
+                self._reduce(group, self.group)
 
-    def _reduce(self, layouts: list[_Layout]) -> None:
+    def _reduce(self, layouts: list[_Layout], over: Optional[dist.ProcessGroup]) -> None:
+        """Start reducing ``layouts``' grads over ``over`` (None: nothing to reduce with, the
+        expert slice no other rank holds: only ``finish_step``'s division)."""
         sizes = [lay.chunk if lay.sharded else lay.full.numel() for lay in layouts]
         offsets, total = _offsets(sizes)
         grad, send = layouts[0].full.grad, None
         if not layouts[0].sharded:
             flat = torch.cat([lay.full.grad.reshape(-1) for lay in layouts])
-            work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+            work = None if over is None else dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=over, async_op=True)
         else:
             send = torch.zeros(self.size, total, dtype=grad.dtype, device=grad.device)
             for lay, off in zip(layouts, offsets):
@@ -307,7 +366,8 @@ class DataParallel:
         grads: dict[str, torch.Tensor] = {}
         reducing, self._reducing = self._reducing, []
         for pending in reducing:
-            self._wait(pending.work, "the reduction of grads")
+            if pending.work is not None:
+                self._wait(pending.work, "the reduction of grads")
             pending.flat.div_(self.size)
             for lay, off in zip(pending.layouts, pending.offsets):
                 if lay.sharded:
@@ -351,6 +411,8 @@ class DataParallel:
         finally:
             with torch.no_grad():
                 for name, lay in self.layouts.items():
+                    if name in self.expert_names:  # never gathered: the tensor written is the one kept
+                        continue
                     self.params[name].to_local().copy_(lay.full[lay.start:lay.stop] if lay.sharded else lay.full)
                     if self.mode == "shard":
                         _free(lay.full)
@@ -444,6 +506,44 @@ def check_groups(group: Optional[dist.ProcessGroup], dp_group: Optional[dist.Pro
         raise ValueError(f"compile(): pipeline group of {len(pp_ranks)} x dp_group of {len(dp_ranks)} ranks "
                          f"> world size {world}; expected the grid to fit in the world")
     return dp_group, dp_mode
+
+
+def check_expert_parallel(dp_group: Optional[dist.ProcessGroup],
+                          experts: Optional[ExpertParallel]) -> Optional[ExpertParallel]:
+    """``experts`` once its groups fit ``dp_group`` (local checks, before any communication).
+
+    Raises:
+        ValueError: ``expert_parallel`` without ``dp_group``; the EP group or ``replica_group``
+            lacks this rank or reaches outside ``dp_group``; the two do not tile ``dp_group``
+            (EP size x replica size != dp size, or they share another rank).
+    """
+    if experts is None:
+        return None
+    if not isinstance(experts, ExpertParallel):
+        raise ValueError(f"compile(expert_parallel={experts!r}): expected a dualpipe_fx.ExpertParallel")
+    if dp_group is None:
+        raise ValueError("compile(expert_parallel=...) needs dp_group: the EP ranks read different batches, "
+                         "so every non-expert parameter is data-parallel over (at least) the EP group; pass "
+                         "dp_group = the ranks holding this rank's stages in the other pipeline replicas")
+    me = dist.get_rank()
+    dp = set(dist.get_process_group_ranks(dp_group))
+
+    def ranks(g, what):
+        members = dist.get_process_group_ranks(g) if dist.get_rank(g) >= 0 else []
+        if me not in members or not set(members) <= dp:
+            raise ValueError(f"compile(expert_parallel=...): {what} {sorted(members)} must contain this rank "
+                             f"({me}) and lie within dp_group {sorted(dp)}")
+        return set(members)
+
+    ep = ranks(experts.group, "the EP group")
+    replicas = ranks(experts.replica_group, "replica_group") if experts.replica_group is not None else {me}
+    if len(ep) * len(replicas) != len(dp) or ep & replicas != {me}:
+        hint = "None (the EP group spans dp_group)" if len(ep) == len(dp) else \
+            "the ranks of dp_group with this rank's EP index (one per EP group)"
+        raise ValueError(f"compile(expert_parallel=...): the EP group {sorted(ep)} and replica_group "
+                         f"{sorted(replicas)} do not tile dp_group {sorted(dp)}; expected |EP| x |replicas| = "
+                         f"|dp_group| meeting in this rank alone: set replica_group to {hint}")
+    return experts
 
 
 def dp_fields(group: Optional[dist.ProcessGroup], dp_mode: str) -> dict[str, object]:

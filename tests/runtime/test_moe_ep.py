@@ -13,8 +13,7 @@ import torch
 import torch.distributed as dist
 
 import dualpipe_fx
-from dualpipe_fx.examples_moe import (MoEConfig, MoEDecoder, ep_average_grads, expert_shard,
-                                      moe_batch, moe_loss)
+from dualpipe_fx.examples_moe import MoEConfig, MoEDecoder, expert_shard, is_expert_param, moe_batch, moe_loss
 from dualpipe_fx.runtime.overlap import OverlapRunner
 from tests.runtime.dist_harness import run_ranks
 
@@ -45,21 +44,54 @@ def pipeline_only(rank, world):
 
 
 def pipeline_x_expert(rank, world):
-    """Rank = 2 * pp_rank + ep_rank; EP groups {0,1}, {2,3}; pipeline groups {0,2}, {1,3}."""
+    """Rank = 2 * pp_rank + ep_rank; EP (= data-parallel) groups {0,1}, {2,3}; pipeline groups
+    {0,2}, {1,3}. compile(expert_parallel=...) averages the non-expert grads over the EP group
+    and divides the expert grads (summed over its losses by the reverse all_to_all): first
+    with replicated non-expert parameters, then sharded (ZeRO-3, DTensors), two steps each."""
+    from torch.distributed.tensor import DTensor
+
     pp_rank, ep_rank = divmod(rank, 2)
     ep_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
     pp_groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
     ep_group, pp_group = ep_groups[pp_rank], pp_groups[ep_rank]
     x, y = moe_batch(CFG, 2 * C, SEQ, seed=5)
     mine = slice(ep_rank * C, (ep_rank + 1) * C)  # this EP rank's half of the batch
-    pipe, loss, multiplexed = _step(MoEDecoder(CFG, seed=2, group=ep_group), x[mine], y[mine], "dualpipev", pp_group)
-    ep_average_grads(list(pipe.named_parameters()), ep_group)
-    if loss is not None:  # the EP group's mean of its ranks' losses
-        loss = loss.detach().clone()
-        dist.all_reduce(loss, group=ep_group)
-        loss /= 2
-    return {"loss": loss, "ep_rank": ep_rank, "multiplexed": multiplexed,
-            "grads": {n: p.grad.clone() for n, p in pipe.named_parameters() if p.grad is not None}}
+    out = {"ep_rank": ep_rank, "refused": []}
+    for bad in ({"dp_group": None}, {"dp_group": ep_group, "replica_group": pp_group}):  # local checks, no comm
+        try:
+            dualpipe_fx.compile(MoEDecoder(CFG, seed=2, group=ep_group), moe_loss, (x[:1],), y[:1],
+                                num_microbatches=C, group=pp_group, dp_group=bad["dp_group"],
+                                expert_parallel=dualpipe_fx.ExpertParallel(ep_group, is_expert_param,
+                                                                           bad.get("replica_group")))
+        except ValueError as err:
+            out["refused"].append(str(err))
+    for mode in ("replicate", "shard"):
+        model = MoEDecoder(CFG, seed=2, group=ep_group)
+        experts = dualpipe_fx.ExpertParallel(ep_group, is_expert_param)
+        pipe = dualpipe_fx.compile(model, moe_loss, (x[mine][:1],), y[mine][:1], schedule="dualpipev",
+                                   num_microbatches=C, group=pp_group, dp_group=ep_group, dp_mode=mode,
+                                   expert_parallel=experts)
+        runner = pipe._executor.overlap
+        assert isinstance(runner, OverlapRunner), f"FB actions run by {runner}, not the multiplexed graph"
+        params = dict(pipe.named_parameters())
+        placements = {n: (type(p).__name__, repr(p.placements[0]) if isinstance(p, DTensor) else None,
+                          tuple(p.shape)) for n, p in params.items()}
+        for _ in range(2):  # the second step accumulates onto the first
+            loss = pipe.step(x[mine], target=y[mine])
+        if loss is not None:  # the EP group's mean of its ranks' losses
+            loss = loss.detach().clone()
+            dist.all_reduce(loss, group=ep_group)
+            loss /= 2
+
+        def local(g):  # the expert slice this rank holds, or the whole non-expert grad
+            if isinstance(g, DTensor):
+                return g.to_local() if g.device_mesh.mesh_dim_names == ("ep",) else g.full_tensor()
+            return g
+
+        out[mode] = {"loss": loss, "placements": placements,
+                     "multiplexed": sum(gm is not None for gm in runner._graphs.values()),
+                     "grads": {n: local(p.grad) / 2 for n, p in params.items() if p.grad is not None}}
+    return out
 
 
 def _reference(seed, x, y):
@@ -98,7 +130,15 @@ def test_moe_dualpipev_times_expert_parallel_4_processes_equal_one_process():
     results = run_ranks(pipeline_x_expert, 4, timeout=500)
     x, y = moe_batch(CFG, 2 * C, SEQ, seed=5)
     ref_loss, ref_grads = _reference(2, x, y)
-    _check(results, ref_loss, ref_grads, 2)
+    for mode in ("replicate", "shard"):
+        _check([{**r[mode], "ep_rank": r["ep_rank"]} for r in results], ref_loss, ref_grads, 2)
+    for r in results:
+        assert len(r["refused"]) == 2, r["refused"]
+        assert "needs dp_group" in r["refused"][0] and "lie within dp_group" in r["refused"][1], r["refused"]
+    for r in results:  # expert slices: global shapes on the "ep" mesh when sharded; local ones replicated
+        w1 = next(n for n in r["shard"]["placements"] if n.endswith("moe.w1"))
+        assert r["shard"]["placements"][w1] == ("DTensor", "Shard(dim=0)", (CFG.n_experts, CFG.dim, CFG.expert_hidden))
+        assert r["replicate"]["placements"][w1][2] == (CFG.n_experts // 2, CFG.dim, CFG.expert_hidden)
 
 
 def test_run_overlapped_equals_f_then_b_and_reports_each_sent_value_once():
