@@ -11,7 +11,9 @@ DualPipeV's 1.2248 on the llama3 debug model). Here:
   holds;
 - :func:`clip_grad_norm_` is torchtitan's, except that the marked copies are left out of
   the norm (every copy is still scaled by the clip coefficient), so the norm, and the
-  clipping, are DualPipeV's. Without marked parameters it is torchtitan's own function.
+  clipping, are DualPipeV's. With expert parallelism the grads live on several meshes
+  (expert slices on ``"ep"``, the rest on the data-parallel mesh): one norm per mesh,
+  combined. Without marked parameters or EP it is torchtitan's own function.
 - :func:`use_replica_aware_clipping` points ``torchtitan.train``'s ``dist_utils`` at a
   stand-in module whose ``clip_grad_norm_`` is this one (every other name is torchtitan's).
 """
@@ -45,21 +47,44 @@ def mark_replicas(part: nn.Module, group) -> int:
     return marked
 
 
+def _by_mesh(tensors) -> list[list[torch.Tensor]]:
+    """``tensors`` grouped by DTensor mesh (plain tensors together): a norm or foreach op per group."""
+    from torch.distributed.tensor import DTensor
+
+    groups: dict[object, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(id(t.device_mesh) if isinstance(t, DTensor) else None, []).append(t)
+    return list(groups.values())
+
+
 @torch.no_grad()
 def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
                     foreach=None, pp_mesh=None, ep_enabled: bool = False) -> torch.Tensor:
-    """torchtitan's ``dist_utils.clip_grad_norm_``, counting each marked replica once."""
+    """torchtitan's ``dist_utils.clip_grad_norm_``, counting each marked replica once.
+
+    With marked replicas or expert parallelism (dualpipe_fx's expert slices are DTensors on an
+    ``"ep"`` mesh, the other parameters on the data-parallel mesh or plain): the norm of each
+    mesh's grads (a full norm over that mesh), combined over the meshes as torchtitan's EP path
+    combines its two, then over the pipeline group; every grad is scaled, mesh by mesh."""
     from torch.distributed.tensor import DTensor
     from torchtitan.distributed import utils as dist_utils
 
     parameters = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
-    if ep_enabled or not any(getattr(p, _MARK, False) for p in parameters):
+    if not ep_enabled and not any(getattr(p, _MARK, False) for p in parameters):
         return dist_utils.clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite, foreach,
                                           pp_mesh, ep_enabled)
-    grads = [p.grad for p in parameters if p.grad is not None and not getattr(p, _MARK, False)]
-    total_norm = torch.nn.utils.get_total_norm(grads, norm_type, error_if_nonfinite, foreach)
-    if isinstance(total_norm, DTensor):
-        total_norm = total_norm.full_tensor()
+    counted = [p.grad for p in parameters if p.grad is not None and not getattr(p, _MARK, False)]
+    norms = []
+    for grads in _by_mesh(counted):
+        norm = torch.nn.utils.get_total_norm(grads, norm_type, error_if_nonfinite, foreach)
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    if not norms:
+        grads = [p.grad for p in parameters if p.grad is not None]
+        norms = [torch.zeros((), device=grads[0].device if grads else "cpu")]
+    if math.isinf(norm_type):
+        total_norm = torch.stack(norms).max()
+    else:
+        total_norm = sum(n ** norm_type for n in norms) ** (1.0 / norm_type)
     if pp_mesh is not None:
         if math.isinf(norm_type):
             dist.all_reduce(total_norm, op=dist.ReduceOp.MAX, group=pp_mesh.get_group())
@@ -67,7 +92,8 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
             total_norm **= norm_type
             dist.all_reduce(total_norm, op=dist.ReduceOp.SUM, group=pp_mesh.get_group())
             total_norm **= 1.0 / norm_type
-    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total_norm, foreach)
+    for group in _by_mesh([p for p in parameters if p.grad is not None]):
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total_norm, foreach)
     return total_norm
 
 

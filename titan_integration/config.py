@@ -289,28 +289,19 @@ def _check_other_parallelisms(job_config) -> None:
     degrees = {
         "parallelism.tensor_parallel_degree": par.tensor_parallel_degree,
         "parallelism.context_parallel_degree": par.context_parallel_degree,
-        "parallelism.expert_parallel_degree": par.expert_parallel_degree,
     }
     # data_parallel_replicate_degree / data_parallel_shard_degree map onto compile(dp_group=,
     # dp_mode=) (titan_integration.pipelining.data_parallel_args)
-    if par.expert_parallel_degree > 1:
-        raise ValueError(
-            f"parallelism.expert_parallel_degree = {par.expert_parallel_degree} is not supported "
-            f"together with dualpipe_fx.enable: torchtitan's EP lives in its parallelize_fn (DTensor "
-            f"experts; the token dispatch/combine all_to_all run in module hooks outside the forward, "
-            f"with split sizes known only at run time), which the traced stage graphs never run. "
-            f"Missing for EP under dualpipe_fx: (1) an expert module whose own forward dispatches "
-            f"and combines with functional all_to_all (as dualpipe_fx/examples_moe.py does) swapped "
-            f"in before tracing, holding this EP rank's slice of the unsplit init; (2) compile("
-            f"dp_group=) reduces or shards every parameter over the data-parallel group, and EP "
-            f"borrows that group (dp_shard), so expert parameters, which EP shards, would be "
-            f"wrongly averaged: a per-parameter exclusion is needed; (3) the model part would have "
-            f"to expose the experts as DTensors on torchtitan's ep mesh (checkpoints, grad norm). "
-            f"Set parallelism.expert_parallel_degree = 1 (the MoE model then trains with PP and DP)")
+    # expert_parallel_degree maps onto compile(expert_parallel=) (pipelining.expert_parallel_args)
+    if par.expert_parallel_degree > 1 and par.expert_parallel_comm_backend != "standard":
+        raise ValueError(f"parallelism.expert_parallel_comm_backend = {par.expert_parallel_comm_backend!r} "
+                         f"is not supported together with dualpipe_fx.enable: its dispatch/combine are "
+                         f"DeepEP kernels outside the traced forward; set it to \"standard\" (the experts' "
+                         f"all_to_all then runs inside the stage graphs)")
     for key, degree in degrees.items():
         if degree > 1:
             raise ValueError(f"{key} = {degree} is not supported together with dualpipe_fx.enable "
-                             f"(pipeline and data parallelism only, for now); set {key} = 1")
+                             f"(pipeline, data and expert parallelism only, for now); set {key} = 1")
     if job_config.compile.enable and "model" in job_config.compile.components:
         raise ValueError("compile.enable = true with \"model\" in compile.components compiles "
                          "torchtitan's module parts, which dualpipe_fx replaces; set "

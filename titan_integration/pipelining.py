@@ -47,6 +47,7 @@ from torch import nn
 
 from titan_integration.clipping import mark_replicas
 from titan_integration.config import compile_kwargs, num_microbatches, recompute_arg
+from titan_integration.expert_parallel import full_experts, shard_experts
 from titan_integration.init import init_like_unsplit
 from titan_integration.moe import expose_moe_load_balancing
 
@@ -229,7 +230,7 @@ def _compile(model, loss_fn, job_config, device, group, num_mb: int, recompute=N
     kwargs = compile_kwargs(job_config.dualpipe_fx)
     kwargs["recompute"] = recompute
     kwargs["timeout"] = timedelta(seconds=job_config.comm.init_timeout_seconds)
-    kwargs.update({k: v for k, v in (dp or {}).items() if k in ("dp_group", "dp_mode")})
+    kwargs.update({k: v for k, v in (dp or {}).items() if k in ("dp_group", "dp_mode", "expert_parallel")})
     # model keywords shaped like the tokens (torchtitan 0.3's RoPE `positions`)
     kwargs["example_kwargs"] = {name: torch.zeros_like(tokens) for name in token_kwargs} or None
     try:
@@ -279,12 +280,28 @@ def _local_tensors(model: nn.Module, pipeline) -> list[tuple[str, torch.Tensor]]
 
 
 def _check_parallel_dims(parallel_dims) -> None:
-    for name in ("cp", "tp", "ep"):
+    for name in ("cp", "tp", "etp"):
         degree = getattr(parallel_dims, name, 1)
         if degree > 1:
             raise ValueError(f"dualpipe_fx.enable runs pipeline and data parallelism only, but the "
                              f"resolved {name} degree is {degree}; set the matching parallelism.* "
                              f"degree to 1 (world size = pipeline_parallel_degree x data-parallel degrees)")
+
+
+def _expert_replica_group(parallel_dims) -> Optional[dist.ProcessGroup]:
+    """The ranks holding this rank's expert slice with other data: torchtitan's expert data-parallel
+    mesh ``dp_replicate x efsdp`` (rows of its ``(pp, dp_replicate, efsdp, ep, etp)`` layout) as
+    one group; None when that is this rank alone. Collective: every rank builds every group."""
+    pp, dpr, ep = parallel_dims.pp, parallel_dims.dp_replicate, parallel_dims.ep
+    efsdp = parallel_dims.dp_shard * parallel_dims.cp * parallel_dims.tp // (parallel_dims.etp * ep)
+    if dpr * efsdp == 1:
+        return None
+    if dpr == 1:
+        return parallel_dims.get_mesh("efsdp").get_group()
+    layout = torch.arange(parallel_dims.world_size).view(pp, dpr, efsdp, ep, parallel_dims.etp)
+    rows = layout.permute(0, 3, 4, 1, 2).reshape(-1, dpr * efsdp).tolist()
+    mine, _ = dist.new_subgroups_by_enumeration(rows)
+    return mine
 
 
 def data_parallel_args(parallel_dims, job_config) -> dict:
@@ -309,6 +326,22 @@ def data_parallel_args(parallel_dims, job_config) -> dict:
     return {"dp_group": group, "dp_mode": "replicate", "grad_sum": 1}
 
 
+def expert_parallel_args(parallel_dims, model: nn.Module) -> dict:
+    """With ``expert_parallel_degree > 1``: this EP rank's experts in ``model`` (meta), each
+    ``GroupedExperts`` exchanging tokens in its own forward (:mod:`titan_integration.expert_parallel`),
+    and ``compile(expert_parallel=)`` over torchtitan's ``ep`` mesh, reduced over its expert
+    data-parallel ranks (``dp_replicate x efsdp``). EP borrows from ``dp_shard``: the EP ranks
+    are data-parallel ranks of the ``batch`` mesh, which ``data_parallel_args`` already uses."""
+    import dualpipe_fx
+
+    if parallel_dims.ep <= 1:
+        return {}
+    ep_group = parallel_dims.get_mesh("ep").get_group()
+    names = set(shard_experts(model, ep_group))
+    return {"expert_parallel": dualpipe_fx.ExpertParallel(ep_group, frozenset(names),
+                                                          _expert_replica_group(parallel_dims))}
+
+
 def pipeline_dualpipe_fx(model: nn.Module, parallel_dims, job_config, device: torch.device,
                          model_args, parallelize_fn, loss_fn, *, token_kwargs=()):
     """torchtitan ``pipelining_fn`` that pipelines ``model`` with ``dualpipe_fx.compile``.
@@ -319,7 +352,9 @@ def pipeline_dualpipe_fx(model: nn.Module, parallel_dims, job_config, device: to
     the token batch (0.3's ``positions``), traced as compile's ``example_kwargs`` and given
     to ``step_normalized``. ``parallelize_fn`` is not applied: its FSDP/DDP become
     ``compile(dp_group=, dp_mode=)`` over torchtitan's ``batch`` mesh (:func:`data_parallel_args`),
-    TP/CP/EP are refused (``validate_job_config``, ``_check_parallel_dims``); its activation
+    its EP becomes ``compile(expert_parallel=)`` with the experts' all_to_all inside the traced
+    forward (:func:`expert_parallel_args`); TP/CP are refused (``validate_job_config``,
+    ``_check_parallel_dims``); its activation
     checkpoint wrappers are replaced by ``compile(recompute=...)`` from
     ``[activation_checkpoint]``, so nothing is recomputed twice).
 
@@ -347,9 +382,10 @@ def pipeline_dualpipe_fx(model: nn.Module, parallel_dims, job_config, device: to
     # never applied here: parallelize_fn is not called); read off the whole model
     recompute = recompute_arg(job_config.activation_checkpoint, model)
     # the model is on meta: compile traces it for `device` and allocates this rank's tensors
-    dp = data_parallel_args(parallel_dims, job_config)
+    dp = {**data_parallel_args(parallel_dims, job_config), **expert_parallel_args(parallel_dims, model)}
     pipeline = _compile(model, loss_fn, job_config, device, group, num_mb, recompute, dp, token_kwargs)
-    with pipeline.full_parameters():  # sharded data parallelism: each rank keeps its rows of the init
+    # sharded data parallelism, expert parallelism: each rank keeps its rows of the unsplit init
+    with pipeline.full_parameters(), full_experts(model):
         _init_weights(model, job_config, device)
     part = StageLocalModel(_local_tensors(model, pipeline))
     # MoE: torchtitan's load-balancing hook reads part.layers[i].moe (titan_integration.moe)

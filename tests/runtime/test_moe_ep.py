@@ -91,7 +91,26 @@ def pipeline_x_expert(rank, world):
         out[mode] = {"loss": loss, "placements": placements,
                      "multiplexed": sum(gm is not None for gm in runner._graphs.values()),
                      "grads": {n: local(p.grad) / 2 for n, p in params.items() if p.grad is not None}}
+    out["replicas"] = _ep_with_replicas(rank, x, y, local)
     return out
+
+
+def _ep_with_replicas(rank, x, y, local):
+    """The same 4 processes as one pipeline rank each (DualPipeV's two stages on one rank), all
+    4 data-parallel: EP groups {0,1}, {2,3}, the expert slices' replica groups {0,2}, {1,3}.
+    Each rank steps on its quarter of the batch; grads equal one process on the whole batch."""
+    ep_group, _ = dist.new_subgroups_by_enumeration([[0, 1], [2, 3]])
+    replicas, _ = dist.new_subgroups_by_enumeration([[0, 2], [1, 3]])
+    alone, _ = dist.new_subgroups_by_enumeration([[0], [1], [2], [3]])
+    quarter = slice(rank * C // 2, (rank + 1) * C // 2)
+    pipe = dualpipe_fx.compile(MoEDecoder(CFG, seed=2, group=ep_group), moe_loss, (x[quarter][:1],),
+                               y[quarter][:1], num_microbatches=C // 2, group=alone, dp_group=dist.group.WORLD,
+                               dp_mode="shard", expert_parallel=dualpipe_fx.ExpertParallel(
+                                   ep_group, is_expert_param, replicas))
+    loss = pipe.step(x[quarter], target=y[quarter]).detach().clone()
+    dist.all_reduce(loss)
+    return {"loss": loss / 4, "multiplexed": 1, "ep_rank": rank % 2,
+            "grads": {n: local(p.grad) for n, p in pipe.named_parameters() if p.grad is not None}}
 
 
 def _reference(seed, x, y):
@@ -132,6 +151,7 @@ def test_moe_dualpipev_times_expert_parallel_4_processes_equal_one_process():
     ref_loss, ref_grads = _reference(2, x, y)
     for mode in ("replicate", "shard"):
         _check([{**r[mode], "ep_rank": r["ep_rank"]} for r in results], ref_loss, ref_grads, 2)
+    _check([r["replicas"] for r in results], ref_loss, ref_grads, 2)
     for r in results:
         assert len(r["refused"]) == 2, r["refused"]
         assert "needs dp_group" in r["refused"][0] and "lie within dp_group" in r["refused"][1], r["refused"]

@@ -79,7 +79,8 @@ def test_section_is_known_without_custom_config_module(tmp_path):
     (["--dualpipe_fx.schedule", "zb-vv"], "dualpipe_fx.schedule", "known schedules"),
     (["--dualpipe_fx.split_points", "layers.3"], "dualpipe_fx.split_points", "exactly 3"),
     (["--parallelism.tensor_parallel_degree", "2"], "parallelism.tensor_parallel_degree", "= 1"),
-    (["--parallelism.expert_parallel_degree", "2"], "parallelism.expert_parallel_degree", "parallelize_fn"),
+    (["--parallelism.expert_parallel_degree", "2", "--parallelism.expert_parallel_comm_backend", "deepep"],
+     "parallelism.expert_parallel_comm_backend", "\"standard\""),
     (["--compile.enable"], "compile.enable", "dualpipe_fx.compile_stages"),
     (["--validation.enable", "--validation.seq_len", "32"], "validation.seq_len", "= 64"),
 ])

@@ -7,7 +7,15 @@ exactly like torchtitan without pipeline parallelism at the same global batch.
   reference: torchtitan's FSDP on 2 ranks. torchtitan's FSDP initialises DTensors with
   another RNG layout than an unsharded init, so both runs start from one seed checkpoint
   (torchtitan's ``create_seed_checkpoint``, loaded by DCP into each run's shards).
+- ``expert_parallel_degree = 2`` (borrowing ``data_parallel_shard_degree = 2``) with the MoE
+  model deepseek_v3 -> ``compile(expert_parallel=)``, the experts' all_to_all inside the stage
+  graphs; reference: torchtitan's own EP x FSDP on 2 ranks from a seed checkpoint. Ours runs
+  twice: DualPipeV from its own init (each rank keeps its rows of the unsplit init, which is
+  what the seed checkpoint holds), and the bidirectional DualPipe (mirrored experts) loading
+  the seed checkpoint's expert slices by DCP. Losses and logged grad norms (clipping with
+  EP) equal the reference.
 """
+import re
 import shutil
 
 import pytest
@@ -50,3 +58,42 @@ def test_pp2_x_dp2_losses_equal_torchtitan_without_pp(runs, ours, reference):
 
 def test_shard_run_loaded_the_seed_checkpoint(runs):
     assert "Loading the checkpoint" in runs["pp x shard log"]
+
+
+DEEPSEEK = ("--model.name", "deepseek_v3")
+EP = ("--parallelism.data_parallel_shard_degree", "2", "--parallelism.expert_parallel_degree", "2")
+GRAD_NORM = re.compile(r"step:\s*(\d+)\s+loss:\s*\S+\s+grad_norm:\s*([0-9.]+)")
+
+
+def _grad_norms(log):
+    norms = {}
+    for step, norm in GRAD_NORM.findall(log):
+        norms.setdefault(int(step), set()).add(float(norm))
+    assert all(len(v) == 1 for v in norms.values()), f"ranks disagree on the grad norm: {norms}"
+    return {step: v.pop() for step, v in norms.items()}
+
+
+@pytest.fixture(scope="module")
+def ep_runs(tmp_path_factory):
+    seed = tmp_path_factory.mktemp("ep_seed")
+    run_train(1, seed, *NO_PP, *DEEPSEEK, "--checkpoint.enable", "--checkpoint.create_seed_checkpoint",
+              "--parallelism.data_parallel_shard_degree", "1")
+    runs = {
+        "torchtitan ep": run_train(2, _from_seed(seed, tmp_path_factory.mktemp("ep")), *NO_PP, *DEEPSEEK, *EP,
+                                   *FROM_SEED),
+        "pp x ep": run_train(4, tmp_path_factory.mktemp("pp_ep"), *DEEPSEEK, *EP),
+        "pp x ep dualpipe from seed": run_train(4, _from_seed(seed, tmp_path_factory.mktemp("pp_ep_seed")),
+                                                *DEEPSEEK, *EP, *FROM_SEED, "--dualpipe_fx.schedule", "dualpipe"),
+    }
+    return {name: {"losses": losses, "grad_norms": _grad_norms(log), "log": log}
+            for name, (losses, log) in runs.items()}
+
+
+@pytest.mark.parametrize("ours", ["pp x ep", "pp x ep dualpipe from seed"])
+def test_pp2_x_ep2_losses_and_grad_norms_equal_torchtitan_ep_without_pp(ep_runs, ours):
+    ref, got = ep_runs["torchtitan ep"], ep_runs[ours]
+    assert sorted(got["losses"]) == sorted(ref["losses"]) == [1, 2, 3]
+    for step in (1, 2, 3):
+        assert got["losses"][step] == pytest.approx(ref["losses"][step], rel=1e-5, abs=1e-5), (step, got, ref)
+        assert got["grad_norms"][step] == pytest.approx(ref["grad_norms"][step], rel=1e-4), (step, got, ref)
+    assert "Loading the checkpoint" in ep_runs["pp x ep dualpipe from seed"]["log"]
