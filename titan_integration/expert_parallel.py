@@ -44,8 +44,12 @@ from dualpipe_fx import _compat
 
 
 def _grouped_experts_cls():
-    from torchtitan.models.moe.moe import GroupedExperts
-
+    try:
+        from torchtitan.models.moe.moe import GroupedExperts
+    except ImportError as err:
+        raise ValueError(f"parallelism.expert_parallel_degree > 1 with dualpipe_fx.enable shards torchtitan's "
+                         f"GroupedExperts (torchtitan.models.moe.moe, torchtitan 0.2.2), which this torchtitan "
+                         f"lacks ({err}); set parallelism.expert_parallel_degree = 1") from err
     return GroupedExperts
 
 

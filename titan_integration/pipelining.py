@@ -288,18 +288,21 @@ def _check_parallel_dims(parallel_dims) -> None:
                              f"degree to 1 (world size = pipeline_parallel_degree x data-parallel degrees)")
 
 
+def expert_replica_rows(parallel_dims) -> list[list[int]]:
+    """Every expert data-parallel group of the world: torchtitan's ``dp_replicate x efsdp`` mesh,
+    the rows of its ``(pp, dp_replicate, efsdp, ep, etp)`` rank layout that vary the first two."""
+    pp, dpr, ep, etp = parallel_dims.pp, parallel_dims.dp_replicate, parallel_dims.ep, parallel_dims.etp
+    efsdp = parallel_dims.dp_shard * parallel_dims.cp * parallel_dims.tp // (etp * ep)
+    layout = torch.arange(parallel_dims.world_size).view(pp, dpr, efsdp, ep, etp)
+    return layout.permute(0, 3, 4, 1, 2).reshape(-1, dpr * efsdp).tolist()
+
+
 def _expert_replica_group(parallel_dims) -> Optional[dist.ProcessGroup]:
-    """The ranks holding this rank's expert slice with other data: torchtitan's expert data-parallel
-    mesh ``dp_replicate x efsdp`` (rows of its ``(pp, dp_replicate, efsdp, ep, etp)`` layout) as
-    one group; None when that is this rank alone. Collective: every rank builds every group."""
-    pp, dpr, ep = parallel_dims.pp, parallel_dims.dp_replicate, parallel_dims.ep
-    efsdp = parallel_dims.dp_shard * parallel_dims.cp * parallel_dims.tp // (parallel_dims.etp * ep)
-    if dpr * efsdp == 1:
+    """This rank's group of :func:`expert_replica_rows`, or None when that is this rank alone.
+    Collective: every rank builds every group."""
+    rows = expert_replica_rows(parallel_dims)
+    if len(rows[0]) == 1:
         return None
-    if dpr == 1:
-        return parallel_dims.get_mesh("efsdp").get_group()
-    layout = torch.arange(parallel_dims.world_size).view(pp, dpr, efsdp, ep, parallel_dims.etp)
-    rows = layout.permute(0, 3, 4, 1, 2).reshape(-1, dpr * efsdp).tolist()
     mine, _ = dist.new_subgroups_by_enumeration(rows)
     return mine
 

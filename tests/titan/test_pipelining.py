@@ -202,3 +202,40 @@ def test_torchtitans_ep_token_permutation_runs_on_cpu():
     assert counts.tolist() == [align, align]
     assert out[:4].view(-1).tolist() == [0.0, 3.0, 4.0, 5.0]  # expert 0: rank 0's row, rank 1's rows
     assert out[align: align + 2].view(-1).tolist() == [1.0, 2.0]  # expert 1: rank 0's rows
+
+
+_REPLICA_ROWS_CHECK = """
+import torch.distributed as dist
+from torch.testing._internal.distributed.fake_pg import FakeStore
+from torchtitan.distributed.parallel_dims import ParallelDims
+from titan_integration.cpu import use_cpu_when_no_gpu
+from titan_integration.pipelining import expert_replica_rows
+use_cpu_when_no_gpu()
+for dpr, shard, pp, ep in [(2, 2, 2, 2), (1, 4, 2, 2), (2, 4, 1, 2), (1, 4, 1, 4)]:
+    world = dpr * shard * pp
+    for rank in range(world):
+        dist.init_process_group("fake", rank=rank, world_size=world, store=FakeStore())
+        dims = ParallelDims(dp_replicate=dpr, dp_shard=shard, cp=1, tp=1, pp=pp, ep=ep, etp=1, world_size=world)
+        dims.build_mesh()
+        names = ["dp_replicate", "efsdp"] if dpr > 1 else ["efsdp"]
+        theirs = sorted(dims.get_mesh(names).mesh.flatten().tolist())
+        rows = expert_replica_rows(dims)
+        assert sorted(r for row in rows for r in row) == list(range(world)), rows
+        assert sorted(next(row for row in rows if rank in row)) == theirs, (dpr, shard, pp, ep, rank, rows, theirs)
+        dist.destroy_process_group()
+print("ok")
+"""
+
+
+def test_expert_replica_rows_are_torchtitans_expert_data_parallel_mesh():
+    """The ranks holding one expert slice (its grads reduced over them) are torchtitan's
+    ``dp_replicate x efsdp`` mesh: checked for every rank of several layouts, on torch's fake
+    process group (one process, no communication)."""
+    import subprocess
+    import sys
+
+    from tests.titan.unsplit import REPO
+
+    proc = subprocess.run([sys.executable, "-c", _REPLICA_ROWS_CHECK], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, env={**__import__("os").environ, "PYTHONPATH": REPO})
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-3000:] + proc.stderr[-3000:]
