@@ -69,3 +69,50 @@ def _expose(block: nn.Module, moe: nn.Module) -> None:
     block.moe.register_buffer("tokens_per_expert", moe.tokens_per_expert, persistent=False)
     if "expert_bias" not in block.moe._buffers:
         block.moe.register_buffer("expert_bias", moe.expert_bias)
+
+
+def permute_indices(tokens_per_expert_group, experts_per_rank: int, num_ranks: int, max_len: int,
+                    alignment: int, use_cpu: bool = False):
+    """torchtitan's ``generate_permute_indices`` (``torchtitan.models.moe.kernels``) in tensor ops
+    that trace: no ``.item()``, no Python loop over counts, no Triton launch; static output shape.
+
+    ``tokens_per_expert_group`` [num_ranks * experts_per_rank]: rows arrive grouped by (source
+    rank, local expert). Each local expert gets a block of ``m_sizes[e]`` slots (its tokens
+    over all ranks, at least ``alignment``, rounded up to it), rank by rank; slot ``j`` reads row
+    ``permuted[j]`` or ``-1`` (padding: the zero row torchtitan appends), truncated at
+    ``max_len``. Returns ``(permuted int32 [max_len], m_sizes int32, m_offsets int32)``, equal to
+    torchtitan's (``tests/titan/test_moe_permute.py``, against its CPU reference). ``use_cpu``
+    is accepted and ignored (the same ops run on any device).
+    """
+    import torch
+
+    del use_cpu
+    counts = tokens_per_expert_group.to(torch.int64)
+    start = torch.cumsum(counts, 0) - counts
+    total = counts.view(num_ranks, experts_per_rank).sum(0)
+    m_sizes = ((torch.clamp_min(total, alignment) + alignment - 1) // alignment * alignment).to(torch.int32)
+    m_offsets = torch.cumsum(m_sizes.to(torch.int64), 0)
+    write = m_offsets - m_sizes
+    # segments in write order (local expert, then source rank): where they land, where they read, how many
+    lengths = counts.view(num_ranks, experts_per_rank).t()
+    seg_write = (write.view(-1, 1) + torch.cumsum(lengths, 1) - lengths).reshape(-1).contiguous()
+    seg_read = start.view(num_ranks, experts_per_rank).t().reshape(-1)
+    seg_len = lengths.reshape(-1)
+    slot = torch.arange(max_len, dtype=torch.int64, device=counts.device)
+    # the last segment starting at or before the slot (zero-length ones start where the next does)
+    seg = (torch.searchsorted(seg_write, slot, right=True) - 1).clamp_min(0)
+    offset = slot - seg_write[seg]
+    inside = (offset >= 0) & (offset < seg_len[seg])
+    permuted = torch.where(inside, seg_read[seg] + offset, torch.full_like(offset, -1)).to(torch.int32)
+    return permuted, m_sizes, m_offsets.to(torch.int32)
+
+
+def use_traceable_permute_indices() -> None:
+    """torchtitan's MoE pads each expert's tokens for grouped GEMMs (``use_grouped_mm``: on GPU
+    by default, qwen3's MoE everywhere) with ``generate_permute_indices``, a Triton kernel, or on
+    CPU a loop over ``.item()`` values; neither traces. ``torchtitan.models.moe.utils`` calls
+    :func:`permute_indices` instead (the same indices), for the dualpipe_fx stage graphs."""
+    import importlib
+
+    utils = importlib.import_module("torchtitan.models.moe.utils")
+    utils.generate_permute_indices = permute_indices

@@ -49,7 +49,7 @@ from titan_integration.clipping import mark_replicas
 from titan_integration.config import compile_kwargs, num_microbatches, recompute_arg
 from titan_integration.expert_parallel import full_experts, shard_experts
 from titan_integration.init import init_like_unsplit
-from titan_integration.moe import expose_moe_load_balancing
+from titan_integration.moe import expose_moe_load_balancing, use_traceable_permute_indices
 
 
 class StageLocalModel(nn.Module):
@@ -385,6 +385,7 @@ def pipeline_dualpipe_fx(model: nn.Module, parallel_dims, job_config, device: to
     # never applied here: parallelize_fn is not called); read off the whole model
     recompute = recompute_arg(job_config.activation_checkpoint, model)
     # the model is on meta: compile traces it for `device` and allocates this rank's tensors
+    use_traceable_permute_indices()  # grouped-GEMM MoE experts pad their tokens in traceable ops
     dp = {**data_parallel_args(parallel_dims, job_config), **expert_parallel_args(parallel_dims, model)}
     pipeline = _compile(model, loss_fn, job_config, device, group, num_mb, recompute, dp, token_kwargs)
     # sharded data parallelism, expert parallelism: each rank keeps its rows of the unsplit init
