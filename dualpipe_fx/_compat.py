@@ -41,6 +41,10 @@ def functional_all_to_all_single(x, output_split_sizes, input_split_sizes, group
 def functional_wait_tensor(x):
     """``_c10d_functional.wait_tensor``: block until the collective producing ``x`` is done."""
     return _torch.ops._c10d_functional.wait_tensor(x)
+# TorchDispatchMode: a mode that sees every ATen op with its tensor arguments (the same Python
+# objects); titan_integration/expert_parallel.py keeps this rank's rows of each full expert
+# stand-in a whole-model init writes.
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: F401,E402
 # --- data-parallel entries (runtime/data_parallel.py, runtime/lowering.py) ---
 # add_unshard_reshard(actions, max_active_stages=3): one rank's compute actions with an
 # UNSHARD before a stage's first use (prefetched up to 3 stages ahead) and a RESHARD after

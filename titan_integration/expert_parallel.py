@@ -28,8 +28,8 @@ after the experts (router, shared experts, load-balancing counts) is the model's
 
 **Contract**: ``shard_experts(model, ep_group) -> {FQN: (ep_rank, ep_size)}`` of the expert
 parameters (the model's FQNs, global shapes ``[E, ...]``, local tensors ``[E/ep, ...]``);
-:func:`full_experts` lends them full-size stand-ins for a whole-model init, keeping this
-rank's rows.
+:func:`full_experts` lends them full-size stand-ins (on meta: the init's scratch) for a
+whole-model init, keeping this rank's rows.
 """
 from __future__ import annotations
 
@@ -61,6 +61,18 @@ class ExpertParallelGroupedExperts(nn.Module):
     ep_group_name: str
     ep_size: int
     ep_rank: int
+
+    def init_weights(self, *args, **kwargs) -> None:
+        """The experts' own init; inside :func:`full_experts`, on full stand-ins, keeping this
+        rank's rows of what it writes."""
+        held = self.__dict__.get("_ep_held")
+        if held is None:
+            return super().init_weights(*args, **kwargs)
+        n_local = self.num_experts // self.ep_size
+        lo = self.ep_rank * n_local
+        pairs = [(getattr(self, name), live, lo, lo + n_local) for name, live in held.items() if not live.is_meta]
+        with _KeepRows(pairs):
+            return super().init_weights(*args, **kwargs)
 
     def forward(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor) -> torch.Tensor:
         ep, n_local = self.ep_size, self.num_experts // self.ep_size
@@ -131,27 +143,42 @@ def shard_experts(model: nn.Module, ep_group: dist.ProcessGroup) -> dict[str, tu
     return sharded
 
 
+class _KeepRows(_compat.TorchDispatchMode):
+    """After every op that takes a full stand-in, this rank's rows of it into the live tensor:
+    the last write wins, so the live tensor ends with the rows of the stand-in's final values
+    (an init writes whole tensors: ``trunc_normal_`` draws into it, or into a float32 copy
+    that it copies back)."""
+
+    def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor, int, int]]) -> None:
+        super().__init__()
+        self.pairs = pairs
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        touched = [a for a in (*args, *(kwargs or {}).values()) if isinstance(a, torch.Tensor)]
+        for standin, live, lo, hi in self.pairs:
+            if any(a is standin for a in touched):
+                live.copy_(standin[lo:hi])
+        return out
+
+
 @contextlib.contextmanager
 def full_experts(model: nn.Module) -> Iterator[None]:
-    """Inside, each EP experts module holds full ``[E, ...]`` tensors (meta where its own are on
-    meta), so that a whole-model init draws as in the unsplit model; on exit this rank's rows
-    are copied into the tensors it held, which are put back."""
-    held = []
-    for module in model.modules():
-        if not isinstance(module, ExpertParallelGroupedExperts):
-            continue
-        n_local = module.num_experts // module.ep_size
-        for name, param in list(module.named_parameters(recurse=False)):
-            full = torch.empty((module.num_experts, *param.shape[1:]), dtype=param.dtype, device=param.device)
-            held.append((module, name, param, n_local))
+    """Inside, each EP experts module holds full ``[E, ...]`` stand-ins ON META, so that a
+    whole-model init (:func:`titan_integration.init.init_like_unsplit`) draws as in the unsplit
+    model into its one shared scratch buffer; while the module's own ``init_weights`` runs, each
+    op that writes a stand-in copies this rank's rows into the tensor the rank holds. No rank
+    allocates more than the init's scratch (the largest tensor it does not hold, here a full
+    expert weight). On exit the held tensors are put back."""
+    modules = [m for m in model.modules() if isinstance(m, ExpertParallelGroupedExperts)]
+    for module in modules:
+        module._ep_held = dict(module.named_parameters(recurse=False))
+        for name, param in module._ep_held.items():
+            full = torch.empty((module.num_experts, *param.shape[1:]), dtype=param.dtype, device="meta")
             setattr(module, name, nn.Parameter(full, param.requires_grad))
     try:
         yield
     finally:
-        with torch.no_grad():
-            for module, name, param, n_local in held:
-                full = getattr(module, name)
-                if not param.is_meta:
-                    rank = module.ep_rank
-                    param.copy_(full[rank * n_local:(rank + 1) * n_local])
+        for module in modules:
+            for name, param in module.__dict__.pop("_ep_held").items():
                 setattr(module, name, param)

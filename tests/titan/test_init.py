@@ -80,3 +80,54 @@ def test_meta_tensors_draw_as_if_allocated():
     init_like_unsplit(part, init(part), seed=3, device="cpu")
     assert part[0].weight.is_meta and isinstance(part[0].weight, nn.Parameter)
     assert torch.equal(part[1].weight, full[1].weight) and torch.equal(part[1].bias, full[1].bias)
+
+
+_EXPERT_SHARE_CHECK = """
+import torch, torch.distributed as dist
+from torch.testing._internal.distributed.fake_pg import FakeStore
+from dualpipe_fx.runtime.materialize import materialize
+from tests.titan.unsplit import build
+from titan_integration.cpu import use_int_histc_on_cpu
+from titan_integration.expert_parallel import full_experts, shard_experts
+from titan_integration.init import init_like_unsplit
+from titan_integration.pipelining import _zeros_until_init_weights
+use_int_histc_on_cpu()
+reference = dict(build("deepseek_v3", seed=42).named_parameters())
+for rank in (0, 1):
+    dist.init_process_group("fake", rank=rank, world_size=2, store=FakeStore())
+    model = build("deepseek_v3", on_meta=True)
+    experts = shard_experts(model, dist.group.WORLD)
+    share = {n for n in dict(model.named_parameters()) if n.startswith(("layers.1.", "layers.2."))}
+    materialize(model, share, "cpu", param_init_fn=_zeros_until_init_weights)
+    held = {n: p for n, p in model.named_parameters() if not p.is_meta}
+    with full_experts(model):
+        init_like_unsplit(model, lambda: model.init_weights(buffer_device=None), seed=42, device="cpu")
+    after = dict(model.named_parameters())
+    assert set(held) == share and any(n in experts for n in share)
+    for name in share:
+        want = reference[name]
+        if name in experts:
+            n = want.shape[0] // 2
+            assert after[name].shape[0] == n, name
+            want = want[rank * n:(rank + 1) * n]
+        assert after[name] is held[name] and torch.equal(after[name], want), (rank, name)
+    assert all(p.is_meta for n, p in after.items() if n not in share)
+    dist.destroy_process_group()
+print("ok")
+"""
+
+
+def test_expert_parallel_rank_keeps_its_rows_of_the_unsplit_init():
+    """deepseek_v3 with its experts split over 2 EP ranks (torch's fake process group, one
+    process per check): each rank's share, expert slices included, gets bitwise the rows of
+    torchtitan's unsplit init, though the full expert weights only ever exist on meta (the
+    init's shared scratch)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.titan.unsplit import REPO
+
+    proc = subprocess.run([sys.executable, "-c", _EXPERT_SHARE_CHECK], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-3000:] + proc.stderr[-3000:]
