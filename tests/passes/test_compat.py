@@ -111,3 +111,17 @@ def test_non_persistent_buffers_names_the_buffers_state_dict_leaves_out():
     module.register_buffer("table", torch.ones(2), persistent=False)
     assert _compat.non_persistent_buffers(module) == {"table"}
     assert set(module.state_dict()) == {"kept"}
+
+
+def test_quiet_fake_kernel_errors_silences_torchs_fake_tensor_log_and_restores_it():
+    import logging
+
+    from passes import _compat
+
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    before = logger.level
+    with _compat.quiet_fake_kernel_errors():
+        assert not logger.isEnabledFor(logging.ERROR)
+    assert logger.level == before
+    import torch._subclasses.fake_tensor as fake_tensor  # the module logs under that name
+    assert fake_tensor.log.name == "torch._subclasses.fake_tensor"
