@@ -145,13 +145,15 @@ class _RankZeroTimings:
         return self._tables[id(gm)].get(node.name, 0.0)
 
 
-def _replicated(cut: dict, experts: Optional[ExpertParallel]) -> dict:
-    """``cut`` without the checksums of expert parameters: data-parallel peers in other EP ranks
-    hold other experts under the same FQNs."""
+def _replica_fields(cut: dict, experts: Optional[ExpertParallel]) -> dict:
+    """What data-parallel replicas compare of the cut: all of it, except the checksums of expert
+    parameters (peers in other EP ranks hold other experts under the same FQNs); and the EP layout."""
     if experts is None:
-        return cut
+        return {**cut, "expert parallel": None}
     sums = {k: v for k, v in cut["parameter checksums"].items() if not experts.is_expert(k)}
-    return {**cut, "parameter checksums": sums}
+    replicas = 1 if experts.replica_group is None else dist.get_world_size(experts.replica_group)
+    return {**cut, "parameter checksums": sums,
+            "expert parallel": {"EP size": dist.get_world_size(experts.group), "expert replicas": replicas}}
 
 
 def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=None, *,
@@ -283,11 +285,8 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
     cut = cut_fields(partition.stages, state, verify)
     agree(cut, group, timeout, "compile()", HINTS)
     if data_parallel is not None:  # the replicas: the same call, place, cut and starting weights
-        agree({**call, **dp_fields(group, dp_mode), **_replicated(cut, experts),
-               "expert parallel": None if experts is None else (
-                   dist.get_world_size(experts.group),
-                   1 if experts.replica_group is None else dist.get_world_size(experts.replica_group))}, dp_group, timeout, "compile()",
-              HINTS)
+        agree({**call, **dp_fields(group, dp_mode), **_replica_fields(cut, experts)}, dp_group, timeout,
+              "compile()", HINTS)
     with together(group, timeout, "compile()"):
         return build_pipeline(model, parts.stages, program, examples, example_target, num_microbatches,
                               group, timeout, compile_stages, overlap, example_kwargs=example_kwargs,

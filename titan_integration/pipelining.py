@@ -283,7 +283,7 @@ def _check_parallel_dims(parallel_dims) -> None:
     for name in ("cp", "tp", "etp"):
         degree = getattr(parallel_dims, name, 1)
         if degree > 1:
-            raise ValueError(f"dualpipe_fx.enable runs pipeline and data parallelism only, but the "
+            raise ValueError(f"dualpipe_fx.enable runs pipeline, data and expert parallelism only, but the "
                              f"resolved {name} degree is {degree}; set the matching parallelism.* "
                              f"degree to 1 (world size = pipeline_parallel_degree x data-parallel degrees)")
 
