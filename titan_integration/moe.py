@@ -111,8 +111,13 @@ def use_traceable_permute_indices() -> None:
     """torchtitan's MoE pads each expert's tokens for grouped GEMMs (``use_grouped_mm``: on GPU
     by default, qwen3's MoE everywhere) with ``generate_permute_indices``, a Triton kernel, or on
     CPU a loop over ``.item()`` values; neither traces. ``torchtitan.models.moe.utils`` calls
-    :func:`permute_indices` instead (the same indices), for the dualpipe_fx stage graphs."""
+    :func:`permute_indices` instead (the same indices), for the dualpipe_fx stage graphs. A
+    torchtitan without that module (0.3 routes tokens through ``models/common`` dispatchers)
+    is left as it is."""
     import importlib
 
-    utils = importlib.import_module("torchtitan.models.moe.utils")
+    try:
+        utils = importlib.import_module("torchtitan.models.moe.utils")
+    except ModuleNotFoundError:
+        return
     utils.generate_permute_indices = permute_indices
