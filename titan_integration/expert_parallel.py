@@ -26,8 +26,7 @@ alignment padding: the experts' loop takes any counts) computes each token's out
 the same per-expert math as torchtitan's EP and its unsplit model. Everything before and
 after the experts (router, shared experts, load-balancing counts) is the model's own.
 
-**Contract**: ``shard_experts(model, ep_group) -> {FQN: (ep_rank, ep_size)}`` of the expert
-parameters (the model's FQNs, global shapes ``[E, ...]``, local tensors ``[E/ep, ...]``);
+**Contract**: ``shard_experts(model, ep_group) -> {FQN}`` of the expert parameters (the model's FQNs, global shapes ``[E, ...]``, local tensors ``[E/ep, ...]``);
 :func:`full_experts` lends them full-size stand-ins (on meta: the init's scratch) for a
 whole-model init, keeping this rank's rows.
 """
@@ -106,14 +105,14 @@ def _ep_class(cls: type) -> type:
     return _SUBCLASSES[cls]
 
 
-def shard_experts(model: nn.Module, ep_group: dist.ProcessGroup) -> dict[str, tuple[int, int]]:
+def shard_experts(model: nn.Module, ep_group: dist.ProcessGroup) -> set[str]:
     """Give every ``GroupedExperts`` of ``model`` this EP rank's experts and the in-forward exchange.
 
     The module keeps its FQNs (its class becomes a subclass, its parameters are re-registered
     with ``E / ep`` rows); call it on the meta model, before ``dualpipe_fx.compile``.
 
     Returns:
-        ``{FQN: (ep_rank, ep_size)}`` of every expert parameter.
+        the FQNs of the expert parameters.
 
     Raises:
         ValueError: a layer's expert count does not split over the EP group, or an experts
@@ -121,7 +120,7 @@ def shard_experts(model: nn.Module, ep_group: dist.ProcessGroup) -> dict[str, tu
     """
     ep_size, ep_rank = dist.get_world_size(ep_group), dist.get_rank(ep_group)
     grouped = _grouped_experts_cls()
-    sharded: dict[str, tuple[int, int]] = {}
+    sharded: set[str] = set()
     for prefix, module in model.named_modules():
         if not isinstance(module, grouped) or isinstance(module, ExpertParallelGroupedExperts):
             continue
@@ -137,7 +136,7 @@ def shard_experts(model: nn.Module, ep_group: dist.ProcessGroup) -> dict[str, tu
                                  f"{tuple(param.shape)}")
             rows = param.detach()[ep_rank * n_local:(ep_rank + 1) * n_local]
             module.register_parameter(name, nn.Parameter(rows.clone(), param.requires_grad))
-            sharded[f"{prefix}.{name}"] = (ep_rank, ep_size)
+            sharded.add(f"{prefix}.{name}")
         module.__class__ = _ep_class(type(module))
         module.ep_group_name, module.ep_size, module.ep_rank = ep_group.group_name, ep_size, ep_rank
     return sharded

@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from passes._compat import non_persistent_buffers
 from titan_integration.clipping import mark_replicas
 from titan_integration.config import compile_kwargs, num_microbatches, recompute_arg
 from titan_integration.expert_parallel import full_experts, shard_experts
@@ -259,7 +260,7 @@ def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     for prefix, module in model.named_modules(remove_duplicate=False):
         for name, buf in module.named_buffers(recurse=False):
             # non-persistent buffers (llama's freqs_cis) are not state
-            if buf is not None and name not in module._non_persistent_buffers_set:
+            if buf is not None and name not in non_persistent_buffers(module):
                 tensors[f"{prefix}.{name}" if prefix else name] = buf
     return tensors
 
@@ -340,8 +341,8 @@ def expert_parallel_args(parallel_dims, model: nn.Module) -> dict:
     if parallel_dims.ep <= 1:
         return {}
     ep_group = parallel_dims.get_mesh("ep").get_group()
-    names = set(shard_experts(model, ep_group))
-    return {"expert_parallel": dualpipe_fx.ExpertParallel(ep_group, frozenset(names),
+    names = frozenset(shard_experts(model, ep_group))
+    return {"expert_parallel": dualpipe_fx.ExpertParallel(ep_group, names,
                                                           _expert_replica_group(parallel_dims))}
 
 

@@ -33,7 +33,7 @@ from dualpipe_fx.runtime.lowering import forward_only, load_program
 from dualpipe_fx.runtime.materialize import Pending
 from dualpipe_fx.runtime.overlap import OverlapRunner
 from dualpipe_fx.runtime.pipeline import Pipeline
-from dualpipe_fx.runtime.stage import GraphStage, StagePlace, TensorMeta
+from dualpipe_fx.runtime.stage import GraphStage, StagePlace, TensorMeta, named_params
 from dualpipe_fx.runtime.sync import shared_holders
 from dualpipe_fx.schedules.ir import Program
 from passes.capture import ModelCall, OutputLayout
@@ -140,15 +140,6 @@ def local_names(part_graphs: Sequence[torch.fx.GraphModule], parts: Collection[i
     return names | {a for n in names for a in aliases.get(n, ())}
 
 
-def _named_params(stages: Mapping[int, GraphStage]) -> dict[str, torch.Tensor]:
-    """This rank's parameters by FQN (as ``Pipeline.named_parameters``), once each."""
-    named: dict[str, torch.Tensor] = {}
-    for stage in stages.values():
-        for name, param in zip(stage.graphs.param_names, stage.params):
-            named.setdefault(name, param)
-    return dict(sorted(named.items()))
-
-
 def _local_state(model: nn.Module, stages: Mapping[int, GraphStage]) -> dict[str, torch.Tensor]:
     """This rank's params and persistent buffers under every FQN the model's state_dict uses."""
     local = {id(t) for stage in stages.values() for t in stage.params}
@@ -182,7 +173,7 @@ def build_pipeline(model: nn.Module, parts: Sequence[StageGraphs], program: Prog
     executor = Executor(stages, rank, timeout)
     dp = None
     if data_parallel is not None:
-        dp = DataParallel(data_parallel[1], data_parallel[0], stages, _named_params(stages), timeout, experts)
+        dp = DataParallel(data_parallel[1], data_parallel[0], stages, named_params(stages), timeout, experts)
         executor.data_parallel = dp
     if overlap:
         executor.overlap = OverlapRunner(compile_graphs=compile_stages)  # every FB action: one merged graph

@@ -33,6 +33,7 @@ from dualpipe_fx.runtime.agree import StepFailure, vote
 from dualpipe_fx.runtime.errors import (PeerTimeoutError, PipelineBrokenError, PipelineStepError, check_batch,
                                         check_inputs)
 from dualpipe_fx.runtime.materialize import copy_into
+from dualpipe_fx.runtime.stage import named_params
 from dualpipe_fx.runtime.sync import exchange, set_aside_shared_grads, sum_shared_grads, sync_shared_grads
 from dualpipe_fx.runtime.values import external_values
 from passes._compat import tree_map
@@ -83,18 +84,11 @@ class Pipeline:
         self._output_metas = output_metas
         # runtime.data_parallel.DataParallel or None; in its shard modes _params are its DTensor shards
         self._data_parallel = data_parallel
-        self._params = data_parallel.params if data_parallel is not None else self._local_named_params()
+        self._params = data_parallel.params if data_parallel is not None else named_params(stages)
         self._loss_ranks = tuple(sorted({program.stage_to_rank()[c[-1]] for c in program.chains}))
         self._broken: Optional[str] = None  # why the group cannot be used again
 
     # -- parameters and checkpoints ------------------------------------------------------
-
-    def _local_named_params(self) -> dict[str, nn.Parameter]:
-        named: dict[str, nn.Parameter] = {}
-        for stage in self.stages.values():
-            for name, param in zip(stage.graphs.param_names, stage.params):
-                named.setdefault(name, param)
-        return dict(sorted(named.items()))
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """This rank's parameters under their original FQNs: the model's own objects, or with

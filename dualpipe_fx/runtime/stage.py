@@ -368,3 +368,12 @@ class GraphStage(PipelineStageBase):
                       self._grad_in, self.losses, self.model_outputs, self.external, self._sent_early):
             store.clear()
         self._early_works = []
+
+
+def named_params(stages) -> dict:
+    """This rank's parameters by FQN (``{stage: GraphStage}``), once each, sorted by FQN."""
+    named: dict = {}
+    for stage in stages.values():
+        for name, param in zip(stage.graphs.param_names, stage.params):
+            named.setdefault(name, param)
+    return dict(sorted(named.items()))
