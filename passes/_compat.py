@@ -34,6 +34,7 @@ __all__ = [
     "quiet_fake_kernel_errors",
     "non_persistent_buffers",
     "on_checkpoint_regions",
+    "on_function_apply",
     "REENTRANT_CHECKPOINT",
     "SymSizeFacts",
     "sym_size_facts",
@@ -104,6 +105,32 @@ REENTRANT_CHECKPOINT = torch.utils.checkpoint.CheckpointFunction
 
 
 @contextlib.contextmanager
+def on_function_apply(wrapper):
+    """While active, every ``torch.autograd.Function`` call runs as
+    ``wrapper(run, cls, args, kwargs)``, where ``run(cls, *args, **kwargs)`` is torch's own apply.
+
+    No public hook sees these calls under make_fx (Dynamo has its own), so this patches
+    ``Function.apply``: a Python ``classmethod`` up to torch 2.13, the C ``_FunctionBase.apply``
+    (a ``classmethod_descriptor``, no ``__func__``) from 2.14. Binding through ``__get__``
+    calls either form the same way.
+    """
+    function = torch.autograd.Function
+    original = function.__dict__["apply"]
+
+    def run(cls, *args, **kwargs):
+        return original.__get__(None, cls)(*args, **kwargs)
+
+    def apply(cls, *args, **kwargs):
+        return wrapper(run, cls, args, kwargs)
+
+    function.apply = classmethod(apply)
+    try:
+        yield
+    finally:
+        function.apply = original
+
+
+@contextlib.contextmanager
 def on_checkpoint_regions(callback):
     """While active, ``callback(first_node_before, graph)`` runs after every
     ``torch.utils.checkpoint(..., use_reentrant=False)`` call traced into ``graph``, with
@@ -113,7 +140,11 @@ def on_checkpoint_regions(callback):
     ``capture`` marks the region's nodes for recomputation.
     """
     module = torch.utils.checkpoint
-    original = module._checkpoint_without_reentrant_generator
+    # torch 2.14 moved the body into ``..._impl`` (the old name is a shim that checkpoint()
+    # no longer calls); 2.13 has the old name only.
+    name = next(n for n in ("_checkpoint_without_reentrant_generator_impl",
+                            "_checkpoint_without_reentrant_generator") if hasattr(module, n))
+    original = getattr(module, name)
 
     def generator(*args, **kwargs):
         graph = current_tracer_graph()
@@ -122,11 +153,11 @@ def on_checkpoint_regions(callback):
         if graph is not None:
             callback(mark, graph)
 
-    module._checkpoint_without_reentrant_generator = generator
+    setattr(module, name, generator)
     try:
         yield
     finally:
-        module._checkpoint_without_reentrant_generator = original
+        setattr(module, name, original)
 
 
 def decomposes_implicitly(op) -> bool:

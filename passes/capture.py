@@ -360,33 +360,25 @@ class _RegionRecorder:
         self.next_id = 0
         self.depth = 0  # nested Function calls belong to the outermost region
 
-    @contextlib.contextmanager
-    def patched(self) -> Iterator[None]:
-        original = torch.autograd.Function.__dict__["apply"]
-        orig_fn = original.__func__
-        recorder = self
+    def patched(self):
+        """While active, each outermost ``Function`` call traced into a graph is recorded."""
+        return _compat.on_function_apply(self._apply)
 
-        def apply(cls, *args, **kwargs):
-            graph = _compat.current_tracer_graph()
-            if graph is not None and cls is _compat.REENTRANT_CHECKPOINT:
-                raise TraceError(
-                    "torch.utils.checkpoint(..., use_reentrant=True) cannot be captured: its backward "
-                    "re-runs the forward under autograd, which no graph can hold. Fix: pass "
-                    "use_reentrant=False (dualpipe_fx then recomputes that region in the backward), "
-                    "or drop the checkpoint and use compile(..., recompute='full' | 'selective').")
-            if graph is None or recorder.depth > 0:
-                return orig_fn(cls, *args, **kwargs)
-            recorder.depth += 1
-            try:
-                return recorder._record(graph, orig_fn, cls, args, kwargs)
-            finally:
-                recorder.depth -= 1
-
-        torch.autograd.Function.apply = classmethod(apply)
+    def _apply(self, run, cls, args, kwargs):
+        graph = _compat.current_tracer_graph()
+        if graph is not None and cls is _compat.REENTRANT_CHECKPOINT:
+            raise TraceError(
+                "torch.utils.checkpoint(..., use_reentrant=True) cannot be captured: its backward "
+                "re-runs the forward under autograd, which no graph can hold. Fix: pass "
+                "use_reentrant=False (dualpipe_fx then recomputes that region in the backward), "
+                "or drop the checkpoint and use compile(..., recompute='full' | 'selective').")
+        if graph is None or self.depth > 0:
+            return run(cls, *args, **kwargs)
+        self.depth += 1
         try:
-            yield
+            return self._record(graph, run, cls, args, kwargs)
         finally:
-            torch.autograd.Function.apply = original
+            self.depth -= 1
 
     def _record(self, graph, orig_fn, cls, args, kwargs):
         rid = self.next_id
