@@ -33,11 +33,8 @@ from dualpipe_fx.schedules.ir import Program
 from dualpipe_fx.simulate import in_flight_by_part
 from dualpipe_fx.split import Split, split
 from passes._compat import tree_flatten
+from passes.capture import as_inputs
 from passes.cost_model import scalar_costs
-
-
-def _as_tuple(example_inputs) -> tuple[torch.Tensor, ...]:
-    return (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
 
 
 def _example_tensors(examples: tuple, target, kwargs) -> list[tuple[str, torch.Tensor]]:
@@ -253,7 +250,7 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
     if not dist.is_initialized():
         raise ValueError("compile(): torch.distributed is not initialized; call "
                          "torch.distributed.init_process_group(...) on every rank first")
-    examples = _as_tuple(example_inputs)
+    examples = as_inputs(example_inputs)
     world = dist.get_world_size(group)
     timeout = as_timeout(timeout)
     data_parallel = check_groups(group, dp_group, dp_mode)

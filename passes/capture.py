@@ -897,7 +897,13 @@ def _check_outputs(gm: torch.fx.GraphModule) -> int:
     return len(values) - 1
 
 
-def _as_inputs(example_inputs) -> tuple[torch.Tensor, ...]:
+def as_inputs(example_inputs) -> tuple[torch.Tensor, ...]:
+    """``example_inputs`` as the tuple of positional tensors ``model(*inputs)`` takes."""
+    if isinstance(example_inputs, Mapping):
+        raise TypeError(f"example_inputs is a {type(example_inputs).__name__} with keys "
+                        f"{sorted(map(str, example_inputs))}; example_inputs is positional: a tensor or a "
+                        "tuple of tensors, model(*example_inputs). Fix: pass keyword inputs as "
+                        "example_kwargs={...} (and to step() as keywords)")
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     for i, x in enumerate(inputs):
         if not isinstance(x, torch.Tensor):
@@ -962,7 +968,7 @@ def capture(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
         TypeError: non-tensor positional inputs, non-scalar loss.
         ValueError: a tensor on meta and ``device=None``.
     """
-    inputs, kwargs = _as_inputs(example_inputs), _as_kwargs(example_kwargs)
+    inputs, kwargs = as_inputs(example_inputs), _as_kwargs(example_kwargs)
     if example_target is None:
         _check_loss_needs_no_target(loss_fn)
     call = ModelCall.of(inputs, kwargs)

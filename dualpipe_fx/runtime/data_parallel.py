@@ -226,6 +226,15 @@ class DataParallel:
         by_id = {id(lay.full): self.params[n] for n, lay in self.layouts.items()}
         return {k: by_id.get(id(v), v) for k, v in state.items()}
 
+    def loadable_shapes(self, name: str) -> set[tuple[int, ...]]:
+        """Shapes a checkpoint entry ``name`` may have besides the parameter's own: an expert
+        slice also loads from the whole experts (its EP group's slices stacked on dim 0)."""
+        lay = self.layouts.get(name)
+        if lay is None or name not in self.expert_names:
+            return set()
+        rows, *rest = lay.full.shape
+        return {(rows * dist.get_world_size(self.experts.group), *rest)}
+
     def load_targets(self, state: Mapping[str, torch.Tensor], source: Mapping[str, torch.Tensor]):
         """(targets, sources) for ``copy_into``: a sharded entry takes my rows of a full source
         (or the local part of a DTensor); other entries pass through."""

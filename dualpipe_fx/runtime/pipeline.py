@@ -23,7 +23,7 @@ import contextlib
 import dataclasses
 import logging
 from datetime import timedelta
-from typing import Iterator, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -145,6 +145,7 @@ class Pipeline:
         if strict and missing:
             raise KeyError(f"load_state_dict: rank {self.rank} needs {missing} but the checkpoint lacks "
                            f"them; pass a checkpoint from this model or strict=False")
+        self._check_shapes(state_dict)
         targets, sources = self._state_tensors, state_dict
         if self._data_parallel is not None:  # sharded: my rows of each full (or DTensor) entry
             targets, sources = self._data_parallel.load_targets(targets, state_dict)
@@ -155,6 +156,22 @@ class Pipeline:
                 self._pending[module] = dataclasses.replace(pending, names=left)
             else:
                 del self._pending[module]
+
+    def _check_shapes(self, state_dict: Mapping[str, Any]) -> None:
+        """Every entry this rank reads has the model's (global) shape; checked before any copy,
+        so a bad checkpoint leaves the weights as they were."""
+        bad = []
+        for key, target in self._state_tensors.items():
+            source = state_dict.get(key)
+            shapes = {tuple(target.shape)}  # a DTensor shard's .shape is the global one
+            if self._data_parallel is not None:
+                shapes |= self._data_parallel.loadable_shapes(key)
+            if isinstance(source, torch.Tensor) and tuple(source.shape) not in shapes:
+                bad.append(f"size mismatch for {key}: copying a param with shape {tuple(source.shape)} from "
+                           f"checkpoint, the shape in current model is {tuple(target.shape)}")
+        if bad:
+            raise ValueError(f"load_state_dict: rank {self.rank}: " + "; ".join(bad) + ". Fix: load a "
+                             "checkpoint of this model's configuration; nothing was copied")
 
     def _check_initialised(self, where: str) -> None:
         """Refuse to use tensors that neither an initialiser nor a checkpoint gave values."""

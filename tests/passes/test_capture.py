@@ -165,3 +165,10 @@ def test_capture_does_not_change_the_model():
 def test_random_models_rebuild_loss_and_outputs(case):
     c = _check_rebuilds(case)
     _check_annotations(c, case.model)
+
+
+def test_dict_of_example_inputs_points_to_example_kwargs():
+    case = models.residual_mlp()
+    with pytest.raises(TypeError, match=r"example_inputs is a dict with keys \['x'\]; example_inputs is "
+                                        r"positional.*example_kwargs"):
+        capture(case.model, case.loss_fn, {"x": case.inputs[0]}, case.target)

@@ -105,11 +105,17 @@ def checkpoint_and_forward(rank, world, kind, schedule, num_microbatches):
     mb = x.shape[0] // num_microbatches
     pipe2 = dualpipe_fx.compile(model2, loss_fn, (x[:mb],), y[:mb], schedule=schedule,
                                 num_microbatches=num_microbatches)
+    before = pipe2.state_dict()
+    key = sorted(state)[-1]
+    bad = {**state, key: torch.zeros(*state[key].shape, 3)}  # one entry of the wrong shape
+    shape_error = _expect_value_error(lambda: pipe2.load_state_dict(bad))
+    untouched = all(torch.equal(before[k], v) for k, v in pipe2.state_dict().items())
     pipe2.load_state_dict(state)
     with torch.no_grad():
         outputs = pipe2.step(x)
     return {"state": state, "reloaded": pipe2.state_dict(), "outputs": outputs,
-            "loss_after_reload": pipe2.step(x, target=y)}
+            "loss_after_reload": pipe2.step(x, target=y), "shape_error": shape_error, "bad_key": key,
+            "bad_shape": (*state[key].shape, 3), "untouched": untouched}
 
 
 def _expect_value_error(fn) -> str:

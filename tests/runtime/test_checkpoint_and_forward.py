@@ -26,6 +26,10 @@ def test_state_dict_round_trip_and_no_grad_outputs(schedule):
     assert outputs, "no rank returned the forward-only outputs"
     for out in outputs:
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    for r in results:  # a wrong shape is named, with both shapes, before anything is copied
+        assert r["untouched"], r["shape_error"]
+        assert r["shape_error"].startswith("ValueError") and f"size mismatch for {r['bad_key']}" in \
+            r["shape_error"] and str(r["bad_shape"]) in r["shape_error"], r["shape_error"]
     for r in results:
         if r["loss_after_reload"] is not None:
             assert r["loss_after_reload"].item() == pytest.approx(expected_loss.item(), rel=1e-6)
