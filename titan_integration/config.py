@@ -331,6 +331,24 @@ def _check_validation(job_config) -> None:
                              f"validation.{key} = {want}")
 
 
+def _check_attention(job_config) -> None:
+    """varlen attention is refused; flex (any mask type) and sdpa run."""
+    from torchtitan.protocols.train_spec import get_train_spec
+
+    name, flavor = job_config.model.name, job_config.model.flavor
+    try:
+        args = get_train_spec(name).model_args[flavor]
+    except (KeyError, ValueError):
+        return  # an unknown model or flavor: torchtitan's own error names it
+    if getattr(args, "attn_type", "sdpa") == "varlen":
+        raise ValueError(
+            f"model.flavor = {flavor!r} of {name} sets attn_type = \"varlen\", which dualpipe_fx does not "
+            "pipeline: its metadata (cumulative document lengths over the packed batch, and their max "
+            "as a Python number) cannot be split into micro-batches of a fixed trace. Fix: use the flavor "
+            "with attn_type = \"flex\" and attn_mask_type = \"block_causal\" (e.g. debugmodel_flex_attn): "
+            "the same document masking, as a BlockMask that dualpipe_fx splits per micro-batch")
+
+
 def validate_job_config(job_config) -> None:
     """Check a parsed torchtitan JobConfig's ``[dualpipe_fx]`` section against the rest.
 
@@ -345,6 +363,7 @@ def validate_job_config(job_config) -> None:
         activation_checkpoint: mode none/full/selective ("op" or an int), no debug
         no TP/CP/EP (DP maps onto compile(dp_group=)), no torch.compile of model parts, split_points count
         validation batch shape == training's; keys map onto dualpipe_fx.compile arguments
+        the flavor's attention is sdpa or flex (varlen refused: flex block_causal is its twin)
 
     Args:
         job_config: torchtitan's JobConfig merged with :class:`JobConfig`.
@@ -361,3 +380,4 @@ def validate_job_config(job_config) -> None:
     _check_other_parallelisms(job_config)
     _check_split_points(job_config, spec)
     _check_validation(job_config)
+    _check_attention(job_config)

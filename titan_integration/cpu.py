@@ -42,6 +42,20 @@ torchtitan assumes CUDA in these places; :func:`use_cpu_when_no_gpu` handles eac
     -> :func:`use_cpu_permute_indices`: ``torchtitan.models.moe.utils`` calls it with
     ``use_cpu=True``, torchtitan's own CPU implementation of the same indices.
 
+12. Flex attention (``attn_type = "flex"``): torch refuses its backward on CPU in the Python
+    wrapper (``_validate_device``: "FlexAttention does not support backward on CPU"), although
+    the higher-order op's dense backward is exact. -> ``passes._compat.lift_flex_backward_check_on_cpu``
+    lifts that one check (the version difference lives there); the model, its masks and the
+    op are unchanged, for the unpipelined baseline and the pipeline alike.
+
+13. Flex models build their masks with ``create_attention_mask``, a ``torch.compile`` of
+    ``create_block_mask`` without a device, and attend through ``FlexAttentionWrapper``'s
+    ``torch.compile(flex_attention)``. Without a GPU, a CUDA build of torch still names
+    ``cuda`` as its accelerator (the mask lands there), and Inductor has no CPU kernel for
+    flex's backward. -> :func:`use_eager_flex_on_cpu`: ``create_block_mask(..., device="cpu")``
+    and ``flex_attention`` run eagerly (the same mask, the same higher-order op and its dense
+    CPU implementation), in the baseline and the pipeline alike.
+
 MFU uses a GPU peak-FLOPs table (CPU falls back to A100 with a warning): ignore ``mfu`` on CPU.
 """
 from __future__ import annotations
@@ -56,10 +70,16 @@ from types import SimpleNamespace
 
 import torch
 
+from passes._compat import lift_flex_backward_check_on_cpu
+
 # Modules that did `from torchtitan.tools.utils import device_type, device_module`.
 _DEVICE_IMPORTERS = ("torchtitan.tools.utils", "torchtitan.distributed.utils",
                      "torchtitan.distributed.parallel_dims", "torchtitan.components.metrics",
                      "torchtitan.tools.profiling")
+
+# Modules that did `from torchtitan.models.attention import create_attention_mask`.
+_FLEX_MASK_IMPORTERS = ("torchtitan.models.attention", "torchtitan.models.llama3.model.model",
+                        "torchtitan.models.deepseek_v3.model.model")
 
 
 class CpuDeviceModule:
@@ -127,6 +147,17 @@ def use_cpu_permute_indices() -> None:
         utils.generate_permute_indices = cpu_indices
 
 
+def use_eager_flex_on_cpu() -> None:
+    """Item 13: torchtitan's flex masks on the CPU and its flex attention uncompiled."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    attention = importlib.import_module("torchtitan.models.attention")
+    cpu_masks = functools.partial(create_block_mask, device="cpu")
+    for name in _FLEX_MASK_IMPORTERS:
+        importlib.import_module(name).create_attention_mask = cpu_masks
+    attention.FlexAttentionWrapper._compiled_flex_attn = flex_attention
+
+
 def use_cpu_when_no_gpu() -> bool:
     """Point torchtitan at the CPU (and gloo) when ``torch.cuda`` has no device.
 
@@ -144,6 +175,8 @@ def use_cpu_when_no_gpu() -> bool:
     _fsdp_sums_on_gloo()
     use_int_histc_on_cpu()
     use_cpu_permute_indices()
+    lift_flex_backward_check_on_cpu()
+    use_eager_flex_on_cpu()
     return True
 
 

@@ -18,6 +18,10 @@ What the trainer gets back:
   parameters under the model's own FQNs (optimizer, grad clipping and DCP checkpoints
   work on it unchanged). The weights are already initialised: ``to_empty`` and
   ``init_weights`` are no-ops on it;
+- flex attention (``attn_type = "flex"``): the trainer asks ``model_parts[0]`` for the
+  batch's masks; the part answers with the model's own ``get_attention_masks`` (a BlockMask
+  from the batch and the tokenizer's EOS), which ``step`` splits per micro-batch
+  (``passes.block_masks``); compile traced it on :func:`example_attention_masks`;
 - ``has_first_stage = has_last_stage = True`` on every rank: dualpipe_fx's ``step()`` takes
   the full batch and target on every rank (it uses them where its stages need them), and
   the adapter broadcasts the loss from the rank holding it (rank 0 for DualPipeV), so every
@@ -62,8 +66,10 @@ class StageLocalModel(nn.Module):
     act on what the stage graphs read.
     """
 
-    def __init__(self, named_tensors) -> None:
+    def __init__(self, named_tensors, attention_masks=None) -> None:
         super().__init__()
+        # the model's own get_attention_masks (it reads model_args only), or None for sdpa models
+        object.__setattr__(self, "_attention_masks", attention_masks)
         for fqn, tensor in named_tensors:
             owner, leaf = self._owner(fqn)
             if isinstance(tensor, nn.Parameter):
@@ -89,9 +95,12 @@ class StageLocalModel(nn.Module):
         return None
 
     def get_attention_masks(self, *args, **kwargs):
-        # torchtitan's validator asks every model part for masks and skips them on
-        # TypeError, which is what its sdpa models raise; dualpipe_fx pipelines are sdpa-only.
-        raise TypeError("dualpipe_fx pipelines take no attention masks (sdpa attention only)")
+        """The model's own masks (flex: a BlockMask from the batch and the tokenizer's EOS), as
+        torchtitan's trainer and validator ask the first model part for them."""
+        if self._attention_masks is None:
+            # what torchtitan's sdpa models raise; its validator skips masks on TypeError
+            raise TypeError("this model takes no attention masks (sdpa attention)")
+        return self._attention_masks(*args, **kwargs)
 
     def forward(self, *args, **kwargs):
         raise RuntimeError("StageLocalModel holds parameters only; run the step through "
@@ -116,12 +125,15 @@ class DualPipeFxSchedule:
         self.recompute = None  # the recompute policy the stage graphs were split with
         self.grad_sum = 1  # data-parallel size whose grads torchtitan sums (FSDP), else 1
 
-    @staticmethod
-    def _token_batch_only(kwargs) -> None:
-        if kwargs:
-            raise ValueError(f"dualpipe_fx pipelines take the token batch only; got extra model "
-                             f"inputs {sorted(kwargs)} (flex/varlen attention masks, positions); "
-                             f"use [model] flavors with attn_type = \"sdpa\"")
+    def _traced_keywords(self, kwargs) -> dict:
+        """The model keywords of this call (torchtitan's ``attention_masks``), which must be
+        the ones compile() traced; the pipeline splits them with the batch."""
+        traced = set(getattr(self.pipeline, "example_kwargs", {}) or {})
+        if set(kwargs) - traced:
+            raise ValueError(f"this dualpipe_fx pipeline was traced with the model keywords {sorted(traced)}; "
+                             f"got {sorted(kwargs)}. Fix: a dataloader whose batches hold the tokens only "
+                             f"(and the model's own attention masks)")
+        return kwargs
 
     def _shared(self, value: Optional[torch.Tensor]) -> torch.Tensor:
         """``value`` from the loss rank, on every rank of the group (a 0-d fp32 tensor)."""
@@ -138,8 +150,7 @@ class DualPipeFxSchedule:
         trainer in ``titan_integration.train`` uses :meth:`step_normalized` instead, which
         rescales them to torchtitan's ``sum / global_valid_tokens``.
         """
-        self._token_batch_only(kwargs)
-        loss = self.pipeline.step(*inputs, target=target)
+        loss = self.pipeline.step(*inputs, target=target, **self._traced_keywords(kwargs))
         # One entry = the sum of the micro-batch losses, which is what torchtitan's
         # torch.sum(torch.stack(losses)) expects.
         summed = self._shared(None if loss is None else loss * self.num_microbatches)
@@ -148,9 +159,9 @@ class DualPipeFxSchedule:
 
     def eval(self, *inputs, target=None, losses: Optional[list] = None, **kwargs) -> None:
         """torchtitan's validator call: forward only; append the summed loss to ``losses``."""
-        self._token_batch_only(kwargs)
+        kwargs = self._traced_keywords(kwargs)
         with torch.no_grad():
-            outputs = self.pipeline.step(*inputs)  # model outputs on the loss rank, else None
+            outputs = self.pipeline.step(*inputs, **kwargs)  # model outputs on the loss rank, else None
             summed = None if outputs is None or target is None else self.loss_fn(outputs, target)
             summed = self._shared(summed)
         if losses is not None:
@@ -219,6 +230,25 @@ def _init_weights(model: nn.Module, job_config, device: torch.device) -> None:
     model.train()
 
 
+class _ExampleTokenizer:
+    """What ``get_attention_masks`` reads of a tokenizer, for the example micro-batch's mask:
+    its layout (shapes, mask_mod code) is what compile() traces; the step's masks come from
+    the trainer's own tokenizer."""
+
+    eos_id = 0
+
+
+def example_attention_masks(model: nn.Module, tokens: torch.Tensor) -> dict:
+    """``{"attention_masks": mask}`` for a flex-attention model (as torchtitan's trainer builds
+    it, here for the example micro-batch ``tokens``), ``{}`` for others. The one place that
+    turns a torchtitan model's masks into ``compile(example_kwargs=)``."""
+    args = getattr(model, "model_args", None)
+    if getattr(args, "attn_type", "sdpa") != "flex" or not hasattr(model, "get_attention_masks"):
+        return {}
+    return {"attention_masks": model.get_attention_masks(input_batch=tokens, tokenizer=_ExampleTokenizer(),
+                                                         extra_inputs=None)}
+
+
 def _compile(model, loss_fn, job_config, device, group, num_mb: int, recompute=None, dp=None,
              token_kwargs=()):
     """``dualpipe_fx.compile`` on one example micro-batch; trace failures name the model."""
@@ -233,7 +263,8 @@ def _compile(model, loss_fn, job_config, device, group, num_mb: int, recompute=N
     kwargs["timeout"] = timedelta(seconds=job_config.comm.init_timeout_seconds)
     kwargs.update({k: v for k, v in (dp or {}).items() if k in ("dp_group", "dp_mode", "expert_parallel")})
     # model keywords shaped like the tokens (torchtitan 0.3's RoPE `positions`)
-    kwargs["example_kwargs"] = {name: torch.zeros_like(tokens) for name in token_kwargs} or None
+    kwargs["example_kwargs"] = {**{name: torch.zeros_like(tokens) for name in token_kwargs},
+                                **example_attention_masks(model, tokens)} or None
     try:
         return dualpipe_fx.compile(model, loss_fn, (tokens,), labels, num_microbatches=num_mb,
                                    group=group, device=device, param_init_fn=_zeros_until_init_weights,
@@ -366,10 +397,11 @@ def pipeline_dualpipe_fx(model: nn.Module, parallel_dims, job_config, device: to
 
         C = local_batch_size / pipeline_parallel_microbatch_size
         recompute = [activation_checkpoint] as None | "full" | "selective" | BlockRecompute
-        pipeline = dualpipe_fx.compile(meta model, loss_fn, one micro-batch, recompute,
+        masks = example_attention_masks(model, one micro-batch)  # flex: {"attention_masks": BlockMask}
+        pipeline = dualpipe_fx.compile(meta model, loss_fn, one micro-batch, recompute, example_kwargs=masks,
                                        group=pp group, device=device)  # allocates this rank's share
         model.init_weights under debug.seed, other ranks' tensors as scratch: unsplit values
-        part = StageLocalModel(pipeline.named_parameters())
+        part = StageLocalModel(pipeline.named_parameters(), model.get_attention_masks)
         return DualPipeFxSchedule(pipeline), [part], True, True  # every rank feeds data, sees loss
 
     Raises:
@@ -392,7 +424,7 @@ def pipeline_dualpipe_fx(model: nn.Module, parallel_dims, job_config, device: to
     # sharded data parallelism, expert parallelism: each rank keeps its rows of the unsplit init
     with pipeline.full_parameters(), full_experts(model):
         _init_weights(model, job_config, device)
-    part = StageLocalModel(_local_tensors(model, pipeline))
+    part = StageLocalModel(_local_tensors(model, pipeline), getattr(model, "get_attention_masks", None))
     # MoE: torchtitan's load-balancing hook reads part.layers[i].moe (titan_integration.moe)
     expose_moe_load_balancing(part, model, {id(t) for s in pipeline.stages.values() for t in s.params})
     mark_replicas(part, group)  # DualPipe's mirror copies count once in the grad norm (clipping.py)

@@ -73,14 +73,15 @@ class DualPipeFxTrainer(Trainer):
         if not self.job_config.dualpipe_fx.enable:
             return super().forward_backward_step(
                 input_dict=input_dict, labels=labels, global_valid_tokens=global_valid_tokens)
+        # flex attention: extra_kwargs["attention_masks"] is the whole batch's BlockMask, built
+        # by the model's get_attention_masks from the batch and the tokenizer's EOS
         inputs, labels, extra_inputs, extra_kwargs = self.post_dataloading_process(input_dict, labels)
-        if extra_inputs or extra_kwargs:
+        if extra_inputs:
             raise ValueError(
-                f"dualpipe_fx pipelines take the token batch only; this model/dataloader also "
-                f"passes {sorted({**extra_inputs, **extra_kwargs})}; use an attn_type = "
-                f"\"sdpa\" flavor and a plain text dataset")
+                f"dualpipe_fx pipelines take the token batch (and the model's attention masks); this "
+                f"dataloader also passes {sorted(extra_inputs)}; use a plain text dataset")
         with self.train_context():
-            return self.pp_schedule.step_normalized(inputs, labels, global_valid_tokens)
+            return self.pp_schedule.step_normalized(inputs, labels, global_valid_tokens, **extra_kwargs)
 
 
 def register_dualpipe_fx(model_name: str) -> None:

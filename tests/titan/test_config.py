@@ -83,6 +83,7 @@ def test_section_is_known_without_custom_config_module(tmp_path):
      "parallelism.expert_parallel_comm_backend", "\"standard\""),
     (["--compile.enable"], "compile.enable", "dualpipe_fx.compile_stages"),
     (["--validation.enable", "--validation.seq_len", "32"], "validation.seq_len", "= 64"),
+    (["--model.flavor", "debugmodel_varlen_attn"], "model.flavor", "attn_mask_type = \"block_causal\""),
 ])
 def test_bad_config_error_names_the_key(extra, key, words):
     with pytest.raises(ValueError) as info:

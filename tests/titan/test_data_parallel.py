@@ -13,7 +13,8 @@ exactly like torchtitan without pipeline parallelism at the same global batch.
   twice: DualPipeV from its own init (each rank keeps its rows of the unsplit init, which is
   what the seed checkpoint holds), and the bidirectional DualPipe (mirrored experts) loading
   the seed checkpoint's expert slices by DCP. Losses and logged grad norms (clipping with
-  EP) equal the reference.
+  EP) equal the reference. The flex-attention flavor (debugmodel_flex_attn) likewise, against
+  torchtitan's EP run of that flavor.
 """
 import re
 import shutil
@@ -22,7 +23,7 @@ import pytest
 
 pytest.importorskip("torchtitan", reason="torchtitan is the optional 'titan' extra")
 
-from tests.titan.test_train import run_train  # noqa: E402
+from tests.titan.test_train import FLEX, run_train  # noqa: E402
 
 NO_PP = ("--dualpipe_fx.no-enable", "--parallelism.pipeline_parallel_degree", "1")
 REPLICATE = ("--parallelism.data_parallel_replicate_degree", "2", "--parallelism.data_parallel_shard_degree", "1")
@@ -84,14 +85,19 @@ def ep_runs(tmp_path_factory):
         "pp x ep": run_train(4, tmp_path_factory.mktemp("pp_ep"), *DEEPSEEK, *EP),
         "pp x ep dualpipe from seed": run_train(4, _from_seed(seed, tmp_path_factory.mktemp("pp_ep_seed")),
                                                 *DEEPSEEK, *EP, *FROM_SEED, "--dualpipe_fx.schedule", "dualpipe"),
+        # the flex-attention flavor (block-causal masks; its parameters are debugmodel's: one seed)
+        "torchtitan ep flex": run_train(2, _from_seed(seed, tmp_path_factory.mktemp("ep_flex")), *NO_PP, *DEEPSEEK,
+                                        *EP, *FROM_SEED, *FLEX),
+        "pp x ep flex": run_train(4, tmp_path_factory.mktemp("pp_ep_flex"), *DEEPSEEK, *EP, *FLEX),
     }
     return {name: {"losses": losses, "grad_norms": _grad_norms(log), "log": log}
             for name, (losses, log) in runs.items()}
 
 
-@pytest.mark.parametrize("ours", ["pp x ep", "pp x ep dualpipe from seed"])
-def test_pp2_x_ep2_losses_and_grad_norms_equal_torchtitan_ep_without_pp(ep_runs, ours):
-    ref, got = ep_runs["torchtitan ep"], ep_runs[ours]
+@pytest.mark.parametrize("ours, reference", [("pp x ep", "torchtitan ep"), ("pp x ep dualpipe from seed", "torchtitan ep"),
+                                             ("pp x ep flex", "torchtitan ep flex")])
+def test_pp2_x_ep2_losses_and_grad_norms_equal_torchtitan_ep_without_pp(ep_runs, ours, reference):
+    ref, got = ep_runs[reference], ep_runs[ours]
     assert sorted(got["losses"]) == sorted(ref["losses"]) == [1, 2, 3]
     for step in (1, 2, 3):
         assert got["losses"][step] == pytest.approx(ref["losses"][step], rel=1e-5, abs=1e-5), (step, got, ref)

@@ -7,7 +7,8 @@ torchtitan's [activation_checkpoint] modes (full, selective op, selective every 
 train exactly like no AC while every stage saves fewer bytes per micro-batch; and each
 rank starts from bitwise the weights torchtitan's non-pipelined init gives its tensors,
 although it never holds the whole model; the bidirectional DualPipe with grad clipping logs
-DualPipeV's grad norms; and torchtitan's MoE deepseek_v3 trains like its unpipelined run.
+DualPipeV's grad norms; torchtitan's MoE deepseek_v3 trains like its unpipelined run; and so
+do the llama3 and deepseek_v3 flex-attention flavors (block-causal document masks).
 """
 import json
 import os
@@ -24,6 +25,7 @@ pytest.importorskip("torchtitan", reason="torchtitan is the optional 'titan' ext
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOML = os.path.join(REPO, "titan_integration", "configs", "llama3_debug_dualpipe.toml")
 TOKENIZER = os.path.join(REPO, "titan_integration", "assets", "tokenizer")
+GRAD_NORM_LINE = re.compile(r"step:\s*(\d+)\s+loss:\s*-?[0-9.]+\s+grad_norm:\s*([0-9.]+)")
 STEP_LINE = re.compile(r"step:\s*(\d+)\s+loss:\s*(-?[0-9.]+)")
 RUN_TIMEOUT_S = 420
 STEPS = 3
@@ -126,6 +128,11 @@ OTHER_RUNS = {
     "dualpipe": ["--dualpipe_fx.schedule", "dualpipe"],
     "deepseek": ["--model.name", "deepseek_v3"],
 }
+# ... and the flex-attention flavors (block-causal document masks built by the model's own
+# get_attention_masks from the batch and the tokenizer's EOS, split per micro-batch)
+FLEX = ["--model.flavor", "debugmodel_flex_attn"]
+FLEX_RUNS = {"llama3_flex": FLEX, "deepseek_flex": ["--model.name", "deepseek_v3", *FLEX]}
+OTHER_RUNS.update(FLEX_RUNS)
 
 
 @pytest.fixture(scope="module")
@@ -226,3 +233,28 @@ def test_deepseek_v3_trains_like_unpipelined_torchtitan(deepseek_baseline, ac_ru
         for step, loss in run["losses"].items():
             assert loss == pytest.approx(deepseek_baseline[int(step)], rel=1e-5), (rank, step, deepseek_baseline)
     assert any(runs["deepseek"]["expert_bias_moved"] for runs in ac_runs.values())
+
+
+@pytest.fixture(scope="module", params=sorted(FLEX_RUNS))
+def flex_baseline(request, tmp_path_factory):
+    """torchtitan's own single-process run of a flex flavor, no pipeline parallelism."""
+    name = request.param
+    losses, log = run_train(1, tmp_path_factory.mktemp(name), *FLEX_RUNS[name], "--dualpipe_fx.no-enable",
+                            "--parallelism.pipeline_parallel_degree", "1")
+    norms = {int(k): float(v) for k, v in GRAD_NORM_LINE.findall(log)}
+    return name, losses, norms
+
+
+
+def test_flex_attention_flavors_train_like_unpipelined_torchtitan(flex_baseline, ac_runs):
+    """llama3 and deepseek_v3 debugmodel_flex_attn on 2 ranks, DualPipeV: the losses and grad
+    norms of torchtitan's own run without PP (block-causal masks, documents split by EOS)."""
+    name, losses, norms = flex_baseline
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    for rank, runs in ac_runs.items():
+        run = runs[name]
+        assert sorted(map(int, run["losses"])) == list(range(1, STEPS + 1)), (rank, name, run)
+        for step, loss in run["losses"].items():
+            assert loss == pytest.approx(losses[int(step)], rel=1e-5), (rank, name, step, losses)
+            # torchtitan logs grad norms with 4 decimals
+            assert run["grad_norms"][step] == pytest.approx(norms[int(step)], abs=1e-4), (rank, name, step, norms)
