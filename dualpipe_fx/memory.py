@@ -40,6 +40,7 @@ element.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
@@ -614,12 +615,27 @@ def pipeline_plan(pipe, optimizer: Optimizer = "adamw") -> MemoryPlan:
     """``Pipeline.memory_plan``: this rank's row, from its own stages' graphs and tensors."""
     from dualpipe_fx.runtime.build import RECV_LOOKAHEAD
 
-    program, stages, values, trainable = pipe.program, {}, {}, set()
+    program, stages, values, trainable, copies = pipe.program, {}, {}, set(), {}
     for s, stage in pipe.stages.items():
         k = program.model_part(s)
-        stages[k] = stage_memory(stage.flat_graphs)
         names = stage.graphs.param_names + stage.graphs.buffer_names
         values[k] = dict(zip(names, stage.params))
         trainable |= {n for n, t in values[k].items() if isinstance(t, torch.nn.Parameter) and t.requires_grad}
+        cast = {n: (p, c) for n, p, c in zip(names, stage.params, stage.compute) if c is not p}
+        stages[k] = _with_casts(stage_memory(stage.flat_graphs), cast)
+        copies.update({n: c.numel() * c.element_size() for n, (_, c) in cast.items()})
     lookahead = RECV_LOOKAHEAD if any(st.early_sends for st in pipe.stages.values()) else 0
-    return _plan_from(program, stages, values, trainable, optimizer, lookahead, None, [pipe.rank])
+    plan = _plan_from(program, stages, values, trainable, optimizer, lookahead, None, [pipe.rank])
+    extra = sum(copies.values())  # mixed precision: the param_dtype copies, counted with the parameters
+    return dataclasses.replace(plan, ranks=tuple(dataclasses.replace(r, params=r.params + extra)
+                                                 for r in plan.ranks)) if extra else plan
+
+
+def _with_casts(mem: StageMemory, cast: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> StageMemory:
+    """Mixed precision: W's param_dtype grads are summed into ``.grad`` in the parameter's own
+    dtype (``cast``: FQN -> (parameter, its param_dtype copy))."""
+    if not cast:
+        return mem
+    grads = {n: b * cast[n][0].element_size() // cast[n][1].element_size() if n in cast else b
+             for n, b in mem.param_grads.items()}
+    return dataclasses.replace(mem, param_grads=grads)
