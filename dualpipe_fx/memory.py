@@ -528,7 +528,7 @@ def plan(model: torch.nn.Module, loss_fn: Callable, example_inputs, example_targ
          num_microbatches: int, schedule: str = "dualpipev", device=None, recompute=None,
          example_kwargs: Optional[Mapping[str, Any]] = None, optimizer: Optimizer = "adamw", cost="flops",
          split_points: Optional[Sequence[str]] = None, balance: str = "both", memory_budget: Optional[int] = None,
-         recv_lookahead: Optional[int] = None) -> MemoryPlan:
+         recv_lookahead: Optional[int] = None, mixed_precision=None) -> MemoryPlan:
     """Per-rank memory of ``dualpipe_fx.compile(model, ...)`` on ``ranks`` ranks, without any
     process group and without allocating the model.
 
@@ -536,7 +536,8 @@ def plan(model: torch.nn.Module, loss_fn: Callable, example_inputs, example_targ
         model, loss_fn, example_inputs, example_target, example_kwargs: as ``compile``; ONE
             micro-batch. A model on meta is traced on fake tensors of ``device``.
         ranks, num_microbatches, schedule, recompute, cost, split_points, balance,
-            memory_budget: as ``compile``, whose cut this repeats (the same call to ``split``).
+            memory_budget, mixed_precision: as ``compile``, whose cut this repeats (the same call to
+            ``split``).
         device: where the stages would run (default cpu); it picks the kernels traced and
             the backend's receive look-ahead (cpu: gloo, ``runtime.build.RECV_LOOKAHEAD``;
             others: 0) unless ``recv_lookahead`` is given.
@@ -559,7 +560,8 @@ def plan(model: torch.nn.Module, loss_fn: Callable, example_inputs, example_targ
     examples = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     parts = split_for_program(program, model, loss_fn, examples, example_target, cost=cost,
                               split_points=split_points, example_kwargs=example_kwargs, recompute=recompute,
-                              device=device, balance=balance, memory_budget=memory_budget, optimizer=optimizer)
+                              device=device, balance=balance, memory_budget=memory_budget, optimizer=optimizer,
+                              mixed_precision=mixed_precision)
     lookahead = (RECV_LOOKAHEAD if device.type == "cpu" else 0) if recv_lookahead is None else recv_lookahead
     return split_plan(parts, program, optimizer=optimizer, recv_lookahead=lookahead, recompute=recompute)
 
@@ -578,9 +580,16 @@ def split_plan(split, program: Program, *, optimizer: Optimizer = "adamw", recv_
                          f"program runs {program.num_model_parts} model parts; expected a fully split model "
                          "with one stage per model part. Fix: dualpipe_fx.split(..., num_stages="
                          f"{program.num_model_parts}) without only_stages")
-    return _plan_from(program, {k: stage_memory(sg) for k, sg in enumerate(split.stages)},
-                      _graph_values(split.partition.stages), _trainable(split.model), optimizer, recv_lookahead,
-                      recompute, sorted(program))
+    values = _graph_values(split.partition.stages)
+    held = dict(split.model.named_parameters(remove_duplicate=False))
+    # mixed precision: the graphs hold param_dtype copies of the model's parameters
+    cast = {k: {n: (held[n], v) for n, v in vals.items() if n in held and v.dtype != held[n].dtype}
+            for k, vals in values.items()}
+    stages = {k: _with_casts(stage_memory(sg), cast[k]) for k, sg in enumerate(split.stages)}
+    values = {k: {n: cast[k][n][0] if n in cast[k] else v for n, v in vals.items()} for k, vals in values.items()}
+    copies = {n: c.numel() * c.element_size() for pairs in cast.values() for n, (_, c) in pairs.items()}
+    return _plan_from(program, stages, values, _trainable(split.model), optimizer, recv_lookahead, recompute,
+                      sorted(program), copies)
 
 
 def _graph_values(part_graphs) -> dict[int, dict[str, torch.Tensor]]:
@@ -595,16 +604,18 @@ def _trainable(model: torch.nn.Module) -> set[str]:
 
 
 def _plan_from(program: Program, stages: Mapping[int, StageMemory], values: Mapping[int, Mapping[str, torch.Tensor]],
-               trainable: set[str], optimizer: Optimizer, lookahead: int, recompute, ranks: Iterable[int]
-               ) -> MemoryPlan:
+               trainable: set[str], optimizer: Optimizer, lookahead: int, recompute, ranks: Iterable[int],
+               copies: Optional[Mapping[str, int]] = None) -> MemoryPlan:
+    """``copies``: mixed precision, FQN -> bytes of its param_dtype copy, counted with the parameters."""
     receives = receive_positions(program, lookahead)
     place = program.stage_to_rank()
     rows = []
     for r in ranks:
         parts = sorted({program.model_part(s) for s, q in place.items() if q == r})
         named = {n: t for k in parts for n, t in values[k].items()}
-        rows.append(rank_memory(program, r, stages, _param_bytes(named, named, trainable), optimizer, lookahead,
-                                receives))
+        row = rank_memory(program, r, stages, _param_bytes(named, named, trainable), optimizer, lookahead, receives)
+        extra = sum((copies or {}).get(n, 0) for n in named)
+        rows.append(dataclasses.replace(row, params=row.params + extra) if extra else row)
     return MemoryPlan(ranks=tuple(rows), schedule=program.name, num_microbatches=program.num_microbatches,
                       optimizer=optimizer, recompute=recompute if isinstance(recompute, str) else
                       (None if recompute is None else getattr(recompute, "__name__", "custom")),
@@ -625,10 +636,7 @@ def pipeline_plan(pipe, optimizer: Optimizer = "adamw") -> MemoryPlan:
         stages[k] = _with_casts(stage_memory(stage.flat_graphs), cast)
         copies.update({n: c.numel() * c.element_size() for n, (_, c) in cast.items()})
     lookahead = RECV_LOOKAHEAD if any(st.early_sends for st in pipe.stages.values()) else 0
-    plan = _plan_from(program, stages, values, trainable, optimizer, lookahead, None, [pipe.rank])
-    extra = sum(copies.values())  # mixed precision: the param_dtype copies, counted with the parameters
-    return dataclasses.replace(plan, ranks=tuple(dataclasses.replace(r, params=r.params + extra)
-                                                 for r in plan.ranks)) if extra else plan
+    return _plan_from(program, stages, values, trainable, optimizer, lookahead, None, [pipe.rank], copies)
 
 
 def _with_casts(mem: StageMemory, cast: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> StageMemory:
