@@ -406,7 +406,7 @@ class DataParallel:
     def finish_step(self) -> dict[str, torch.Tensor]:
         """Wait for the step's collectives; ``{FQN: this step's reduced grad}`` (full, or my shard),
         in each parameter's dtype."""
-        for pending in list(dict.fromkeys(self._gathering.values())):
+        for pending in list({id(p): p for p in self._gathering.values()}.values()):
             self._finish_gather(pending)  # a gather whose stage never computed (a failed step)
         grads: dict[str, torch.Tensor] = {}
         if self.group is None:
@@ -456,7 +456,7 @@ class DataParallel:
         todo = [lay for n, lay in self.layouts.items() if n not in self.expert_names]
         for group in _by_dtype(todo):
             self._gather(group, into_full=True)
-        for pending in list(dict.fromkeys(self._gathering.values())):
+        for pending in list({id(p): p for p in self._gathering.values()}.values()):
             self._finish_gather(pending)
         try:
             yield

@@ -97,6 +97,8 @@ def _all_cases(rank: int, world: int) -> dict:
     mb = local // C
     pipe = dualpipe_fx.compile(model, loss_fn, (xs[:mb],), ys[:mb], num_microbatches=C, group=pp_group,
                                dp_group=dp_group, dp_mode="shard", mixed_precision=POLICY)
+    with pipe.full_parameters():  # gathered in fp32 and written back: the shards keep their values
+        pass
     out["pp x shard"] = _train(pipe, xs, ys)
     # PP alone on the global batch (each row its own pipeline), fp32 then bf16
     plans = {}

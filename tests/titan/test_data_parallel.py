@@ -27,6 +27,8 @@ import shutil
 import pytest
 
 pytest.importorskip("torchtitan", reason="torchtitan is the optional 'titan' extra")
+# each module fixture runs several torchrun jobs; the first test that uses one waits for them all
+pytestmark = pytest.mark.timeout(900)
 
 from tests.titan.test_train import run_many, run_train  # noqa: E402
 
