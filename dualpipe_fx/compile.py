@@ -31,7 +31,7 @@ from dualpipe_fx.runtime.pipeline import Pipeline
 from dualpipe_fx.schedules import generate, get_schedule
 from dualpipe_fx.schedules.ir import Program
 from dualpipe_fx.simulate import in_flight_by_part
-from dualpipe_fx.split import Split, split
+from dualpipe_fx.split import Split, check_mixed_precision, split
 from passes._compat import tree_flatten
 from passes.capture import as_inputs
 from passes.cost_model import scalar_costs
@@ -116,6 +116,10 @@ def _agreed_options(args: Mapping[str, Any]) -> dict[str, Any]:
     for k in ("cost", "recompute"):
         if args[k] is None or isinstance(args[k], str):
             options[k] = args[k]
+    policy = args["mixed_precision"]
+    options["mixed_precision"] = None if policy is None else (
+        f"param {policy.param_dtype}, reduce {policy.reduce_dtype}, output {policy.output_dtype}, "
+        f"cast inputs {policy.cast_forward_inputs}")
     return options
 
 
@@ -161,7 +165,8 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
             recompute=None, device=None, param_init_fn: Optional[Callable[[nn.Module], None]] = None,
             verify_weights: bool = True, balance: str = "both", memory_budget: Optional[int] = None,
             optimizer="adamw", dp_group: Optional[dist.ProcessGroup] = None,
-            dp_mode: str = "replicate", expert_parallel: Optional[ExpertParallel] = None) -> Pipeline:
+            dp_mode: str = "replicate", expert_parallel: Optional[ExpertParallel] = None,
+            mixed_precision=None) -> Pipeline:
     """Pipeline ``model`` over the ranks of ``group`` with ``schedule``.
 
     Args:
@@ -225,6 +230,19 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
             reduced over ``replica_group`` only and averaged like the rest (the grads of the
             mean loss over ``dp_group``). In the shard modes they are ``DTensor``
             ``Shard(0)`` parameters on a mesh over the EP group named ``"ep"``.
+        mixed_precision: a ``torch.distributed.fsdp.MixedPrecisionPolicy`` (FSDP2's), or None
+            (compute in the parameters' dtype). The stage graphs are traced with the
+            floating-point parameters in ``param_dtype`` (activations, saved tensors, the cut's
+            bytes and the memory plan in that dtype) and read copies cast once per stage and
+            step, before its first action (``dp_mode="shard"``/``"shard_grad_op"``: each rank
+            casts its shard and all-gathers in ``param_dtype``), freed after its last
+            (``"shard_grad_op"`` keeps them). W's ``param_dtype`` grads are summed into the
+            parameters' own ``.grad``, reduced over ``dp_group`` in ``reduce_dtype`` (None:
+            ``param_dtype``, as FSDP2) and stored back in the parameters' dtype: the optimizer
+            sees the parameters and ``.grad`` as without the policy. ``cast_forward_inputs``
+            casts the model's floating-point inputs to ``param_dtype``, ``output_dtype`` its
+            floating-point outputs (before ``loss_fn``), as ``fully_shard(model, mp_policy=...)``
+            does. Without ``dp_group`` too (pipeline parallelism alone).
 
     Returns:
         this rank's ``Pipeline``.
@@ -254,6 +272,7 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
     world = dist.get_world_size(group)
     timeout = as_timeout(timeout)
     data_parallel = check_groups(group, dp_group, dp_mode)
+    mixed_precision = check_mixed_precision(mixed_precision)
     experts = check_expert_parallel(dp_group, expert_parallel)
     call = call_fields(schedule, world, num_microbatches, examples, example_target, example_kwargs,
                        _agreed_options(locals()))
@@ -272,7 +291,8 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
         parts = split_for_program(program, model, loss_fn, examples, example_target, cost=cost,
                                   split_points=split_points, example_kwargs=example_kwargs, recompute=recompute,
                                   device=device, only_stages=mine, balance=balance,
-                                  memory_budget=memory_budget, optimizer=optimizer)
+                                  memory_budget=memory_budget, optimizer=optimizer,
+                                  mixed_precision=mixed_precision)
         partition = parts.partition
         names = local_names(partition.stages, mine, partition.captured.param_aliases)
         pending = materialize(model, names, device, param_init_fn)
@@ -289,4 +309,4 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
                               group, timeout, compile_stages, overlap, example_kwargs=example_kwargs,
                               call=partition.captured.call, outputs=partition.captured.output_layout,
                               part_graphs=partition.stages, device=device, pending=pending,
-                              data_parallel=data_parallel, experts=experts)
+                              data_parallel=data_parallel, experts=experts, mixed_precision=mixed_precision)

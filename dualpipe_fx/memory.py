@@ -40,6 +40,7 @@ element.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
@@ -527,7 +528,7 @@ def plan(model: torch.nn.Module, loss_fn: Callable, example_inputs, example_targ
          num_microbatches: int, schedule: str = "dualpipev", device=None, recompute=None,
          example_kwargs: Optional[Mapping[str, Any]] = None, optimizer: Optimizer = "adamw", cost="flops",
          split_points: Optional[Sequence[str]] = None, balance: str = "both", memory_budget: Optional[int] = None,
-         recv_lookahead: Optional[int] = None) -> MemoryPlan:
+         recv_lookahead: Optional[int] = None, mixed_precision=None) -> MemoryPlan:
     """Per-rank memory of ``dualpipe_fx.compile(model, ...)`` on ``ranks`` ranks, without any
     process group and without allocating the model.
 
@@ -535,7 +536,8 @@ def plan(model: torch.nn.Module, loss_fn: Callable, example_inputs, example_targ
         model, loss_fn, example_inputs, example_target, example_kwargs: as ``compile``; ONE
             micro-batch. A model on meta is traced on fake tensors of ``device``.
         ranks, num_microbatches, schedule, recompute, cost, split_points, balance,
-            memory_budget: as ``compile``, whose cut this repeats (the same call to ``split``).
+            memory_budget, mixed_precision: as ``compile``, whose cut this repeats (the same call to
+            ``split``).
         device: where the stages would run (default cpu); it picks the kernels traced and
             the backend's receive look-ahead (cpu: gloo, ``runtime.build.RECV_LOOKAHEAD``;
             others: 0) unless ``recv_lookahead`` is given.
@@ -558,7 +560,8 @@ def plan(model: torch.nn.Module, loss_fn: Callable, example_inputs, example_targ
     examples = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     parts = split_for_program(program, model, loss_fn, examples, example_target, cost=cost,
                               split_points=split_points, example_kwargs=example_kwargs, recompute=recompute,
-                              device=device, balance=balance, memory_budget=memory_budget, optimizer=optimizer)
+                              device=device, balance=balance, memory_budget=memory_budget, optimizer=optimizer,
+                              mixed_precision=mixed_precision)
     lookahead = (RECV_LOOKAHEAD if device.type == "cpu" else 0) if recv_lookahead is None else recv_lookahead
     return split_plan(parts, program, optimizer=optimizer, recv_lookahead=lookahead, recompute=recompute)
 
@@ -577,9 +580,16 @@ def split_plan(split, program: Program, *, optimizer: Optimizer = "adamw", recv_
                          f"program runs {program.num_model_parts} model parts; expected a fully split model "
                          "with one stage per model part. Fix: dualpipe_fx.split(..., num_stages="
                          f"{program.num_model_parts}) without only_stages")
-    return _plan_from(program, {k: stage_memory(sg) for k, sg in enumerate(split.stages)},
-                      _graph_values(split.partition.stages), _trainable(split.model), optimizer, recv_lookahead,
-                      recompute, sorted(program))
+    values = _graph_values(split.partition.stages)
+    held = dict(split.model.named_parameters(remove_duplicate=False))
+    # mixed precision: the graphs hold param_dtype copies of the model's parameters
+    cast = {k: {n: (held[n], v) for n, v in vals.items() if n in held and v.dtype != held[n].dtype}
+            for k, vals in values.items()}
+    stages = {k: _with_casts(stage_memory(sg), cast[k]) for k, sg in enumerate(split.stages)}
+    values = {k: {n: cast[k][n][0] if n in cast[k] else v for n, v in vals.items()} for k, vals in values.items()}
+    copies = {n: c.numel() * c.element_size() for pairs in cast.values() for n, (_, c) in pairs.items()}
+    return _plan_from(program, stages, values, _trainable(split.model), optimizer, recv_lookahead, recompute,
+                      sorted(program), copies)
 
 
 def _graph_values(part_graphs) -> dict[int, dict[str, torch.Tensor]]:
@@ -594,16 +604,18 @@ def _trainable(model: torch.nn.Module) -> set[str]:
 
 
 def _plan_from(program: Program, stages: Mapping[int, StageMemory], values: Mapping[int, Mapping[str, torch.Tensor]],
-               trainable: set[str], optimizer: Optimizer, lookahead: int, recompute, ranks: Iterable[int]
-               ) -> MemoryPlan:
+               trainable: set[str], optimizer: Optimizer, lookahead: int, recompute, ranks: Iterable[int],
+               copies: Optional[Mapping[str, int]] = None) -> MemoryPlan:
+    """``copies``: mixed precision, FQN -> bytes of its param_dtype copy, counted with the parameters."""
     receives = receive_positions(program, lookahead)
     place = program.stage_to_rank()
     rows = []
     for r in ranks:
         parts = sorted({program.model_part(s) for s, q in place.items() if q == r})
         named = {n: t for k in parts for n, t in values[k].items()}
-        rows.append(rank_memory(program, r, stages, _param_bytes(named, named, trainable), optimizer, lookahead,
-                                receives))
+        row = rank_memory(program, r, stages, _param_bytes(named, named, trainable), optimizer, lookahead, receives)
+        extra = sum((copies or {}).get(n, 0) for n in named)
+        rows.append(dataclasses.replace(row, params=row.params + extra) if extra else row)
     return MemoryPlan(ranks=tuple(rows), schedule=program.name, num_microbatches=program.num_microbatches,
                       optimizer=optimizer, recompute=recompute if isinstance(recompute, str) else
                       (None if recompute is None else getattr(recompute, "__name__", "custom")),
@@ -614,12 +626,24 @@ def pipeline_plan(pipe, optimizer: Optimizer = "adamw") -> MemoryPlan:
     """``Pipeline.memory_plan``: this rank's row, from its own stages' graphs and tensors."""
     from dualpipe_fx.runtime.build import RECV_LOOKAHEAD
 
-    program, stages, values, trainable = pipe.program, {}, {}, set()
+    program, stages, values, trainable, copies = pipe.program, {}, {}, set(), {}
     for s, stage in pipe.stages.items():
         k = program.model_part(s)
-        stages[k] = stage_memory(stage.flat_graphs)
         names = stage.graphs.param_names + stage.graphs.buffer_names
         values[k] = dict(zip(names, stage.params))
         trainable |= {n for n, t in values[k].items() if isinstance(t, torch.nn.Parameter) and t.requires_grad}
+        cast = {n: (p, c) for n, p, c in zip(names, stage.params, stage.compute) if c is not p}
+        stages[k] = _with_casts(stage_memory(stage.flat_graphs), cast)
+        copies.update({n: c.numel() * c.element_size() for n, (_, c) in cast.items()})
     lookahead = RECV_LOOKAHEAD if any(st.early_sends for st in pipe.stages.values()) else 0
-    return _plan_from(program, stages, values, trainable, optimizer, lookahead, None, [pipe.rank])
+    return _plan_from(program, stages, values, trainable, optimizer, lookahead, None, [pipe.rank], copies)
+
+
+def _with_casts(mem: StageMemory, cast: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> StageMemory:
+    """Mixed precision: W's param_dtype grads are summed into ``.grad`` in the parameter's own
+    dtype (``cast``: FQN -> (parameter, its param_dtype copy))."""
+    if not cast:
+        return mem
+    grads = {n: b * cast[n][0].element_size() // cast[n][1].element_size() if n in cast else b
+             for n, b in mem.param_grads.items()}
+    return dataclasses.replace(mem, param_grads=grads)

@@ -14,6 +14,7 @@ from typing import Any, Callable, Collection, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy
 
 from dualpipe_fx.memory import optimizer_bytes
 from passes.balance import BALANCE_MODES, MemorySpec
@@ -47,6 +48,7 @@ class Split:
     partition: StagePartition
     model: nn.Module
     placement: Mapping[int, int]
+    mixed_precision: Optional[MixedPrecisionPolicy] = None
 
     @property
     def balance(self) -> float:
@@ -97,7 +99,8 @@ class Split:
     def _stage_params(self, sg: StageGraphs) -> list[torch.Tensor]:
         params = dict(self.model.named_parameters(remove_duplicate=False))
         bufs = dict(self.model.named_buffers(remove_duplicate=False))
-        return [params[n] for n in sg.param_names] + [bufs[n] for n in sg.buffer_names]
+        return [compute_copy(params[n], self.mixed_precision) for n in sg.param_names] + \
+            [bufs[n] for n in sg.buffer_names]
 
     def run(self, inputs=(), /, target=None, **kwargs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Forward all stages, then backward_input (last first), then backward_weight.
@@ -137,8 +140,10 @@ class Split:
             grad_out, for_weight[sg.index] = sg.backward_input(saved[sg.index], grad_out)
             saved[sg.index] = None  # what W needs now lives in for_weight
         grads: dict[str, torch.Tensor] = {}
+        params = dict(self.model.named_parameters(remove_duplicate=False))
         for sg in self.stages:
             for name, g in zip(sg.param_names, sg.backward_weight(for_weight[sg.index])):
+                g = g.to(params[name].dtype)  # mixed precision: param_dtype grads summed in the parameter's dtype
                 grads[name] = g if name not in grads else grads[name] + g
             for_weight[sg.index] = None
         return loss.detach(), self._with_aliases(grads)
@@ -188,22 +193,67 @@ def _check_kwarg_names(example_kwargs: Optional[Mapping[str, Any]]) -> None:
                          "example_inputs, or wrap the model so that its keyword has another name.")
 
 
-def _param_state_bytes(optimizer) -> Callable[[torch.Tensor], int]:
+def _param_state_bytes(optimizer, master_size: Optional[int] = None) -> Callable[[torch.Tensor], int]:
     """Bytes a parameter costs its rank: value + grad + the optimizer's state for it, counted
-    as the memory plan counts it (``dualpipe_fx.memory.optimizer_bytes``)."""
+    as the memory plan counts it (``dualpipe_fx.memory.optimizer_bytes``). ``master_size``:
+    mixed precision, the traced parameter ``p`` is the param_dtype copy of a parameter of
+    that many bytes per element (value, grad and state in it), plus the copy itself."""
     optimizer_bytes(optimizer, 0, 0, 0)  # an unknown optimizer fails before the trace
-    return lambda p: 2 * p.numel() * p.element_size() + optimizer_bytes(optimizer, p.numel() * p.element_size(),
-                                                                          p.numel(), 1)
+
+    def cost(p: torch.Tensor) -> int:
+        size = master_size if master_size is not None and p.is_floating_point() else p.element_size()
+        copy = p.numel() * p.element_size() if size != p.element_size() else 0
+        return 2 * p.numel() * size + optimizer_bytes(optimizer, p.numel() * size, p.numel(), 1) + copy
+    return cost
+
+
+def check_mixed_precision(policy) -> Optional[MixedPrecisionPolicy]:
+    """``policy`` once it is a ``MixedPrecisionPolicy`` of floating-point dtypes (or None).
+
+    Raises:
+        TypeError: another type, or a dtype that is not floating point.
+    """
+    if policy is None:
+        return None
+    if not isinstance(policy, MixedPrecisionPolicy):
+        raise TypeError(f"mixed_precision={policy!r}; expected a torch.distributed.fsdp.MixedPrecisionPolicy "
+                        "(e.g. MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)) "
+                        "or None")
+    for field in ("param_dtype", "reduce_dtype", "output_dtype"):
+        dtype = getattr(policy, field)
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"mixed_precision.{field}={dtype!r}; expected a floating-point torch.dtype "
+                            "(torch.bfloat16, torch.float16, torch.float32) or None")
+    return policy
+
+
+def compute_copy(param: torch.Tensor, policy: Optional[MixedPrecisionPolicy]) -> torch.Tensor:
+    """What the stage graphs read for ``param``: its value in ``policy.param_dtype`` (floating
+    point parameters), as FSDP2 casts it; the parameter itself without a cast."""
+    dtype = None if policy is None else policy.param_dtype
+    if dtype is None or not param.is_floating_point() or param.dtype == dtype:
+        return param
+    return param.detach().to(dtype)
+
+
+def master_size(model: nn.Module, policy: Optional[MixedPrecisionPolicy]) -> Optional[int]:
+    """Bytes per element of the model's floating-point parameters when ``policy`` casts them
+    (what value, grad and optimizer state take), else None."""
+    if policy is None or policy.param_dtype is None:
+        return None
+    return max((p.element_size() for p in model.parameters() if p.is_floating_point()), default=None)
 
 
 def memory_spec(optimizer="adamw", in_flight: Optional[Mapping[int, int]] = None,
-                memory_budget: Optional[int] = None, recompute: Policy = None) -> MemorySpec:
-    """The stage cut's memory model (``passes.balance.MemorySpec``) from user-facing options."""
+                memory_budget: Optional[int] = None, recompute: Policy = None,
+                master: Optional[int] = None) -> MemorySpec:
+    """The stage cut's memory model (``passes.balance.MemorySpec``) from user-facing options
+    (``master``: see ``master_size``)."""
     if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int)
                                       or memory_budget <= 0):
         raise ValueError(f"memory_budget={memory_budget!r}; expected bytes per rank as an int > 0 "
                          "(e.g. 80 * 2**30), or None")
-    return MemorySpec(param_bytes=_param_state_bytes(optimizer), in_flight=dict(in_flight or {}),
+    return MemorySpec(param_bytes=_param_state_bytes(optimizer, master), in_flight=dict(in_flight or {}),
                       budget=memory_budget, inputs_only=isinstance(recompute, str) and recompute == "full",
                       selective=isinstance(recompute, str) and recompute == "selective")
 
@@ -219,7 +269,8 @@ def split(model: nn.Module, loss_fn: Callable, example_inputs, example_target=No
           placement: Optional[Mapping[int, int]] = None, recompute: Policy = None, device=None,
           only_stages: Optional[Collection[int]] = None, balance: str = "both",
           memory_budget: Optional[int] = None, optimizer="adamw",
-          in_flight: Optional[Mapping[int, int]] = None) -> Split:
+          in_flight: Optional[Mapping[int, int]] = None,
+          mixed_precision: Optional[MixedPrecisionPolicy] = None) -> Split:
     """Capture ``model`` + ``loss_fn``, cut it into stages, split each stage's backward.
 
     **Contract**: ``(model, loss_fn, one example micro-batch) -> Split`` with
@@ -263,6 +314,12 @@ def split(model: nn.Module, loss_fn: Callable, example_inputs, example_target=No
             ``"sgd_momentum"`` (one) or state bytes per parameter element.
         in_flight: ``{stage: micro-batches of activations held at once}`` (``compile()``
             reads it off the schedule); default 1 per stage.
+        mixed_precision: a ``torch.distributed.fsdp.MixedPrecisionPolicy``, or None: the
+            model is traced with its floating-point parameters in ``param_dtype`` (see
+            ``passes.capture.capture``), so activations, saved tensors and the bytes on each
+            cut are in that dtype; the memory model counts each parameter's value, grad and
+            optimizer state in its own dtype plus its ``param_dtype`` copy. ``Split.run``
+            casts the parameters and returns grads in the parameters' dtype.
 
     Returns:
         :class:`Split`.
@@ -276,9 +333,10 @@ def split(model: nn.Module, loss_fn: Callable, example_inputs, example_target=No
     _check_kwarg_names(example_kwargs)
     recompute_policy(recompute)  # an unknown policy fails before the trace
     _check_balance(balance)
-    memory = memory_spec(optimizer, in_flight, memory_budget, recompute)
+    mixed_precision = check_mixed_precision(mixed_precision)
+    memory = memory_spec(optimizer, in_flight, memory_budget, recompute, master_size(model, mixed_precision))
     captured = capture(model, loss_fn, example_inputs, example_target, example_kwargs=example_kwargs,
-                       device=device)
+                       device=device, mixed_precision=mixed_precision)
     placement = default_placement(num_stages) if placement is None else dict(placement)
     partition = split_stages(captured, num_stages, cost=cost, split_points=split_points, placement=placement,
                              balance=balance, memory=memory)
@@ -286,4 +344,5 @@ def split(model: nn.Module, loss_fn: Callable, example_inputs, example_target=No
     wanted = _only(only_stages, len(partition.stages))
     stages = tuple(split_backward(gm, index=s, is_last=s == last, recompute=recompute) if s in wanted else None
                    for s, gm in enumerate(partition.stages))
-    return Split(stages=stages, partition=partition, model=model, placement=placement)
+    return Split(stages=stages, partition=partition, model=model, placement=placement,
+                 mixed_precision=mixed_precision)

@@ -377,13 +377,14 @@ class _WithLoss(nn.Module):
     around them, so every non-tensor keyword is a Python constant of the trace.
     """
 
-    def __init__(self, model: nn.Module, loss_fn: Callable, call: ModelCall, has_target: bool):
+    def __init__(self, model: nn.Module, loss_fn: Callable, call: ModelCall, has_target: bool, precision=None):
         super().__init__()
         self.model = model
         # Not a submodule: a loss module's tensors must not become "model" params/buffers.
         object.__setattr__(self, "_loss_fn", loss_fn)
         object.__setattr__(self, "_call", call)
         object.__setattr__(self, "_has_target", has_target)
+        object.__setattr__(self, "_precision", precision)
         object.__setattr__(self, "out_spec", _Holder())
         # The graph export records into: a custom Function traced into another graph (a
         # flex_attention mask_mod's subgraph, which indexes through torch's own Function) is
@@ -392,12 +393,34 @@ class _WithLoss(nn.Module):
 
     def forward(self, *tensors):
         self.graph.value = _compat.current_tracer_graph()
-        args, kwargs = self._call.rebuild(tensors[: len(self._call.names)])
-        out = self.model(*args, **kwargs)
+        n = len(self._call.names)
+        # a BlockMask's tensors are not cast (FSDP2 casts the call's tensors, not a mask's insides)
+        cast = _cast_inputs(self._precision, tensors[:n])
+        cast = [t if name in self._call.mask_names else c
+                for name, t, c in zip(self._call.names, tensors[:n], cast)]
+        args, kwargs = self._call.rebuild(cast)
+        out = _cast_output(self._precision, self.model(*args, **kwargs))
         loss = self._loss_fn(out, tensors[-1]) if self._has_target else self._loss_fn(out)
         layout, leaves = OutputLayout.of(out)
         self.out_spec.value = layout
         return (loss, *leaves)
+
+
+def _cast_inputs(precision, tensors: Sequence[torch.Tensor]) -> tuple:
+    """FSDP2's ``cast_forward_inputs``: the model's floating-point inputs in ``param_dtype``."""
+    dtype = getattr(precision, "param_dtype", None)
+    if dtype is None or not precision.cast_forward_inputs:
+        return tuple(tensors)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
+
+
+def _cast_output(precision, out: Any) -> Any:
+    """FSDP2's ``output_dtype``: the model's floating-point outputs in that dtype (the loss sees them)."""
+    dtype = getattr(precision, "output_dtype", None)
+    if dtype is None:
+        return out
+    return _compat.tree_map(lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t,
+                            out)
 
 
 class _Holder:
@@ -679,15 +702,16 @@ def _fake_device(model: nn.Module, named_inputs: Sequence[tuple[str, Any]], devi
     return torch.device(device)
 
 
-def _fake_like(mode, t: torch.Tensor, device: torch.device) -> torch.Tensor:
+def _fake_like(mode, t: torch.Tensor, device: torch.device, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     with mode:
-        return torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device=device)
+        return torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=dtype or t.dtype, device=device)
 
 
 @contextlib.contextmanager
-def _fake_model(model: nn.Module, mode, device: torch.device) -> Iterator[None]:
+def _fake_model(model: nn.Module, mode, device: torch.device, param_dtype=None) -> Iterator[None]:
     """While active, every parameter and buffer of ``model`` is a fake tensor of ``device``
-    (tied tensors stay tied); the model's own tensors are put back after."""
+    (tied tensors stay tied; floating-point parameters in ``param_dtype`` when given, as FSDP2
+    casts them); the model's own tensors are put back after."""
     fakes: dict[int, torch.Tensor] = {}
     undo: list[tuple[nn.Module, str, torch.Tensor]] = []
     try:
@@ -695,7 +719,8 @@ def _fake_model(model: nn.Module, mode, device: torch.device) -> Iterator[None]:
             for name, t in [*module.named_parameters(recurse=False, remove_duplicate=False),
                             *module.named_buffers(recurse=False, remove_duplicate=False)]:
                 if id(t) not in fakes:
-                    fake = _fake_like(mode, t, device)
+                    cast = param_dtype if isinstance(t, nn.Parameter) and t.is_floating_point() else None
+                    fake = _fake_like(mode, t, device, cast)
                     fakes[id(t)] = nn.Parameter(fake, t.requires_grad) if isinstance(t, nn.Parameter) else fake
                 undo.append((module, name, t))
                 setattr(module, name, fakes[id(t)])
@@ -766,8 +791,9 @@ def _check_loss_needs_no_target(loss_fn: Callable) -> None:
             f"(and target= to step()), or a loss_fn(output) of one argument")
 
 
-def _export(model, loss_fn, call: ModelCall, tensors, target, device: Optional[torch.device] = None):
-    wrapper = _WithLoss(model, loss_fn, call, target is not None)
+def _export(model, loss_fn, call: ModelCall, tensors, target, device: Optional[torch.device] = None,
+            precision=None):
+    wrapper = _WithLoss(model, loss_fn, call, target is not None, precision)
     args = (*tensors, target) if target is not None else tuple(tensors)
     recorder = _RegionRecorder(wrapper.graph)
     try:
@@ -777,7 +803,7 @@ def _export(model, loss_fn, call: ModelCall, tensors, target, device: Optional[t
                 # in forward (torch.tensor(...)) stay real, hence non-fake inputs are allowed
                 mode = _compat.FakeTensorMode(allow_non_fake_inputs=True)
                 args = tuple(_fake_like(mode, a, device) for a in args)
-                fake.enter_context(_fake_model(model, mode, device))
+                fake.enter_context(_fake_model(model, mode, device, getattr(precision, "param_dtype", None)))
                 fake.enter_context(mode)
             with recorder.patched(), _compat.on_checkpoint_regions(_mark_recompute):
                 ep = torch.export.export(wrapper, args, strict=False)
@@ -981,7 +1007,7 @@ def _as_kwargs(example_kwargs) -> dict[str, Any]:
 
 
 def capture(model: nn.Module, loss_fn: Callable, example_inputs, example_target=None, *,
-            example_kwargs: Optional[Mapping[str, Any]] = None, device=None) -> Captured:
+            example_kwargs: Optional[Mapping[str, Any]] = None, device=None, mixed_precision=None) -> Captured:
     """Trace ``loss_fn(model(*args, **kwargs), target)`` into one ATen-level FX graph.
 
     **Contract**: ``(model, loss_fn, example micro-batch) -> Captured`` whose ``gm`` maps
@@ -1016,6 +1042,11 @@ def capture(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
             tensors of ``device``, so it records that device's kernels (CPU SDPA stays
             ``_scaled_dot_product_flash_attention_for_cpu``, not meta's bmm + softmax), and
             ``meta["val"]`` is on ``device``. The model is left as it was.
+        mixed_precision: a ``torch.distributed.fsdp.MixedPrecisionPolicy`` (or None): the
+            trace runs on fake tensors with the floating-point parameters in its
+            ``param_dtype`` (their placeholders, and so the activations, in that dtype),
+            floating-point model inputs cast to it (``cast_forward_inputs``) and outputs to
+            ``output_dtype``, as FSDP2's ``fully_shard(model, mp_policy=...)`` computes.
 
     Returns:
         :class:`Captured`.
@@ -1035,7 +1066,12 @@ def capture(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
     # symbolic and then fails to trace it: the mask's tensors are traced as fresh tensors.
     found = {n: t.clone() if n in call.mask_names else t for n, t in found.items()}
     fake_on = _fake_device(model, [*found.items(), ("target", example_target)], device)
-    ep, layout = _export(model, loss_fn, call, [found[n] for n in call.names], example_target, fake_on)
+    if fake_on is None and getattr(mixed_precision, "param_dtype", None) is not None:
+        # parameters in param_dtype: fake copies of them, the model's own stay as they are
+        fake_on = torch.device(device) if device is not None else next(
+            (t.device for _, t in _held(model)), torch.device("cpu"))
+    ep, layout = _export(model, loss_fn, call, [found[n] for n in call.names], example_target, fake_on,
+                         mixed_precision)
     _check_mutations(ep)
     gm = ep.graph_module
     params, buffers, aliases = _lift_placeholders(gm, ep, model, call.names)

@@ -183,3 +183,36 @@ def test_identity_and_nested_custom_functions():
     case = models.Case("id-nested", _IdentityAndNested(), models.mse, (torch.randn(4, 8),), torch.randn(4, 8))
     sp = check_split(case, 2)
     assert sorted(r.fn.__name__ for r in sp.partition.captured.regions.values()) == ["_GradScale", "_Outer"]
+
+
+def test_mixed_precision_split_runs_the_bf16_model_and_halves_the_cut():
+    """split(mixed_precision=bf16 policy): Split.run equals the model cast to bf16 in one process
+    (loss and grads, bitwise; grads returned in fp32), and the bytes on each cut halve."""
+    import copy
+
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from dualpipe_fx.split import _stage_io_bytes
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(),
+                                                      torch.nn.Linear(32, 16)) for _ in range(4)])
+    x, y = torch.randn(8, 16), torch.randn(8, 16)
+
+    def loss_fn(out, target):
+        return ((out.float() - target) ** 2).mean()
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    bf16 = dualpipe_fx.split(model, loss_fn, (x,), y, 4, mixed_precision=policy)
+    loss, grads = bf16.run((x,), y)
+    ref = copy.deepcopy(model).to(torch.bfloat16)
+    ref_loss = loss_fn(ref(x.bfloat16()), y)  # cast_forward_inputs: the float input in bf16
+    ref_loss.backward()
+    assert torch.equal(loss, ref_loss.detach())
+    for name, p in ref.named_parameters():
+        assert grads[name].dtype == torch.float32 and torch.equal(grads[name], p.grad.float()), name
+    fp32 = dualpipe_fx.split(model, loss_fn, (x,), y, 4)
+    for a, b in zip(fp32.partition.stages[:-1], bf16.partition.stages[:-1]):
+        assert _stage_io_bytes(b)[1] * 2 == _stage_io_bytes(a)[1]
+    with pytest.raises(TypeError, match="MixedPrecisionPolicy"):
+        dualpipe_fx.split(model, loss_fn, (x,), y, 4, mixed_precision="bf16")

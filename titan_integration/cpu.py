@@ -19,7 +19,10 @@ torchtitan assumes CUDA in these places; :func:`use_cpu_when_no_gpu` handles eac
 6. Single-device runs autocast the forward to ``training.mixed_precision_param`` (bf16 by
    default) on ``device_type``. -> :func:`disable_cpu_autocast` (the trainer calls it): CPU
    runs in ``training.dtype`` (fp32), so a 1-rank baseline and a pipelined run (which
-   torchtitan never autocasts) compute the same thing.
+   torchtitan never autocasts) compute the same thing. FSDP/HSDP runs (``dp_shard > 1``) are
+   not autocast: torchtitan's ``fully_shard`` applies ``mixed_precision_param`` there, on CPU
+   too, and the pipelined run the same policy (``compile(mixed_precision=)``, from
+   ``titan_integration.pipelining.fsdp_mixed_precision``).
 7. Memory snapshots (``profiling.enable_memory_snapshot``) use ``torch.cuda.memory``.
    -> rejected on CPU by :func:`check_cpu_config`, naming the key.
 8. ``checkpoint.async_mode = "async_with_pinned_mem"`` pins host memory for a GPU copy.

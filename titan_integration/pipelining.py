@@ -261,7 +261,8 @@ def _compile(model, loss_fn, job_config, device, group, num_mb: int, recompute=N
     kwargs = compile_kwargs(job_config.dualpipe_fx)
     kwargs["recompute"] = recompute
     kwargs["timeout"] = timedelta(seconds=job_config.comm.init_timeout_seconds)
-    kwargs.update({k: v for k, v in (dp or {}).items() if k in ("dp_group", "dp_mode", "expert_parallel")})
+    kwargs.update({k: v for k, v in (dp or {}).items()
+                   if k in ("dp_group", "dp_mode", "expert_parallel", "mixed_precision")})
     # model keywords shaped like the tokens (torchtitan 0.3's RoPE `positions`)
     kwargs["example_kwargs"] = {**{name: torch.zeros_like(tokens) for name in token_kwargs},
                                 **example_attention_masks(model, tokens)} or None
@@ -350,6 +351,12 @@ def data_parallel_args(parallel_dims, job_config) -> dict:
     batch mesh (its gradient divide factor is 1; the loss is already divided by the global
     token count), its DDP averages them; dualpipe_fx averages, so a sharded run multiplies
     by the data-parallel size to give torchtitan's grads.
+
+    ``mixed_precision``: where torchtitan applies ``training.mixed_precision_param`` /
+    ``mixed_precision_reduce`` itself, through ``fully_shard`` (``dp_shard > 1``), they become
+    ``compile(mixed_precision=MixedPrecisionPolicy(...))``. Without FSDP torchtitan runs a
+    pipeline in ``training.dtype`` (its ``maybe_enable_amp``: "Mixed precision training with TP
+    or PP is only supported when FSDP/HSDP/CP is enabled"), and so does this one.
     """
     if not (parallel_dims.dp_replicate > 1 or parallel_dims.dp_shard > 1):
         return {}
@@ -357,8 +364,21 @@ def data_parallel_args(parallel_dims, job_config) -> dict:
     if parallel_dims.dp_shard > 1:
         never = job_config.parallelism.fsdp_reshard_after_forward == "never"
         return {"dp_group": group, "dp_mode": "shard_grad_op" if never else "shard",
-                "grad_sum": dist.get_world_size(group)}
+                "grad_sum": dist.get_world_size(group), "mixed_precision": fsdp_mixed_precision(job_config)}
     return {"dp_group": group, "dp_mode": "replicate", "grad_sum": 1}
+
+
+def fsdp_mixed_precision(job_config):
+    """torchtitan's ``apply_fsdp`` policy: ``MixedPrecisionPolicy(param_dtype=training.mixed_precision_param,
+    reduce_dtype=training.mixed_precision_reduce)``; None when both are float32 (nothing to cast)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    from torchtitan.config import TORCH_DTYPE_MAP
+
+    param = TORCH_DTYPE_MAP[job_config.training.mixed_precision_param]
+    reduce = TORCH_DTYPE_MAP[job_config.training.mixed_precision_reduce]
+    if param == reduce == torch.float32:
+        return None
+    return MixedPrecisionPolicy(param_dtype=param, reduce_dtype=reduce)
 
 
 def expert_parallel_args(parallel_dims, model: nn.Module) -> dict:

@@ -154,9 +154,12 @@ def build_pipeline(model: nn.Module, parts: Sequence[StageGraphs], program: Prog
                    outputs: Optional[OutputLayout] = None,
                    part_graphs: Sequence[torch.fx.GraphModule], device: Optional[torch.device] = None,
                    pending: Optional[Mapping[str, Pending]] = None,
-                   data_parallel: Optional[tuple[dist.ProcessGroup, str]] = None, experts=None) -> Pipeline:
+                   data_parallel: Optional[tuple[dist.ProcessGroup, str]] = None, experts=None,
+                   mixed_precision=None) -> Pipeline:
     """This rank's pipeline (see the module docstring); ``data_parallel``: (group, mode) for
-    ``runtime.data_parallel.DataParallel``, or None."""
+    ``runtime.data_parallel.DataParallel``, or None; ``mixed_precision``: a
+    ``MixedPrecisionPolicy`` (the stages then read param_dtype copies that ``DataParallel``,
+    over no group without data parallelism, casts or gathers once per stage and step)."""
     rank = dist.get_rank(group)
     example_kwargs = dict(example_kwargs or {})
     call = ModelCall.of(examples, example_kwargs) if call is None else call
@@ -172,9 +175,12 @@ def build_pipeline(model: nn.Module, parts: Sequence[StageGraphs], program: Prog
         stage.early_sends = by_tag
     executor = Executor(stages, rank, timeout)
     dp = None
-    if data_parallel is not None:
-        dp = DataParallel(data_parallel[1], data_parallel[0], stages, named_params(stages), timeout, experts)
+    if data_parallel is not None or mixed_precision is not None:
+        dp_group, dp_mode = data_parallel if data_parallel is not None else (None, "replicate")
+        dp = DataParallel(dp_mode, dp_group, stages, named_params(stages), timeout, experts, mixed_precision)
         executor.data_parallel = dp
+        for stage in stages.values():
+            stage.compute = dp.compute_tensors(stage.params)
     if overlap:
         executor.overlap = OverlapRunner(compile_graphs=compile_stages)  # every FB action: one merged graph
     schedules = {}

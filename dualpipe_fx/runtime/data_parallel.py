@@ -103,11 +103,20 @@ class _Layout:
     """One parameter over the data-parallel ranks: rows ``[start, stop)`` of dim 0 are mine."""
 
     name: str
-    full: torch.Tensor  # what the stage graphs read
+    full: torch.Tensor  # the whole parameter in its own dtype; its .grad takes the stage grads
     sharded: bool       # False: every rank holds it whole (replicate mode, or 0-dim)
     chunk: int = 0      # elements per rank in the padded flat layout (sharded)
     start: int = 0
     stop: int = 0
+    compute: Optional[torch.Tensor] = None  # what the stage graphs read: full, or its param_dtype copy
+
+    def __post_init__(self) -> None:
+        if self.compute is None:
+            self.compute = self.full
+
+    @property
+    def cast(self) -> bool:
+        return self.compute is not self.full
 
     @property
     def row(self) -> int:
@@ -133,29 +142,38 @@ class _Pending:
     done: bool = False
     offsets: list[int] = field(default_factory=list)
     keep: Optional[torch.Tensor] = None  # the send buffer, alive until the wait
+    into_full: bool = False  # a gather into the parameters' own dtype (full_parameters), not the copies
 
 
-def _layout(name: str, full: torch.Tensor, size: int, index: int, sharded: bool) -> _Layout:
+def _layout(name: str, full: torch.Tensor, size: int, index: int, sharded: bool,
+            param_dtype: Optional[torch.dtype]) -> _Layout:
+    compute = None
+    if param_dtype is not None and full.is_floating_point() and full.dtype != param_dtype:
+        compute = torch.empty(full.shape, dtype=param_dtype, device=full.device)
+        _free(compute)  # allocated by the stage's cast (or gather), each step
     if not sharded or full.dim() == 0:
-        return _Layout(name, full, False)
+        return _Layout(name, full, False, compute=compute)
     rows = full.shape[0]
     per = -(-rows // size)  # torch.chunk's (and DTensor Shard(0)'s) rows per rank
     start, stop = min(rows, index * per), min(rows, (index + 1) * per)
-    return _Layout(name, full, True, per * math.prod(full.shape[1:]), start, stop)
+    return _Layout(name, full, True, per * math.prod(full.shape[1:]), start, stop, compute)
 
 
 class DataParallel:
     """This rank's parameters over the data-parallel ``group``; see the module docstring."""
 
-    def __init__(self, mode: str, group: dist.ProcessGroup, stages: Mapping[int, object],
+    def __init__(self, mode: str, group: Optional[dist.ProcessGroup], stages: Mapping[int, object],
                  named: Mapping[str, torch.Tensor], timeout: timedelta,
-                 experts: Optional[ExpertParallel] = None) -> None:
-        assert mode in MODES, mode
+                 experts: Optional[ExpertParallel] = None, precision=None) -> None:
+        assert mode in MODES and (group is not None or mode == "replicate"), (mode, group)
         self.mode = mode
-        self.group = group
-        self.size = dist.get_world_size(group)
-        self.index = dist.get_rank(group)
+        self.group = group  # None: no data parallelism, mixed precision's casts alone
+        self.size = 1 if group is None else dist.get_world_size(group)
+        self.index = 0 if group is None else dist.get_rank(group)
         self.timeout = timeout
+        param_dtype = None if precision is None else precision.param_dtype
+        # FSDP2's rule: without reduce_dtype the reduction runs in param_dtype
+        self.reduce_dtype = None if precision is None else precision.reduce_dtype or param_dtype
         by_id = {id(t): n for n, t in named.items()}
         # stage -> the FQNs of its parameters (once each); a name's number of local stages
         self.stage_names = {s: list(dict.fromkeys(by_id[id(p)] for p in st.params[: st.num_params]))
@@ -170,8 +188,9 @@ class DataParallel:
         # experts: over the ranks holding the same slice (None: no one else holds it)
         replicas = experts.replica_group if experts is not None else None
         self.expert_group = replicas if replicas is not None and dist.get_world_size(replicas) > 1 else None
-        self.layouts = {n: _layout(n, named[n], self.size, self.index, shard and n not in self.expert_names)
-                        for n in self.users}
+        self.layouts = {n: _layout(n, named[n], self.size, self.index, shard and n not in self.expert_names,
+                                   param_dtype) for n in self.users}
+        self.casts = {n for n, lay in self.layouts.items() if lay.cast}
         self.mesh = None
         self.ep_mesh = None
         self.params: dict[str, nn.Parameter] = dict(named)  # what an optimizer steps on
@@ -207,7 +226,7 @@ class DataParallel:
             self.params[name] = nn.Parameter(dt, requires_grad=full.requires_grad)
             # the full tensor gets storage of its own, so freeing it frees nothing else
             full.data = full.detach().clone(memory_format=torch.contiguous_format)
-            if self.mode == "shard":
+            if self.mode == "shard" or lay.cast:  # mixed precision: the graphs read the param_dtype copy
                 _free(full)
 
     def _dtensor(self, lay: _Layout, local: torch.Tensor):
@@ -220,6 +239,12 @@ class DataParallel:
                                       stride=torch.empty(shape, device="meta").stride())
         return DTensor.from_local(local, self.mesh, [Shard(0) if lay.sharded else Replicate()],
                                   run_check=False, shape=lay.full.shape, stride=lay.full.stride())
+
+    def compute_tensors(self, tensors) -> tuple[torch.Tensor, ...]:
+        """What the stage graphs read for each parameter (or buffer) of ``tensors``: its
+        param_dtype copy under mixed precision, else the tensor itself."""
+        by_id = {id(lay.full): lay.compute for lay in self.layouts.values()}
+        return tuple(by_id.get(id(t), t) for t in tensors)
 
     def public(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``state`` (FQN -> tensor) with each full parameter replaced by what ``params`` holds."""
@@ -265,6 +290,7 @@ class DataParallel:
         self._left = dict(self.users)
         self._active = {}
         self._gathered = set(self.expert_names) if self.mesh is not None else set(self.layouts)
+        self._gathered -= self.casts  # mixed precision: each step casts (or gathers) the copies anew
         self._earlier = {}
         if forward_only:
             return
@@ -281,24 +307,34 @@ class DataParallel:
         for n in names:
             self._active[n] = self._active.get(n, 0) + 1
         todo = [self.layouts[n] for n in names if n not in self._gathered and n not in self._gathering]
-        for group in _by_dtype(todo):
+        # whole on this rank (no sharding, or its expert slice): mixed precision's cast alone
+        local = [lay for lay in todo if self.mesh is None or lay.name in self.expert_names]
+        for lay in local:
+            _fill(lay.compute, lay.full)
+            self._gathered.add(lay.name)
+        for group in _by_dtype([lay for lay in todo if lay not in local], compute=True):
             self._gather(group)
 
-    def _gather(self, layouts: list[_Layout]) -> None:
+    def _gather(self, layouts: list[_Layout], into_full: bool = False) -> None:
+        """All-gather ``layouts`` into the tensors the graphs read (mixed precision: my shards
+        cast to param_dtype, then gathered in it), or with ``into_full`` into the parameters."""
+        def target(lay: _Layout) -> torch.Tensor:
+            return lay.full if into_full else lay.compute
+
         if not any(lay.sharded for lay in layouts):  # 0-dim replicated: my copy is the value
             for lay in layouts:
-                _fill(lay.full, self.params[lay.name].detach().to_local())
+                _fill(target(lay), self.params[lay.name].detach().to_local())
                 self._gathered.add(lay.name)
             return
         offsets, total = _offsets([lay.chunk if lay.sharded else lay.full.numel() for lay in layouts])
-        dtype, device = layouts[0].full.dtype, layouts[0].full.device
+        dtype, device = target(layouts[0]).dtype, layouts[0].full.device
         mine = torch.zeros(total, dtype=dtype, device=device)
         for lay, off in zip(layouts, offsets):
             local = self.params[lay.name].detach().to_local().reshape(-1)
             mine[off: off + local.numel()] = local
         out = torch.empty(self.size * total, dtype=dtype, device=device)
         work = dist.all_gather_single(out, mine, group=self.group, async_op=True)
-        pending = _Pending(work, layouts, out, "gather", offsets=offsets)
+        pending = _Pending(work, layouts, out, "gather", offsets=offsets, into_full=into_full)
         for lay in layouts:
             self._gathering[lay.name] = pending
 
@@ -321,18 +357,25 @@ class DataParallel:
                 full = rows[:, off: off + lay.chunk].reshape(-1)[: lay.full.numel()].view(lay.full.shape)
             else:
                 full = self.params[lay.name].detach().to_local()
-            _fill(lay.full, full)
+            _fill(lay.full if pending.into_full else lay.compute, full)
             self._gathered.add(lay.name)
             del self._gathering[lay.name]
 
     def on_reshard(self, action, ctx=None) -> None:
         for n in self.stage_names[action.stage_index]:
             self._active[n] = self._active.get(n, 1) - 1
-            if self._active[n] == 0 and self.mode == "shard" and n in self._gathered and n not in self.expert_names:
-                _free(self.layouts[n].full)
+            if self._active[n] > 0 or n not in self._gathered:
+                continue
+            lay = self.layouts[n]
+            # "shard" frees what it gathered; mixed precision frees its copies ("shard_grad_op" keeps
+            # them, as it keeps its gathered parameters)
+            if (self.mode == "shard" and n not in self.expert_names) or (lay.cast and self.mode != "shard_grad_op"):
+                _free(lay.compute)
                 self._gathered.discard(n)
 
     def on_reduce_grad(self, action, ctx=None) -> None:
+        if self.group is None:  # no data parallelism: the grads stay on the parameters (finish_step)
+            return
         ready = []
         for n in self.stage_names[action.stage_index]:
             self._left[n] -= 1
@@ -351,16 +394,17 @@ class DataParallel:
         sizes = [lay.chunk if lay.sharded else lay.full.numel() for lay in layouts]
         offsets, total = _offsets(sizes)
         grad, send = layouts[0].full.grad, None
+        dtype = self.reduce_dtype or grad.dtype  # mixed precision: reduced in reduce_dtype
         if not layouts[0].sharded:
-            flat = torch.cat([lay.full.grad.reshape(-1) for lay in layouts])
+            flat = torch.cat([lay.full.grad.reshape(-1) for lay in layouts]).to(dtype)
             work = None if over is None else dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=over, async_op=True)
         else:
-            send = torch.zeros(self.size, total, dtype=grad.dtype, device=grad.device)
+            send = torch.zeros(self.size, total, dtype=dtype, device=grad.device)
             for lay, off in zip(layouts, offsets):
                 padded = send.new_zeros(self.size * lay.chunk)
                 padded[: lay.full.numel()] = lay.full.grad.reshape(-1)
                 send[:, off: off + lay.chunk] = padded.view(self.size, lay.chunk)
-            flat = torch.empty(total, dtype=grad.dtype, device=grad.device)
+            flat = torch.empty(total, dtype=dtype, device=grad.device)
             work = dist.reduce_scatter_single(flat, send.view(-1), op=dist.ReduceOp.SUM, group=self.group,
                                               async_op=True)
         if self.mesh is not None:
@@ -369,10 +413,16 @@ class DataParallel:
         self._reducing.append(_Pending(work, layouts, flat, "reduce", offsets=offsets, keep=send))
 
     def finish_step(self) -> dict[str, torch.Tensor]:
-        """Wait for the step's collectives; ``{FQN: this step's reduced grad}`` (full, or my shard)."""
-        for pending in list(dict.fromkeys(self._gathering.values())):
+        """Wait for the step's collectives; ``{FQN: this step's reduced grad}`` (full, or my shard),
+        in each parameter's dtype."""
+        for pending in list({id(p): p for p in self._gathering.values()}.values()):
             self._finish_gather(pending)  # a gather whose stage never computed (a failed step)
         grads: dict[str, torch.Tensor] = {}
+        if self.group is None:
+            for name, lay in self.layouts.items():
+                if lay.full.grad is not None:
+                    grads[name], lay.full.grad = lay.full.grad, None
+            return grads
         reducing, self._reducing = self._reducing, []
         for pending in reducing:
             if pending.work is not None:
@@ -380,9 +430,10 @@ class DataParallel:
             pending.flat.div_(self.size)
             for lay, off in zip(pending.layouts, pending.offsets):
                 if lay.sharded:
-                    grads[lay.name] = pending.flat[off: off + lay.local_numel].view(lay.local_shape)
+                    piece = pending.flat[off: off + lay.local_numel].view(lay.local_shape)
+                    grads[lay.name] = piece.to(lay.full.dtype)
                 else:
-                    grads[lay.name] = _like(pending.flat[off: off + lay.full.numel()], lay.full)
+                    grads[lay.name] = _like(pending.flat[off: off + lay.full.numel()].to(lay.full.dtype), lay.full)
         return grads
 
     def assign(self, grads: Mapping[str, torch.Tensor]) -> None:
@@ -411,10 +462,11 @@ class DataParallel:
             yield
             return
         self.begin_step(forward_only=True)
-        for stage in self.stage_names:
-            self._unshard(stage)
-        for stage in self.stage_names:
-            self.ready(stage)
+        todo = [lay for n, lay in self.layouts.items() if n not in self.expert_names]
+        for group in _by_dtype(todo):
+            self._gather(group, into_full=True)
+        for pending in list({id(p): p for p in self._gathering.values()}.values()):
+            self._finish_gather(pending)
         try:
             yield
         finally:
@@ -423,7 +475,7 @@ class DataParallel:
                     if name in self.expert_names:  # never gathered: the tensor written is the one kept
                         continue
                     self.params[name].to_local().copy_(lay.full[lay.start:lay.stop] if lay.sharded else lay.full)
-                    if self.mode == "shard":
+                    if self.mode == "shard" or lay.cast:
                         _free(lay.full)
             self._gathered = set()
 
@@ -441,10 +493,11 @@ class DataParallel:
                                    self.timeout, err) from err
 
 
-def _by_dtype(layouts: list[_Layout]) -> list[list[_Layout]]:
+def _by_dtype(layouts: list[_Layout], compute: bool = False) -> list[list[_Layout]]:
+    """``layouts`` by the dtype of their parameters (or, ``compute``, of the tensors the graphs read)."""
     groups: dict[str, list[_Layout]] = {}
     for lay in layouts:
-        groups.setdefault(str(lay.full.dtype), []).append(lay)
+        groups.setdefault(str((lay.compute if compute else lay.full).dtype), []).append(lay)
     return [groups[k] for k in sorted(groups)]
 
 

@@ -286,7 +286,7 @@ class Pipeline:
         """With data parallelism, the replicas vote too (over ``dp_group``, after each pipeline's
         own vote): a step one replica drops, every replica drops, since the others' collectives
         over ``dp_group`` would wait on it. Returns this pipeline's failure, else a replica's."""
-        if self._data_parallel is None:
+        if self._data_parallel is None or self._data_parallel.group is None:  # no replicas
             return failure
         relay = None if failure is None else RuntimeError(f"pipeline rank {failure.rank}: {failure.message}")
         across = vote(relay, self._data_parallel.group, self.timeout, f"the step's {phase} vote across replicas",

@@ -143,6 +143,9 @@ class GraphStage(PipelineStageBase):
         self.comm_log: Optional[list] = None
         self.place = place
         self.params = tuple(params)
+        # what the graphs read: the params themselves, or (mixed precision) their param_dtype
+        # copies, which runtime.data_parallel casts or gathers once per step
+        self.compute = self.params
         self.num_params = len(graphs.param_names)
         self.input_metas = tuple(input_metas)
         self.output_metas = tuple(output_metas)
@@ -167,7 +170,7 @@ class GraphStage(PipelineStageBase):
         """Run F for micro-batch ``mb``; returns the outputs (sent on, or the loss...)."""
         received = tuple(m.restride(t) for m, t in zip(self.input_metas, self._inputs.pop(mb, ())))
         inputs = received + tuple(self.external.get(mb, ()))
-        outputs, saved = self.graphs.forward(self.params, inputs)
+        outputs, saved = self.graphs.forward(self.compute, inputs)
         outputs = tuple(outputs)
         if keep_saved:
             self._saved[mb] = saved
@@ -181,7 +184,8 @@ class GraphStage(PipelineStageBase):
 
     def run_backward_input(self, mb: int) -> tuple:
         """Run I for ``mb``: input grads (kept for the send / hand-over) and W's saved values."""
-        grad_out = (self.grad_loss,) if self.is_chain_last else self._grad_out.pop(mb)
+        # the loss seed in the loss's dtype (a bf16 loss under mixed precision)
+        grad_out = (self.grad_loss.to(self.losses[mb].dtype),) if self.is_chain_last else self._grad_out.pop(mb)
         grad_inputs, saved_w = self.graphs.backward_input(self._saved.pop(mb), grad_out)
         self._saved_w[mb] = saved_w
         grad_inputs = tuple(grad_inputs)
@@ -221,14 +225,15 @@ class GraphStage(PipelineStageBase):
         for i in positions:
             param = self.params[i]
             grad = param.grad
-            if (grad is None or grad.requires_grad or grad.layout != torch.strided or grad.shape != param.shape
+            if (grad is None or self.compute[i].dtype != param.dtype or grad.requires_grad or grad.layout != torch.strided or grad.shape != param.shape
                     or grad.dtype != param.dtype or grad.device != param.device):
                 return None
             buffers.append(grad)
         return buffers
 
     def accumulate(self, grads: Sequence[Optional[torch.Tensor]], saved_w: Sequence) -> None:
-        """``param.grad += grad`` for each param; a grad that *is* ``param.grad`` was summed in place."""
+        """``param.grad += grad`` for each param; a grad that *is* ``param.grad`` was summed in place.
+        Mixed precision: a param_dtype grad is summed into the parameter's own dtype."""
         keep = {t.untyped_storage().data_ptr() for t in saved_w if isinstance(t, torch.Tensor)}
         for param, grad in zip(self.params[: self.num_params], grads):
             if grad is None or grad is param.grad:
@@ -237,7 +242,9 @@ class GraphStage(PipelineStageBase):
                 storage = grad.untyped_storage().data_ptr()
                 # Later micro-batches add into this buffer in place: it must be ours alone and
                 # laid out like the parameter (as autograd's AccumulateGrad makes it).
-                if storage in keep or grad.stride() != param.stride():
+                if grad.dtype != param.dtype:
+                    grad = torch.empty_like(param, dtype=param.dtype).copy_(grad)
+                elif storage in keep or grad.stride() != param.stride():
                     grad = grad.clone(memory_format=torch.contiguous_format)
                 keep.add(grad.untyped_storage().data_ptr())
                 param.grad = grad.detach()

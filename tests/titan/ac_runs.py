@@ -50,6 +50,8 @@ def digest(tensor) -> str:
 
 
 def _describe(trainer, job_config) -> dict:
+    if not job_config.dualpipe_fx.enable:  # torchtitan's own run (a reference): its metrics alone
+        return {"losses": {}, "grad_norms": {}}
     pipeline = trainer.pp_schedule.pipeline
     model = trainer.model_parts[0]  # the Pipeline keeps no model: read the rank's model part
     recompute = trainer.pp_schedule.recompute

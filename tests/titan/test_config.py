@@ -185,3 +185,14 @@ def test_committed_tokenizer_is_reproducible(tmp_path):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         with open(tmp_path / name) as rebuilt, open(os.path.join(TOKENIZER_DIR, name)) as committed:
             assert json.load(rebuilt) == json.load(committed), name
+
+
+def test_fsdp_mixed_precision_is_torchtitans_apply_fsdp_policy():
+    """training.mixed_precision_param/_reduce -> compile(mixed_precision=) where torchtitan's
+    fully_shard applies them (dp_shard > 1; data_parallel_args); fp32/fp32 casts nothing."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    from titan_integration.pipelining import fsdp_mixed_precision
+
+    assert fsdp_mixed_precision(parse()) is None  # the example job: mixed_precision_param = "float32"
+    policy = fsdp_mixed_precision(parse("--training.mixed_precision_param", "bfloat16"))
+    assert policy == MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)

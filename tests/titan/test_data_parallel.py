@@ -15,6 +15,12 @@ exactly like torchtitan without pipeline parallelism at the same global batch.
   the seed checkpoint's expert slices by DCP. Losses and logged grad norms (clipping with
   EP) equal the reference. The flex-attention flavor (debugmodel_flex_attn) likewise, against
   torchtitan's EP run of that flavor.
+- mixed precision: ``training.mixed_precision_param = "bfloat16"`` with ``dp_shard = 2`` ->
+  ``compile(mixed_precision=MixedPrecisionPolicy(bf16, fp32))``; reference: torchtitan's FSDP
+  (its ``fully_shard`` with that policy) on 2 ranks. The fp32 and bf16 runs share each torchrun
+  job (tests/titan/ac_runs.py), each from the seed checkpoint in a dump folder of its own.
+  Losses within 1e-3 relative of torchtitan's bf16 run, and after the first step closer to it
+  than to its fp32 run.
 """
 import re
 import shutil
@@ -22,13 +28,16 @@ import shutil
 import pytest
 
 pytest.importorskip("torchtitan", reason="torchtitan is the optional 'titan' extra")
+# each module fixture runs several torchrun jobs; the first test that uses one waits for them all
+pytestmark = pytest.mark.timeout(900)
 
-from tests.titan.test_train import FLEX, run_train  # noqa: E402
+from tests.titan.test_train import FLEX, run_many, run_train  # noqa: E402
 
 NO_PP = ("--dualpipe_fx.no-enable", "--parallelism.pipeline_parallel_degree", "1")
 REPLICATE = ("--parallelism.data_parallel_replicate_degree", "2", "--parallelism.data_parallel_shard_degree", "1")
 SHARD = ("--parallelism.data_parallel_shard_degree", "2")
 FROM_SEED = ("--checkpoint.enable", "--checkpoint.interval", "100")
+BF16 = ("--training.mixed_precision_param", "bfloat16")
 
 
 def _from_seed(seed_dir, dump):
@@ -44,9 +53,16 @@ def runs(tmp_path_factory):
               "--parallelism.data_parallel_shard_degree", "1")
     out = {"ddp": run_train(2, tmp_path_factory.mktemp("ddp"), *NO_PP, *REPLICATE)[0],
            "pp x replicate": run_train(4, tmp_path_factory.mktemp("pp_rep"), *REPLICATE)[0]}
-    out["fsdp"] = run_train(2, _from_seed(seed, tmp_path_factory.mktemp("fsdp")), *NO_PP, *SHARD, *FROM_SEED)[0]
-    out["pp x shard"], log = run_train(4, _from_seed(seed, tmp_path_factory.mktemp("pp_shard")), *SHARD, *FROM_SEED)
-    out["pp x shard log"] = log
+    for name, nproc, flags in (("fsdp", 2, (*NO_PP, *SHARD, *FROM_SEED)), ("pp x shard", 4, (*SHARD, *FROM_SEED))):
+        job = tmp_path_factory.mktemp(name.replace(" ", "_"))
+        # fp32 and bf16 in one torchrun job, each from the seed checkpoint in its own dump folder
+        runs = {precision: [*flags, *extra, "--job.dump_folder", str(_from_seed(seed, job / precision))]
+                for precision, extra in (("fp32", ()), ("bf16", BF16))}
+        records, log = run_many(nproc, job, runs)
+        for precision in runs:
+            suffix = "" if precision == "fp32" else " bf16"
+            out[name + suffix] = {int(step): loss for step, loss in records[0][precision]["losses"].items()}
+        out[name + " log"] = log
     return out
 
 
@@ -58,7 +74,19 @@ def test_pp2_x_dp2_losses_equal_torchtitan_without_pp(runs, ours, reference):
 
 
 def test_shard_run_loaded_the_seed_checkpoint(runs):
-    assert "Loading the checkpoint" in runs["pp x shard log"]
+    assert runs["pp x shard log"].count("Loading the checkpoint") >= 2  # fp32 and bf16
+
+
+def test_pp2_x_shard2_bf16_losses_follow_torchtitans_bf16_fsdp(runs):
+    """Mixed precision where torchtitan applies it (FSDP): the pipelined bf16 run is torchtitan's
+    bf16 run, not its fp32 run."""
+    ours, bf16, fp32 = runs["pp x shard bf16"], runs["fsdp bf16"], runs["fsdp"]
+    print(f"losses per step: dualpipe_fx bf16 {ours}, torchtitan bf16 {bf16}, torchtitan fp32 {fp32}")
+    assert sorted(ours) == sorted(bf16) == [1, 2, 3]
+    for step in (1, 2, 3):
+        assert ours[step] == pytest.approx(bf16[step], rel=1e-3), (step, ours, bf16, fp32)
+        if step > 1:
+            assert abs(ours[step] - bf16[step]) < abs(ours[step] - fp32[step]), (step, ours, bf16, fp32)
 
 
 DEEPSEEK = ("--model.name", "deepseek_v3")

@@ -61,6 +61,25 @@ def run_train(nproc: int, dump_folder, *extra: str) -> tuple[dict[int, float], s
     return {step: v.pop() for step, v in losses.items()}, log
 
 
+def run_many(nproc: int, out, runs: dict[str, list[str]]) -> tuple[dict[int, dict], str]:
+    """Several trainings one after another in ONE torchrun job (``tests/titan/ac_runs.py``);
+    ``runs``: name -> extra torchtitan arguments. ``({rank: {run: record}}, full log)``."""
+    ports = ",".join(str(_free_port()) for _ in runs)
+    specs = [f"{name}:{','.join(flags)}" for name, flags in runs.items()]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           os.path.join(REPO, "tests", "titan", "ac_runs.py"), str(out), ports, *specs, "--",
+           "--job.config_file", TOML, "--model.hf_assets_path", TOKENIZER,
+           "--job.dump_folder", str(out / "dump"), "--training.steps", str(STEPS)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1",
+           "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=RUN_TIMEOUT_S)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-6000:]
+    return {rank: json.loads((out / f"rank{rank}.json").read_text()) for rank in range(nproc)}, log
+
+
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory):
     """torchtitan's own single-process run, no pipeline parallelism."""
@@ -138,20 +157,7 @@ OTHER_RUNS.update(FLEX_RUNS)
 @pytest.fixture(scope="module")
 def ac_runs(tmp_path_factory):
     """``{rank: {run: {losses, grad_norms, saved, recompute, checkpoint_wrappers}}}``."""
-    out = tmp_path_factory.mktemp("ac_runs")
-    ports = ",".join(str(_free_port()) for _ in {**AC_RUNS, **OTHER_RUNS})
-    runs = [f"{name}:{','.join(flags)}" for name, flags in {**AC_RUNS, **OTHER_RUNS}.items()]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           os.path.join(REPO, "tests", "titan", "ac_runs.py"), str(out), ports, *runs, "--",
-           "--job.config_file", TOML, "--model.hf_assets_path", TOKENIZER,
-           "--job.dump_folder", str(out / "dump"), "--training.steps", str(STEPS)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1",
-           "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=RUN_TIMEOUT_S)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-    return {rank: json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)}
+    return run_many(2, tmp_path_factory.mktemp("ac_runs"), {**AC_RUNS, **OTHER_RUNS})[0]
 
 
 def test_activation_checkpoint_modes_train_like_no_ac(baseline, ac_runs):
