@@ -32,7 +32,7 @@ from dualpipe_fx.schedules import generate, get_schedule
 from dualpipe_fx.schedules.ir import Program
 from dualpipe_fx.simulate import in_flight_by_part
 from dualpipe_fx.split import Split, check_mixed_precision, split
-from passes._compat import tree_flatten
+from passes._compat import FLEX_ATTENTION, tree_flatten
 from passes.capture import as_inputs
 from passes.cost_model import scalar_costs
 
@@ -84,6 +84,17 @@ def _check_devices(model: nn.Module, examples: tuple, target, kwargs, device) ->
                              "device, or device=); expected every tensor there or on meta. Fix: move the "
                              "model and the examples to one device, or pass that device=")
     return device
+
+
+def check_compile_stages(compile_stages: bool, gm: torch.fx.GraphModule) -> None:
+    """Refuse ``compile_stages=True`` for a model that calls flex attention (every rank alike:
+    the captured graph is the same on each)."""
+    if compile_stages and any(n.target is FLEX_ATTENTION for n in gm.graph.nodes):
+        raise ValueError(
+            "compile(compile_stages=True): the model calls flex_attention, and torch.compile (Dynamo) cannot "
+            "trace the flex higher-order op again once it is in a traced stage graph (torch 2.13/2.14 expect "
+            "its pre-trace arguments, not the lifted mask_mod buffers: 'too many values to unpack'). Fix: "
+            "compile_stages=False; the stage graphs then run the flex op as traced")
 
 
 def _check_init_fn(param_init_fn) -> None:
@@ -181,7 +192,8 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
             1f1b, gpipe, interleaved_1f1b, zb1p).
         num_microbatches: micro-batches per step; ``step`` splits its batch into this many.
         group: the pipeline's process group (default: the world).
-        compile_stages: wrap each stage graph in ``torch.compile``.
+        compile_stages: wrap each stage graph in ``torch.compile`` (refused for a model that
+            calls flex attention: ``check_compile_stages``).
         timeout: how long a rank waits for a peer before ``PeerTimeoutError``: a
             ``timedelta`` or a number of seconds.
         cost, split_points: how to cut the model (see ``dualpipe_fx.split``). With
@@ -294,6 +306,7 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
                                   memory_budget=memory_budget, optimizer=optimizer,
                                   mixed_precision=mixed_precision)
         partition = parts.partition
+        check_compile_stages(compile_stages, partition.captured.gm)
         names = local_names(partition.stages, mine, partition.captured.param_aliases)
         pending = materialize(model, names, device, param_init_fn)
         state = model.state_dict(keep_vars=True)
