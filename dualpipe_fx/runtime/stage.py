@@ -225,7 +225,8 @@ class GraphStage(PipelineStageBase):
         for i in positions:
             param = self.params[i]
             grad = param.grad
-            if (grad is None or self.compute[i].dtype != param.dtype or grad.requires_grad or grad.layout != torch.strided or grad.shape != param.shape
+            if (grad is None or self.compute[i].dtype != param.dtype  # mixed precision: W's grads are bf16
+                    or grad.requires_grad or grad.layout != torch.strided or grad.shape != param.shape
                     or grad.dtype != param.dtype or grad.device != param.device):
                 return None
             buffers.append(grad)

@@ -45,7 +45,8 @@ def _record_metrics(trainer, record: dict) -> None:
 
 
 def digest(tensor) -> str:
-    """sha1 of a CPU tensor's bytes: equal digests, bitwise equal values."""
+    """sha1 of a CPU tensor's bytes (a DTensor's: its local shard): equal digests, bitwise equal values."""
+    tensor = tensor.to_local() if hasattr(tensor, "to_local") else tensor
     return hashlib.sha1(tensor.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
