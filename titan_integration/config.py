@@ -61,7 +61,7 @@ class DualPipeFx:
     When given, exactly ``num_stages - 1`` of them."""
 
     compile_stages: bool = False
-    """``torch.compile`` every stage graph (use this instead of ``compile.enable``)."""
+    """``torch.compile`` every stage graph (``compile.enable`` with ``"model"`` sets it too)."""
 
     overlap: bool = True
     """Run each overlapped forward&backward (FB) pair of the schedule as one multiplexed
@@ -90,10 +90,19 @@ def num_microbatches(job_config) -> int:
     return batch // mb_size
 
 
-def compile_kwargs(section) -> dict[str, Any]:
-    """The ``[dualpipe_fx]`` keys as ``dualpipe_fx.compile`` keyword arguments."""
+def compiles_model(compile_config) -> bool:
+    """torchtitan's ``[compile]`` asks for the model compiled: ``enable`` with ``"model"`` in
+    ``components``. Under dualpipe_fx that is ``compile(compile_stages=True)``: each stage
+    graph through Inductor, as torchtitan's graph trainer compiles its traced graphs."""
+    return bool(compile_config is not None and compile_config.enable and "model" in compile_config.components)
+
+
+def compile_kwargs(section, compile_config=None) -> dict[str, Any]:
+    """The ``[dualpipe_fx]`` keys (and ``[compile]``: :func:`compiles_model`) as
+    ``dualpipe_fx.compile`` keyword arguments."""
     budget = int(section.memory_budget_gib * 2**30) or None
-    return {"schedule": section.schedule, "compile_stages": section.compile_stages,
+    return {"schedule": section.schedule,
+            "compile_stages": section.compile_stages or compiles_model(compile_config),
             "cost": section.balance, "split_points": list(section.split_points) or None,
             "overlap": section.overlap, "balance": section.rank_balance, "memory_budget": budget}
 
@@ -302,10 +311,11 @@ def _check_other_parallelisms(job_config) -> None:
         if degree > 1:
             raise ValueError(f"{key} = {degree} is not supported together with dualpipe_fx.enable "
                              f"(pipeline, data and expert parallelism only, for now); set {key} = 1")
-    if job_config.compile.enable and "model" in job_config.compile.components:
-        raise ValueError("compile.enable = true with \"model\" in compile.components compiles "
-                         "torchtitan's module parts, which dualpipe_fx replaces; set "
-                         "compile.enable = false and dualpipe_fx.compile_stages = true instead")
+    # compile.enable with "model" maps onto compile(compile_stages=True) (compiles_model)
+    if compiles_model(job_config.compile) and job_config.compile.backend != "inductor":
+        raise ValueError(f"compile.backend = {job_config.compile.backend!r} with dualpipe_fx.enable: "
+                         f"dualpipe_fx compiles each stage graph with Inductor (compile.enable -> "
+                         f"compile_stages); set compile.backend = \"inductor\"")
 
 
 def _check_split_points(job_config, spec) -> None:

@@ -228,7 +228,7 @@ def _compile(model, loss_fn, job_config, device, group, num_mb: int, recompute=N
     seq_len = job_config.training.seq_len
     tokens = torch.zeros(mb_size, seq_len, dtype=torch.long, device=device)
     labels = torch.zeros(mb_size, seq_len, dtype=torch.long, device=device)
-    kwargs = compile_kwargs(job_config.dualpipe_fx)
+    kwargs = compile_kwargs(job_config.dualpipe_fx, job_config.compile)
     kwargs["recompute"] = recompute
     kwargs["timeout"] = timedelta(seconds=job_config.comm.init_timeout_seconds)
     kwargs.update({k: v for k, v in (dp or {}).items() if k in ("dp_group", "dp_mode", "expert_parallel")})

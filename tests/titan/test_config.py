@@ -81,7 +81,7 @@ def test_section_is_known_without_custom_config_module(tmp_path):
     (["--parallelism.tensor_parallel_degree", "2"], "parallelism.tensor_parallel_degree", "= 1"),
     (["--parallelism.expert_parallel_degree", "2", "--parallelism.expert_parallel_comm_backend", "deepep"],
      "parallelism.expert_parallel_comm_backend", "\"standard\""),
-    (["--compile.enable"], "compile.enable", "dualpipe_fx.compile_stages"),
+    (["--compile.enable", "--compile.backend", "aot_eager"], "compile.backend", "\"inductor\""),
     (["--validation.enable", "--validation.seq_len", "32"], "validation.seq_len", "= 64"),
 ])
 def test_bad_config_error_names_the_key(extra, key, words):
