@@ -269,9 +269,9 @@ def pipeline_dualpipe_fx_03(model, *, config, parallel_dims, training, paralleli
     **Contract**: 0.3's ``PipeliningFunction`` keywords (``compile_config``, ``dump_folder``,
     ``model_config``, ``parallelize_fn`` unused: as in 0.2, dualpipe_fx neither wraps nor
     compiles the model itself) plus ``config`` bound by the trainer -> ``(MicroBatchSchedule,
-    [part], True, True)``. The part saves 0.3's state-dict keys and has an ``lm_head``
+    [part], True, True)``. The part saves 0.3's state-dict keys, has an ``lm_head``
     attribute on every rank (0.3's trainer hands it to ``ChunkedLossWrapper``; empty where
-    another rank holds the weight).
+    another rank holds the weight) and its ``layers`` is a ``ModuleDict`` as 0.3's hooks expect.
     """
     from titan_integration.pipelining import pipeline_dualpipe_fx
 
@@ -283,6 +283,10 @@ def pipeline_dualpipe_fx_03(model, *, config, parallel_dims, training, paralleli
         _keep_0_3_state_dict(part, model)
         if not hasattr(part, "lm_head"):
             part.add_module("lm_head", torch.nn.Module())
+        layers = getattr(part, "layers", None)
+        if layers is not None and not isinstance(layers, torch.nn.ModuleDict):
+            # 0.3's MoE load-balancing hook asserts a ModuleDict; same children, same keys
+            part._modules["layers"] = torch.nn.ModuleDict(layers._modules)
     return MicroBatchSchedule(schedule), parts, first, last
 
 
@@ -305,9 +309,37 @@ class DualPipeFxTrainer(Trainer):
             validate(config)
             fn = functools.partial(pipeline_dualpipe_fx_03, config=config)
             config.model_spec = dataclasses.replace(config.model_spec, pipelining_fn=fn)
+            _allow_tied_weights(config.model_spec.model)
             # DualPipeFxSchedule broadcasts the loss to every rank: no "last rank only" warning
             importlib.import_module("torchtitan.trainer").ensure_pp_loss_visible = lambda **kwargs: None
         super().__init__(config)
+
+
+def _allow_tied_weights(model_config) -> None:
+    """Let a model with ``enable_weight_tying`` (qwen3) pass 0.3's pipeline check.
+
+    0.3's ``Decoder.Config.update_from_config`` refuses weight tying under pipeline
+    parallelism: its FQN split puts ``tok_embeddings`` and ``lm_head`` on different stages
+    with no way to share the tensor. dualpipe_fx traces the tied weight as one parameter read
+    by the first and the last stage and sums its gradient over both, so the check runs with
+    tying off and the model is built tied as configured.
+    """
+    if not getattr(model_config, "enable_weight_tying", False) or hasattr(type(model_config), "_dualpipe_fx_tied"):
+        return
+    base = type(model_config)
+
+    def update_from_config(self, *, config, **kwargs):
+        self.enable_weight_tying = False
+        try:
+            base.update_from_config(self, config=config, **kwargs)
+        finally:
+            self.enable_weight_tying = True
+
+    # the same slots, one method overridden: the config object changes class in place
+    tied = type(base.__name__, (base,), {"__slots__": (), "__qualname__": base.__qualname__,
+                                         "__module__": base.__module__, "_dualpipe_fx_tied": True,
+                                         "update_from_config": update_from_config})
+    model_config.__class__ = tied
 
 
 def with_dualpipe_fx(base: Trainer.Config) -> DualPipeFxTrainer.Config:

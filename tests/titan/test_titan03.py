@@ -12,7 +12,6 @@ reach the package index.
 """
 import json
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -26,9 +25,13 @@ PACKAGES = ("torchtitan==0.3.0", "torch_checkpointing==0.1.1", "spmd_types==0.2.
 NETWORK_ERRORS = ("NewConnectionError", "Failed to establish a new connection", "Network is unreachable",
                   "Temporary failure in name resolution", "Name or service not known",
                   "ConnectTimeoutError", "ProxyError", "Could not fetch URL")
-STEP_LINE = re.compile(r"step:\s*(\d+)\s+loss:\s*(-?[0-9.]+)\s+grad_norm:\s*([0-9.]+)")
 STEPS = 3
-CONFIG = ("--module", "titan_integration.titan03", "--config", "llama3_debug_dualpipe")
+CONFIG_MODULE = ("--module", "titan_integration.titan03")
+# every config of 0.3's registries that titan03 offers under its 0.3 name
+CONFIGS = ("llama3_debugmodel", "qwen3_debugmodel")
+NO_PP = ("--dualpipe_fx.no-enable", "--parallelism.pipeline_parallel_degree", "1")
+CKPT = ("--checkpoint.enable", "--checkpoint.interval", "2")
+RUN_TIMEOUT_S = 420
 
 
 @pytest.fixture(scope="module")
@@ -57,22 +60,63 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_titan03(titan03_path: str, nproc: int, dump_folder, *extra: str) -> dict[int, tuple[float, float]]:
-    """0.3's trainer under torchrun; ``{step: (loss, grad_norm)}``, one value over the ranks."""
+def run_jobs(titan03_path: str, nproc: int, out, runs: dict[str, list[str]]) -> dict[str, dict]:
+    """``runs`` one after another in one torchrun job (tests/titan/runs03.py); ``{run: {losses,
+    grad_norms}}`` with int steps, checked equal over the ranks."""
+    ports = ",".join(str(_free_port()) for _ in runs)
+    specs = [f"{name}:{','.join(flags)}" for name, flags in runs.items()]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           "-m", "titan_integration.titan03", *CONFIG, "--dump_folder", str(dump_folder),
-           "--training.steps", str(STEPS), *extra]
+           os.path.join(REPO, "tests", "titan", "runs03.py"), str(out), ports, *specs, "--",
+           *CONFIG_MODULE, "--training.steps", str(STEPS)]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(titan03_path), capture_output=True, text=True,
-                          timeout=240)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-6000:]
-    assert "torchtitan version: 0.3.0" in log, log[-3000:]
-    steps: dict[int, set] = {}
-    for step, loss, norm in STEP_LINE.findall(log):
-        steps.setdefault(int(step), set()).add((float(loss), float(norm)))
-    assert all(len(v) == 1 for v in steps.values()), f"ranks disagree: {steps}"
-    return {step: v.pop() for step, v in steps.items()}
+                          timeout=RUN_TIMEOUT_S)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
+    assert all(r == ranks[0] for r in ranks), f"ranks disagree: {ranks}"
+    return {name: {key: {int(k): v for k, v in values.items()} for key, values in run.items()}
+            for name, run in ranks[0].items()}
+
+
+@pytest.fixture(scope="module")
+def no_pp(titan03_path, tmp_path_factory):
+    """0.3's own runs without PP (1 rank): every config; llama3 saves checkpoints at steps 2 and 3."""
+    out = tmp_path_factory.mktemp("no_pp")
+    runs = {name: ["--config", name, *NO_PP] for name in CONFIGS}
+    runs["llama3_debugmodel"] += CKPT
+    return out, run_jobs(titan03_path, 1, out, runs)
+
+
+@pytest.fixture(scope="module")
+def pipelined(titan03_path, no_pp, tmp_path_factory):
+    """2 ranks, DualPipeV: every config; llama3 saving checkpoints, resumed from its own step 2,
+    and resumed from 0.3's step 2 without PP."""
+    out = tmp_path_factory.mktemp("dualpipev")
+    runs = {name: ["--config", name] for name in CONFIGS}
+    llama = ["--config", "llama3_debugmodel", *CKPT]
+    runs["llama3_debugmodel"] = llama
+    runs["resumed"] = [*llama, "--resume-from", str(out / "llama3_debugmodel" / "checkpoint" / "step-2")]
+    runs["from_no_pp"] = [*llama, "--resume-from", str(no_pp[0] / "llama3_debugmodel" / "checkpoint" / "step-2")]
+    return out, run_jobs(titan03_path, 2, out, runs)
+
+
+def _model_state(checkpoint) -> dict:
+    """A DCP checkpoint folder's tensors (model and optimizer), read without a process group."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    path = str(checkpoint) + ".pt"
+    dcp_to_torch_save(str(checkpoint), path)
+    state = torch.load(path, weights_only=False)
+    return {k: v for k, v in _flatten(state) if isinstance(v, torch.Tensor)}
+
+
+def _flatten(tree, prefix=""):
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _flatten(value, f"{prefix}{key}.")
+    else:
+        yield prefix[:-1], tree
 
 
 def test_option_names_parse_as_0_3_flags(titan03_path):
@@ -87,8 +131,8 @@ def test_option_names_parse_as_0_3_flags(titan03_path):
              "--dualpipe_fx.rank_balance", "memory", "--dualpipe_fx.memory_budget_gib", "1.5",
              "--dualpipe_fx.split_points", "layers.2", "--dualpipe_fx.compile_stages",
              "--dualpipe_fx.no-overlap", "--dualpipe_fx.no-enable"]
-    proc = subprocess.run([sys.executable, "-c", code, *CONFIG, *flags], cwd=REPO,
-                          env=_env(titan03_path), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code, *CONFIG_MODULE, "--config", "llama3_debugmodel", *flags],
+                          cwd=REPO, env=_env(titan03_path), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     parsed = json.loads(proc.stdout.strip().splitlines()[-1])
     assert parsed["type"] == "DualPipeFxTrainer.Config"
@@ -97,12 +141,34 @@ def test_option_names_parse_as_0_3_flags(titan03_path):
         "memory_budget_gib": 1.5, "split_points": ["layers.2"], "compile_stages": True, "overlap": False}
 
 
-def test_dualpipev_on_0_3_trainer_equals_no_pp(titan03_path, tmp_path):
-    """2 gloo ranks, DualPipeV, vs 0.3 without PP: the same loss and grad norm every step."""
-    baseline = run_titan03(titan03_path, 1, tmp_path / "baseline", "--dualpipe_fx.no-enable",
-                           "--parallelism.pipeline_parallel_degree", "1")
-    pipelined = run_titan03(titan03_path, 2, tmp_path / "dualpipev")
-    assert sorted(baseline) == sorted(pipelined) == list(range(1, STEPS + 1))
-    for step in baseline:
-        assert pipelined[step] == pytest.approx(baseline[step], rel=1e-5, abs=1e-5), \
-            f"step {step}: dualpipe_fx {pipelined[step]} vs no PP {baseline[step]}"
+@pytest.mark.parametrize("name", CONFIGS)
+def test_dualpipev_equals_0_3_without_pp(no_pp, pipelined, name):
+    """0.3's config as it is (flex attention, ChunkedLossWrapper, selective AC), 2 gloo ranks,
+    DualPipeV, vs 0.3 without PP: the same loss and grad norm at every step."""
+    baseline, ours = no_pp[1][name], pipelined[1][name]
+    assert sorted(baseline["losses"]) == sorted(ours["losses"]) == list(range(1, STEPS + 1)), (baseline, ours)
+    for key in ("losses", "grad_norms"):
+        for step, value in baseline[key].items():
+            assert ours[key][step] == pytest.approx(value, rel=1e-5, abs=1e-6), (name, key, step, ours, baseline)
+
+
+def test_checkpoint_resumes_bitwise_and_cross_loads_with_0_3(no_pp, pipelined):
+    """Resumed from its own step-2 checkpoint, the pipelined run's step 3 and its step-3
+    checkpoint equal the uninterrupted run's bitwise; the checkpoint has 0.3's own keys
+    (``wq``/``wk``/``wv``, not the fused ``wqkv``), the same as 0.3 without PP saves; and a
+    pipelined run resumed from 0.3's step-2 checkpoint without PP gives 0.3's step 3."""
+    (base_out, base), (out, runs) = no_pp, pipelined
+    full, resumed, crossed = runs["llama3_debugmodel"], runs["resumed"], runs["from_no_pp"]
+    assert sorted(resumed["losses"]) == sorted(crossed["losses"]) == [STEPS]
+    assert resumed["losses"][STEPS] == full["losses"][STEPS]
+    assert resumed["grad_norms"][STEPS] == full["grad_norms"][STEPS]
+    ours = _model_state(out / "llama3_debugmodel" / "checkpoint" / f"step-{STEPS}")
+    again = _model_state(out / "resumed" / "checkpoint" / f"step-{STEPS}")
+    theirs = _model_state(base_out / "llama3_debugmodel" / "checkpoint" / f"step-{STEPS}")
+    assert sorted(ours) == sorted(again) == sorted(theirs)
+    model_keys = [k for k in ours if k.startswith("layers.0.attention.")]
+    assert any(k.endswith(".wq.weight") for k in model_keys) and not any(".wqkv." in k for k in model_keys), model_keys
+    import torch
+    assert all(torch.equal(ours[k], again[k]) for k in ours), [k for k in ours if not torch.equal(ours[k], again[k])]
+    for key in ("losses", "grad_norms"):
+        assert crossed[key][STEPS] == pytest.approx(base["llama3_debugmodel"][key][STEPS], rel=1e-5, abs=1e-6)
