@@ -210,6 +210,52 @@ def _keep_0_3_state_dict(part, model) -> None:
             lambda _, state, prefix, *rest, module=module: module._merge_qkv_on_load(module, state, prefix, *rest))
 
 
+def _packed_document_mask_mod(positions: torch.Tensor):
+    """0.3's same-document mask (``get_efficient_causal_mask_mod_for_packed_document``) in its
+    batched form for any batch, one as well.
+
+    0.3 builds a batch of one with another closure (per-token document starts, no batch
+    dim): the same mask, but a mask_mod whose tensors have no batch dim cannot be split into
+    micro-batches. This is 0.3's ``batch_size > 1`` branch line for line: with the causal mask
+    it allows ``kv <= q <= doc_end[b, kv]``, i.e. causal attention within each document.
+    """
+    batch_size, seq_len = positions.shape
+    document_starts = positions == 0
+    document_id = torch.cumsum(document_starts.int(), dim=1).to(torch.int32) - 1
+    token_idx = torch.arange(seq_len, device=positions.device, dtype=torch.int32).expand_as(positions)
+    next_doc_start = torch.full((batch_size, seq_len), seq_len, device=positions.device, dtype=torch.int32)
+    next_doc = document_starts & (document_id > 0)
+    next_doc_start.scatter_(1, torch.where(next_doc, document_id - 1,
+                                           torch.full_like(document_id, seq_len - 1)).to(torch.int64),
+                            torch.where(next_doc, token_idx, torch.full_like(token_idx, seq_len)))
+    doc_end_by_token = next_doc_start.gather(1, document_id.to(torch.int64)) - 1
+
+    def packed_document_mask(b, h, q_idx, kv_idx):
+        return q_idx <= doc_end_by_token[b, kv_idx]
+
+    return packed_document_mask
+
+
+def document_masks(model):
+    """``positions [B, S] -> BlockMask`` as 0.3's ``get_attention_masks`` builds it for a flex
+    model (causal and same-document, 0.3's block size), through 0.3's own builder; None for
+    a model without masked attention. varlen is refused: its metadata (cumulative document
+    lengths of the packed batch, their max as a Python int) has no per-sample split."""
+    from torchtitan.models.common.attention import FlexAttention, VarlenAttention, get_causal_mask_mod
+
+    attention = getattr(model.config, "first_attention", None)
+    inner = getattr(attention, "inner_attention", None)
+    if isinstance(inner, VarlenAttention.Config):
+        raise ValueError("the model's attention is varlen, which dualpipe_fx does not pipeline: its metadata "
+                         "(cumulative document lengths over the packed batch, their max as a Python number) "
+                         "cannot be split into micro-batches of one trace. Fix: the flex model of the same "
+                         "config (0.3's default attn_backend=\"flex\"): the same document masking as a BlockMask")
+    if not isinstance(inner, FlexAttention.Config):
+        return None
+    return lambda positions: model._create_flex_attention_mask(
+        positions, attention, [get_causal_mask_mod(), _packed_document_mask_mod(positions)])
+
+
 class MicroBatchSchedule:
     """0.3's schedule calls (micro-batch lists) on a :class:`~titan_integration.pipelining.DualPipeFxSchedule`.
 
@@ -217,14 +263,16 @@ class MicroBatchSchedule:
     return_outputs=)`` and its validator ``eval(arg_mbs=, kwarg_mbs=, target_mbs=, losses=)``
     with one entry per micro-batch; dualpipe_fx's step takes the local batch and splits it
     alike (micro-batches are consecutive rows). Every rank is first and last stage to
-    0.3, so every rank gives all lists.
+    0.3, so every rank gives all lists. A flex model's per-micro-batch masks are replaced by
+    the batch's mask built from the concatenated ``positions`` (:func:`document_masks`), which
+    the pipeline splits back into exactly those micro-batch masks.
     """
 
-    def __init__(self, schedule) -> None:
+    def __init__(self, schedule, masks=None) -> None:
         self.schedule = schedule
+        self.masks = masks  # positions -> the batch's BlockMask (document_masks), None without masks
 
-    @staticmethod
-    def _batch(arg_mbs, kwarg_mbs, target_mbs):
+    def _batch(self, arg_mbs, kwarg_mbs, target_mbs):
         if arg_mbs is None or target_mbs is None:
             raise ValueError("dualpipe_fx's step takes the whole batch and target on every rank; "
                              "got arg_mbs or target_mbs = None (pp_has_first_stage/last_stage are True)")
@@ -233,11 +281,14 @@ class MicroBatchSchedule:
                              f"{len(arg_mbs[0])} per micro-batch")
         kwargs = {}
         for name in kwarg_mbs[0] if kwarg_mbs else ():
+            if name == "attention_masks" and self.masks is not None:
+                continue  # the batch's mask is built below: dualpipe_fx splits it per micro-batch
             if name not in TOKEN_KWARGS:
                 raise ValueError(f"dualpipe_fx traced the model with keywords {list(TOKEN_KWARGS)}; the "
-                                 f"trainer gave {name!r} as well (flex/varlen attention masks need "
-                                 f"the flex support of the dualpipe_fx core API)")
+                                 f"trainer gave {name!r} as well")
             kwargs[name] = torch.cat([mb[name] for mb in kwarg_mbs])
+        if self.masks is not None:
+            kwargs["attention_masks"] = self.masks(kwargs["positions"])
         return torch.cat([args[0] for args in arg_mbs]), torch.cat(target_mbs), kwargs
 
     def step(self, *, arg_mbs=None, kwarg_mbs=None, target_mbs=None, losses=None, loss_kwargs=None,

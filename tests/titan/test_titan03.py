@@ -119,26 +119,57 @@ def _flatten(tree, prefix=""):
         yield prefix[:-1], tree
 
 
-def test_option_names_parse_as_0_3_flags(titan03_path):
-    """The 0.2 ``[dualpipe_fx]`` keys, as 0.3 command-line flags, land in ``config.dualpipe_fx``."""
-    code = (
-        "import dataclasses, json, sys\n"
-        "from torchtitan.config import ConfigManager\n"
-        "config = ConfigManager().parse_args(sys.argv[1:])\n"
-        "print(json.dumps({'type': type(config).__qualname__,"
-        " 'dualpipe_fx': dataclasses.asdict(config.dualpipe_fx)}))\n")
+# One interpreter with 0.3 on its path answers both in-process checks below.
+_PROBE = """
+import dataclasses, json, sys
+import torch
+from torch.nn.attention.flex_attention import and_masks, create_mask
+from torchtitan.config import ConfigManager
+from torchtitan.models.common.attention import get_causal_mask_mod
+from torchtitan.models.common.attention import get_efficient_causal_mask_mod_for_packed_document as theirs
+from titan_integration.titan03 import _packed_document_mask_mod as ours
+
+config = ConfigManager().parse_args(sys.argv[1:])
+gen, same, per_sample = torch.Generator().manual_seed(0), [], []
+for batch in (1, 2, 3) * 10:  # random document layouts; positions restart at 0 per document
+    starts = torch.rand(batch, 64, generator=gen) < 0.08
+    starts[:, 0] = True
+    idx = torch.arange(64).expand(batch, 64)
+    positions = idx - torch.cummax(torch.where(starts, idx, 0), dim=1).values
+    mask = lambda mod, n: create_mask(and_masks(get_causal_mask_mod(), mod), n, None, 64, 64, device="cpu")
+    dense = mask(ours(positions), batch)
+    same.append(torch.equal(dense, mask(theirs(positions), batch)))
+    per_sample += [torch.equal(dense[b:b + 1], mask(ours(positions[b:b + 1]), 1)) for b in range(batch)]
+print(json.dumps({"type": type(config).__qualname__, "dualpipe_fx": dataclasses.asdict(config.dualpipe_fx),
+                  "masks_equal_0_3": all(same), "masks_per_sample": all(per_sample)}))
+"""
+
+
+@pytest.fixture(scope="module")
+def probe(titan03_path):
     flags = ["--dualpipe_fx.schedule", "zbv", "--dualpipe_fx.balance", "measured",
              "--dualpipe_fx.rank_balance", "memory", "--dualpipe_fx.memory_budget_gib", "1.5",
              "--dualpipe_fx.split_points", "layers.2", "--dualpipe_fx.compile_stages",
              "--dualpipe_fx.no-overlap", "--dualpipe_fx.no-enable"]
-    proc = subprocess.run([sys.executable, "-c", code, *CONFIG_MODULE, "--config", "llama3_debugmodel", *flags],
-                          cwd=REPO, env=_env(titan03_path), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", _PROBE, *CONFIG_MODULE, "--config", "llama3_debugmodel", *flags],
+                          cwd=REPO, env=_env(titan03_path), capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    parsed = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert parsed["type"] == "DualPipeFxTrainer.Config"
-    assert parsed["dualpipe_fx"] == {
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_option_names_parse_as_0_3_flags(probe):
+    """The 0.2 ``[dualpipe_fx]`` keys, as 0.3 command-line flags, land in ``config.dualpipe_fx``."""
+    assert probe["type"] == "DualPipeFxTrainer.Config"
+    assert probe["dualpipe_fx"] == {
         "enable": False, "schedule": "zbv", "balance": "measured", "rank_balance": "memory",
         "memory_budget_gib": 1.5, "split_points": ["layers.2"], "compile_stages": True, "overlap": False}
+
+
+def test_document_masks_are_0_3s_and_split_per_sample(probe):
+    """The pipeline's same-document mask equals 0.3's (dense, on random document layouts, for
+    a batch of one too, where 0.3 builds another closure), and sample b of a batch's mask is
+    the mask built on sample b alone: what the per-micro-batch split relies on."""
+    assert probe["masks_equal_0_3"] and probe["masks_per_sample"], probe
 
 
 @pytest.mark.parametrize("name", CONFIGS)
