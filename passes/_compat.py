@@ -24,6 +24,14 @@ from torch._subclasses.functional_tensor import FunctionalTensorMode as _Functio
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_map, tree_unflatten
 
 __all__ = [
+    "BlockMask",
+    "FLEX_ATTENTION",
+    "FLEX_ATTENTION_BACKWARD",
+    "block_mask_constants",
+    "block_mask_tensor_fields",
+    "block_mask_with",
+    "flex_backward_on_cpu",
+    "lift_flex_backward_check_on_cpu",
     "DATA_DEPENDENT_ERRORS",
     "FakeTensorMode",
     "fake_mode_with_shape_env",
@@ -244,3 +252,70 @@ def sym_size_facts(size: "torch.SymInt") -> SymSizeFacts:
               for s in symbols if s in env.var_to_range}
     asserts = tuple(ra.expr for ras in env.deferred_runtime_asserts.values() for ra in ras)
     return SymSizeFacts(expr, hints, ranges, asserts)
+
+
+# --- flex attention: BlockMask fields, torch's CPU refusal of its backward ---
+# BlockMask is public, its field list (``_TENSOR_ATTRS``) is not: 2.14 added the dq_* fields.
+from torch.nn.attention import flex_attention as _flex  # noqa: E402
+
+BlockMask = _flex.BlockMask
+# The higher-order ops a traced flex_attention call becomes (forward; its backward).
+FLEX_ATTENTION = torch.ops.higher_order.flex_attention
+FLEX_ATTENTION_BACKWARD = torch.ops.higher_order.flex_attention_backward
+
+
+def block_mask_tensor_fields(mask: "BlockMask") -> tuple[str, ...]:
+    """The names of ``mask``'s tensor fields that hold a tensor (``kv_num_blocks``, ...), in
+    torch's order; the fields left None are not named."""
+    return tuple(a for a in BlockMask._TENSOR_ATTRS if isinstance(getattr(mask, a, None), torch.Tensor))
+
+
+def block_mask_constants(mask: "BlockMask") -> tuple:
+    """``mask``'s non-tensor fields other than ``mask_mod`` (sequence lengths, block size, ...)."""
+    skip = {"mask_mod", *BlockMask._TENSOR_ATTRS}
+    return tuple((k, v) for k, v in sorted(vars(mask).items()) if k not in skip)
+
+
+def block_mask_with(mask: "BlockMask", tensors: Mapping[str, torch.Tensor], mask_mod) -> "BlockMask":
+    """A copy of ``mask`` with the tensor fields ``tensors`` and ``mask_mod`` replaced."""
+    import copy
+
+    new = copy.copy(mask)
+    for name, value in tensors.items():
+        setattr(new, name, value)
+    new.mask_mod = mask_mod
+    return new
+
+
+def _flex_cpu_lenient(check):
+    def validate_device(query, key, value):
+        # torch refuses requires_grad inputs on CPU here; its dense HOP backward is exact.
+        return check(query.detach(), key.detach(), value.detach())
+
+    validate_device.dualpipe_fx_original = check
+    return validate_device
+
+
+@contextlib.contextmanager
+def flex_backward_on_cpu():
+    """While active, ``flex_attention`` on CPU tensors that require grad runs instead of raising
+    "FlexAttention does not support backward on CPU": the check lives in the Python wrapper
+    (``_validate_device``, torch 2.13 and 2.14), and the higher-order op's dense backward is
+    exact (float64: forward and grads equal SDPA with the same dense mask to 1e-15). A
+    CPU-only stand-in: callers apply it only where ``torch.cuda.is_available()`` is false,
+    to the baseline and the pipeline alike. Other device checks stay."""
+    original = _flex._validate_device
+    if hasattr(original, "dualpipe_fx_original"):  # already lifted (nested, or for the process)
+        yield
+        return
+    _flex._validate_device = _flex_cpu_lenient(original)
+    try:
+        yield
+    finally:
+        _flex._validate_device = original
+
+
+def lift_flex_backward_check_on_cpu() -> None:
+    """:func:`flex_backward_on_cpu` for the rest of the process (torchtitan's CPU runs)."""
+    if not hasattr(_flex._validate_device, "dualpipe_fx_original"):
+        _flex._validate_device = _flex_cpu_lenient(_flex._validate_device)

@@ -3,8 +3,9 @@
 The graph is what ``torch.export.export(..., strict=False)`` produces for
 ``(loss, *model_outputs) = loss_fn(model(*args, **kwargs), target)``, post-processed so that
 the later passes can rely on a few annotations (see :func:`capture`). The tensors among
-``args`` and ``kwargs`` are the graph's inputs; every other keyword value (``use_cache=False``,
-``None``) is a constant baked into the graph (:class:`ModelCall`). The model output may be
+``args`` and ``kwargs`` are the graph's inputs, and so are a flex-attention ``BlockMask``'s
+tensors and those its ``mask_mod`` closes over (``passes.block_masks``); every other keyword
+value (``use_cache=False``, ``None``) is a constant baked into the graph (:class:`ModelCall`). The model output may be
 any pytree (dict, tuple, dataclass, ``transformers`` ``ModelOutput``): its tensor leaves are
 graph outputs, the rest is kept as traced (:class:`OutputLayout`).
 
@@ -38,6 +39,7 @@ from torch import nn
 
 from passes import _compat
 from passes._compat import tree_flatten, tree_map, tree_unflatten
+from passes.block_masks import MaskLayout, flatten_mask, is_block_mask
 
 __all__ = ["Captured", "ModelCall", "OutputLayout", "RegionInfo", "RegionSpec", "Slot", "TraceError",
            "capture"]
@@ -140,32 +142,48 @@ class ModelCall:
     tensor graph input (named ``names[j]``: ``kwarg:k``, or ``kwarg:k/<leaf index>`` inside a
     container; ``labels[j]`` says it the user's way, ``kwargs['k']``), any other leaf is a
     constant baked into the graph. Tensors come first positional, then in keyword order.
+    A flex-attention ``BlockMask`` leaf is :class:`MaskSlots`: its tensors and its
+    ``mask_mod``'s (``passes.block_masks``) are graph inputs ``kwarg:k/<field>`` and
+    ``kwarg:k/mask_mod.<i>``, listed in ``mask_names``.
     """
 
     num_args: int
     kwargs: Mapping[str, tuple[Any, tuple]]
     names: tuple[str, ...]
     labels: tuple[str, ...]
+    # graph inputs that come from a flex-attention BlockMask (passes.block_masks): shared
+    # across micro-batches when the step's value has the example's shape
+    mask_names: frozenset = frozenset()
 
     @staticmethod
     def of(args: Sequence[torch.Tensor], kwargs: Mapping[str, Any]) -> "ModelCall":
         """The call ``model(*args, **kwargs)`` of the example micro-batch."""
         names = [f"input:{i}" for i in range(len(args))]
         labels = [f"inputs[{i}]" for i in range(len(args))]
+        masks: list[str] = []
         templates = {}
         for key, value in kwargs.items():
             leaves, spec = tree_flatten(value)
             tmpl: list = []
+            nested = not spec.is_leaf()
             for j, leaf in enumerate(leaves):
-                if not isinstance(leaf, torch.Tensor):
+                name = f"kwarg:{key}/{j}" if nested else f"kwarg:{key}"
+                label = f"kwargs[{key!r}] leaf {j}" if nested else f"kwargs[{key!r}]"
+                if is_block_mask(leaf):
+                    tensors, layout = flatten_mask(leaf, "compile()")
+                    tmpl.append(MaskSlots(layout, len(names)))
+                    for part in layout.tensor_names():
+                        masks.append(f"{name}/{part}")
+                        names.append(masks[-1])
+                        labels.append(f"{label}.{part}")
+                elif isinstance(leaf, torch.Tensor):
+                    tmpl.append(Slot(len(names)))
+                    names.append(name)
+                    labels.append(label)
+                else:
                     tmpl.append(leaf)
-                    continue
-                tmpl.append(Slot(len(names)))
-                nested = not spec.is_leaf()
-                names.append(f"kwarg:{key}/{j}" if nested else f"kwarg:{key}")
-                labels.append(f"kwargs[{key!r}] leaf {j}" if nested else f"kwargs[{key!r}]")
             templates[key] = (spec, tuple(tmpl))
-        return ModelCall(len(args), MappingProxyType(templates), tuple(names), tuple(labels))
+        return ModelCall(len(args), MappingProxyType(templates), tuple(names), tuple(labels), frozenset(masks))
 
     def label(self, name: str) -> str:
         """The user's name for graph input ``name`` (``kwargs['mask']``); ``target`` as is."""
@@ -175,7 +193,7 @@ class ModelCall:
         """``(args, kwargs)`` for the model, from its tensor graph inputs in ``names`` order."""
         kwargs = {}
         for key, (spec, tmpl) in self.kwargs.items():
-            kwargs[key] = tree_unflatten([tensors[x.index] if isinstance(x, Slot) else x for x in tmpl], spec)
+            kwargs[key] = tree_unflatten([_fill(x, tensors) for x in tmpl], spec)
         return tuple(tensors[: self.num_args]), kwargs
 
     def values(self, args: Sequence, kwargs: Mapping[str, Any], where: str, fix: str) -> dict[str, Any]:
@@ -200,9 +218,25 @@ class ModelCall:
             for j, (want, got) in enumerate(zip(tmpl, leaves)):
                 if isinstance(want, Slot):
                     found[self.names[want.index]] = got
+                elif isinstance(want, MaskSlots):
+                    found.update(self._mask_values(key, j, spec, want, got, where, fix))
                 elif not _same_constant(got, want):
                     raise ValueError(self._constant_error(key, j, spec, got, want, where, fix))
         return found
+
+    def _mask_values(self, key, j, spec, want: "MaskSlots", got, where: str, fix: str) -> dict[str, Any]:
+        """A BlockMask leaf's tensors by graph-input name, once its layout is the traced one."""
+        what = f"kwargs[{key!r}]" + (f" leaf {j}" if not spec.is_leaf() else "")
+        if not is_block_mask(got):
+            raise TypeError(f"{where}: {what} is {_describe(got)}, but the model was traced with a flex-attention "
+                            f"BlockMask there. Fix: pass a BlockMask built the same way, or {fix}")
+        tensors, layout = flatten_mask(got, where)
+        differs = want.layout.difference(layout)
+        if differs:
+            raise ValueError(f"{where}: the BlockMask {what} is not built like the traced one: {differs}. Fix: "
+                             f"build it with the same function and block size, or {fix} with this mask in "
+                             f"example_kwargs")
+        return dict(zip(self.names[want.first:want.first + len(tensors)], tensors))
 
     def _check_keywords(self, kwargs: Mapping[str, Any], where: str, fix: str) -> None:
         missing = sorted(set(self.kwargs) - set(kwargs))
@@ -220,6 +254,24 @@ class ModelCall:
         return (f"{where}: {what} is {_describe(got)}, but the model was traced with {_describe(want)}; "
                 f"non-tensor arguments are constants baked into the trace. Fix: {how}, or {fix} with "
                 f"{_describe(got)} there in example_kwargs")
+
+
+@dataclass(frozen=True, eq=False)
+class MaskSlots:
+    """Placeholder for a flex-attention ``BlockMask`` among the keyword arguments: its
+    tensors (``layout.tensor_names()``) are the graph inputs ``first, first + 1, ...``."""
+
+    layout: MaskLayout
+    first: int
+
+
+def _fill(x: Any, tensors: Sequence[torch.Tensor]) -> Any:
+    """A keyword template leaf with its tensors: a Slot's, a BlockMask around its own, a constant."""
+    if isinstance(x, Slot):
+        return tensors[x.index]
+    if isinstance(x, MaskSlots):
+        return x.layout.rebuild(tensors[x.first:x.first + x.layout.num_tensors])
+    return x
 
 
 @dataclass(frozen=True)
@@ -333,8 +385,13 @@ class _WithLoss(nn.Module):
         object.__setattr__(self, "_call", call)
         object.__setattr__(self, "_has_target", has_target)
         object.__setattr__(self, "out_spec", _Holder())
+        # The graph export records into: a custom Function traced into another graph (a
+        # flex_attention mask_mod's subgraph, which indexes through torch's own Function) is
+        # part of that higher-order op, not a region of the model.
+        object.__setattr__(self, "graph", _Holder())
 
     def forward(self, *tensors):
+        self.graph.value = _compat.current_tracer_graph()
         args, kwargs = self._call.rebuild(tensors[: len(self._call.names)])
         out = self.model(*args, **kwargs)
         loss = self._loss_fn(out, tensors[-1]) if self._has_target else self._loss_fn(out)
@@ -356,9 +413,10 @@ class _Holder:
 class _RegionRecorder:
     """Wraps ``torch.autograd.Function.apply`` while tracing; tags each call's nodes."""
 
-    def __init__(self) -> None:
+    def __init__(self, graph: "_Holder") -> None:
         self.next_id = 0
         self.depth = 0  # nested Function calls belong to the outermost region
+        self.graph = graph  # .value: the model's graph (see _WithLoss); other graphs are not recorded
 
     def patched(self):
         """While active, each outermost ``Function`` call traced into a graph is recorded."""
@@ -372,7 +430,7 @@ class _RegionRecorder:
                 "re-runs the forward under autograd, which no graph can hold. Fix: pass "
                 "use_reentrant=False (dualpipe_fx then recomputes that region in the backward), "
                 "or drop the checkpoint and use compile(..., recompute='full' | 'selective').")
-        if graph is None or self.depth > 0:
+        if graph is None or self.depth > 0 or graph is not self.graph.value:
             return run(cls, *args, **kwargs)
         self.depth += 1
         try:
@@ -711,7 +769,7 @@ def _check_loss_needs_no_target(loss_fn: Callable) -> None:
 def _export(model, loss_fn, call: ModelCall, tensors, target, device: Optional[torch.device] = None):
     wrapper = _WithLoss(model, loss_fn, call, target is not None)
     args = (*tensors, target) if target is not None else tuple(tensors)
-    recorder = _RegionRecorder()
+    recorder = _RegionRecorder(wrapper.graph)
     try:
         with contextlib.ExitStack() as fake, _torch_logs_held():
             if device is not None:
@@ -967,6 +1025,9 @@ def capture(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
         _check_loss_needs_no_target(loss_fn)
     call = ModelCall.of(inputs, kwargs)
     found = call.values(inputs, kwargs, "capture()", "")
+    # flex_attention traces its mask_mod through Dynamo, which makes a view's storage size
+    # symbolic and then fails to trace it: the mask's tensors are traced as fresh tensors.
+    found = {n: t.clone() if n in call.mask_names else t for n, t in found.items()}
     fake_on = _fake_device(model, [*found.items(), ("target", example_target)], device)
     ep, layout = _export(model, loss_fn, call, [found[n] for n in call.names], example_target, fake_on)
     _check_mutations(ep)

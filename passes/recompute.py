@@ -12,8 +12,8 @@ Policies (``split_backward(..., recompute=...)``):
 - ``None``: save everything, except nodes in ``torch.utils.checkpoint(...,
   use_reentrant=False)`` regions of the model (``capture`` marks them), which recompute.
 - ``"full"``: recompute every forward node; F saves the stage inputs and parameters only.
-- ``"selective"``: save the outputs of matmul-class ops and attention (the expensive
-  ones) and attention's inputs, recompute the rest (norms, activations, pointwise,
+- ``"selective"``: save the outputs of matmul-class ops and attention (SDPA and flex
+  attention: the expensive ones) and attention's inputs, recompute the rest (norms, activations, pointwise,
   views), as torchtitan's op-level selective activation checkpointing does.
 - a callable ``policy(node) -> "save" | "recompute"``: ``node`` is a node of the stage's
   post-autograd ATen joint graph (``node.target`` an ATen op; ``node.meta["dpfx_module"]``
@@ -47,17 +47,19 @@ _ATTENTION = frozenset({
     _aten._efficient_attention_forward.default,
 })
 
-# Outputs torchtitan's op-level selective AC saves: matmuls and attention.
+# Outputs torchtitan's op-level selective AC saves: matmuls and attention (flex included).
 SELECTIVE_SAVE = frozenset({
     _aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default,
     _aten.convolution.default, _aten._grouped_mm.default,
-}) | _ATTENTION
+}) | _ATTENTION | {_compat.FLEX_ATTENTION}
 
 
 def _never_recomputed(node: Node) -> bool:
     target = node.target
+    if target is _compat.FLEX_ATTENTION:
+        return False  # a pure function of q, k, v, the mask's tensors and its mask_mod's inputs
     if not isinstance(target, torch._ops.OpOverload):
-        return True  # higher-order ops, Python callables: keep what they made
+        return True  # other higher-order ops, Python callables: keep what they made
     if torch.Tag.nondeterministic_seeded in target.tags:
         return True  # dropout, rand: a second call draws other numbers
     return _compat.is_functional_collective(node) or _compat.is_functional_wait(node)
@@ -71,7 +73,8 @@ def _selective(node: Node) -> str:
     # Attention's inputs too: its backward reads q, k, v, and recomputing them redoes RoPE's
     # strided multiplies from the saved projections (benchmarks/recompute.py: 1.08-1.16x
     # step time -> 1.02-1.07x, the same saved bytes, as the projections are then not saved)
-    feeds_attention = any(user.target in _ATTENTION for user in node.users)
+    feeds_attention = any(user.target in _ATTENTION or user.target is _compat.FLEX_ATTENTION
+                          for user in node.users)
     return "save" if node.target in SELECTIVE_SAVE or feeds_attention else "recompute"
 
 

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from dualpipe_fx.runtime.errors import PeerFailedError, PeerTimeoutError
+from passes.block_masks import is_block_mask
 
 PARTIAL = ("parameter checksums",)
 _MESSAGE_BYTES = 4096  # a failed step's (type, message), utf-8, truncated
@@ -228,6 +229,8 @@ HINTS = {
 
 
 def _tensor_sig(t: Any) -> Any:
+    if is_block_mask(t):  # its repr draws the whole mask
+        return ("BlockMask", tuple(t.shape))
     return (tuple(t.shape), str(t.dtype)) if isinstance(t, torch.Tensor) else _short(t, 80)
 
 

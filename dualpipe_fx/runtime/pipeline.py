@@ -35,7 +35,7 @@ from dualpipe_fx.runtime.errors import (PeerTimeoutError, PipelineBrokenError, P
 from dualpipe_fx.runtime.materialize import copy_into
 from dualpipe_fx.runtime.stage import named_params
 from dualpipe_fx.runtime.sync import exchange, set_aside_shared_grads, sum_shared_grads, sync_shared_grads
-from dualpipe_fx.runtime.values import external_values
+from dualpipe_fx.runtime.values import external_values, micro_batches
 from passes._compat import tree_map
 
 
@@ -51,7 +51,8 @@ class Pipeline:
     full batch on every rank (each rank checks it the same way, so a bad call fails on every
     rank before any communication); it returns the loss on the ranks that hold a last stage
     and ``None`` elsewhere. Tensors among ``inputs`` and ``kwargs`` are split along dim 0
-    into micro-batches; other keyword values must equal the example's (they are baked into
+    into micro-batches, and so is a flex-attention ``BlockMask`` with the tensors its
+    ``mask_mod`` closes over (``passes.block_masks`` gives the rule); other keyword values must equal the example's (they are baked into
     the trace). Under ``torch.no_grad()`` ``step`` runs forward only and returns the model's
     own output structure (dict, dataclass, ``ModelOutput``, tensor), each tensor
     concatenated over micro-batches along dim 0 (0-dim ones stacked), instead of the loss.
@@ -197,7 +198,7 @@ class Pipeline:
 
     def _feed(self, values: dict, target) -> None:
         n = self.num_microbatches
-        input_mbs = {name: t.tensor_split(n) for name, t in values.items()}
+        input_mbs = micro_batches(values, self._example_values, self._call.mask_names, n)
         if target is None and self.example_target is not None:  # forward only: the loss is ignored
             target = torch.zeros((n * self.example_target.shape[0], *self.example_target.shape[1:]),
                                  dtype=self.example_target.dtype, device=self.device)

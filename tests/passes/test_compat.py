@@ -125,3 +125,26 @@ def test_quiet_fake_kernel_errors_silences_torchs_fake_tensor_log_and_restores_i
     assert logger.level == before
     import torch._subclasses.fake_tensor as fake_tensor  # the module logs under that name
     assert fake_tensor.log.name == "torch._subclasses.fake_tensor"
+
+
+def test_block_mask_fields_copy_and_the_cpu_flex_backward_check():
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    mask = create_block_mask(lambda b, h, q, kv: q >= kv, 2, None, 16, 16, device="cpu", BLOCK_SIZE=8)
+    fields = _compat.block_mask_tensor_fields(mask)
+    assert fields[:2] == ("kv_num_blocks", "kv_indices")
+    assert dict(_compat.block_mask_constants(mask))["seq_lengths"] == (16, 16)
+    zeros = {f: torch.zeros_like(getattr(mask, f)) for f in fields}
+    copy = _compat.block_mask_with(mask, zeros, mask.mask_mod)
+    assert copy.kv_num_blocks.sum() == 0 and mask.kv_num_blocks.sum() > 0  # the original is left as it was
+    q = torch.randn(2, 1, 16, 4, dtype=torch.float64, requires_grad=True)
+    with _compat.flex_backward_on_cpu():
+        out = flex_attention(q, q, q, block_mask=mask)
+        out.sum().backward()
+    ref = nn.functional.scaled_dot_product_attention(q.detach(), q.detach(), q.detach(), is_causal=True)
+    torch.testing.assert_close(out.detach(), ref)
+    with pytest.raises(NotImplementedError, match="backward on CPU"):  # restored on exit
+        flex_attention(q, q, q, block_mask=mask)
+    traced = torch.fx.experimental.proxy_tensor.make_fx(
+        lambda x: flex_attention(x, x, x, block_mask=mask))(q.detach())
+    assert any(n.target is _compat.FLEX_ATTENTION for n in traced.graph.nodes)
