@@ -220,7 +220,7 @@ def _init_weights(model: nn.Module, job_config, device: torch.device) -> None:
 
 
 def _compile(model, loss_fn, job_config, device, group, num_mb: int, recompute=None, dp=None,
-             token_kwargs=()):
+             token_kwargs=(), example_masks=None):
     """``dualpipe_fx.compile`` on one example micro-batch; trace failures name the model."""
     import dualpipe_fx
 
@@ -233,7 +233,10 @@ def _compile(model, loss_fn, job_config, device, group, num_mb: int, recompute=N
     kwargs["timeout"] = timedelta(seconds=job_config.comm.init_timeout_seconds)
     kwargs.update({k: v for k, v in (dp or {}).items() if k in ("dp_group", "dp_mode", "expert_parallel")})
     # model keywords shaped like the tokens (torchtitan 0.3's RoPE `positions`)
-    kwargs["example_kwargs"] = {name: torch.zeros_like(tokens) for name in token_kwargs} or None
+    kwargs["example_kwargs"] = {name: torch.zeros_like(tokens) for name in token_kwargs}
+    if example_masks is not None:  # the model's attention masks for the example micro-batch
+        kwargs["example_kwargs"].update(example_masks(tokens))
+    kwargs["example_kwargs"] = kwargs["example_kwargs"] or None
     try:
         return dualpipe_fx.compile(model, loss_fn, (tokens,), labels, num_microbatches=num_mb,
                                    group=group, device=device, param_init_fn=_zeros_until_init_weights,
@@ -347,14 +350,15 @@ def expert_parallel_args(parallel_dims, model: nn.Module) -> dict:
 
 
 def pipeline_dualpipe_fx(model: nn.Module, parallel_dims, job_config, device: torch.device,
-                         model_args, parallelize_fn, loss_fn, *, token_kwargs=()):
+                         model_args, parallelize_fn, loss_fn, *, token_kwargs=(), example_masks=None):
     """torchtitan ``pipelining_fn`` that pipelines ``model`` with ``dualpipe_fx.compile``.
 
     **Contract**: torchtitan's ``PipeliningFunction``: ``(meta model, parallel_dims,
     job_config, device, model_args, parallelize_fn, loss_fn) -> (schedule, [part],
     has_first_stage, has_last_stage)``; ``token_kwargs``: names of model keywords shaped like
     the token batch (0.3's ``positions``), traced as compile's ``example_kwargs`` and given
-    to ``step_normalized``. ``parallelize_fn`` is not applied: its FSDP/DDP become
+    to ``step_normalized``; ``example_masks``: ``tokens -> {name: mask}``, the model's
+    attention-mask keywords for the example micro-batch (0.3's flex ``attention_masks``). ``parallelize_fn`` is not applied: its FSDP/DDP become
     ``compile(dp_group=, dp_mode=)`` over torchtitan's ``batch`` mesh (:func:`data_parallel_args`),
     its EP becomes ``compile(expert_parallel=)`` with the experts' all_to_all inside the traced
     forward (:func:`expert_parallel_args`); TP/CP are refused (``validate_job_config``,
@@ -388,7 +392,8 @@ def pipeline_dualpipe_fx(model: nn.Module, parallel_dims, job_config, device: to
     # the model is on meta: compile traces it for `device` and allocates this rank's tensors
     use_traceable_permute_indices()  # grouped-GEMM MoE experts pad their tokens in traceable ops
     dp = {**data_parallel_args(parallel_dims, job_config), **expert_parallel_args(parallel_dims, model)}
-    pipeline = _compile(model, loss_fn, job_config, device, group, num_mb, recompute, dp, token_kwargs)
+    pipeline = _compile(model, loss_fn, job_config, device, group, num_mb, recompute, dp, token_kwargs,
+                        example_masks)
     # sharded data parallelism, expert parallelism: each rank keeps its rows of the unsplit init
     with pipeline.full_parameters(), full_experts(model):
         _init_weights(model, job_config, device)

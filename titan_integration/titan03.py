@@ -42,7 +42,20 @@ _DEVICE_IMPORTERS_03 = ("torchtitan.tools.utils", "torchtitan.distributed.utils"
 
 
 def use_cpu_when_no_gpu_03() -> bool:
-    """titan_integration.cpu's items 1-5 and 9 for 0.3's module layout; False with a GPU."""
+    """titan_integration.cpu's items 1-5 and 9 for 0.3's module layout, and flex attention on
+    CPU; False with a GPU. CPU-only stand-ins, for 0.3 without PP and the pipeline alike:
+
+    - flex's backward: torch refuses it in its Python wrapper although the op's dense
+      backward is exact (``passes._compat.lift_flex_backward_check_on_cpu``);
+    - 0.3's ``FlexAttention`` calls ``torch.compile(flex_attention)``, whose Inductor CPU
+      lowering fails (``IndexError`` in the backward, torch 2.14.1): the eager
+      ``flex_attention`` (the op's dense reference, the same mask) runs instead. dualpipe_fx
+      traces the op itself either way.
+    """
+    from torch.nn.attention.flex_attention import flex_attention
+    from torchtitan.models.common.attention import FlexAttention
+
+    from passes._compat import lift_flex_backward_check_on_cpu
     from titan_integration import cpu
 
     if torch.cuda.is_available():
@@ -54,6 +67,8 @@ def use_cpu_when_no_gpu_03() -> bool:
         if hasattr(module, "device_module"):
             module.device_module = device_module
     cpu._fsdp_sums_on_gloo()
+    lift_flex_backward_check_on_cpu()
+    FlexAttention._compiled_flex_attn = flex_attention
     return True
 
 
@@ -327,10 +342,15 @@ def pipeline_dualpipe_fx_03(model, *, config, parallel_dims, training, paralleli
     from titan_integration.pipelining import pipeline_dualpipe_fx
 
     view = job_config_view(config, training=training, parallelism=parallelism, ac_config=ac_config)
+    masks = document_masks(model)
+    example = None if masks is None else lambda tokens: {"attention_masks": masks(_one_document_each(tokens))}
     schedule, parts, first, last = pipeline_dualpipe_fx(model, parallel_dims, view, device, None, None,
-                                                        traced_loss(model, loss_fn), token_kwargs=TOKEN_KWARGS)
+                                                        traced_loss(model, loss_fn), token_kwargs=TOKEN_KWARGS,
+                                                        example_masks=example)
     schedule.loss_fn = lambda pred, labels: loss_fn(pred, labels)[0]
     for part in parts:
+        # 0.3's post_dataloading_process asks model_parts[0] for the masks: the model's own method
+        object.__setattr__(part, "get_attention_masks", model.get_attention_masks)
         _keep_0_3_state_dict(part, model)
         if not hasattr(part, "lm_head"):
             part.add_module("lm_head", torch.nn.Module())
@@ -338,7 +358,13 @@ def pipeline_dualpipe_fx_03(model, *, config, parallel_dims, training, paralleli
         if layers is not None and not isinstance(layers, torch.nn.ModuleDict):
             # 0.3's MoE load-balancing hook asserts a ModuleDict; same children, same keys
             part._modules["layers"] = torch.nn.ModuleDict(layers._modules)
-    return MicroBatchSchedule(schedule), parts, first, last
+    return MicroBatchSchedule(schedule, masks), parts, first, last
+
+
+def _one_document_each(tokens: torch.Tensor) -> torch.Tensor:
+    """RoPE positions for the example micro-batch: each sample one document (any layout traces
+    alike: the mask's shapes and code are what the trace keeps)."""
+    return torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
 
 
 def validate(config) -> None:
