@@ -7,19 +7,24 @@ its fields. This module is such a registry. :class:`DualPipeFxTrainer` extends 0
 dataclass as the 0.2 ``[dualpipe_fx]`` section, so the option names (``enable``,
 ``schedule``, ``balance``, ``rank_balance``, ``memory_budget_gib``, ``split_points``,
 ``compile_stages``, ``overlap``) are the same: ``--dualpipe_fx.schedule zbv``,
-``--dualpipe_fx.no-enable``. Run (2 CPU ranks, gloo)::
+``--dualpipe_fx.no-enable``. It offers 0.3's own configs under their 0.3 names
+(``llama3_debugmodel``, ``qwen3_debugmodel``, ``qwen3_moe_debug``, ``deepseek_v3_debugmodel``:
+:func:`with_dualpipe_fx`). Run (2 CPU ranks, gloo)::
 
     PYTHONPATH=<torchtitan 0.3> torchrun --nproc_per_node 2 -m titan_integration.titan03 \\
-        --module titan_integration.titan03 --config llama3_debug_dualpipe
+        --module titan_integration.titan03 --config llama3_debugmodel
 
 The glue: 0.3 calls ``model_spec.pipelining_fn(model, parallel_dims=, training=,
 parallelism=, compile_config=, ac_config=, dump_folder=, device=, model_config=,
 parallelize_fn=, loss_fn=)`` with no job config. The trainer binds its config to
 :func:`pipeline_dualpipe_fx_03`, which presents 0.3's pieces under the 0.2 names
 (:func:`job_config_view`) and calls :func:`titan_integration.pipelining.pipeline_dualpipe_fx`,
-with the dataloader's RoPE ``positions`` as a traced keyword input. 0.3's losses return ``(loss, metrics)`` and take ``global_valid_tokens``; the
-traced loss is the token sum (``global_valid_tokens=None``), and the step scales it as
-the 0.2 adapter does (:meth:`DualPipeFxSchedule.step_normalized`).
+with the dataloader's RoPE ``positions`` and a flex model's document masks
+(:func:`document_masks`) as traced keyword inputs. 0.3's losses return ``(loss, metrics)``
+and take ``global_valid_tokens``; the traced loss is the token sum, with ``lm_head`` inside
+for ``ChunkedLossWrapper`` (:func:`traced_loss`), and the step scales it as the 0.2 adapter
+does (:meth:`DualPipeFxSchedule.step_normalized`), called through 0.3's micro-batch
+signature (:class:`MicroBatchSchedule`).
 """
 from __future__ import annotations
 

@@ -1,9 +1,12 @@
 """torchtitan 0.3 (Python config registry) with dualpipe_fx: ``titan_integration.titan03``.
 
-Rebuilds: on 0.3's own trainer (``torchtitan.train.main`` via ``--module/--config``), the
-2-rank DualPipeV run trains exactly like 0.3's single-process run without pipeline
-parallelism on the same config (same seed, data): equal losses and grad norms at every
-step; and the 0.2 ``[dualpipe_fx]`` option names parse as 0.3 flags into the same dataclass.
+Rebuilds: on 0.3's own trainer, 0.3's own configs as they are (flex attention with document
+masks, ``ChunkedLossWrapper``, selective AC), llama3 and qwen3 (tied embedding), train on 2
+ranks with DualPipeV exactly like 0.3's 1-rank run without pipeline parallelism: equal
+losses and grad norms at every step. The pipelined checkpoint has 0.3's keys (``wq``/``wk``/
+``wv``), resumes bitwise, and a pipelined run resumes from 0.3's checkpoint without PP. The
+pipeline's document masks equal 0.3's and split per sample; the 0.2 ``[dualpipe_fx]``
+option names parse as 0.3 flags into the same dataclass.
 
 torchtitan 0.3 is installed with pip into a temporary folder beside this environment's
 torch (``--no-deps`` for each package, so torch and 0.2.2 stay as they are) and put on
