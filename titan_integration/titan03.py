@@ -375,16 +375,16 @@ def _one_document_each(tokens: torch.Tensor) -> torch.Tensor:
 def validate(config) -> None:
     """0.2's checks on the 0.3 config (the ``dualpipe_fx`` keys, micro-batches, parallelism),
     and what the 0.3 adapter does not run yet: expert parallelism."""
-    view = job_config_view(config, training=config.training, parallelism=config.parallelism,
-                           ac_config=config.activation_checkpoint)
-    dpfx_config.validate_job_config(view)
-    ep = config.parallelism.expert_parallel_degree
+    ep = config.parallelism.expert_parallel_degree  # first: 0.2's EP keys differ from 0.3's
     if ep > 1:
         raise ValueError(f"parallelism.expert_parallel_degree = {ep} with dualpipe_fx.enable on torchtitan "
                          f"0.3: dualpipe_fx's expert parallelism shards 0.2.2's GroupedExperts "
                          f"(titan_integration/expert_parallel.py), and 0.3's MoE dispatches through its "
                          f"token_dispatcher, which it does not shard yet; set "
                          f"parallelism.expert_parallel_degree = 1 (or run PP x EP on torchtitan 0.2.2)")
+    view = job_config_view(config, training=config.training, parallelism=config.parallelism,
+                           ac_config=config.activation_checkpoint)
+    dpfx_config.validate_job_config(view)
 
 
 class DualPipeFxTrainer(Trainer):

@@ -147,8 +147,16 @@ for batch in (1, 2, 3) * 10:  # random document layouts; positions restart at 0 
     dense = mask(ours(positions), batch)
     same.append(torch.equal(dense, mask(theirs(positions), batch)))
     per_sample += [torch.equal(dense[b:b + 1], mask(ours(positions[b:b + 1]), 1)) for b in range(batch)]
+from titan_integration import titan03
+moe = titan03.deepseek_v3_debugmodel()
+moe.parallelism.expert_parallel_degree = 2
+try:
+    titan03.validate(moe)
+    refusal = None
+except ValueError as err:
+    refusal = str(err)
 print(json.dumps({"type": type(config).__qualname__, "dualpipe_fx": dataclasses.asdict(config.dualpipe_fx),
-                  "masks_equal_0_3": all(same), "masks_per_sample": all(per_sample)}))
+                  "masks_equal_0_3": all(same), "masks_per_sample": all(per_sample), "ep_refusal": refusal}))
 """
 
 
@@ -177,6 +185,12 @@ def test_document_masks_are_0_3s_and_split_per_sample(probe):
     a batch of one too, where 0.3 builds another closure), and sample b of a batch's mask is
     the mask built on sample b alone: what the per-micro-batch split relies on."""
     assert probe["masks_equal_0_3"] and probe["masks_per_sample"], probe
+
+
+def test_expert_parallelism_is_refused_naming_the_key(probe):
+    """0.3 with expert_parallel_degree > 1 is refused before the trainer starts, naming the key."""
+    assert probe["ep_refusal"] and "parallelism.expert_parallel_degree = 2" in probe["ep_refusal"], probe
+    assert "expert_parallel_degree = 1" in probe["ep_refusal"], probe
 
 
 @pytest.mark.parametrize("name", CONFIGS)
