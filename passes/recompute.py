@@ -32,7 +32,7 @@ from torch.fx import Node
 
 from passes import _compat
 
-__all__ = ["Policy", "SELECTIVE_SAVE", "recompute_policy", "recomputed"]
+__all__ = ["Policy", "SELECTIVE_SAVE", "recompute_policy", "recomputed", "selective"]
 
 Policy = Union[None, str, Callable[[Node], str]]
 
@@ -76,6 +76,11 @@ def _selective(node: Node) -> str:
     feeds_attention = any(user.target in _ATTENTION or user.target is _compat.FLEX_ATTENTION
                           for user in node.users)
     return "save" if node.target in SELECTIVE_SAVE or feeds_attention else "recompute"
+
+
+def selective(node: Node) -> str:
+    """The ``"selective"`` policy's answer for ``node``, for policies that refine it."""
+    return _selective(node)
 
 
 def recompute_policy(recompute: Policy) -> Callable[[Node], bool]:

@@ -17,7 +17,9 @@ calls it right after parsing) and raises ``ValueError`` naming the offending key
 
 torchtitan's ``[activation_checkpoint]`` section is honoured as dualpipe_fx's activation
 recomputation (:func:`recompute_arg`): ``mode = "full"`` -> ``recompute="full"``,
-``"selective"`` with ``selective_ac_option = "op"`` -> ``recompute="selective"``, with an
+``"selective"`` with ``selective_ac_option = "op"`` -> ``recompute="selective"`` (or
+:class:`SelectiveRecompute` where ``per_op_sac_force_recompute_mm_shapes_by_fqns`` matches
+Linear modules), with an
 integer N -> :class:`BlockRecompute` over every N-th transformer block (the blocks
 torchtitan's ``apply_ac`` picks); ``"memory_budget"`` is refused.
 """
@@ -61,7 +63,7 @@ class DualPipeFx:
     When given, exactly ``num_stages - 1`` of them."""
 
     compile_stages: bool = False
-    """``torch.compile`` every stage graph (use this instead of ``compile.enable``)."""
+    """``torch.compile`` every stage graph (``compile.enable`` with ``"model"`` sets it too)."""
 
     overlap: bool = True
     """Run each overlapped forward&backward (FB) pair of the schedule as one multiplexed
@@ -90,10 +92,19 @@ def num_microbatches(job_config) -> int:
     return batch // mb_size
 
 
-def compile_kwargs(section) -> dict[str, Any]:
-    """The ``[dualpipe_fx]`` keys as ``dualpipe_fx.compile`` keyword arguments."""
+def compiles_model(compile_config) -> bool:
+    """torchtitan's ``[compile]`` asks for the model compiled: ``enable`` with ``"model"`` in
+    ``components``. Under dualpipe_fx that is ``compile(compile_stages=True)``: each stage
+    graph through Inductor, as torchtitan's graph trainer compiles its traced graphs."""
+    return bool(compile_config is not None and compile_config.enable and "model" in compile_config.components)
+
+
+def compile_kwargs(section, compile_config=None) -> dict[str, Any]:
+    """The ``[dualpipe_fx]`` keys (and ``[compile]``: :func:`compiles_model`) as
+    ``dualpipe_fx.compile`` keyword arguments."""
     budget = int(section.memory_budget_gib * 2**30) or None
-    return {"schedule": section.schedule, "compile_stages": section.compile_stages,
+    return {"schedule": section.schedule,
+            "compile_stages": section.compile_stages or compiles_model(compile_config),
             "cost": section.balance, "split_points": list(section.split_points) or None,
             "overlap": section.overlap, "balance": section.rank_balance, "memory_budget": budget}
 
@@ -153,14 +164,14 @@ def _check_microbatches(job_config, spec):
 # dualpipe_fx.compile(recompute=...), applied to the stage graphs by passes/recompute:
 #   mode "none"                                  -> recompute=None
 #   mode "full"                                  -> recompute="full"
-#   mode "selective", selective_ac_option "op"   -> recompute="selective"
+#   mode "selective", selective_ac_option "op"   -> recompute="selective" (or SelectiveRecompute)
 #   mode "selective", selective_ac_option "N"    -> BlockRecompute(every N-th layers.<i>)
 #   mode "memory_budget"                         -> refused (a torch.compile partitioner knob)
 # The other keys: early_stop, preserve_rng_state and determinism_check hold by construction
 # (accepted); debug = true is refused; memory_budget and visualize_memory_budget_pareto are
 # read by "memory_budget" mode only (ignored, as torchtitan does);
-# per_op_sac_force_recompute_mm_shapes_by_fqns is refused when it names a module of the
-# model (checked with the model, in recompute_arg).
+# per_op_sac_force_recompute_mm_shapes_by_fqns that names modules of the model ->
+# SelectiveRecompute (those mms recompute too; checked with the model, in recompute_arg).
 AC_MODES = ("none", "full", "selective")
 _AC = "activation_checkpoint"
 
@@ -244,43 +255,75 @@ def ac_blocks(model, every: int) -> list[str]:
     return [f"layers.{name}" for k, name in enumerate(names, start=1) if every == 0 or k % every == 0]
 
 
-def _check_forced_mm_fqns(ac, model) -> None:
+class SelectiveRecompute:
+    """``recompute="selective"`` with torchtitan's forced recomputes, as a ``recompute`` policy.
+
+    torchtitan's op-level SAC recomputes every ``mm`` whose weight operand has the shape of an
+    ``nn.Linear`` that ``per_op_sac_force_recompute_mm_shapes_by_fqns`` matches (its default,
+    ``moe.router.gate``: the MoE router); every other node follows dualpipe_fx's
+    ``"selective"`` rule (save matmul and attention outputs, recompute the rest).
+    """
+
+    def __init__(self, shapes) -> None:
+        self.shapes = frozenset(tuple(s) for s in shapes)  # (in_features, out_features): mm's operand
+
+    def __call__(self, node) -> str:
+        import torch
+
+        from passes.recompute import selective
+
+        if node.target is torch.ops.aten.mm.default:
+            weight = node.args[1].meta.get("val") if hasattr(node.args[1], "meta") else None
+            if weight is not None and tuple(weight.shape) in self.shapes:
+                return "recompute"
+        return selective(node)
+
+    def __repr__(self) -> str:
+        return f"SelectiveRecompute({sorted(self.shapes)})"
+
+
+def _forced_mm_shapes(ac, model) -> list[tuple[int, int]]:
     """torchtitan's op-level SAC force-recomputes mms shaped like the ``nn.Linear`` modules
-    inside ``model.layers`` these substrings match; dualpipe_fx's "selective" rule has no
-    such exception, so a pattern that matches is refused (one that matches nothing is moot)."""
+    inside ``model.layers`` whose FQN contains one of these substrings: their ``(in, out)``."""
+    from torch import nn
+
     key = f"{_AC}.per_op_sac_force_recompute_mm_shapes_by_fqns"
     patterns = list(ac.per_op_sac_force_recompute_mm_shapes_by_fqns)
     try:
         root, prefix = model.get_submodule("layers"), "layers."  # where apply_ac looks
     except AttributeError:
         root, prefix = model, ""
-    fqns = [prefix + fqn for fqn, _ in root.named_modules() if fqn]
-    matched = [fqn for fqn in fqns if any(p in fqn for p in patterns)]
-    if matched:
-        raise ValueError(
-            f"{key} = {patterns} matches {matched[:4]} in the model; dualpipe_fx's op-level "
-            f"selective recompute saves every matmul output and cannot force some of them to "
-            f"recompute; set {key} = [] (or {_AC}.mode = \"full\")")
+    shapes = []
+    for fqn, module in root.named_modules():
+        if not fqn or not any(p in prefix + fqn for p in patterns):
+            continue
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"{key} = {patterns} matches {prefix + fqn}, a {type(module).__name__}; "
+                             f"torchtitan expects each match to be an nn.Linear; name Linear modules only")
+        out_f, in_f = module.weight.shape
+        shapes.append((in_f, out_f))
+    return shapes
 
 
 def recompute_arg(ac, model):
     """``[activation_checkpoint]`` as ``dualpipe_fx.compile(recompute=...)`` for ``model``.
 
     **Contract**: ``(ActivationCheckpoint, model) -> None | "full" | "selective" |
-    BlockRecompute``; see the mapping above ``AC_MODES``.
+    SelectiveRecompute | BlockRecompute``; see the mapping above ``AC_MODES``.
 
     Raises:
         ValueError: a mode or key dualpipe_fx does not apply (as ``validate_job_config``),
             an integer option on a model without ``layers``, or
-            ``per_op_sac_force_recompute_mm_shapes_by_fqns`` naming modules of the model.
+            ``per_op_sac_force_recompute_mm_shapes_by_fqns`` matching a module that is not
+            an ``nn.Linear``.
     """
     _check_activation_checkpoint(ac)
     if ac.mode in ("none", "full"):
         return None if ac.mode == "none" else "full"
     every = _selective_every(ac)
     if every is None:
-        _check_forced_mm_fqns(ac, model)
-        return "selective"
+        shapes = _forced_mm_shapes(ac, model)
+        return SelectiveRecompute(shapes) if shapes else "selective"
     return BlockRecompute(ac_blocks(model, every))
 
 
@@ -302,10 +345,11 @@ def _check_other_parallelisms(job_config) -> None:
         if degree > 1:
             raise ValueError(f"{key} = {degree} is not supported together with dualpipe_fx.enable "
                              f"(pipeline, data and expert parallelism only, for now); set {key} = 1")
-    if job_config.compile.enable and "model" in job_config.compile.components:
-        raise ValueError("compile.enable = true with \"model\" in compile.components compiles "
-                         "torchtitan's module parts, which dualpipe_fx replaces; set "
-                         "compile.enable = false and dualpipe_fx.compile_stages = true instead")
+    # compile.enable with "model" maps onto compile(compile_stages=True) (compiles_model)
+    if compiles_model(job_config.compile) and job_config.compile.backend != "inductor":
+        raise ValueError(f"compile.backend = {job_config.compile.backend!r} with dualpipe_fx.enable: "
+                         f"dualpipe_fx compiles each stage graph with Inductor (compile.enable -> "
+                         f"compile_stages); set compile.backend = \"inductor\"")
 
 
 def _check_split_points(job_config, spec) -> None:

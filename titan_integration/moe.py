@@ -2,7 +2,7 @@
 
 torchtitan's MoE models (deepseek_v3, llama4) balance experts without an auxiliary loss: each
 MoE layer's forward adds its per-expert token counts to the buffer ``moe.tokens_per_expert``
-(under no_grad), and an optimizer pre-step hook (``build_optimizers_with_moe_load_balancing``)
+(under no_grad; 0.3 names them ``tokens_per_expert_E`` and ``expert_bias_E``), and an optimizer pre-step hook (``build_optimizers_with_moe_load_balancing``)
 moves ``moe.expert_bias`` by ``coeff * sign(mean - counts)`` and zeroes the counts. The hook
 walks ``model_part.layers`` as an ``nn.ModuleDict`` of blocks with ``moe_enabled`` and ``moe``.
 
@@ -50,7 +50,8 @@ def expose_moe_load_balancing(part: nn.Module, model: nn.Module, local_ids: set[
         if name not in balanced:
             continue
         moe = balanced[name].moe
-        here = [id(moe.tokens_per_expert) in local_ids, id(moe.expert_bias) in local_ids]
+        counts, bias = _buffer_names(moe)
+        here = [id(getattr(moe, counts)) in local_ids, id(getattr(moe, bias)) in local_ids]
         if here == [True, True]:
             _expose(block, moe)
         elif any(here):
@@ -61,14 +62,22 @@ def expose_moe_load_balancing(part: nn.Module, model: nn.Module, local_ids: set[
     part._modules["layers"] = blocks  # same children: state_dict keys unchanged
 
 
+def _buffer_names(moe: nn.Module) -> tuple[str, str]:
+    """The counts and bias buffers: 0.3 suffixes them with their shape (``tokens_per_expert_E``)."""
+    if hasattr(moe, "tokens_per_expert_E"):
+        return "tokens_per_expert_E", "expert_bias_E"
+    return "tokens_per_expert", "expert_bias"
+
+
 def _expose(block: nn.Module, moe: nn.Module) -> None:
     block.moe_enabled = True
     if not hasattr(block, "moe"):
         block.add_module("moe", nn.Module())
+    counts, bias = _buffer_names(moe)
     block.moe.load_balance_coeff = moe.load_balance_coeff
-    block.moe.register_buffer("tokens_per_expert", moe.tokens_per_expert, persistent=False)
-    if "expert_bias" not in block.moe._buffers:
-        block.moe.register_buffer("expert_bias", moe.expert_bias)
+    block.moe.register_buffer(counts, getattr(moe, counts), persistent=False)
+    if bias not in block.moe._buffers:
+        block.moe.register_buffer(bias, getattr(moe, bias))
 
 
 def permute_indices(tokens_per_expert_group, experts_per_rank: int, num_ranks: int, max_len: int,

@@ -250,7 +250,7 @@ def example_attention_masks(model: nn.Module, tokens: torch.Tensor) -> dict:
 
 
 def _compile(model, loss_fn, job_config, device, group, num_mb: int, recompute=None, dp=None,
-             token_kwargs=()):
+             token_kwargs=(), example_masks=None):
     """``dualpipe_fx.compile`` on one example micro-batch; trace failures name the model."""
     import dualpipe_fx
 
@@ -258,14 +258,16 @@ def _compile(model, loss_fn, job_config, device, group, num_mb: int, recompute=N
     seq_len = job_config.training.seq_len
     tokens = torch.zeros(mb_size, seq_len, dtype=torch.long, device=device)
     labels = torch.zeros(mb_size, seq_len, dtype=torch.long, device=device)
-    kwargs = compile_kwargs(job_config.dualpipe_fx)
+    kwargs = compile_kwargs(job_config.dualpipe_fx, job_config.compile)
     kwargs["recompute"] = recompute
     kwargs["timeout"] = timedelta(seconds=job_config.comm.init_timeout_seconds)
     kwargs.update({k: v for k, v in (dp or {}).items()
                    if k in ("dp_group", "dp_mode", "expert_parallel", "mixed_precision")})
     # model keywords shaped like the tokens (torchtitan 0.3's RoPE `positions`)
-    kwargs["example_kwargs"] = {**{name: torch.zeros_like(tokens) for name in token_kwargs},
-                                **example_attention_masks(model, tokens)} or None
+    # and the model's attention masks for the example micro-batch: 0.3's through its own builder
+    # (example_masks), 0.2.2's from the model's get_attention_masks
+    masks = example_masks(tokens) if example_masks is not None else example_attention_masks(model, tokens)
+    kwargs["example_kwargs"] = {**{name: torch.zeros_like(tokens) for name in token_kwargs}, **masks} or None
     try:
         return dualpipe_fx.compile(model, loss_fn, (tokens,), labels, num_microbatches=num_mb,
                                    group=group, device=device, param_init_fn=_zeros_until_init_weights,
@@ -398,14 +400,15 @@ def expert_parallel_args(parallel_dims, model: nn.Module) -> dict:
 
 
 def pipeline_dualpipe_fx(model: nn.Module, parallel_dims, job_config, device: torch.device,
-                         model_args, parallelize_fn, loss_fn, *, token_kwargs=()):
+                         model_args, parallelize_fn, loss_fn, *, token_kwargs=(), example_masks=None):
     """torchtitan ``pipelining_fn`` that pipelines ``model`` with ``dualpipe_fx.compile``.
 
     **Contract**: torchtitan's ``PipeliningFunction``: ``(meta model, parallel_dims,
     job_config, device, model_args, parallelize_fn, loss_fn) -> (schedule, [part],
     has_first_stage, has_last_stage)``; ``token_kwargs``: names of model keywords shaped like
     the token batch (0.3's ``positions``), traced as compile's ``example_kwargs`` and given
-    to ``step_normalized``. ``parallelize_fn`` is not applied: its FSDP/DDP become
+    to ``step_normalized``; ``example_masks``: ``tokens -> {name: mask}``, the model's
+    attention-mask keywords for the example micro-batch (0.3's flex ``attention_masks``). ``parallelize_fn`` is not applied: its FSDP/DDP become
     ``compile(dp_group=, dp_mode=)`` over torchtitan's ``batch`` mesh (:func:`data_parallel_args`),
     its EP becomes ``compile(expert_parallel=)`` with the experts' all_to_all inside the traced
     forward (:func:`expert_parallel_args`); TP/CP are refused (``validate_job_config``,
@@ -440,7 +443,8 @@ def pipeline_dualpipe_fx(model: nn.Module, parallel_dims, job_config, device: to
     # the model is on meta: compile traces it for `device` and allocates this rank's tensors
     use_traceable_permute_indices()  # grouped-GEMM MoE experts pad their tokens in traceable ops
     dp = {**data_parallel_args(parallel_dims, job_config), **expert_parallel_args(parallel_dims, model)}
-    pipeline = _compile(model, loss_fn, job_config, device, group, num_mb, recompute, dp, token_kwargs)
+    pipeline = _compile(model, loss_fn, job_config, device, group, num_mb, recompute, dp, token_kwargs,
+                        example_masks)
     # sharded data parallelism, expert parallelism: each rank keeps its rows of the unsplit init
     with pipeline.full_parameters(), full_experts(model):
         _init_weights(model, job_config, device)

@@ -14,7 +14,8 @@ carries (torchtitan's own AC must not be applied on the pipelining path), and a 
 each of the rank's tensors as the trainer got them, before the first step (the initial
 weights, to compare bitwise with torchtitan's non-pipelined init); how many of its
 parameters count in a lower rank's grad norm (DualPipe's mirrors), and whether an MoE
-model's expert_bias moved (torchtitan's load-balancing hook ran).
+model's expert_bias moved (torchtitan's load-balancing hook ran); how many graphs
+torch.compile compiled during the run (``compile.enable``: the stage graphs).
 """
 import hashlib
 import json
@@ -23,6 +24,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from torch._dynamo.utils import counters
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 from torchtitan.tools.logging import init_logger
 
@@ -73,7 +75,10 @@ def run(train_args: list[str], extra: list[str], port: str) -> dict:
     try:
         record = _describe(trainer, job_config)
         _record_metrics(trainer, record)
+        graphs = counters["stats"]["unique_graphs"]
         trainer.train()
+        record["compiled_graphs"] = counters["stats"]["unique_graphs"] - graphs  # torch.compile's
+
         record["expert_bias_moved"] = any(  # the MoE load-balancing hook ran on this rank
             bool(t.abs().sum() > 0) for k, t in trainer.model_parts[0].named_buffers() if k.endswith("expert_bias"))
     finally:

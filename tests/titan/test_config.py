@@ -81,7 +81,7 @@ def test_section_is_known_without_custom_config_module(tmp_path):
     (["--parallelism.tensor_parallel_degree", "2"], "parallelism.tensor_parallel_degree", "= 1"),
     (["--parallelism.expert_parallel_degree", "2", "--parallelism.expert_parallel_comm_backend", "deepep"],
      "parallelism.expert_parallel_comm_backend", "\"standard\""),
-    (["--compile.enable"], "compile.enable", "dualpipe_fx.compile_stages"),
+    (["--compile.enable", "--compile.backend", "aot_eager"], "compile.backend", "\"inductor\""),
     (["--validation.enable", "--validation.seq_len", "32"], "validation.seq_len", "= 64"),
     (["--model.flavor", "debugmodel_varlen_attn"], "model.flavor", "attn_mask_type = \"block_causal\""),
 ])
@@ -166,12 +166,34 @@ def test_activation_checkpoint_errors_that_need_the_model():
     with pytest.raises(ValueError, match="activation_checkpoint.selective_ac_option.*no `layers`"):
         dpfx_config.recompute_arg(cfg.activation_checkpoint, nn.Linear(2, 2))
     cfg = parse("--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "op",
-                "--activation_checkpoint.per_op_sac_force_recompute_mm_shapes_by_fqns", "layers.1")
-    with pytest.raises(ValueError) as info:
-        dpfx_config.recompute_arg(cfg.activation_checkpoint, _Blocks())
+                "--activation_checkpoint.per_op_sac_force_recompute_mm_shapes_by_fqns", "layers")
+    with pytest.raises(ValueError) as info:  # matches the ModuleDict itself, as in torchtitan
+        dpfx_config.recompute_arg(cfg.activation_checkpoint, nn.Sequential(_Blocks()))
     message = str(info.value)
     assert "activation_checkpoint.per_op_sac_force_recompute_mm_shapes_by_fqns" in message
-    assert "['layers.1']" in message and "= []" in message, message
+    assert "ModuleDict" in message and "nn.Linear" in message, message
+
+
+def test_forced_mm_recompute_follows_torchtitans_shapes():
+    """``per_op_sac_force_recompute_mm_shapes_by_fqns`` matching Linears: mms whose weight
+    operand has their shape recompute, the rest follows "selective"."""
+    import torch.fx
+
+    cfg = parse("--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "op",
+                "--activation_checkpoint.per_op_sac_force_recompute_mm_shapes_by_fqns", "layers.1")
+    blocks = _Blocks()
+    blocks.layers["1"] = nn.Linear(2, 3)
+    policy = dpfx_config.recompute_arg(cfg.activation_checkpoint, blocks)
+    assert isinstance(policy, dpfx_config.SelectiveRecompute) and policy.shapes == {(2, 3)}
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    nodes = {}
+    for shape in ((2, 3), (2, 2)):
+        w = graph.placeholder(f"w{shape}")
+        w.meta["val"] = torch.empty(shape, device="meta")
+        nodes[shape] = graph.call_function(torch.ops.aten.mm.default, (x, w))
+    relu = graph.call_function(torch.ops.aten.relu.default, (nodes[(2, 2)],))
+    assert [policy(nodes[(2, 3)]), policy(nodes[(2, 2)]), policy(relu)] == ["recompute", "save", "recompute"]
 
 
 def test_disabled_section_checks_nothing():

@@ -8,7 +8,8 @@ train exactly like no AC while every stage saves fewer bytes per micro-batch; an
 rank starts from bitwise the weights torchtitan's non-pipelined init gives its tensors,
 although it never holds the whole model; the bidirectional DualPipe with grad clipping logs
 DualPipeV's grad norms; torchtitan's MoE deepseek_v3 trains like its unpipelined run; and so
-do the llama3 and deepseek_v3 flex-attention flavors (block-causal document masks).
+do the llama3 and deepseek_v3 flex-attention flavors (block-causal document masks); and
+``compile.enable`` compiles the stage graphs (Inductor) with the losses of the run without it.
 """
 import json
 import os
@@ -27,7 +28,7 @@ TOML = os.path.join(REPO, "titan_integration", "configs", "llama3_debug_dualpipe
 TOKENIZER = os.path.join(REPO, "titan_integration", "assets", "tokenizer")
 GRAD_NORM_LINE = re.compile(r"step:\s*(\d+)\s+loss:\s*-?[0-9.]+\s+grad_norm:\s*([0-9.]+)")
 STEP_LINE = re.compile(r"step:\s*(\d+)\s+loss:\s*(-?[0-9.]+)")
-RUN_TIMEOUT_S = 420
+RUN_TIMEOUT_S = 600
 STEPS = 3
 
 
@@ -146,6 +147,9 @@ AC_NAMES = tuple(AC_RUNS)
 OTHER_RUNS = {
     "dualpipe": ["--dualpipe_fx.schedule", "dualpipe"],
     "deepseek": ["--model.name", "deepseek_v3"],
+    # compile.enable -> compile_stages: real Inductor on CPU; F, I, W graphs (no-overlap: fewer
+    # graphs to compile than the multiplexed F&B ones)
+    "compile": ["--compile.enable", "--dualpipe_fx.no-overlap"],
 }
 # ... and the flex-attention flavors (block-causal document masks built by the model's own
 # get_attention_masks from the batch and the tokenizer's EOS, split per micro-batch)
@@ -170,6 +174,16 @@ def test_activation_checkpoint_modes_train_like_no_ac(baseline, ac_runs):
             # recomputation reruns the same ops on the same values: the same numbers
             assert runs[name]["losses"] == pytest.approx(plain["losses"], rel=1e-6), (rank, name)
             assert runs[name]["grad_norms"] == pytest.approx(plain["grad_norms"], rel=1e-6), (rank, name)
+
+
+def test_compile_enable_compiles_the_stages_with_equal_losses(ac_runs):
+    """``compile.enable = true`` maps onto ``compile_stages``: each rank's stage graphs go
+    through torch.compile (Inductor), and the losses and grad norms are those without it."""
+    for rank, runs in ac_runs.items():
+        compiled, plain = runs["compile"], runs["none"]
+        assert compiled["compiled_graphs"] > 0 and plain["compiled_graphs"] == 0, (rank, compiled, plain)
+        assert compiled["losses"] == pytest.approx(plain["losses"], rel=1e-5), (rank, compiled, plain)
+        assert compiled["grad_norms"] == pytest.approx(plain["grad_norms"], rel=1e-5), (rank, compiled, plain)
 
 
 def test_activation_checkpoint_modes_map_onto_recompute(ac_runs):
