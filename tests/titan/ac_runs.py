@@ -1,8 +1,12 @@
-"""Worker for tests/titan/test_train.py: several short trainings in ONE torchrun job.
+"""Worker for tests/titan: several short trainings in ONE torchrun job.
 
-``torchrun --nproc_per_node 2 tests/titan/ac_runs.py OUT_DIR PORTS RUN [RUN ...] -- TRAIN_ARGS``
-where each RUN is ``name:--flag,value,--flag,...`` (extra torchtitan arguments for that run)
-and PORTS gives each run its own free port (``p1,p2,...``). Each run is
+``torchrun --nproc_per_node N tests/titan/ac_runs.py OUT_DIR PORTS RUN [RUN ...] -- TRAIN_ARGS``
+where each RUN is ``name:--flag,value,--flag,...`` (extra torchtitan arguments for that run;
+a later flag overrides TRAIN_ARGS' one, e.g. ``--job.dump_folder``) and PORTS gives each run
+its own free port (``p1,p2,...``). A flag ``@copy=SRC=DST`` is no torchtitan argument: before
+the run, rank 0 copies the folder SRC to DST (a seed checkpoint, or a checkpoint to resume
+from) and the other ranks wait for it. A run with ``--checkpoint.create_seed_checkpoint``
+saves torchtitan's seed checkpoint instead of training, as ``titan_integration.train`` does. Each run is
 ``titan_integration.train.main``'s sequence (parse, DualPipeFxTrainer, train, close,
 destroy the process group), so one interpreter start and one import of torchtitan serve
 every run. Each run's process group gets a fresh TCP store on its own port: in the store
@@ -19,8 +23,11 @@ torch.compile compiled during the run (``compile.enable``: the stage graphs).
 """
 import hashlib
 import json
+import logging
 import os
+import shutil
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -53,27 +60,58 @@ def digest(tensor) -> str:
 
 
 def _describe(trainer, job_config) -> dict:
-    if not job_config.dualpipe_fx.enable:  # torchtitan's own run (a reference): its metrics alone
-        return {"losses": {}, "grad_norms": {}}
+    record = {"losses": {}, "grad_norms": {}, "log": []}
+    if getattr(trainer, "pp_schedule", None) is None or not hasattr(trainer.pp_schedule, "pipeline"):
+        return record  # torchtitan without dualpipe_fx: the reference runs
     pipeline = trainer.pp_schedule.pipeline
     model = trainer.model_parts[0]  # the Pipeline keeps no model: read the rank's model part
     recompute = trainer.pp_schedule.recompute
-    return {"saved": {str(s): saved_bytes(stage.flat_graphs) for s, stage in pipeline.stages.items()},
+    return {**record,
+            "saved": {str(s): saved_bytes(stage.flat_graphs) for s, stage in pipeline.stages.items()},
             "recompute": repr(recompute),
             "checkpoint_wrappers": sum(isinstance(m, CheckpointWrapper) for m in model.modules()),
-            "init_digest": {k: digest(v) for k, v in model.state_dict().items()},
+            "init_digest": {k: digest(v) for k, v in model.state_dict().items() if type(v) is torch.Tensor},
             "replicas_marked": sum(bool(getattr(p, "_dualpipe_fx_counted_elsewhere", False))
-                                   for p in model.parameters()),
-            "losses": {}, "grad_norms": {}}
+                                   for p in model.parameters())}
+
+
+class _Messages(logging.Handler):
+    """Keeps the messages logged during one run."""
+
+    def __init__(self, out: list) -> None:
+        super().__init__()
+        self.out = out
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.out.append(record.getMessage())
+
+
+def _copy(spec: str) -> None:
+    """``SRC=DST``: rank 0 copies the folder; the others wait until it is there."""
+    src, dst = spec.split("=", 1)
+    if os.environ["RANK"] == "0":
+        shutil.copytree(src, dst + ".partial")
+        os.rename(dst + ".partial", dst)  # appears whole, never half-copied
+    while not os.path.isdir(dst):
+        time.sleep(0.05)
 
 
 def run(train_args: list[str], extra: list[str], port: str) -> dict:
     os.environ.update(TORCHELASTIC_USE_AGENT_STORE="False", MASTER_PORT=port)
-    job_config = parse_job_config([*train_args, *extra])
+    for spec in (f for f in extra if f.startswith("@copy=")):
+        _copy(spec[len("@copy="):])
+    job_config = parse_job_config([*train_args, *(f for f in extra if not f.startswith("@copy="))])
     _prepare(job_config)
     trainer = DualPipeFxTrainer(job_config)
+    messages = []
+    handler = _Messages(messages)
+    logging.getLogger().addHandler(handler)
     try:
         record = _describe(trainer, job_config)
+        record["log"] = messages
+        if job_config.checkpoint.create_seed_checkpoint:
+            trainer.checkpointer.save(curr_step=0, last_step=True)
+            return record
         _record_metrics(trainer, record)
         graphs = counters["stats"]["unique_graphs"]
         trainer.train()
@@ -82,6 +120,7 @@ def run(train_args: list[str], extra: list[str], port: str) -> dict:
         record["expert_bias_moved"] = any(  # the MoE load-balancing hook ran on this rank
             bool(t.abs().sum() > 0) for k, t in trainer.model_parts[0].named_buffers() if k.endswith("expert_bias"))
     finally:
+        logging.getLogger().removeHandler(handler)
         trainer.close()
         if dist.is_initialized():
             dist.destroy_process_group()

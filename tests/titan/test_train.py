@@ -14,7 +14,6 @@ do the llama3 and deepseek_v3 flex-attention flavors (block-causal document mask
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -23,12 +22,14 @@ import pytest
 
 pytest.importorskip("torchtitan", reason="torchtitan is the optional 'titan' extra")
 
+# The first test to use a job's fixture waits for all of the job's trainings (setup counts).
+pytestmark = pytest.mark.timeout(1800)
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOML = os.path.join(REPO, "titan_integration", "configs", "llama3_debug_dualpipe.toml")
 TOKENIZER = os.path.join(REPO, "titan_integration", "assets", "tokenizer")
-GRAD_NORM_LINE = re.compile(r"step:\s*(\d+)\s+loss:\s*-?[0-9.]+\s+grad_norm:\s*([0-9.]+)")
 STEP_LINE = re.compile(r"step:\s*(\d+)\s+loss:\s*(-?[0-9.]+)")
-RUN_TIMEOUT_S = 600
+RUN_TIMEOUT_S = 420
 STEPS = 3
 
 
@@ -62,9 +63,11 @@ def run_train(nproc: int, dump_folder, *extra: str) -> tuple[dict[int, float], s
     return {step: v.pop() for step, v in losses.items()}, log
 
 
-def run_many(nproc: int, out, runs: dict[str, list[str]]) -> tuple[dict[int, dict], str]:
-    """Several trainings one after another in ONE torchrun job (``tests/titan/ac_runs.py``);
-    ``runs``: name -> extra torchtitan arguments. ``({rank: {run: record}}, full log)``."""
+def run_trainings(nproc: int, out, runs: dict[str, list[str]]) -> dict[int, dict]:
+    """Several trainings, one after another, in ONE torchrun job (tests/titan/ac_runs.py): one
+    interpreter start and one torchtitan import per rank serve them all. ``runs`` maps a name
+    to its extra arguments (after the job file's). ``{rank: {name: record}}``, with each
+    record's ``losses`` and ``grad_norms`` keyed by the int step."""
     ports = ",".join(str(_free_port()) for _ in runs)
     specs = [f"{name}:{','.join(flags)}" for name, flags in runs.items()]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
@@ -75,26 +78,49 @@ def run_many(nproc: int, out, runs: dict[str, list[str]]) -> tuple[dict[int, dic
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1",
            "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=RUN_TIMEOUT_S)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-6000:]
-    return {rank: json.loads((out / f"rank{rank}.json").read_text()) for rank in range(nproc)}, log
+                          timeout=RUN_TIMEOUT_S * len(runs))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    out_runs = {}
+    for rank in range(nproc):
+        records = json.loads((out / f"rank{rank}.json").read_text())
+        for record in records.values():
+            for key in ("losses", "grad_norms"):
+                record[key] = {int(step): value for step, value in record[key].items()}
+        out_runs[rank] = records
+    return out_runs
+
+
+def losses_of(records: dict[int, dict], name: str) -> dict[int, float]:
+    """The run's {step: loss}; every rank must log the same (the loss is broadcast)."""
+    per_rank = [records[rank][name]["losses"] for rank in sorted(records)]
+    assert all(r == pytest.approx(per_rank[0], rel=1e-6) for r in per_rank), f"ranks disagree on {name}: {per_rank}"
+    return per_rank[0]
+
+
+NO_PP = ["--dualpipe_fx.no-enable", "--parallelism.pipeline_parallel_degree", "1"]
+QWEN3_MOE = ["--model.name", "qwen3", "--model.flavor", "debugmodel_moe"]
+# the flex-attention flavors (block-causal document masks built by the model's own
+# get_attention_masks from the batch and the tokenizer's EOS, split per micro-batch)
+FLEX = ["--model.flavor", "debugmodel_flex_attn"]
+FLEX_RUNS = {"llama3_flex": FLEX, "deepseek_flex": ["--model.name", "deepseek_v3", *FLEX]}
 
 
 @pytest.fixture(scope="module")
-def baseline(tmp_path_factory):
-    """torchtitan's own single-process run, no pipeline parallelism."""
-    losses, _ = run_train(1, tmp_path_factory.mktemp("baseline"), "--dualpipe_fx.no-enable",
-                          "--parallelism.pipeline_parallel_degree", "1")
-    return losses
+def references(tmp_path_factory):
+    """torchtitan's own single-process runs, no pipeline parallelism, in one job: llama3 (the
+    job file's model), deepseek_v3 and qwen3's MoE flavor."""
+    runs = run_trainings(1, tmp_path_factory.mktemp("references"), {
+        "llama3": NO_PP, "deepseek": NO_PP + ["--model.name", "deepseek_v3"], "qwen3_moe": NO_PP + QWEN3_MOE,
+        **{name: NO_PP + flags for name, flags in FLEX_RUNS.items()}})
+    references = {name: losses_of(runs, name) for name in ("llama3", "deepseek", "qwen3_moe")}
+    references["grad_norms"] = {name: runs[0][name]["grad_norms"] for name in FLEX_RUNS}
+    references.update({name: losses_of(runs, name) for name in FLEX_RUNS})
+    return references
 
 
 @pytest.fixture(scope="module")
-def pipelined(tmp_path_factory):
-    """2 ranks, DualPipeV; checkpoints at step 2 (interval) and step 3 (last)."""
-    dump = tmp_path_factory.mktemp("dualpipev")
-    losses, log = run_train(2, dump, "--checkpoint.enable", "--checkpoint.interval", "2")
-    return losses, log, dump
+def baseline(references):
+    return references["llama3"]
 
 
 def test_baseline_logs_every_step(baseline):
@@ -102,34 +128,31 @@ def test_baseline_logs_every_step(baseline):
 
 
 def test_step1_loss_equals_unpipelined_torchtitan(baseline, pipelined):
-    losses, log, _ = pipelined
-    assert sorted(losses) == list(range(1, STEPS + 1)), log[-4000:]
+    losses = pipelined["losses"]
+    assert sorted(losses) == list(range(1, STEPS + 1)), pipelined["log"][-4000:]
     assert losses[1] == pytest.approx(baseline[1], rel=1e-3)
 
 
 def test_later_losses_follow_unpipelined_torchtitan(baseline, pipelined):
-    losses, _, _ = pipelined
+    losses = pipelined["losses"]
     for step in range(2, STEPS + 1):
         assert losses[step] == pytest.approx(baseline[step], rel=1e-3), (step, losses, baseline)
     # and training moves: a pipeline that dropped the gradients would repeat step 1's loss
     assert losses[STEPS] < losses[1]
 
 
-def test_resume_from_step2_checkpoint_gives_the_same_step3_loss(pipelined, tmp_path):
-    losses, _, dump = pipelined
-    resumed_dump = tmp_path / "resumed"
-    shutil.copytree(dump, resumed_dump)
-    ckpt = resumed_dump / "checkpoint"
-    assert sorted(p.name for p in ckpt.iterdir()) == ["step-2", "step-3"]
-    shutil.rmtree(ckpt / "step-3")
-    resumed, log = run_train(2, resumed_dump, "--checkpoint.enable", "--checkpoint.interval", "2")
-    assert "Training starts at step 3" in log, log[-4000:]
-    assert sorted(resumed) == [STEPS]
-    assert resumed[STEPS] == pytest.approx(losses[STEPS], rel=1e-5)
+def test_resume_from_step2_checkpoint_gives_the_same_step3_loss(pipelined, ac_runs):
+    # the uninterrupted run kept both checkpoints; "resumed" started from a copy of step-2 alone
+    assert sorted(p.name for p in (pipelined["dump"] / "checkpoint").iterdir()) == ["step-2", "step-3"]
+    for rank, runs in ac_runs.items():
+        resumed = runs["resumed"]
+        assert any("Training starts at step 3" in m for m in resumed["log"]), (rank, resumed["log"][-40:])
+        assert sorted(resumed["losses"]) == [STEPS]
+        assert resumed["losses"][STEPS] == pytest.approx(pipelined["losses"][STEPS], rel=1e-5)
 
 
 # One torchrun job trains these one after another (tests/titan/ac_runs.py): one interpreter
-# start for four short trainings instead of four.
+# start for all of them instead of one each.
 # rank_balance = "time": one cut for every mode, so that their stages' saved bytes compare (the
 # default memory-aware cut moves with what a mode saves)
 _ONE_CUT = ["--dualpipe_fx.rank_balance", "time"]
@@ -143,25 +166,37 @@ AC_RUNS = {
 }
 AC_NAMES = tuple(AC_RUNS)
 # ... and in the same job: the bidirectional DualPipe with grad clipping (max_norm = 1.0 in the
-# job file), and torchtitan's MoE model deepseek_v3 (debugmodel)
+# job file), torchtitan's MoE models deepseek_v3 (debugmodel) and qwen3 (debugmodel_moe), and
+# a run resumed from a copy of the entry point run's step-2 checkpoint alone
 OTHER_RUNS = {
     "dualpipe": ["--dualpipe_fx.schedule", "dualpipe"],
     "deepseek": ["--model.name", "deepseek_v3"],
+    "qwen3_moe": QWEN3_MOE,
     # compile.enable -> compile_stages: real Inductor on CPU; F, I, W graphs (no-overlap: fewer
     # graphs to compile than the multiplexed F&B ones)
     "compile": ["--compile.enable", "--dualpipe_fx.no-overlap"],
+    **FLEX_RUNS,
 }
-# ... and the flex-attention flavors (block-causal document masks built by the model's own
-# get_attention_masks from the batch and the tokenizer's EOS, split per micro-batch)
-FLEX = ["--model.flavor", "debugmodel_flex_attn"]
-FLEX_RUNS = {"llama3_flex": FLEX, "deepseek_flex": ["--model.name", "deepseek_v3", *FLEX]}
-OTHER_RUNS.update(FLEX_RUNS)
 
 
 @pytest.fixture(scope="module")
-def ac_runs(tmp_path_factory):
-    """``{rank: {run: {losses, grad_norms, saved, recompute, checkpoint_wrappers}}}``."""
-    return run_many(2, tmp_path_factory.mktemp("ac_runs"), {**AC_RUNS, **OTHER_RUNS})[0]
+def pipelined(tmp_path_factory):
+    """2 ranks, DualPipeV, through the entry point (``torchrun -m titan_integration.train``)
+    with the job file as it is; checkpoints at step 2 (interval) and step 3 (last)."""
+    dump = tmp_path_factory.mktemp("dualpipev")
+    losses, log = run_train(2, dump, "--checkpoint.enable", "--checkpoint.interval", "2")
+    return {"losses": losses, "log": log, "dump": dump}
+
+
+@pytest.fixture(scope="module")
+def ac_runs(tmp_path_factory, pipelined):
+    """``{rank: {run: {losses, grad_norms, saved, recompute, checkpoint_wrappers, ...}}}``."""
+    out = tmp_path_factory.mktemp("ac_runs")
+    step2, resumed = pipelined["dump"] / "checkpoint" / "step-2", out / "resumed"
+    return run_trainings(2, out, {
+        "resumed": [f"@copy={step2}={resumed / 'checkpoint' / 'step-2'}", "--job.dump_folder", str(resumed),
+                    "--checkpoint.enable", "--checkpoint.interval", "2"],
+        **AC_RUNS, **OTHER_RUNS})
 
 
 def test_activation_checkpoint_modes_train_like_no_ac(baseline, ac_runs):
@@ -174,16 +209,6 @@ def test_activation_checkpoint_modes_train_like_no_ac(baseline, ac_runs):
             # recomputation reruns the same ops on the same values: the same numbers
             assert runs[name]["losses"] == pytest.approx(plain["losses"], rel=1e-6), (rank, name)
             assert runs[name]["grad_norms"] == pytest.approx(plain["grad_norms"], rel=1e-6), (rank, name)
-
-
-def test_compile_enable_compiles_the_stages_with_equal_losses(ac_runs):
-    """``compile.enable = true`` maps onto ``compile_stages``: each rank's stage graphs go
-    through torch.compile (Inductor), and the losses and grad norms are those without it."""
-    for rank, runs in ac_runs.items():
-        compiled, plain = runs["compile"], runs["none"]
-        assert compiled["compiled_graphs"] > 0 and plain["compiled_graphs"] == 0, (rank, compiled, plain)
-        assert compiled["losses"] == pytest.approx(plain["losses"], rel=1e-5), (rank, compiled, plain)
-        assert compiled["grad_norms"] == pytest.approx(plain["grad_norms"], rel=1e-5), (rank, compiled, plain)
 
 
 def test_activation_checkpoint_modes_map_onto_recompute(ac_runs):
@@ -236,11 +261,8 @@ def test_dualpipe_with_clipping_logs_dualpipev_grad_norms(ac_runs):
 
 
 @pytest.fixture(scope="module")
-def deepseek_baseline(tmp_path_factory):
-    """torchtitan's own single-process deepseek_v3 run, no pipeline parallelism."""
-    losses, _ = run_train(1, tmp_path_factory.mktemp("deepseek_baseline"), "--model.name", "deepseek_v3",
-                          "--dualpipe_fx.no-enable", "--parallelism.pipeline_parallel_degree", "1")
-    return losses
+def deepseek_baseline(references):
+    return references["deepseek"]
 
 
 def test_deepseek_v3_trains_like_unpipelined_torchtitan(deepseek_baseline, ac_runs):
@@ -255,26 +277,36 @@ def test_deepseek_v3_trains_like_unpipelined_torchtitan(deepseek_baseline, ac_ru
     assert any(runs["deepseek"]["expert_bias_moved"] for runs in ac_runs.values())
 
 
-@pytest.fixture(scope="module", params=sorted(FLEX_RUNS))
-def flex_baseline(request, tmp_path_factory):
-    """torchtitan's own single-process run of a flex flavor, no pipeline parallelism."""
-    name = request.param
-    losses, log = run_train(1, tmp_path_factory.mktemp(name), *FLEX_RUNS[name], "--dualpipe_fx.no-enable",
-                            "--parallelism.pipeline_parallel_degree", "1")
-    norms = {int(k): float(v) for k, v in GRAD_NORM_LINE.findall(log)}
-    return name, losses, norms
+def test_qwen3_moe_grouped_experts_train_like_unpipelined_torchtitan(references, ac_runs):
+    """qwen3's MoE flavor keeps ``use_grouped_mm`` on CPU too: its experts pad their tokens with
+    ``generate_permute_indices``, which traces only through the stand-in
+    (tests/titan/test_moe_permute.py). 2 ranks, DualPipeV, 3 steps: the losses of torchtitan
+    without PP."""
+    pipelined, baseline = losses_of(ac_runs, "qwen3_moe"), references["qwen3_moe"]
+    assert sorted(pipelined) == sorted(baseline) == [1, 2, 3]
+    for step, loss in baseline.items():
+        assert pipelined[step] == pytest.approx(loss, rel=1e-5), (step, pipelined, baseline)
 
 
+def test_compile_enable_compiles_the_stages_with_equal_losses(ac_runs):
+    """``compile.enable = true`` maps onto ``compile_stages``: each rank's stage graphs go
+    through torch.compile (Inductor), and the losses and grad norms are those without it."""
+    for rank, runs in ac_runs.items():
+        compiled, plain = runs["compile"], runs["none"]
+        assert compiled["compiled_graphs"] > 0 and plain["compiled_graphs"] == 0, (rank, compiled, plain)
+        assert compiled["losses"] == pytest.approx(plain["losses"], rel=1e-5), (rank, compiled, plain)
+        assert compiled["grad_norms"] == pytest.approx(plain["grad_norms"], rel=1e-5), (rank, compiled, plain)
 
-def test_flex_attention_flavors_train_like_unpipelined_torchtitan(flex_baseline, ac_runs):
+
+@pytest.mark.parametrize("name", sorted(FLEX_RUNS))
+def test_flex_attention_flavors_train_like_unpipelined_torchtitan(name, references, ac_runs):
     """llama3 and deepseek_v3 debugmodel_flex_attn on 2 ranks, DualPipeV: the losses and grad
     norms of torchtitan's own run without PP (block-causal masks, documents split by EOS)."""
-    name, losses, norms = flex_baseline
+    losses, norms = references[name], references["grad_norms"][name]
     assert sorted(losses) == list(range(1, STEPS + 1))
     for rank, runs in ac_runs.items():
         run = runs[name]
-        assert sorted(map(int, run["losses"])) == list(range(1, STEPS + 1)), (rank, name, run)
+        assert sorted(run["losses"]) == list(range(1, STEPS + 1)), (rank, name, run)
         for step, loss in run["losses"].items():
-            assert loss == pytest.approx(losses[int(step)], rel=1e-5), (rank, name, step, losses)
-            # torchtitan logs grad norms with 4 decimals
-            assert run["grad_norms"][step] == pytest.approx(norms[int(step)], abs=1e-4), (rank, name, step, norms)
+            assert loss == pytest.approx(losses[step], rel=1e-5), (rank, name, step, losses)
+            assert run["grad_norms"][step] == pytest.approx(norms[step], rel=1e-4), (rank, name, step, norms)
