@@ -211,6 +211,11 @@ class _Pools:
 _POOLS = _Pools()
 
 
+def pooled_pids() -> set[int]:
+    """The pids of the live pooled ranks (children that outlive a call on purpose)."""
+    return {p.pid for pool in _POOLS.pools.values() for p in pool.procs if p.is_alive()}
+
+
 def run_ranks(fn: Callable, world_size: int, args: tuple = (), timeout: float = 240.0) -> list[Any]:
     """Like ``spawn_ranks`` but on the pooled ranks, returning the results and raising if
     any rank failed."""
