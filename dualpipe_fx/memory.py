@@ -535,9 +535,9 @@ def plan(model: torch.nn.Module, loss_fn: Callable, example_inputs, example_targ
     Args:
         model, loss_fn, example_inputs, example_target, example_kwargs: as ``compile``; ONE
             micro-batch. A model on meta is traced on fake tensors of ``device``.
-        ranks, num_microbatches, schedule, recompute, cost, split_points, balance,
-            memory_budget, mixed_precision: as ``compile``, whose cut this repeats (the same call to
-            ``split``).
+        ranks, num_microbatches, schedule, recompute, cost: as ``compile``, whose cut this
+            repeats (the same call to ``split``).
+        split_points, balance, memory_budget, mixed_precision: as ``compile``.
         device: where the stages would run (default cpu); it picks the kernels traced and
             the backend's receive look-ahead (cpu: gloo, ``runtime.build.RECV_LOOKAHEAD``;
             others: 0) unless ``recv_lookahead`` is given.
