@@ -69,23 +69,17 @@ def _run_on_ranks(example, ranks: int, tmp_dir: Path) -> None:
                                   f"(exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
 
 
-class _Evaluator:
-    """One process for plain blocks (in the file's namespace), torchrun for ``ranks:`` ones."""
-
-    def __init__(self) -> None:
-        self.python = PythonEvaluator()
-        self.tmp_dir: Path | None = None
-
-    def __call__(self, example) -> None:
-        ranks = _ranks(example)
-        if ranks:
-            _run_on_ranks(example, ranks, self.tmp_dir)
-        else:
-            self.python(example)
+def _evaluate(example, python=PythonEvaluator()) -> None:
+    """A plain block runs here, in its file's namespace; a ``ranks:`` block under torchrun, in
+    the current folder (the test's tmp_path)."""
+    ranks = _ranks(example)
+    if ranks:
+        _run_on_ranks(example, ranks, Path.cwd())
+    else:
+        python(example)
 
 
-EVALUATOR = _Evaluator()
-SYBIL = sybil.Sybil(parsers=[CodeBlockParser(language="python", evaluator=EVALUATOR), SkipParser()])
+SYBIL = sybil.Sybil(parsers=[CodeBlockParser(language="python", evaluator=_evaluate), SkipParser()])
 
 
 def _examples():
@@ -103,7 +97,6 @@ def _examples():
 @pytest.mark.parametrize("examples", list(_examples()))
 def test_doc_example(examples, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a block that writes files writes them here
-    EVALUATOR.tmp_dir = tmp_path
     for example in examples:
         try:
             example.evaluate()
