@@ -97,6 +97,10 @@ def _examples():
 @pytest.mark.parametrize("examples", list(_examples()))
 def test_doc_example(examples, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a block that writes files writes them here
+    for directive in examples[:-1]:
+        action, reason = directive.parsed
+        assert reason, (f"{Path(directive.path).relative_to(ROOT)}:{directive.line}: 'skip: {action}' gives no "
+                        f"reason; write why the block cannot run here: <!-- skip: next \"needs a GPU\" -->")
     for example in examples:
         try:
             example.evaluate()
