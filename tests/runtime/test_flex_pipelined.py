@@ -110,7 +110,7 @@ def test_trace_takes_the_mask_as_inputs_nothing_baked():
 
 def test_compile_stages_is_refused_for_flex_models():
     """Dynamo cannot retrace the flex op inside a traced stage graph (torch 2.13/2.14)."""
-    from dualpipe_fx.compile import check_compile_stages
+    from dualpipe_fx.api.compile import check_compile_stages
 
     docs = fm.doc_ids([[16, 16]])
     tokens = torch.zeros(1, SEQ, dtype=torch.long)
