@@ -33,7 +33,7 @@ from dualpipe_fx.schedules.ir import Program
 from dualpipe_fx.planning.simulate import in_flight_by_part
 from dualpipe_fx.api.split import Split, check_mixed_precision, split
 from passes._compat import FLEX_ATTENTION, tree_flatten
-from passes.capture import as_inputs
+from passes.model_call import as_inputs
 from passes.cost_model import scalar_costs
 
 

@@ -37,7 +37,7 @@ from dualpipe_fx.runtime.stage import GraphStage, StagePlace, TensorMeta, named_
 from dualpipe_fx.runtime.sync import shared_holders
 from dualpipe_fx.schedules.ir import Program
 from dualpipe_fx.schedules.lowering import RECV_LOOKAHEAD
-from passes.capture import ModelCall, OutputLayout
+from passes.model_call import ModelCall, OutputLayout
 from passes.stage_graphs import StageGraphs
 
 

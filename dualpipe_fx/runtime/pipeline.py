@@ -75,9 +75,9 @@ class Pipeline:
         self.examples = tuple(_shape_only(t) for t in examples)
         self.example_kwargs = tree_map(_shape_only, dict(example_kwargs or {}))
         self.example_target = _shape_only(example_target)
-        self._call = call  # passes.capture.ModelCall: how step()'s arguments map to graph inputs
+        self._call = call  # passes.model_call.ModelCall: how step()'s arguments map to graph inputs
         self._example_values = call.values(self.examples, self.example_kwargs, "compile()", "")
-        self._outputs = outputs  # passes.capture.OutputLayout, or None: a tensor or a flat tuple
+        self._outputs = outputs  # passes.model_call.OutputLayout, or None: a tensor or a flat tuple
         self.num_microbatches = num_microbatches
         self.group = group
         self.timeout: timedelta = timeout

@@ -21,7 +21,7 @@ from torch.nn.attention.flex_attention import create_block_mask, create_mask
 
 import dualpipe_fx
 from dualpipe_fx.runtime.values import micro_batches
-from passes.capture import ModelCall
+from passes.model_call import ModelCall
 from tests import flex_models as fm
 from tests.runtime.dist_harness import run_ranks
 
