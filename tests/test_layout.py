@@ -16,6 +16,7 @@ ui and titan_integration import it); ``dualpipe_fx.ui.visualize`` imports planni
 from __future__ import annotations
 
 import ast
+import functools
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -89,6 +90,7 @@ def imports(path: pathlib.Path, mod: str, known, packages) -> list[tuple[int, st
     return out
 
 
+@functools.lru_cache(maxsize=None)  # parsed once for the three tests
 def graph(root: pathlib.Path):
     files = module_files(root)
     packages = {m for m, p in files.items() if p.name == "__init__.py"}
