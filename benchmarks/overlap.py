@@ -108,7 +108,7 @@ def _equal(a, b) -> bool:
 
 # ----------------------------------------------------------------------------- the pairs
 def _stages(model, cfg, batch, seq, num_stages, seed):
-    from dualpipe_fx.examples_moe import moe_batch, moe_loss
+    from dualpipe_fx.examples.moe import moe_batch, moe_loss
     from passes.capture import capture
     from passes.split_backward import split_backward
     from passes.split_stages import split_stages
@@ -161,7 +161,7 @@ def bench_all_to_all(args, rank):
     """Part 1 on both ranks; returns per-rank medians and numerics."""
     import torch
     import torch.distributed as dist
-    from dualpipe_fx.examples_moe import MoEDecoder
+    from dualpipe_fx.examples.moe import MoEDecoder
 
     cfg = _config(args)
     model = MoEDecoder(cfg, seed=0, group=dist.group.WORLD)
@@ -197,7 +197,7 @@ def bench_pipeline_sends(args, rank):
     """Part 2: rank 0 runs the pair and sends; rank 1 times when the data has arrived."""
     import torch
     import torch.distributed as dist
-    from dualpipe_fx.examples_moe import MoEDecoder
+    from dualpipe_fx.examples.moe import MoEDecoder
 
     cfg = _config(args)
     sg, params, acts, saved, y = _stages(MoEDecoder(cfg, seed=0), cfg, args.batch, args.seq, 4, seed=1)
@@ -249,7 +249,7 @@ def _send_run(pair, kind, sends):
 def bench_no_comm(args):
     """Part 3 (one process): the dense pair, F then B against the multiplexed graph."""
     import torch
-    from dualpipe_fx.examples_moe import MoEDecoder
+    from dualpipe_fx.examples.moe import MoEDecoder
 
     cfg = _config(args)
     sg, params, acts, saved, y = _stages(MoEDecoder(cfg, seed=0), cfg, args.batch, args.seq, 2, seed=2)
@@ -272,7 +272,7 @@ def bench_no_comm(args):
 
 
 def _config(args):
-    from dualpipe_fx.examples_moe import MoEConfig
+    from dualpipe_fx.examples.moe import MoEConfig
 
     return MoEConfig(vocab_size=256, dim=args.dim, n_layers=2, n_heads=4, n_experts=4, top_k=2,
                      expert_hidden=2 * args.dim)

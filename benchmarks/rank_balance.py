@@ -29,8 +29,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dualpipe_fx.schedules import generate  # noqa: E402
-from dualpipe_fx.simulate import Costs, StageCosts, in_flight_by_part, simulate  # noqa: E402
-from dualpipe_fx.split import memory_spec  # noqa: E402
+from dualpipe_fx.planning.simulate import Costs, StageCosts, in_flight_by_part, simulate  # noqa: E402
+from dualpipe_fx.api.split import memory_spec  # noqa: E402
 from passes.capture import capture  # noqa: E402
 from passes.split_stages import split_stages  # noqa: E402
 

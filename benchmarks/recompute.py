@@ -63,7 +63,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dualpipe_fx import examples as ex  # noqa: E402
-from dualpipe_fx.memory import allocator_events, peak_live_bytes  # noqa: E402
+from dualpipe_fx.planning.memory import allocator_events, peak_live_bytes  # noqa: E402
 from passes.recompute import SELECTIVE_SAVE  # noqa: E402
 from tests.runtime.dist_harness import run_ranks  # noqa: E402
 

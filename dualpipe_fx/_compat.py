@@ -26,7 +26,7 @@ from torch.distributed.pipelining.schedules import _PipelineScheduleRuntime as P
 from torch.distributed.pipelining.stage import _PipelineStageBase as PipelineStageBase  # noqa: F401
 # add_send_recv(actions, stage_to_rank, num_stages): inserts SEND/RECV actions into a compute-only order.
 from torch.distributed.pipelining.schedules import _add_send_recv as add_send_recv  # noqa: F401
-# --- expert-parallel entries (examples_moe, runtime/overlap) ---
+# --- expert-parallel entries (examples.moe, runtime/overlap) ---
 # Importing torch's functional collectives registers the autograd of the
 # _c10d_functional ops (all_to_all_single's backward is the reverse all_to_all).
 import torch.distributed._functional_collectives  # noqa: F401,E402

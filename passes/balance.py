@@ -15,7 +15,7 @@ A rank's load, from per-node figures (prefix sums over the graph's compute nodes
   distinct op once on fake tensors (``passes.cost_model.saved_bytes_estimate``), plus what
   it receives (``recompute="full"``: what it receives only). The exact saved bytes come from
   the I/W split, which a rank runs for its own stages only, so the cut uses this estimate
-  (within 10% of the split's figure on llama stages); ``dualpipe_fx.memory`` reports the
+  (within 10% of the split's figure on llama stages); ``dualpipe_fx.planning.memory`` reports the
   exact plan.
 
 **Contract**: ``search_cuts(loads, allowed, cut_bytes, S, upper) -> cuts | None`` (chain

@@ -7,7 +7,7 @@ every write through a view, in the forward and in autograd's backward, becomes i
 out-of-place form. Each node then computes a fresh value, so no partition can run a read
 after a write that came later in the model (a router's ``topk`` values divided in place
 were read by the backward after the forward had overwritten them). Custom
-``autograd.Function`` regions (see ``passes.capture``) are replayed through the Function
+``autograd.Function`` regions (see ``passes.regions``) are replayed through the Function
 itself, so the user's own ``backward`` is what gets traced. The joint graph's nodes are
 then partitioned by dataflow:
 
@@ -32,7 +32,8 @@ import torch.fx
 from torch.fx import GraphModule, Node
 
 from passes import _compat
-from passes.capture import TraceError, mutated_base
+from passes.inplace import mutated_base
+from passes.trace_error import TraceError
 from passes.cost_model import value_bytes
 from passes.recompute import Policy, recompute_policy, recomputed
 from passes.stage_graphs import StageGraphs

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from dualpipe_fx.cli import main, parse_costs
+from dualpipe_fx.ui.cli import main, parse_costs
 from dualpipe_fx.schedules.registry import SCHEDULES, generate
-from dualpipe_fx.simulate import Costs
+from dualpipe_fx.planning.simulate import Costs
 
 COSTS = "F=1,B=2,W=1,FB=2.5"  # meets every README formula's assumptions
 

@@ -10,7 +10,7 @@ import pytest
 def test_run_follows_single_process_training(example, schedule, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     png = ["--png", str(tmp_path / "measured.png"), "--profile-steps", "3"] if example == "llama" else []
-    done = subprocess.run([sys.executable, "-m", "dualpipe_fx.cli", "run", "--example", example,
+    done = subprocess.run([sys.executable, "-m", "dualpipe_fx.ui.cli", "run", "--example", example,
                            "--ranks", "2", "--schedule", schedule, "--steps", "2", *png],
                           capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -25,7 +25,7 @@ def test_run_follows_single_process_training(example, schedule, tmp_path):
 
 
 def test_run_rejects_too_few_microbatches_before_spawning():
-    done = subprocess.run([sys.executable, "-m", "dualpipe_fx.cli", "run", "--ranks", "2",
+    done = subprocess.run([sys.executable, "-m", "dualpipe_fx.ui.cli", "run", "--ranks", "2",
                            "--microbatches", "2"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "micro" in done.stderr and "2" in done.stderr, done.stderr

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dualpipe_fx.examples_moe import (MoEConfig, MoEDecoder, ep_average_grads, expert_shard,
+from dualpipe_fx.examples.moe import (MoEConfig, MoEDecoder, ep_average_grads, expert_shard,
                                       moe_batch, moe_loss)
 from tests.runtime.dist_harness import run_ranks
 

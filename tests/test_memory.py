@@ -1,4 +1,4 @@
-"""dualpipe_fx.memory without processes: the allocator count, the per-stage byte figures
+"""dualpipe_fx.planning.memory without processes: the allocator count, the per-stage byte figures
 against tensors a stage really keeps, the byte walk against the simulator's chunk count,
 the optimizer rule, and the plan of a meta model (nothing allocated)."""
 from __future__ import annotations
@@ -9,10 +9,10 @@ from torch.profiler import ProfilerActivity, profile
 
 import dualpipe_fx
 from dualpipe_fx import examples as ex
-from dualpipe_fx.memory import (MemoryPlan, allocator_events, optimizer_bytes, peak_activation_bytes,
+from dualpipe_fx.planning.memory import (MemoryPlan, allocator_events, optimizer_bytes, peak_activation_bytes,
                                 peak_live_bytes, split_plan, stage_memory)
 from dualpipe_fx.schedules import generate
-from dualpipe_fx.simulate import Costs, simulate
+from dualpipe_fx.planning.simulate import Costs, simulate
 
 MiB = 1 << 20
 CFG = ex.LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, ffn_hidden=48, max_seq_len=32)

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import pytest
 
-from dualpipe_fx.profile import summarize
+from dualpipe_fx.runtime.profile import summarize
 from dualpipe_fx.schedules.registry import generate
-from dualpipe_fx.simulate import Costs, simulate
-from dualpipe_fx.timeline import by_rank
+from dualpipe_fx.planning.simulate import Costs, simulate
+from dualpipe_fx.planning.timeline import by_rank
 
 GAP = 0.05
 
@@ -52,7 +52,7 @@ def test_a_step_that_ran_as_simulated_splits_into_busy_overhead_and_the_predicte
 
 
 def test_late_data_is_measured_as_the_transfer_latency():
-    from dualpipe_fx.profile import transfer_latency
+    from dualpipe_fx.runtime.profile import transfer_latency
     from dualpipe_fx.schedules.ir import Action
 
     program = generate("1f1b", 2, 2)
@@ -70,7 +70,7 @@ def test_late_data_is_measured_as_the_transfer_latency():
 
 
 def test_the_bubble_is_the_median_over_the_profiled_steps_and_run_prints_it_so():
-    from dualpipe_fx.demo import bubble_line
+    from dualpipe_fx.ui.demo import bubble_line
 
     program = generate("dualpipev", 2, 4)
     steps = [_records(program, Costs(F=1.0 + GAP, B=b + GAP, W=1.0 + GAP, FB=b + 1.0 + GAP))[1]

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from dualpipe_fx.schedules.ir import B, F, FB, I, Program, W
 from dualpipe_fx.schedules.registry import SCHEDULES, generate
-from dualpipe_fx.simulate import (Costs, ScheduleDeadlockError, ScheduleDependencyError, SimResult,
+from dualpipe_fx.planning.simulate import (Costs, ScheduleDeadlockError, ScheduleDependencyError, SimResult,
                                   readme_bubble, simulate)
 
 # ---------------------------------------------------------------- the README table
@@ -262,7 +262,7 @@ def test_every_schedule_has_a_documented_bound_that_is_reached(name):
 
 def test_stage_costs_simulate_each_stage_at_its_own_cost():
     """A first stage with no input grad to compute (cheap I) leaves its rank idle longer."""
-    from dualpipe_fx.simulate import StageCosts, cost_key
+    from dualpipe_fx.planning.simulate import StageCosts, cost_key
 
     program = generate("dualpipev", 2, 8)
     base = Costs(F=1.0, B=2.0, W=1.0)

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import dualpipe_fx
-from passes.capture import Slot, TraceError
+from passes.capture import TraceError
+from passes.model_call import Slot
 from tests import hf_models as hm
 
 pytestmark = pytest.mark.timeout(120)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from dualpipe_fx.schedules.registry import generate
-from dualpipe_fx.simulate import Costs, simulate
-from dualpipe_fx.timeline import TimelineEntry
-from dualpipe_fx.visualize import DEFAULT_COSTS, visualize
+from dualpipe_fx.planning.simulate import Costs, simulate
+from dualpipe_fx.planning.timeline import TimelineEntry
+from dualpipe_fx.ui.visualize import DEFAULT_COSTS, visualize
 
 
 @dataclass
@@ -116,7 +116,7 @@ def test_png_text_rows_say_rank_whole_and_the_title_is_rounded_with_units():
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    from dualpipe_fx.visualize import _figure
+    from dualpipe_fx.ui.visualize import _figure
 
     program = generate("dualpipev", 2, 4)
     sim = simulate(program, DEFAULT_COSTS)

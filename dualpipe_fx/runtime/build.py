@@ -36,11 +36,10 @@ from dualpipe_fx.runtime.pipeline import Pipeline
 from dualpipe_fx.runtime.stage import GraphStage, StagePlace, TensorMeta, named_params
 from dualpipe_fx.runtime.sync import shared_holders
 from dualpipe_fx.schedules.ir import Program
-from passes.capture import ModelCall, OutputLayout
+from dualpipe_fx.schedules.lowering import RECV_LOOKAHEAD
+from passes.model_call import ModelCall, OutputLayout
 from passes.stage_graphs import StageGraphs
 
-
-RECV_LOOKAHEAD = 2  # compute actions; each posted receive holds one input buffer early
 
 
 class _GraphSchedule(_compat.PipelineScheduleRuntime):

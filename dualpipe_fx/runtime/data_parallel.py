@@ -82,7 +82,7 @@ class ExpertParallel:
     ``compile(..., dp_group=, expert_parallel=ExpertParallel(group, params, replica_group))``:
 
     - ``group``: the EP group, ranks of ``dp_group`` that split the experts and exchange tokens
-      (the model's own forward runs the all_to_all, e.g. ``examples_moe.MoEFeedForward``);
+      (the model's own forward runs the all_to_all, e.g. ``examples.moe.MoEFeedForward``);
     - ``params``: the expert parameters' FQNs, or a predicate ``fqn -> bool``; this rank's
       tensors hold its ``1/|group|`` of the experts along dim 0 (rank ``r``: rows
       ``[r*n, (r+1)*n)`` of the global tensor);

@@ -29,10 +29,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dualpipe_fx.planning.memory import pipeline_plan
 from dualpipe_fx.runtime.agree import StepFailure, vote
 from dualpipe_fx.runtime.errors import (PeerTimeoutError, PipelineBrokenError, PipelineStepError, check_batch,
                                         check_inputs)
 from dualpipe_fx.runtime.materialize import copy_into
+from dualpipe_fx.runtime.profile import profile_pipeline
 from dualpipe_fx.runtime.stage import named_params
 from dualpipe_fx.runtime.sync import exchange, set_aside_shared_grads, sum_shared_grads, sync_shared_grads
 from dualpipe_fx.runtime.values import external_values, micro_batches
@@ -73,9 +75,9 @@ class Pipeline:
         self.examples = tuple(_shape_only(t) for t in examples)
         self.example_kwargs = tree_map(_shape_only, dict(example_kwargs or {}))
         self.example_target = _shape_only(example_target)
-        self._call = call  # passes.capture.ModelCall: how step()'s arguments map to graph inputs
+        self._call = call  # passes.model_call.ModelCall: how step()'s arguments map to graph inputs
         self._example_values = call.values(self.examples, self.example_kwargs, "compile()", "")
-        self._outputs = outputs  # passes.capture.OutputLayout, or None: a tensor or a flat tuple
+        self._outputs = outputs  # passes.model_call.OutputLayout, or None: a tensor or a flat tuple
         self.num_microbatches = num_microbatches
         self.group = group
         self.timeout: timedelta = timeout
@@ -110,10 +112,9 @@ class Pipeline:
         return self._data_parallel.full_parameters()
 
     def memory_plan(self, optimizer="adamw"):
-        """This rank's ``dualpipe_fx.memory.MemoryPlan`` (one row): params, grads, optimizer
+        """This rank's ``dualpipe_fx.planning.memory.MemoryPlan`` (one row): params, grads, optimizer
         state (``"adamw"``, ``"sgd"``, ... or bytes per element) and the step's peak bytes,
         from its own stages' graphs; nothing runs."""
-        from dualpipe_fx.memory import pipeline_plan
         return pipeline_plan(self, optimizer)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -387,8 +388,7 @@ class Pipeline:
         return outs[0] if len(outs) == 1 else outs
 
     def profile(self, *inputs, target=None, steps: int = 3):
-        """Measure ``steps`` steps; see ``dualpipe_fx.profile.profile_pipeline``."""
-        from dualpipe_fx.profile import profile_pipeline
+        """Measure ``steps`` steps; see ``dualpipe_fx.runtime.profile.profile_pipeline``."""
         return profile_pipeline(self, inputs, target, steps)
 
 

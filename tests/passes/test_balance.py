@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 
 import dualpipe_fx
 from dualpipe_fx.schedules import generate
-from dualpipe_fx.simulate import in_flight_by_part
+from dualpipe_fx.planning.simulate import in_flight_by_part
 from passes.balance import MemorySpec, RankLoads, balance_cuts, search_cuts
 from passes.split_stages import default_placement
 from tests import models

@@ -144,7 +144,7 @@ def test_other_chunk_computes_between_issue_and_wait(world_of_one):
 
 # ----------------------------------------------------------------------------- MoE, 2 ranks
 def _moe_pair_rank(rank, world):
-    from dualpipe_fx.examples_moe import MoEConfig, MoEDecoder, moe_batch, moe_loss
+    from dualpipe_fx.examples.moe import MoEConfig, MoEDecoder, moe_batch, moe_loss
 
     cfg = MoEConfig(vocab_size=32, dim=16, n_layers=2, n_heads=2, n_experts=4, top_k=2, expert_hidden=24)
     model = MoEDecoder(cfg, seed=0, group=dist.group.WORLD)

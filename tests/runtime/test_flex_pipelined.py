@@ -21,7 +21,7 @@ from torch.nn.attention.flex_attention import create_block_mask, create_mask
 
 import dualpipe_fx
 from dualpipe_fx.runtime.values import micro_batches
-from passes.capture import ModelCall
+from passes.model_call import ModelCall
 from tests import flex_models as fm
 from tests.runtime.dist_harness import run_ranks
 
@@ -110,7 +110,7 @@ def test_trace_takes_the_mask_as_inputs_nothing_baked():
 
 def test_compile_stages_is_refused_for_flex_models():
     """Dynamo cannot retrace the flex op inside a traced stage graph (torch 2.13/2.14)."""
-    from dualpipe_fx.compile import check_compile_stages
+    from dualpipe_fx.api.compile import check_compile_stages
 
     docs = fm.doc_ids([[16, 16]])
     tokens = torch.zeros(1, SEQ, dtype=torch.long)

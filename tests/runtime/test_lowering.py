@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 
 from dualpipe_fx import _compat
-from dualpipe_fx.runtime.lowering import add_send_recv_chains, forward_only
+from dualpipe_fx.runtime.lowering import forward_only
+from dualpipe_fx.schedules.lowering import add_send_recv_chains
 from dualpipe_fx.schedules import generate
 from dualpipe_fx.schedules.lowering import to_torch_actions
 
@@ -59,7 +60,7 @@ def test_forward_only_keeps_the_forwards_in_order():
 @pytest.mark.parametrize("name,ranks,mbs", [("dualpipev", 2, 8), ("dualpipe", 4, 8), ("1f1b", 4, 8)])
 @pytest.mark.parametrize("lookahead", [1, 2, 5])
 def test_hoisted_receives_keep_their_order_and_move_at_most_lookahead_computes(name, ranks, mbs, lookahead):
-    from dualpipe_fx.runtime.lowering import hoist_receives
+    from dualpipe_fx.schedules.lowering import hoist_receives
 
     program = generate(name, ranks, mbs)
     lowered = add_send_recv_chains(to_torch_actions(program), program)

@@ -2,7 +2,7 @@
 
 Measured, not book-kept: the parameter bytes are the storages each rank really allocated
 (the model's tensors not on meta), and a step's peak is the CPU allocator's, through the
-profiler's memory events (``dualpipe_fx.memory.allocator_events``): the most bytes the step
+profiler's memory events (``dualpipe_fx.planning.memory.allocator_events``): the most bytes the step
 held at once above its start. Two steps are measured: one starting without grads
 (``zero_grad(set_to_none=True)``, planned as ``step_increase``) and one with grads zeroed in
 place (planned as ``step_peak``). The plan (``dualpipe_fx.plan`` in this process, on the
@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 import dualpipe_fx
 from dualpipe_fx import examples as ex
-from dualpipe_fx.memory import allocator_events, peak_live_bytes
+from dualpipe_fx.planning.memory import allocator_events, peak_live_bytes
 from tests.runtime.dist_harness import run_ranks
 from tests.runtime.test_meta_models import llama_init
 

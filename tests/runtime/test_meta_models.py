@@ -144,7 +144,7 @@ def _init_per_rank(rank):
         calls.append(names[id(module)])
         module.reset_parameters()
 
-    split_mod = sys.modules["dualpipe_fx.split"]
+    split_mod = sys.modules["dualpipe_fx.api.split"]
     split_backward, iw_splits = split_mod.split_backward, []
 
     def counting(gm, **kw):  # compile runs the I/W split for this rank's stages only

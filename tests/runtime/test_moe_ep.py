@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 import dualpipe_fx
-from dualpipe_fx.examples_moe import MoEConfig, MoEDecoder, expert_shard, is_expert_param, moe_batch, moe_loss
+from dualpipe_fx.examples.moe import MoEConfig, MoEDecoder, expert_shard, is_expert_param, moe_batch, moe_loss
 from dualpipe_fx.runtime.overlap import OverlapRunner
 from tests.runtime.dist_harness import run_ranks
 
@@ -163,7 +163,7 @@ def test_moe_dualpipev_times_expert_parallel_4_processes_equal_one_process():
 
 def test_run_overlapped_equals_f_then_b_and_reports_each_sent_value_once():
     from dualpipe_fx.runtime.overlap import run_overlapped
-    from dualpipe_fx.split import split
+    from dualpipe_fx.api.split import split
 
     model = MoEDecoder(CFG, seed=4)
     x, y = moe_batch(CFG, 2, SEQ, seed=6)

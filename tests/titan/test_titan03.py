@@ -23,7 +23,7 @@ import pytest
 
 # two torchrun jobs of several trainings each (the pipelined one traces four times): above the
 # suite's 300 s default on a loaded 2-core machine
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.long, pytest.mark.timeout(900)]
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # torchtitan 0.3.0 and the requirements this environment lacks (its datasets, tokenizers,

@@ -23,7 +23,7 @@ import pytest
 pytest.importorskip("torchtitan", reason="torchtitan is the optional 'titan' extra")
 
 # The first test to use a job's fixture waits for all of the job's trainings (setup counts).
-pytestmark = pytest.mark.timeout(1800)
+pytestmark = [pytest.mark.long, pytest.mark.timeout(1800)]
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOML = os.path.join(REPO, "titan_integration", "configs", "llama3_debug_dualpipe.toml")

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
-from dualpipe_fx.memory import optimizer_bytes
+from dualpipe_fx.planning.memory import optimizer_bytes
 from passes.balance import BALANCE_MODES, MemorySpec
 from passes.capture import capture
 from passes.cost_model import activation_bytes, node_costs
@@ -195,7 +195,7 @@ def _check_kwarg_names(example_kwargs: Optional[Mapping[str, Any]]) -> None:
 
 def _param_state_bytes(optimizer, master_size: Optional[int] = None) -> Callable[[torch.Tensor], int]:
     """Bytes a parameter costs its rank: value + grad + the optimizer's state for it, counted
-    as the memory plan counts it (``dualpipe_fx.memory.optimizer_bytes``). ``master_size``:
+    as the memory plan counts it (``dualpipe_fx.planning.memory.optimizer_bytes``). ``master_size``:
     mixed precision, the traced parameter ``p`` is the param_dtype copy of a parameter of
     that many bytes per element (value, grad and state in it), plus the copy itself."""
     optimizer_bytes(optimizer, 0, 0, 0)  # an unknown optimizer fails before the trace

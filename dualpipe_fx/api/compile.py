@@ -30,10 +30,10 @@ from dualpipe_fx.runtime.materialize import materialize
 from dualpipe_fx.runtime.pipeline import Pipeline
 from dualpipe_fx.schedules import generate, get_schedule
 from dualpipe_fx.schedules.ir import Program
-from dualpipe_fx.simulate import in_flight_by_part
-from dualpipe_fx.split import Split, check_mixed_precision, split
+from dualpipe_fx.planning.simulate import in_flight_by_part
+from dualpipe_fx.api.split import Split, check_mixed_precision, split
 from passes._compat import FLEX_ATTENTION, tree_flatten
-from passes.capture import as_inputs
+from passes.model_call import as_inputs
 from passes.cost_model import scalar_costs
 
 

@@ -2,7 +2,7 @@
 
 **Contract**: ``visualize(program, path, sim=None, title=None) -> Path``; writes ``path``.
 ``sim`` is a ``SimResult`` or a measured profile: any object with ``.timeline`` (a list
-of ``dualpipe_fx.timeline.TimelineEntry``) and optionally ``.time_unit`` (``"s"`` for a
+of ``dualpipe_fx.planning.timeline.TimelineEntry``) and optionally ``.time_unit`` (``"s"`` for a
 measured profile in seconds) and ``.costs``. Both are drawn the same way, so simulated
 and measured pictures can be put side by side.
 
@@ -25,8 +25,8 @@ from types import MappingProxyType
 from typing import Any, Optional
 
 from dualpipe_fx.schedules.ir import Action, Program
-from dualpipe_fx.simulate import Costs, simulate
-from dualpipe_fx.timeline import TimelineEntry
+from dualpipe_fx.planning.simulate import Costs, simulate
+from dualpipe_fx.planning.timeline import TimelineEntry
 
 DEFAULT_COSTS = Costs(F=1.0, B=2.0, W=1.0)
 

@@ -1,8 +1,8 @@
 """Per-rank memory plan in bytes: parameters, grads, optimizer state, peak activations, buffers.
 
-**Contract**: ``plan(model, loss_fn, example_inputs, example_target, ranks=N,
-num_microbatches=C) -> MemoryPlan`` for a model (on meta or real) without any process
-group; ``Pipeline.memory_plan()`` gives the same rows for the rank(s) of a built pipeline.
+**Contract**: ``split_plan(split, program) -> MemoryPlan`` for a split model without any
+process group (``dualpipe_fx.plan``, in ``api/plan.py``, cuts the model as ``compile`` would
+and calls it); ``Pipeline.memory_plan()`` gives the same rows for the rank(s) of a built pipeline.
 ``peak_activation_bytes(program, saved, for_weight) -> {rank: bytes}`` is the walk at the
 core, on any per-stage byte figures (estimates for a memory-aware cut, say).
 
@@ -17,7 +17,7 @@ core, on any per-stage byte figures (estimates for a memory-aware cut, say).
 The model of a step, per micro-batch of a stage (what ``runtime.stage.GraphStage`` does):
 
 - a received activation buffer is allocated when its receive is posted (gloo: up to two
-  actions before its F, ``runtime.build.RECV_LOOKAHEAD``), and lives while F's ``saved``
+  actions before its F, ``schedules.lowering.RECV_LOOKAHEAD``), and lives while F's ``saved``
   or I's ``saved_for_weight`` hold it;
 - F's ``saved`` lives until I (or B); what I hands W (``saved_for_weight``: F values,
   received grads, I's own values) until W;
@@ -48,10 +48,11 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 import torch
 
 from dualpipe_fx.schedules.ir import Action, Program
+from dualpipe_fx.schedules.lowering import RECV_LOOKAHEAD, add_comms, hoist_receives, to_torch_actions
 from passes.cost_model import concrete_size
 
 __all__ = ["MemoryPlan", "RankMemory", "StageMemory", "allocator_events", "peak_activation_bytes",
-           "peak_live_bytes", "plan", "rank_memory", "split_plan", "stage_memory"]
+           "peak_live_bytes", "pipeline_plan", "rank_memory", "split_plan", "stage_memory"]
 
 Optimizer = Union[str, float, int]
 _END = math.inf  # position of "after the step"
@@ -233,15 +234,8 @@ _COMPUTE = ("F", "B", "I", "W", "OVERLAP_F_B")
 def receive_positions(program: Program, lookahead: int) -> dict[tuple[str, int, int], int]:
     """``("F"|"B", receiving stage, mb) -> i``: the receive is posted before rank's compute
     action ``i``, as the runtime lowers the program (torch's placement, then posted
-    ``lookahead`` actions earlier: ``runtime.lowering.hoist_receives``)."""
-    from dualpipe_fx import _compat
-    from dualpipe_fx.runtime.lowering import _is_single_chain, add_send_recv_chains, hoist_receives
-    from dualpipe_fx.schedules.lowering import to_torch_actions
-
-    actions = to_torch_actions(program)
-    place = program.stage_to_rank()
-    orders = (_compat.add_send_recv(actions, lambda s: place[s], program.num_stages)
-              if _is_single_chain(program) else add_send_recv_chains(actions, program))
+    ``lookahead`` actions earlier: ``schedules.lowering.hoist_receives``)."""
+    orders = add_comms(to_torch_actions(program), program)
     out: dict[tuple[str, int, int], int] = {}
     for order in orders.values():
         i = 0
@@ -524,48 +518,6 @@ def _param_bytes(names: Iterable[str], values: Mapping[str, torch.Tensor], train
                       elements=sum(seen[n].numel() for n in train), tensors=len(train))
 
 
-def plan(model: torch.nn.Module, loss_fn: Callable, example_inputs, example_target=None, *, ranks: int,
-         num_microbatches: int, schedule: str = "dualpipev", device=None, recompute=None,
-         example_kwargs: Optional[Mapping[str, Any]] = None, optimizer: Optimizer = "adamw", cost="flops",
-         split_points: Optional[Sequence[str]] = None, balance: str = "both", memory_budget: Optional[int] = None,
-         recv_lookahead: Optional[int] = None, mixed_precision=None) -> MemoryPlan:
-    """Per-rank memory of ``dualpipe_fx.compile(model, ...)`` on ``ranks`` ranks, without any
-    process group and without allocating the model.
-
-    Args:
-        model, loss_fn, example_inputs, example_target, example_kwargs: as ``compile``; ONE
-            micro-batch. A model on meta is traced on fake tensors of ``device``.
-        ranks, num_microbatches, schedule, recompute, cost: as ``compile``, whose cut this
-            repeats (the same call to ``split``).
-        split_points, balance, memory_budget, mixed_precision: as ``compile``.
-        device: where the stages would run (default cpu); it picks the kernels traced and
-            the backend's receive look-ahead (cpu: gloo, ``runtime.build.RECV_LOOKAHEAD``;
-            others: 0) unless ``recv_lookahead`` is given.
-        optimizer: ``"adamw"``, ``"adam"``, ``"sgd"``, ``"sgd_momentum"`` or bytes per
-            parameter element (see the module docstring).
-
-    Returns:
-        ``MemoryPlan`` with a ``RankMemory`` per rank.
-
-    Raises:
-        ValueError: the schedule does not fit ``ranks``/``num_microbatches``, or as ``split``.
-    """
-    from dualpipe_fx.compile import split_for_program
-    from dualpipe_fx.runtime.build import RECV_LOOKAHEAD
-    from dualpipe_fx.schedules.registry import generate
-
-    device = torch.device("cpu" if device is None else device)
-    optimizer_bytes(optimizer, 0, 0, 0)  # an unknown optimizer fails before the trace
-    program = generate(schedule, ranks, num_microbatches)
-    examples = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    parts = split_for_program(program, model, loss_fn, examples, example_target, cost=cost,
-                              split_points=split_points, example_kwargs=example_kwargs, recompute=recompute,
-                              device=device, balance=balance, memory_budget=memory_budget, optimizer=optimizer,
-                              mixed_precision=mixed_precision)
-    lookahead = (RECV_LOOKAHEAD if device.type == "cpu" else 0) if recv_lookahead is None else recv_lookahead
-    return split_plan(parts, program, optimizer=optimizer, recv_lookahead=lookahead, recompute=recompute)
-
-
 def split_plan(split, program: Program, *, optimizer: Optimizer = "adamw", recv_lookahead: int = 2,
                recompute=None) -> MemoryPlan:
     """The plan of a ``dualpipe_fx.split(...)`` result run by ``program`` (one whose stages are
@@ -624,8 +576,6 @@ def _plan_from(program: Program, stages: Mapping[int, StageMemory], values: Mapp
 
 def pipeline_plan(pipe, optimizer: Optimizer = "adamw") -> MemoryPlan:
     """``Pipeline.memory_plan``: this rank's row, from its own stages' graphs and tensors."""
-    from dualpipe_fx.runtime.build import RECV_LOOKAHEAD
-
     program, stages, values, trainable, copies = pipe.program, {}, {}, set(), {}
     for s, stage in pipe.stages.items():
         k = program.model_part(s)

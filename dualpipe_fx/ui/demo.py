@@ -21,12 +21,15 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+import dualpipe_fx
+from dualpipe_fx import examples as ex
+from dualpipe_fx.schedules import get_schedule
+
 EXAMPLES = ("llama", "mlp")
 
 
 def _example(name: str, microbatch: int, seed: int = 0):
     """(model, loss_fn, batch maker) of a built-in example."""
-    from dualpipe_fx import examples as ex
     if name == "llama":
         cfg = ex.LlamaConfig()
         return ex.LlamaDecoder(cfg, seed=seed), ex.llama_loss, lambda b, s: ex.llama_batch(cfg, batch=b, seed=s)
@@ -69,7 +72,6 @@ def _reference_params(args, batches) -> list[dict[str, torch.Tensor]]:
 
 
 def _train(rank: int, world: int, args) -> None:
-    import dualpipe_fx
     model, loss_fn, make_batch = _example(args.example, args.microbatch_size)
     batch = args.microbatch_size * args.microbatches
     batches = [make_batch(batch, step) for step in range(args.steps)]
@@ -126,7 +128,6 @@ def _entry(rank: int, world: int, port: int, args) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Handler of ``dualpipe-fx run``; returns the exit status."""
-    from dualpipe_fx.schedules import get_schedule
     spec = get_schedule(args.schedule)  # unknown name -> ValueError before any process starts
     if args.png and args.profile_steps < 1:
         raise ValueError(f"--profile-steps {args.profile_steps}: profile at least 1 step")

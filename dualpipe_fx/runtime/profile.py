@@ -27,8 +27,8 @@ from typing import Optional
 import torch.distributed as dist
 
 from dualpipe_fx.schedules.ir import Action, Program
-from dualpipe_fx.simulate import Costs, SimResult, StageCosts, cost_key, simulate
-from dualpipe_fx.timeline import TimelineEntry, busy_time
+from dualpipe_fx.planning.simulate import Costs, SimResult, StageCosts, cost_key, simulate
+from dualpipe_fx.planning.timeline import TimelineEntry, busy_time
 
 
 @dataclass(frozen=True)

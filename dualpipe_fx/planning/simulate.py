@@ -59,7 +59,7 @@ from dataclasses import dataclass, field, fields
 from typing import Optional
 
 from dualpipe_fx.schedules.ir import Action, DepKey, Program, dependency_key
-from dualpipe_fx.timeline import TimelineEntry, busy_time
+from dualpipe_fx.planning.timeline import TimelineEntry, busy_time
 
 # A dependency key: ("F" | "G" | "W", stage, micro-batch); "G" is the input grad
 # that a B or an I produces (the downstream backward cannot tell them apart).

@@ -19,11 +19,19 @@ A subcommand is a ``(name, help, add_arguments, handler)`` entry of ``_subcomman
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Callable, Optional, Sequence
 
+import torch
+
+from dualpipe_fx import examples as ex
+from dualpipe_fx.api.plan import plan
+from dualpipe_fx.planning.simulate import Costs, SimResult, readme_bubble, simulate
 from dualpipe_fx.schedules.ir import Program
-from dualpipe_fx.simulate import Costs, SimResult, readme_bubble, simulate
+from dualpipe_fx.schedules.registry import SCHEDULES, generate, get_schedule
+from dualpipe_fx.ui import demo
+from dualpipe_fx.ui.visualize import visualize
 
 _PROG = "dualpipe-fx"
 _COST_KEYS = ("F", "B", "W", "FB", "comm")
@@ -84,7 +92,6 @@ def format_program(program: Program, block: int = _TABLE_BLOCK) -> str:
 
 def _row(name: str, num_ranks: int, num_microbatches: int, costs: Costs) -> list[str]:
     """One comparison-table row: the simulated figures, or ``n/a: <why>``."""
-    from dualpipe_fx.schedules.registry import generate
 
     try:
         program = generate(name, num_ranks, num_microbatches)
@@ -99,7 +106,6 @@ def _row(name: str, num_ranks: int, num_microbatches: int, costs: Costs) -> list
 
 def format_comparison(num_ranks: int, num_microbatches: int, costs: Costs) -> str:
     """One table: every registered schedule at the same ranks, micro-batches and costs."""
-    from dualpipe_fx.schedules.registry import SCHEDULES
 
     head = ["schedule", "stages", "bubble", "ratio", "peak act", "makespan", "README bubble"]
     rows = [_row(name, num_ranks, num_microbatches, costs) for name in SCHEDULES]
@@ -125,7 +131,6 @@ def _add_schedule_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_schedule(args: argparse.Namespace) -> int:
-    from dualpipe_fx.schedules.registry import generate, get_schedule
 
     for flag, path, suffix in (("--png", args.png, ".png"), ("--trace", args.trace, ".json")):
         if path is not None and not path.lower().endswith(suffix):
@@ -143,7 +148,6 @@ def _run_schedule(args: argparse.Namespace) -> int:
     print(format_comparison(args.ranks, args.microbatches, costs))
     for path in (args.png, args.trace):
         if path is not None:
-            from dualpipe_fx.visualize import visualize
 
             print(f"wrote {visualize(program, path, sim=sim)}")
     return 0
@@ -161,13 +165,11 @@ def _subcommands() -> list[tuple[str, str, Callable, Callable[[argparse.Namespac
 
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
-    from dualpipe_fx.demo import add_arguments
-    add_arguments(p)
+    demo.add_arguments(p)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from dualpipe_fx.demo import run
-    return run(args)
+    return demo.run(args)
 
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -194,9 +196,7 @@ def _add_plan_arguments(p: argparse.ArgumentParser) -> None:
 
 def _plan_example(args: argparse.Namespace):
     """(model on meta in ``--dtype``, loss_fn, one micro-batch's input, target)."""
-    import torch
 
-    from dualpipe_fx import examples as ex
 
     if args.dtype not in _DTYPES:
         raise UsageError(f"--dtype {args.dtype!r}: expected one of {', '.join(_DTYPES)}")
@@ -227,9 +227,7 @@ def _optimizer(text: str):
 
 
 def _run_plan(args: argparse.Namespace) -> int:
-    import json
 
-    from dualpipe_fx.memory import plan
 
     if args.json is not None and not args.json.lower().endswith(".json"):
         raise UsageError(f"--json {args.json!r} must end in .json")

@@ -1,0 +1,47 @@
+"""In-place writes into the captured graph's params, buffers or inputs.
+
+``mutated_base(node)``: the placeholder an in-place op writes into through views, if any
+(``split_backward`` uses it too); ``check_inplace(graph)`` refuses every such write, naming
+the tensor, the op and the module, since a pipelined step cannot keep them.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.fx
+
+from passes.trace_error import TraceError
+
+
+def mutated_base(node: torch.fx.Node) -> Optional[torch.fx.Node]:
+    """The placeholder an in-place op of ``node`` writes into (through views), if any."""
+    schema = getattr(node.target, "_schema", None)
+    if node.op != "call_function" or schema is None:
+        return None
+    for i, arg in enumerate(schema.arguments):
+        if arg.alias_info is None or not arg.alias_info.is_write:
+            continue
+        value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+        while isinstance(value, torch.fx.Node) and value.op == "call_function" and \
+                getattr(value.target, "is_view", False):
+            value = value.args[0]
+        if isinstance(value, torch.fx.Node) and value.op == "placeholder":
+            return value
+    return None
+
+
+def check_inplace(graph: torch.fx.Graph) -> None:
+    """Reject in-place writes into params, buffers or inputs (export keeps them as ops)."""
+    for node in graph.nodes:
+        base = mutated_base(node)
+        if base is None:
+            continue
+        what = f"{base.meta.get('dpfx_kind', 'graph input')} {base.meta.get('dpfx_name', base.name)!r}"
+        where = node.meta.get("dpfx_module") or "top-level code"
+        raise TraceError(
+            f"{what} is written in place by {node.target} in module {where!r} (e.g. BatchNorm "
+            "running stats in train mode); expected forward() to leave params, buffers and "
+            "inputs unchanged. Fix: put that module in eval() mode, use "
+            "track_running_stats=False, or clone the tensor before writing into it."
+        )
