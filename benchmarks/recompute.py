@@ -285,8 +285,9 @@ def _grads(pipe) -> dict[str, torch.Tensor]:
 def _compile(cfg: Config, policy, x, y):
     import dualpipe_fx
     return dualpipe_fx.compile(ex.LlamaDecoder(cfg.llama()), ex.llama_loss, (x[:cfg.mb_size],), y[:cfg.mb_size],
-                               schedule="dualpipev", num_microbatches=cfg.microbatches, recompute=policy,
-                               balance="time")  # one cut for every policy, so their stages compare
+                               schedule="dualpipev", num_microbatches=cfg.microbatches,
+                               # one cut for every policy, so their stages compare
+                               memory=dualpipe_fx.MemoryPolicy(recompute=policy, balance="time"))
 
 
 def _check_grads(pipes: dict, x, y) -> dict:

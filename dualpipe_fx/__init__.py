@@ -7,9 +7,10 @@ from dualpipe_fx.planning.memory import MemoryPlan  # noqa: F401
 from dualpipe_fx.api.plan import plan  # noqa: F401
 from dualpipe_fx.ui.visualize import visualize  # noqa: F401
 from dualpipe_fx.api.compile import compile, Pipeline, PeerTimeoutError  # noqa: F401,A001
+from dualpipe_fx.api.options import MemoryPolicy, Parallelism  # noqa: F401
 from dualpipe_fx.runtime.data_parallel import ExpertParallel  # noqa: F401
 from dualpipe_fx.runtime.errors import PeerFailedError, PipelineBrokenError, PipelineStepError  # noqa: F401
 from passes.capture import TraceError  # noqa: F401  (raised by compile/split for untraceable models)
 
 __all__ = ["Action", "Program"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -19,9 +19,9 @@ Function and checkpoint regions), ``inplace`` (in-place writes refused), ``trace
 (``TraceError`` naming the user's source line); this module post-processes the exported
 graph into :class:`Captured`.
 
-Buffers mutated in forward (BatchNorm running statistics in train mode) are NOT
-supported: :func:`capture` raises :class:`TraceError` naming the buffer. Put such modules
-in ``eval()`` or use ``track_running_stats=False``.
+Buffers written in forward (BatchNorm's running statistics in train mode, an MoE's token
+counts) stay in-place ops of the graph (``passes.inplace``); writes into parameters or
+inputs raise :class:`TraceError` naming the tensor.
 """
 from __future__ import annotations
 
@@ -95,6 +95,18 @@ def _check_mutations(ep) -> None:
             f"forward mutates its inputs {sorted(sig.user_inputs_to_mutate.values())} in "
             "place; expected pure inputs. Fix: clone an input before writing into it."
         )
+
+
+def _check_cumulative_batch_norms(model: nn.Module) -> None:
+    """BatchNorm with ``momentum=None`` in train mode divides by ``float(num_batches_tracked)``:
+    a Python number read off a tensor, which no static graph holds."""
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and m.training and m.track_running_stats and m.momentum is None]
+    if names:
+        raise TraceError(
+            f"BatchNorm {', '.join(map(repr, names))} in train mode with momentum=None (a cumulative average) "
+            "reads float(num_batches_tracked) in Python, which a traced graph cannot hold; expected a "
+            "momentum. Fix: set momentum (e.g. 0.1, the default), or put the layer in eval() mode")
 
 
 def _canonical_names(model: nn.Module) -> tuple[dict[str, str], dict[str, tuple[str, ...]]]:
@@ -236,6 +248,7 @@ def capture(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
         TypeError: non-tensor positional inputs, non-scalar loss.
         ValueError: a tensor on meta and ``device=None``.
     """
+    _check_cumulative_batch_norms(model)
     inputs, kwargs = as_inputs(example_inputs), as_kwargs(example_kwargs)
     if example_target is None:
         _check_loss_needs_no_target(loss_fn)

@@ -302,9 +302,9 @@ def _check_budget(loads: RankLoads, cuts, placement: Mapping[int, int]) -> None:
             stages = sorted(s for s, r in placement.items() if r == rank)
             acts = mem - params
             raise ValueError(
-                f"memory_budget={budget:,} bytes per rank: no cut fits; the best cut still gives rank {rank} "
+                f"budget={budget:,} bytes per rank (MemoryPolicy): no cut fits; the best cut still gives rank {rank} "
                 f"(stages {stages}) {mem:,.0f} bytes = parameters, grads and optimizer state {params:,.0f} + "
-                f"activations {acts:,.0f} (estimate, at its schedule's peak). Fix: raise memory_budget, use "
+                f"activations {acts:,.0f} (estimate, at its schedule's peak). Fix: raise the budget, use "
                 f"more ranks, fewer micro-batches in flight, recompute='selective' or 'full', or a lighter "
                 f"optimizer")
 

@@ -50,12 +50,12 @@ class DualPipeFx:
     broadcast, so every rank cuts the model at the same places)."""
 
     rank_balance: Literal["time", "memory", "both"] = "both"
-    """What the cut evens out per rank (``compile(balance=...)``): its time, its memory
+    """What the cut evens out per rank (``compile(memory=MemoryPolicy(balance=...))``): its time, its memory
     (parameters, grads, AdamW state and the schedule's activations in flight), or the larger
     of the two over their means."""
 
     memory_budget_gib: float = 0.0
-    """GiB per rank that no rank's memory estimate may exceed (``compile(memory_budget=...)``;
+    """GiB per rank that no rank's memory estimate may exceed (``MemoryPolicy(budget=...)``;
     with ``rank_balance = "both"``: the fastest cut within it); 0: no budget."""
 
     split_points: list[str] = field(default_factory=list)
@@ -101,12 +101,15 @@ def compiles_model(compile_config) -> bool:
 
 def compile_kwargs(section, compile_config=None) -> dict[str, Any]:
     """The ``[dualpipe_fx]`` keys (and ``[compile]``: :func:`compiles_model`) as
-    ``dualpipe_fx.compile`` keyword arguments."""
+    ``dualpipe_fx.compile`` keyword arguments (``memory``'s ``recompute`` comes from
+    ``[activation_checkpoint]``, which needs the model: :func:`recompute_arg`)."""
+    from dualpipe_fx import MemoryPolicy
+
     budget = int(section.memory_budget_gib * 2**30) or None
     return {"schedule": section.schedule,
             "compile_stages": section.compile_stages or compiles_model(compile_config),
             "cost": section.balance, "split_points": list(section.split_points) or None,
-            "overlap": section.overlap, "balance": section.rank_balance, "memory_budget": budget}
+            "overlap": section.overlap, "memory": MemoryPolicy(balance=section.rank_balance, budget=budget)}
 
 
 def _check_enable(job_config) -> None:

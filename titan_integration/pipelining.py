@@ -42,6 +42,7 @@ the same loss and gradients as the non-pipelined step.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from datetime import timedelta
 from typing import Any, Optional
 
@@ -259,10 +260,12 @@ def _compile(model, loss_fn, job_config, device, group, num_mb: int, recompute=N
     tokens = torch.zeros(mb_size, seq_len, dtype=torch.long, device=device)
     labels = torch.zeros(mb_size, seq_len, dtype=torch.long, device=device)
     kwargs = compile_kwargs(job_config.dualpipe_fx, job_config.compile)
-    kwargs["recompute"] = recompute
+    kwargs["memory"] = dataclasses.replace(kwargs["memory"], recompute=recompute)
     kwargs["timeout"] = timedelta(seconds=job_config.comm.init_timeout_seconds)
-    kwargs.update({k: v for k, v in (dp or {}).items()
-                   if k in ("dp_group", "dp_mode", "expert_parallel", "mixed_precision")})
+    dp = dp or {}
+    kwargs["parallelism"] = dualpipe_fx.Parallelism(**{k: v for k, v in dp.items()
+                                                       if k in ("dp_group", "dp_mode", "expert_parallel")})
+    kwargs["mixed_precision"] = dp.get("mixed_precision")
     # model keywords shaped like the tokens (torchtitan 0.3's RoPE `positions`)
     # and the model's attention masks for the example micro-batch: 0.3's through its own builder
     # (example_masks), 0.2.2's from the model's get_attention_masks

@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dualpipe_fx.api import options
+from dualpipe_fx.api.options import MemoryPolicy, Parallelism
 from dualpipe_fx.runtime.agree import HINTS, agree, as_timeout, call_fields, cut_fields, together, verify_names
 from dualpipe_fx.runtime.build import build_pipeline, local_names, local_parts
 from dualpipe_fx.runtime.data_parallel import ExpertParallel, check_expert_parallel, check_groups, dp_fields
@@ -97,6 +99,23 @@ def check_compile_stages(compile_stages: bool, gm: torch.fx.GraphModule) -> None
             "compile_stages=False; the stage graphs then run the flex op as traced")
 
 
+def _check_mirrored_running_stats(model: nn.Module, program: Program, schedule: str) -> None:
+    """Refuse BatchNorm in train mode under a schedule that holds a stage on two ranks (the
+    bidirectional DualPipe): each copy would update its running statistics from its half of the
+    micro-batches, and the copies would drift apart."""
+    if program.num_stages == program.num_model_parts:
+        return
+    names = [f"{name}.running_mean" for name, m in model.named_modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+    if names:
+        raise ValueError(
+            f"compile(schedule={schedule!r}): the schedule holds every stage on two ranks, each running half "
+            f"of the micro-batches, and the model's BatchNorm layers update their running statistics in train "
+            f"mode ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): the two copies would differ. Fix: "
+            "schedule='dualpipev' (or another schedule with one copy of each stage), or those layers in eval() "
+            "mode or with track_running_stats=False")
+
+
 def _check_init_fn(param_init_fn) -> None:
     if param_init_fn is not None and not callable(param_init_fn):
         raise TypeError(f"compile(param_init_fn={param_init_fn!r}): expected a callable fn(module) that "
@@ -120,18 +139,18 @@ def split_for_program(program: Program, model: nn.Module, loss_fn: Callable, exa
                  placement=_part_placement(program), in_flight=in_flight_by_part(program), **options)
 
 
-def _agreed_options(args: Mapping[str, Any]) -> dict[str, Any]:
+def _agreed_options(args: Mapping[str, Any], memory: MemoryPolicy) -> dict[str, Any]:
     """compile()'s options every rank must share (callables are compared by their cut instead)."""
-    options = {k: args[k] for k in ("compile_stages", "overlap", "split_points", "balance", "memory_budget",
-                                    "optimizer")}
-    for k in ("cost", "recompute"):
-        if args[k] is None or isinstance(args[k], str):
-            options[k] = args[k]
+    agreed = {k: args[k] for k in ("compile_stages", "overlap", "split_points")}
+    agreed.update(balance=memory.balance, memory_budget=memory.budget, optimizer=memory.optimizer)
+    for k, value in (("cost", args["cost"]), ("recompute", memory.recompute)):
+        if value is None or isinstance(value, str):
+            agreed[k] = value
     policy = args["mixed_precision"]
-    options["mixed_precision"] = None if policy is None else (
+    agreed["mixed_precision"] = None if policy is None else (
         f"param {policy.param_dtype}, reduce {policy.reduce_dtype}, output {policy.output_dtype}, "
         f"cast inputs {policy.cast_forward_inputs}")
-    return options
+    return agreed
 
 
 class _RankZeroTimings:
@@ -170,14 +189,12 @@ def _replica_fields(cut: dict, experts: Optional[ExpertParallel]) -> dict:
 
 def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=None, *,
             example_kwargs: Optional[Mapping[str, Any]] = None, schedule: str = "dualpipev",
-            num_microbatches: int, group: Optional[dist.ProcessGroup] = None,
-            compile_stages: bool = False, timeout: timedelta | float = timedelta(seconds=300),
-            cost="flops", split_points: Optional[Sequence[str]] = None, overlap: bool = True,
-            recompute=None, device=None, param_init_fn: Optional[Callable[[nn.Module], None]] = None,
-            verify_weights: bool = True, balance: str = "both", memory_budget: Optional[int] = None,
-            optimizer="adamw", dp_group: Optional[dist.ProcessGroup] = None,
-            dp_mode: str = "replicate", expert_parallel: Optional[ExpertParallel] = None,
-            mixed_precision=None) -> Pipeline:
+            num_microbatches: int, group: Optional[dist.ProcessGroup] = None, device=None,
+            parallelism: Optional[Parallelism] = None, memory: Optional[MemoryPolicy] = None,
+            mixed_precision=None, param_init_fn: Optional[Callable[[nn.Module], None]] = None,
+            compile_stages: bool = False, overlap: bool = True, cost="flops",
+            split_points: Optional[Sequence[str]] = None, verify_weights: bool = True,
+            timeout: timedelta | float = timedelta(seconds=300), **deprecated) -> Pipeline:
     """Pipeline ``model`` over the ranks of ``group`` with ``schedule``.
 
     Args:
@@ -200,17 +217,18 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
             ``cost="measured"`` rank 0's timings are broadcast, so every rank cuts alike.
         overlap: run each F&B pair as one multiplexed graph (``passes.multiplex``);
             False runs F then B.
-        recompute: activation recomputation, as ``dualpipe_fx.split``: None, ``"full"``,
-            ``"selective"`` or ``policy(node) -> "save" | "recompute"``.
         device: where this rank's stages run (default: the model's and the examples'
             device). Required for a model built under ``torch.device("meta")``: it is traced
             on fake tensors of ``device`` (that device's kernels), and this rank allocates
             there only its own stages' parameters and buffers; the others stay on meta.
             Examples may be on meta or on ``device``.
-        balance, memory_budget, optimizer: how the cut evens out the ranks (see
+        memory: a :class:`dualpipe_fx.MemoryPolicy` (default ``MemoryPolicy()``):
+            ``recompute``: activation recomputation, as ``dualpipe_fx.split``: None,
+            ``"full"``, ``"selective"`` or ``policy(node) -> "save" | "recompute"``.
+            ``balance``, ``budget``, ``optimizer``: how the cut evens out the ranks (see
             ``dualpipe_fx.split``): ``"both"`` (default) evens the larger of each rank's time
-            and memory relative to their means; with ``memory_budget`` (bytes per rank) the
-            least time among cuts within it. Activations in flight per stage are read off the
+            and memory relative to their means; with ``budget`` (bytes per rank) the least
+            time among cuts within it. Activations in flight per stage are read off the
             schedule's program; memory is an estimate (``Pipeline.memory_plan`` has the plan).
         param_init_fn: ``fn(module)``, called (grad off, under a seed from
             ``torch.initial_seed()`` and the module's FQN) for each module owning a meta
@@ -224,24 +242,25 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
             compares only the parameters more than one rank reads. Cost: ~2 ms for 34 MB,
             0.2-0.6% of compile time (benchmarks/agreement.py). Uninitialised tensors
             waiting for ``load_state_dict`` are not compared.
-        dp_group, dp_mode: data parallelism over ``dp_group``, the ranks that hold this
-            rank's stages in the other pipeline replicas (``group`` and ``dp_group`` are a
-            row and a column of one grid). Each replica steps on its own batch; the grads are
-            those of the mean over the replicas. ``"replicate"`` (DDP): each parameter's
-            grad is all-reduced as soon as its last W of the step ran, overlapping the rest
-            of the step. ``"shard"`` (ZeRO-3, FSDP ``FULL_SHARD``) and ``"shard_grad_op"``
-            (ZeRO-2): parameters, grads and optimizer state are sharded by rows;
-            ``parameters()`` are ``DTensor`` shards, a stage's parameters are all-gathered
-            before its first action of the step (and, with ``"shard"``, freed after its
-            last), grads reduce-scattered after its last W. The collectives are torch's
-            UNSHARD/RESHARD/REDUCE_GRAD runtime actions (``runtime/data_parallel.py``).
-        expert_parallel: an ``ExpertParallel(group, params, replica_group)`` when the model's
-            experts are split over an EP group inside ``dp_group`` (each rank holds its slice
-            and the model's forward exchanges tokens by all_to_all, traced into the stage
-            graphs): those parameters are never sharded over ``dp_group``; their grads are
-            reduced over ``replica_group`` only and averaged like the rest (the grads of the
-            mean loss over ``dp_group``). In the shard modes they are ``DTensor``
-            ``Shard(0)`` parameters on a mesh over the EP group named ``"ep"``.
+        parallelism: a :class:`dualpipe_fx.Parallelism` (default: the pipeline alone).
+            ``dp_group``, ``dp_mode``: data parallelism over ``dp_group``, the ranks that hold this
+                rank's stages in the other pipeline replicas (``group`` and ``dp_group`` are a
+                row and a column of one grid). Each replica steps on its own batch; the grads are
+                those of the mean over the replicas. ``"replicate"`` (DDP): each parameter's
+                grad is all-reduced as soon as its last W of the step ran, overlapping the rest
+                of the step. ``"shard"`` (ZeRO-3, FSDP ``FULL_SHARD``) and ``"shard_grad_op"``
+                (ZeRO-2): parameters, grads and optimizer state are sharded by rows;
+                ``parameters()`` are ``DTensor`` shards, a stage's parameters are all-gathered
+                before its first action of the step (and, with ``"shard"``, freed after its
+                last), grads reduce-scattered after its last W. The collectives are torch's
+                UNSHARD/RESHARD/REDUCE_GRAD runtime actions (``runtime/data_parallel.py``).
+            ``expert_parallel``: an ``ExpertParallel(group, params, replica_group)`` when the model's
+                experts are split over an EP group inside ``dp_group`` (each rank holds its slice
+                and the model's forward exchanges tokens by all_to_all, traced into the stage
+                graphs): those parameters are never sharded over ``dp_group``; their grads are
+                reduced over ``replica_group`` only and averaged like the rest (the grads of the
+                mean loss over ``dp_group``). In the shard modes they are ``DTensor``
+                ``Shard(0)`` parameters on a mesh over the EP group named ``"ep"``.
         mixed_precision: a ``torch.distributed.fsdp.MixedPrecisionPolicy`` (FSDP2's), or None
             (compute in the parameters' dtype). The stage graphs are traced with the
             floating-point parameters in ``param_dtype`` (activations, saved tensors, the cut's
@@ -255,6 +274,10 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
             casts the model's floating-point inputs to ``param_dtype``, ``output_dtype`` its
             floating-point outputs (before ``loss_fn``), as ``fully_shard(model, mp_policy=...)``
             does. Without ``dp_group`` too (pipeline parallelism alone).
+        **deprecated: the 0.1 keywords ``dp_group=``, ``dp_mode=``, ``expert_parallel=``
+            (fields of ``parallelism``) and ``recompute=``, ``balance=``, ``memory_budget=``,
+            ``optimizer=`` (fields of ``memory``, ``memory_budget`` as ``budget``): they work
+            in 0.2 with a ``FutureWarning`` and go in 0.3.
 
     Returns:
         this rank's ``Pipeline``.
@@ -264,6 +287,10 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
             world size, torch/dualpipe_fx versions, schedule, num_microbatches, example
             shapes and dtypes, options, the stage cut, or parameter checksums.
         PeerTimeoutError: a rank did not join that agreement within ``timeout``.
+        TypeError: ``parallelism``/``memory`` of another type, or an unknown keyword.
+        FutureWarning (a warning): a 0.1 keyword (``dp_group=``, ``dp_mode=``,
+            ``expert_parallel=``, ``recompute=``, ``balance=``, ``memory_budget=``,
+            ``optimizer=``); it still works in 0.2 (ValueError beside its group object).
         PeerFailedError: another rank raised in the middle of ``compile()`` (its device,
             trace, cut or ``param_init_fn``): raised at once, naming that rank and its
             message; the failing rank raises its own error.
@@ -274,20 +301,22 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
         ValueError: the schedule does not fit the world size / micro-batch count, or the
             examples and the model are on different devices, or the model is on meta and
             ``device`` is None, or a module without an initialiser owns a non-persistent
-            buffer on meta, or no cut keeps every rank within ``memory_budget`` (before any
+            buffer on meta, or no cut keeps every rank within ``memory.budget`` (before any
             communication).
     """
     if not dist.is_initialized():
         raise ValueError("compile(): torch.distributed is not initialized; call "
                          "torch.distributed.init_process_group(...) on every rank first")
+    groups = options.resolve("compile", deprecated, parallelism=parallelism, memory=memory)
+    par, mem = groups["parallelism"], groups["memory"]
     examples = as_inputs(example_inputs)
     world = dist.get_world_size(group)
     timeout = as_timeout(timeout)
-    data_parallel = check_groups(group, dp_group, dp_mode)
+    data_parallel = check_groups(group, par.dp_group, par.dp_mode)
     mixed_precision = check_mixed_precision(mixed_precision)
-    experts = check_expert_parallel(dp_group, expert_parallel)
+    experts = check_expert_parallel(par.dp_group, par.expert_parallel)
     call = call_fields(schedule, world, num_microbatches, examples, example_target, example_kwargs,
-                       _agreed_options(locals()))
+                       _agreed_options(locals(), mem))
     agree(call, group, timeout, "compile()", HINTS)
     # Each `together` block ends in a vote: an error on one rank (its device, its trace, its
     # init) stops every rank at once instead of leaving them in the next collective.
@@ -296,15 +325,14 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
         device = _check_devices(model, examples, example_target, example_kwargs, device)
         _check_init_fn(param_init_fn)
         program = generate(schedule, world, num_microbatches)
+        _check_mirrored_running_stats(model, program, schedule)
     if isinstance(cost, str) and cost == "measured" and world > 1:
         cost = _RankZeroTimings(group)
     mine = local_parts(program, dist.get_rank(group))
     with together(group, timeout, "compile()"):
         parts = split_for_program(program, model, loss_fn, examples, example_target, cost=cost,
-                                  split_points=split_points, example_kwargs=example_kwargs, recompute=recompute,
-                                  device=device, only_stages=mine, balance=balance,
-                                  memory_budget=memory_budget, optimizer=optimizer,
-                                  mixed_precision=mixed_precision)
+                                  split_points=split_points, example_kwargs=example_kwargs, device=device,
+                                  only_stages=mine, memory=mem, mixed_precision=mixed_precision)
         partition = parts.partition
         check_compile_stages(compile_stages, partition.captured.gm)
         names = local_names(partition.stages, mine, partition.captured.param_aliases)
@@ -315,7 +343,7 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
     cut = cut_fields(partition.stages, state, verify)
     agree(cut, group, timeout, "compile()", HINTS)
     if data_parallel is not None:  # the replicas: the same call, place, cut and starting weights
-        agree({**call, **dp_fields(group, dp_mode), **_replica_fields(cut, experts)}, dp_group, timeout,
+        agree({**call, **dp_fields(group, par.dp_mode), **_replica_fields(cut, experts)}, par.dp_group, timeout,
               "compile()", HINTS)
     with together(group, timeout, "compile()"):
         return build_pipeline(model, parts.stages, program, examples, example_target, num_microbatches,

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
+from dualpipe_fx.api import options
+from dualpipe_fx.api.options import MemoryPolicy
 from dualpipe_fx.planning.memory import optimizer_bytes
 from passes.balance import BALANCE_MODES, MemorySpec
 from passes.capture import capture
@@ -251,7 +253,7 @@ def memory_spec(optimizer="adamw", in_flight: Optional[Mapping[int, int]] = None
     (``master``: see ``master_size``)."""
     if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int)
                                       or memory_budget <= 0):
-        raise ValueError(f"memory_budget={memory_budget!r}; expected bytes per rank as an int > 0 "
+        raise ValueError(f"MemoryPolicy(budget={memory_budget!r}); expected bytes per rank as an int > 0 "
                          "(e.g. 80 * 2**30), or None")
     return MemorySpec(param_bytes=_param_state_bytes(optimizer, master), in_flight=dict(in_flight or {}),
                       budget=memory_budget, inputs_only=isinstance(recompute, str) and recompute == "full",
@@ -266,11 +268,10 @@ def _check_balance(balance) -> None:
 def split(model: nn.Module, loss_fn: Callable, example_inputs, example_target=None, num_stages: int = 4,
           *, example_kwargs: Optional[Mapping[str, Any]] = None, cost="flops",
           split_points: Optional[Sequence[str]] = None,
-          placement: Optional[Mapping[int, int]] = None, recompute: Policy = None, device=None,
-          only_stages: Optional[Collection[int]] = None, balance: str = "both",
-          memory_budget: Optional[int] = None, optimizer="adamw",
-          in_flight: Optional[Mapping[int, int]] = None,
-          mixed_precision: Optional[MixedPrecisionPolicy] = None) -> Split:
+          placement: Optional[Mapping[int, int]] = None, device=None,
+          only_stages: Optional[Collection[int]] = None, in_flight: Optional[Mapping[int, int]] = None,
+          memory: Optional[MemoryPolicy] = None, mixed_precision: Optional[MixedPrecisionPolicy] = None,
+          **deprecated) -> Split:
     """Capture ``model`` + ``loss_fn``, cut it into stages, split each stage's backward.
 
     **Contract**: ``(model, loss_fn, one example micro-batch) -> Split`` with
@@ -280,9 +281,9 @@ def split(model: nn.Module, loss_fn: Callable, example_inputs, example_target=No
     **Pseudocode**::
 
         captured = capture(model, loss_fn, example_inputs, example_target, example_kwargs=..., device=device)
-        partition = split_stages(captured, num_stages, cost, split_points, placement, balance, memory)
-        stages = [split_backward(gm, index=s, is_last=s == S-1, recompute=recompute) if s in only_stages else None
-                  for s, gm in enumerate(partition.stages)]
+        partition = split_stages(captured, num_stages, cost, split_points, placement, memory.balance, ...)
+        stages = [split_backward(gm, index=s, is_last=s == S-1, recompute=memory.recompute) if s in only_stages
+                  else None for s, gm in enumerate(partition.stages)]
 
     Args:
         model, loss_fn, example_inputs, example_target, example_kwargs: as
@@ -294,32 +295,35 @@ def split(model: nn.Module, loss_fn: Callable, example_inputs, example_target=No
         placement: ``{stage: rank}``; default DualPipeV (rank r holds stages r and S-1-r)
             when S is even, else one rank per stage. A parameter may be used by stages on
             several ranks: each holds it and the runtime sums their grads after the step.
-        recompute: activation recomputation: None (save what backward reads, except
-            ``torch.utils.checkpoint(..., use_reentrant=False)`` regions), ``"full"`` (save
-            stage inputs only; I recomputes the forward once, W reads it from I),
-            ``"selective"`` (save matmul and attention outputs, recompute the rest) or
-            ``policy(node) -> "save" | "recompute"`` (see ``passes.recompute``).
         device: where the graphs will run; needed for a model built under
             ``torch.device("meta")`` (traced on fake tensors of ``device``, see
             ``passes.capture.capture``).
         only_stages: the stages whose I/W split runs (default: all); the others are None in
             ``Split.stages``. A pipeline rank splits only the stages it runs.
-        balance: what the cut evens out per rank of ``placement`` (a rank's load is the sum
-            over its stages): ``"time"`` (cost), ``"memory"`` (parameters + grads + optimizer
-            state + activations in flight, estimated; see ``passes.balance``) or ``"both"``
-            (default: the larger of time and memory, each relative to its mean; with
-            ``memory_budget``: the least time among cuts within the budget).
-        memory_budget: bytes per rank no rank's memory estimate may exceed, or None.
-        optimizer: ``"adamw"`` (two states in the parameter's dtype), ``"sgd"`` (none),
-            ``"sgd_momentum"`` (one) or state bytes per parameter element.
         in_flight: ``{stage: micro-batches of activations held at once}`` (``compile()``
             reads it off the schedule); default 1 per stage.
+        memory: a :class:`dualpipe_fx.MemoryPolicy` (default ``MemoryPolicy()``):
+            ``recompute``: activation recomputation: None (save what backward reads, except
+            ``torch.utils.checkpoint(..., use_reentrant=False)`` regions), ``"full"`` (save
+            stage inputs only; I recomputes the forward once, W reads it from I),
+            ``"selective"`` (save matmul and attention outputs, recompute the rest) or
+            ``policy(node) -> "save" | "recompute"`` (see ``passes.recompute``).
+            ``balance``: what the cut evens out per rank of ``placement`` (a rank's load is
+            the sum over its stages): ``"time"`` (cost), ``"memory"`` (parameters + grads +
+            optimizer state + activations in flight, estimated; see ``passes.balance``) or
+            ``"both"`` (default: the larger of time and memory, each relative to its mean;
+            with ``budget``: the least time among cuts within the budget).
+            ``budget``: bytes per rank no rank's memory estimate may exceed, or None.
+            ``optimizer``: ``"adamw"`` (two states in the parameter's dtype), ``"sgd"``
+            (none), ``"sgd_momentum"`` (one) or state bytes per parameter element.
         mixed_precision: a ``torch.distributed.fsdp.MixedPrecisionPolicy``, or None: the
             model is traced with its floating-point parameters in ``param_dtype`` (see
             ``passes.capture.capture``), so activations, saved tensors and the bytes on each
             cut are in that dtype; the memory model counts each parameter's value, grad and
             optimizer state in its own dtype plus its ``param_dtype`` copy. ``Split.run``
             casts the parameters and returns grads in the parameters' dtype.
+        **deprecated: ``recompute=``, ``balance=``, ``memory_budget=``, ``optimizer=``: the
+            fields of ``memory`` as 0.1 took them; they warn (``FutureWarning``) and go in 0.3.
 
     Returns:
         :class:`Split`.
@@ -327,22 +331,25 @@ def split(model: nn.Module, loss_fn: Callable, example_inputs, example_target=No
     Raises:
         passes.capture.TraceError: the model cannot be traced (names the source line).
         ValueError: an invalid ``num_stages``/``split_points``/``placement``/``only_stages``/
-            ``balance``/``optimizer``/``memory_budget``, or a keyword ``target``; a tensor on
-            meta and ``device=None``; no cut within ``memory_budget`` (names the rank).
+            ``memory`` field, or a keyword ``target``; a tensor on meta and ``device=None``; no
+            cut within the memory budget (names the rank); a deprecated keyword beside ``memory``.
+        TypeError: ``memory`` is not a ``MemoryPolicy``, or an unknown keyword.
     """
+    policy = options.resolve("split", deprecated, allowed=("memory",), memory=memory)["memory"]
     _check_kwarg_names(example_kwargs)
-    recompute_policy(recompute)  # an unknown policy fails before the trace
-    _check_balance(balance)
+    recompute_policy(policy.recompute)  # an unknown policy fails before the trace
+    _check_balance(policy.balance)
     mixed_precision = check_mixed_precision(mixed_precision)
-    memory = memory_spec(optimizer, in_flight, memory_budget, recompute, master_size(model, mixed_precision))
+    spec = memory_spec(policy.optimizer, in_flight, policy.budget, policy.recompute,
+                       master_size(model, mixed_precision))
     captured = capture(model, loss_fn, example_inputs, example_target, example_kwargs=example_kwargs,
                        device=device, mixed_precision=mixed_precision)
     placement = default_placement(num_stages) if placement is None else dict(placement)
     partition = split_stages(captured, num_stages, cost=cost, split_points=split_points, placement=placement,
-                             balance=balance, memory=memory)
+                             balance=policy.balance, memory=spec)
     last = len(partition.stages) - 1
     wanted = _only(only_stages, len(partition.stages))
-    stages = tuple(split_backward(gm, index=s, is_last=s == last, recompute=recompute) if s in wanted else None
-                   for s, gm in enumerate(partition.stages))
+    stages = tuple(split_backward(gm, index=s, is_last=s == last, recompute=policy.recompute) if s in wanted
+                   else None for s, gm in enumerate(partition.stages))
     return Split(stages=stages, partition=partition, model=model, placement=placement,
                  mixed_precision=mixed_precision)

@@ -26,6 +26,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from dualpipe_fx import examples as ex
+from dualpipe_fx.api.options import MemoryPolicy
 from dualpipe_fx.api.plan import plan
 from dualpipe_fx.planning.simulate import Costs, SimResult, readme_bubble, simulate
 from dualpipe_fx.schedules.ir import Program
@@ -233,8 +234,9 @@ def _run_plan(args: argparse.Namespace) -> int:
         raise UsageError(f"--json {args.json!r} must end in .json")
     model, loss_fn, x, y = _plan_example(args)
     result = plan(model, loss_fn, x, y, ranks=args.ranks, num_microbatches=args.microbatches,
-                  schedule=args.schedule, device=args.device, optimizer=_optimizer(args.optimizer),
-                  recompute=None if args.recompute == "none" else args.recompute)
+                  schedule=args.schedule, device=args.device,
+                  memory=MemoryPolicy(optimizer=_optimizer(args.optimizer),
+                                      recompute=None if args.recompute == "none" else args.recompute))
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{args.example}: {n_params:,} parameters ({args.dtype}), {args.ranks} ranks, {args.schedule}, "
           f"{args.microbatches} micro-batches of {tuple(x.shape)}; bytes per rank, at the step's peak:")

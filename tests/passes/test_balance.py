@@ -114,7 +114,7 @@ def test_llama3_8b_dualpipev_ranks_hold_even_parameter_bytes(llama3_8b):
     got = {}
     for balance in ("time", "both", "memory"):
         sp = dualpipe_fx.split(model, loss_fn, (tokens,), tokens, num_stages=16, device="cpu",
-                               only_stages=(), balance=balance)
+                               only_stages=(), memory=dualpipe_fx.MemoryPolicy(balance=balance))
         per_rank = _rank_param_bytes(sp)
         got[balance] = max(per_rank.values()) / (sum(per_rank.values()) / len(per_rank))
         if balance == "both":
@@ -132,23 +132,24 @@ def test_llama3_8b_dualpipev_ranks_hold_even_parameter_bytes(llama3_8b):
 def test_memory_budget_is_kept_or_named():
     case = models.tiny_llama(n_layers=4)
     base = dualpipe_fx.split(case.model, case.loss_fn, case.inputs, case.target, num_stages=4, only_stages=(),
-                             balance="memory", in_flight={0: 4, 1: 3, 2: 2, 3: 1})
+                             memory=dualpipe_fx.MemoryPolicy(balance="memory"), in_flight={0: 4, 1: 3, 2: 2, 3: 1})
     least = max(m for _, m, _ in base.partition.rank_loads.values())
     budget = int(least * 1.05)
     sp = dualpipe_fx.split(case.model, case.loss_fn, case.inputs, case.target, num_stages=4, only_stages=(),
-                           memory_budget=budget, in_flight={0: 4, 1: 3, 2: 2, 3: 1})
+                           memory=dualpipe_fx.MemoryPolicy(budget=budget), in_flight={0: 4, 1: 3, 2: 2, 3: 1})
     assert max(m for _, m, _ in sp.partition.rank_loads.values()) <= budget, sp.describe()
-    with pytest.raises(ValueError, match=r"memory_budget=.*rank \d+ \(stages \[.*\]\).*activations.*Fix"):
+    with pytest.raises(ValueError, match=r"budget=.*\(MemoryPolicy\).*rank \d+ \(stages \[.*\]\).*activations.*Fix"):
         dualpipe_fx.split(case.model, case.loss_fn, case.inputs, case.target, num_stages=4, only_stages=(),
-                          memory_budget=int(least * 0.5), in_flight={0: 4, 1: 3, 2: 2, 3: 1})
+                          memory=dualpipe_fx.MemoryPolicy(budget=int(least * 0.5)), in_flight={0: 4, 1: 3, 2: 2, 3: 1})
 
 
 @pytest.mark.parametrize("kw, match", [
     (dict(balance="speed"), r"balance='speed'; expected one of 'time', 'memory', 'both'"),
     (dict(optimizer="lion"), r"optimizer='lion' is not known; expected 'adamw'"),
-    (dict(memory_budget=-1), r"memory_budget=-1; expected bytes per rank"),
+    (dict(budget=-1), r"MemoryPolicy\(budget=-1\); expected bytes per rank"),
 ])
 def test_bad_balance_options_are_named(kw, match):
     case = models.tiny_llama(n_layers=2)
     with pytest.raises(ValueError, match=match):
-        dualpipe_fx.split(case.model, case.loss_fn, case.inputs, case.target, num_stages=4, **kw)
+        dualpipe_fx.split(case.model, case.loss_fn, case.inputs, case.target, num_stages=4,
+                          memory=dualpipe_fx.MemoryPolicy(**kw))

@@ -7,6 +7,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 
 from passes.capture import Captured, TraceError, capture
+from passes.inplace import mutated_base
 from tests import models
 
 PLACEHOLDER_ORDER = {"param": 0, "buffer": 1, "input": 2, "target": 3}
@@ -129,10 +130,28 @@ def test_data_dependent_control_flow_names_the_source_line():
     assert isinstance(info.value, ValueError)
 
 
-def test_batchnorm_in_train_mode_is_refused_naming_the_buffer():
-    with pytest.raises(TraceError, match=r"bn\.(num_batches_tracked|running_mean|running_var).*eval\(\)"):
-        _capture(models.batchnorm(train=True))
+def test_batchnorm_in_train_mode_keeps_its_buffer_writes_and_input_writes_are_refused():
+    captured = _capture(models.batchnorm(train=True))
+    written = {mutated_base(n).meta["dpfx_name"] for n in captured.gm.graph.nodes if mutated_base(n) is not None}
+    assert written == {"bn.num_batches_tracked"}  # running stats: inside aten.batch_norm, traced by split_backward
+    _check_rebuilds(models.batchnorm(train=True))
     _check_rebuilds(models.batchnorm(train=False))
+
+    class WritesItsInput(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            x.mul_(2)
+            return self.lin(x)
+
+    with pytest.raises(TraceError, match=r"input .* is written in place by aten\.mul_\.Tensor.*Fix: clone"):
+        capture(WritesItsInput(), lambda out, y: ((out - y) ** 2).mean(), (torch.randn(2, 4),), torch.randn(2, 4))
+    cumulative = models.batchnorm(train=True)
+    cumulative.model.bn.momentum = None
+    with pytest.raises(TraceError, match=r"BatchNorm 'bn' in train mode with momentum=None.*Fix: set momentum"):
+        _capture(cumulative)
 
 
 def test_non_scalar_loss_is_a_type_error():

@@ -44,7 +44,8 @@ def test_histc_counts_carry_no_grad_and_params_paths_do():
 def test_a_cut_carrying_a_gradless_float_matches_eager():
     torch.manual_seed(0)
     model, x, y = _Router(), torch.randn(6, 8), torch.randn(6, 8)
-    sp = dualpipe_fx.split(model, _mse, (x,), y, num_stages=2, split_points=["proj"], balance="time")
+    sp = dualpipe_fx.split(model, _mse, (x,), y, num_stages=2, split_points=["proj"],
+                           memory=dualpipe_fx.MemoryPolicy(balance="time"))
     loss, grads = sp.run(x, target=y)
     model.zero_grad()
     ref = _mse(model(x), y)

@@ -137,7 +137,8 @@ def _policy(name):
 
 def _split(model, x, y, num_stages, recompute=None):
     try:
-        parts = dualpipe_fx.split(model, mse, (x,), y, num_stages=num_stages, recompute=_policy(recompute))
+        parts = dualpipe_fx.split(model, mse, (x,), y, num_stages=num_stages,
+                                  memory=dualpipe_fx.MemoryPolicy(recompute=_policy(recompute)))
     except ValueError as err:
         if "stage" in str(err) and num_stages > 1:
             reject()  # too few ops for this many stages

@@ -33,8 +33,8 @@ def llama_modes():
     ref = _eager_grads(model, llama_loss, tokens, target)
     # balance="time": the same cut for every mode (a memory-aware cut moves with what is saved),
     # so that the modes' stages compare
-    splits = {mode: dualpipe_fx.split(model, llama_loss, tokens, target, num_stages=4, recompute=mode,
-                                      balance="time")
+    splits = {mode: dualpipe_fx.split(model, llama_loss, tokens, target, num_stages=4,
+                                      memory=dualpipe_fx.MemoryPolicy(recompute=mode, balance="time"))
               for mode in (None, "selective", "full")}
     return model, tokens, target, ref, splits
 
@@ -88,7 +88,7 @@ def test_random_ops_are_saved_not_recomputed():
     model, x = _Dropout(), torch.randn(4, 8)
     for mode in ("full", "selective", lambda node: "recompute"):
         sp = dualpipe_fx.split(model, lambda o, y: ((o - y) ** 2).mean(), (x,), torch.randn(4, 8),
-                               num_stages=1, recompute=mode)
+                               num_stages=1, memory=dualpipe_fx.MemoryPolicy(recompute=mode))
         i_ops = _ops(sp.stages[0].backward_input.gm) + _ops(sp.stages[0].backward_weight.gm)
         assert not [op for op in i_ops if isinstance(op, torch._ops.OpOverload)
                     and torch.Tag.nondeterministic_seeded in op.tags], i_ops
@@ -135,6 +135,7 @@ def test_reentrant_checkpoint_is_a_trace_error_naming_the_fix():
 def test_bad_policies_are_refused():
     x, y = torch.randn(4, 8), torch.randn(4, 8)
     with pytest.raises(ValueError, match="recompute='everything'"):
-        dualpipe_fx.split(_Dropout(), mse, (x,), y, num_stages=1, recompute="everything")
+        dualpipe_fx.split(_Dropout(), mse, (x,), y, num_stages=1, memory=dualpipe_fx.MemoryPolicy(recompute="everything"))
     with pytest.raises(TypeError, match="expected 'save' or 'recompute'"):
-        dualpipe_fx.split(_Checkpointed(), mse, (x,), y, num_stages=1, recompute=lambda node: True)
+        dualpipe_fx.split(_Checkpointed(), mse, (x,), y, num_stages=1,
+                          memory=dualpipe_fx.MemoryPolicy(recompute=lambda node: True))

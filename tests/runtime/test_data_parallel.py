@@ -10,6 +10,8 @@ dp_group that is no grid column, an unknown mode) are raised before any communic
 """
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -54,9 +56,19 @@ def _errors(rank: int, pp_group, dp_group) -> dict[str, str]:
     out = {}
     for what, kwargs in (("shares ranks", {"dp_group": pp_group}), ("mode", {"dp_group": dp_group, "dp_mode": "zero"})):
         try:
-            dualpipe_fx.compile(model, loss_fn, (x[:2],), y[:2], num_microbatches=4, group=pp_group, **kwargs)
+            dualpipe_fx.compile(model, loss_fn, (x[:2],), y[:2], num_microbatches=4, group=pp_group,
+                                parallelism=dualpipe_fx.Parallelism(**kwargs))
         except ValueError as err:
             out[what] = str(err)
+    # the 0.1 keywords still reach the same checks, with a FutureWarning naming the new spelling
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            dualpipe_fx.compile(model, loss_fn, (x[:2],), y[:2], num_microbatches=4, group=pp_group,
+                                dp_group=dp_group, dp_mode="zero")
+        except ValueError as err:
+            out["0.1 keywords"] = str(err)
+    out["0.1 warnings"] = [str(w.message) for w in caught if w.category is FutureWarning]
     return out
 
 
@@ -75,7 +87,7 @@ def _all_cases(rank: int, world: int):
         xs, ys = x[replica * local:(replica + 1) * local], y[replica * local:(replica + 1) * local]
         mb = local // c
         pipe = dualpipe_fx.compile(model, loss_fn, (xs[:mb],), ys[:mb], schedule=schedule, num_microbatches=c,
-                                   group=pp_group, dp_group=dp_group, dp_mode=mode)
+                                   group=pp_group, parallelism=dualpipe_fx.Parallelism(dp_group, mode))
         opt = _optimizer(opt_kind, pipe.parameters())
         losses, grads = [], {}
         for step in range(STEPS):
@@ -107,7 +119,7 @@ def _replica_failure(rank: int, pp_group, dp_group) -> dict:
     model, loss_fn, x, y = cases.make_case("linear", 4 * DP)
     xs, ys = x[:8], y[:8]
     pipe = dualpipe_fx.compile(model, loss_fn, (xs[:2],), ys[:2], num_microbatches=4, group=pp_group,
-                               dp_group=dp_group, dp_mode="replicate", timeout=60)
+                               parallelism=dualpipe_fx.Parallelism(dp_group, "replicate"), timeout=60)
     start, error = time.perf_counter(), None
     try:
         pipe.step(xs[:7] if rank // PP == 1 else xs, target=ys[:7] if rank // PP == 1 else ys)
@@ -142,6 +154,12 @@ def test_validation_errors_name_the_groups_and_the_modes(results):
     for r in results:
         assert "share ranks" in r["errors"]["shares ranks"] and "grid" in r["errors"]["shares ranks"]
         assert "'shard_grad_op'" in r["errors"]["mode"]
+        assert r["errors"]["0.1 keywords"] == r["errors"]["mode"]
+        assert sorted(r["errors"]["0.1 warnings"]) == [
+            "compile(dp_group=...) is deprecated since dualpipe_fx 0.2 and goes in 0.3; pass "
+            "parallelism=dualpipe_fx.Parallelism(dp_group=...) instead",
+            "compile(dp_mode=...) is deprecated since dualpipe_fx 0.2 and goes in 0.3; pass "
+            "parallelism=dualpipe_fx.Parallelism(dp_mode=...) instead"]
 
 
 @pytest.mark.parametrize("kind,schedule,c,mode,opt_kind", CASES)

@@ -164,7 +164,8 @@ def flex_steps(rank, world, cases):
             model = fm.FlexDecoder(depth=2)
             pipe = dualpipe_fx.compile(model, fm.lm_loss, (tokens[:mb],), target[:mb], num_microbatches=C,
                                        schedule=schedule, compile_stages=compiled,
-                                       recompute=_by_module if policy == "by_module" else policy,
+                                       memory=dualpipe_fx.MemoryPolicy(
+                                           recompute=_by_module if policy == "by_module" else policy),
                                        example_kwargs={"block_mask": fm.document_mask(docs[:mb])})
             loss = pipe.step(tokens, target=target, block_mask=fm.document_mask(docs))
             out[(schedule, policy, compiled)] = {

@@ -96,7 +96,7 @@ def _all_cases(rank: int, world: int) -> dict:
     xs, ys = x[replica * local:(replica + 1) * local], y[replica * local:(replica + 1) * local]
     mb = local // C
     pipe = dualpipe_fx.compile(model, loss_fn, (xs[:mb],), ys[:mb], num_microbatches=C, group=pp_group,
-                               dp_group=dp_group, dp_mode="shard", mixed_precision=POLICY)
+                               parallelism=dualpipe_fx.Parallelism(dp_group, "shard"), mixed_precision=POLICY)
     with pipe.full_parameters():  # gathered in fp32 and written back: the shards keep their values
         pass
     out["pp x shard"] = _train(pipe, xs, ys)

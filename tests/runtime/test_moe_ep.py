@@ -60,17 +60,17 @@ def pipeline_x_expert(rank, world):
     for bad in ({"dp_group": None}, {"dp_group": ep_group, "replica_group": pp_group}):  # local checks, no comm
         try:
             dualpipe_fx.compile(MoEDecoder(CFG, seed=2, group=ep_group), moe_loss, (x[:1],), y[:1],
-                                num_microbatches=C, group=pp_group, dp_group=bad["dp_group"],
-                                expert_parallel=dualpipe_fx.ExpertParallel(ep_group, is_expert_param,
-                                                                           bad.get("replica_group")))
+                                num_microbatches=C, group=pp_group, parallelism=dualpipe_fx.Parallelism(
+                                    dp_group=bad["dp_group"], expert_parallel=dualpipe_fx.ExpertParallel(
+                                        ep_group, is_expert_param, bad.get("replica_group"))))
         except ValueError as err:
             out["refused"].append(str(err))
     for mode in ("replicate", "shard"):
         model = MoEDecoder(CFG, seed=2, group=ep_group)
         experts = dualpipe_fx.ExpertParallel(ep_group, is_expert_param)
         pipe = dualpipe_fx.compile(model, moe_loss, (x[mine][:1],), y[mine][:1], schedule="dualpipev",
-                                   num_microbatches=C, group=pp_group, dp_group=ep_group, dp_mode=mode,
-                                   expert_parallel=experts)
+                                   num_microbatches=C, group=pp_group,
+                                   parallelism=dualpipe_fx.Parallelism(ep_group, mode, experts))
         runner = pipe._executor.overlap
         assert isinstance(runner, OverlapRunner), f"FB actions run by {runner}, not the multiplexed graph"
         params = dict(pipe.named_parameters())
@@ -104,9 +104,9 @@ def _ep_with_replicas(rank, x, y, local):
     alone, _ = dist.new_subgroups_by_enumeration([[0], [1], [2], [3]])
     quarter = slice(rank * C // 2, (rank + 1) * C // 2)
     pipe = dualpipe_fx.compile(MoEDecoder(CFG, seed=2, group=ep_group), moe_loss, (x[quarter][:1],),
-                               y[quarter][:1], num_microbatches=C // 2, group=alone, dp_group=dist.group.WORLD,
-                               dp_mode="shard", expert_parallel=dualpipe_fx.ExpertParallel(
-                                   ep_group, is_expert_param, replicas))
+                               y[quarter][:1], num_microbatches=C // 2, group=alone,
+                               parallelism=dualpipe_fx.Parallelism(dist.group.WORLD, "shard", dualpipe_fx.ExpertParallel(
+                                   ep_group, is_expert_param, replicas)))
     loss = pipe.step(x[quarter], target=y[quarter]).detach().clone()
     dist.all_reduce(loss)
     return {"loss": loss / 4, "multiplexed": 1, "ep_rank": rank % 2,

@@ -19,11 +19,13 @@ MODES = [("selective", False), ("full", False), ("full", True), (None, False)]
 
 
 def recompute_steps(rank, world):
+    import dualpipe_fx
     from passes.split_backward import saved_bytes
 
     out = {}
     for mode, compiled in MODES:
-        pipe, x, y = cases._compile("llama", "dualpipev", C, compile_stages=compiled, recompute=mode)
+        pipe, x, y = cases._compile("llama", "dualpipev", C, compile_stages=compiled,
+                                     memory=dualpipe_fx.MemoryPolicy(recompute=mode))
         for _ in range(2):  # the second step starts from zeroed grads, pairs sum in place
             pipe.zero_grad()
             loss = pipe.step(x, target=y)

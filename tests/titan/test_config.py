@@ -35,10 +35,10 @@ def test_example_config_parses_with_the_section():
 
 def test_rank_balance_and_memory_budget_reach_compile():
     kwargs = dpfx_config.compile_kwargs(parse().dualpipe_fx)
-    assert (kwargs["balance"], kwargs["memory_budget"]) == ("both", None)
+    assert (kwargs["memory"].balance, kwargs["memory"].budget) == ("both", None)
     cfg = parse("--dualpipe_fx.rank_balance", "memory", "--dualpipe_fx.memory_budget_gib", "1.5")
     kwargs = dpfx_config.compile_kwargs(cfg.dualpipe_fx)
-    assert (kwargs["balance"], kwargs["memory_budget"]) == ("memory", 3 * 2**29)
+    assert (kwargs["memory"].balance, kwargs["memory"].budget) == ("memory", 3 * 2**29)
     cfg.dualpipe_fx.rank_balance = "speed"
     with pytest.raises(ValueError, match=r"dualpipe_fx.rank_balance = 'speed' is not one of"):
         dpfx_config._check_schedule(cfg)
