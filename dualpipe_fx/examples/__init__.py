@@ -63,13 +63,16 @@ def _rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.T
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (even, odd) of ``x: [b, heads, seq, head_dim]`` by position."""
+    """Rotate channel pairs (even, odd) of ``x: [b, heads, seq, head_dim]`` by position.
+
+    The angles are fp32 buffers (a mixed-precision policy casts parameters, not buffers): the
+    rotation runs in fp32 and returns ``x``'s dtype, as torchtitan's ``apply_rotary_emb``."""
     seq = x.shape[-2]
     cos, sin = cos[:seq], sin[:seq]
     x_even, x_odd = x[..., 0::2], x[..., 1::2]
     rot_even = x_even * cos - x_odd * sin
     rot_odd = x_even * sin + x_odd * cos
-    return torch.stack((rot_even, rot_odd), dim=-1).flatten(-2)
+    return torch.stack((rot_even, rot_odd), dim=-1).flatten(-2).type_as(x)
 
 
 class Attention(nn.Module):
