@@ -29,6 +29,7 @@ from dualpipe_fx import _compat
 from dualpipe_fx.runtime.clock import HostClock
 from dualpipe_fx.runtime.errors import PeerTimeoutError
 from dualpipe_fx.runtime.stage import GraphStage
+from dualpipe_fx.runtime.sync import wait
 from dualpipe_fx.schedules import ir
 
 
@@ -181,7 +182,7 @@ class Executor:
         start = self.clock.mark() if self.records is not None else None
         for work in works:
             try:
-                work.wait(self.timeout)
+                wait(work, self.timeout, stage.device)
             except RuntimeError as err:
                 raise PeerTimeoutError(self.rank, peer, f"the {what} for {action}", self.timeout, err) from err
         if self.records is not None:

@@ -23,6 +23,7 @@ from torch import nn
 
 from dualpipe_fx._compat import PipelineStageBase
 from dualpipe_fx.runtime.clock import HostClock
+from dualpipe_fx.runtime.sync import wait
 from passes.accumulate_grads import accumulate_grads, accumulated_positions
 from passes.stage_graphs import StageGraphs
 
@@ -322,7 +323,7 @@ class GraphStage(PipelineStageBase):
         """Wait for the sends ``send_early`` started (torch waits for its own at step end)."""
         works, self._early_works = self._early_works, []
         for work in works:
-            work.wait(timeout)
+            wait(work, timeout, self.device)
 
     def _log_recv(self, kind: str, mb: int) -> None:
         if self.comm_log is not None:  # profiling: when the receive was posted (gloo moves data after)

@@ -19,6 +19,21 @@ import torch.distributed as dist
 from dualpipe_fx.runtime.errors import PeerTimeoutError
 
 
+def wait(work, timeout: timedelta, device: torch.device) -> None:
+    """Wait for a send, receive or collective on tensors of ``device``.
+
+    On CPU (gloo) the host blocks until it is done, at most ``timeout``. On a GPU the current
+    stream waits for it and the host goes on launching: NCCL's ``wait(timeout)`` would also
+    block the host until the transfer ends (a host sync per receive), so no timeout is
+    passed there; the process group's own timeout (``init_process_group(timeout=...)``, NCCL's
+    watchdog) catches a lost peer instead.
+    """
+    if device.type == "cpu":
+        work.wait(timeout)
+    else:
+        work.wait()
+
+
 def exchange(tensors: Sequence[torch.Tensor], peer: int, group: Optional[dist.ProcessGroup],
              rank: int, timeout: timedelta, what: str) -> list[torch.Tensor]:
     """Send ``tensors`` to ``peer`` and receive the same shapes back from it."""
@@ -27,7 +42,7 @@ def exchange(tensors: Sequence[torch.Tensor], peer: int, group: Optional[dist.Pr
     works += [dist.irecv(b, group=group, group_src=peer) for b in bufs]
     for work in works:
         try:
-            work.wait(timeout)
+            wait(work, timeout, bufs[0].device)
         except RuntimeError as err:
             raise PeerTimeoutError(rank, peer, what, timeout, err) from err
     return bufs
