@@ -69,7 +69,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x_even, x_odd = x[..., 0::2], x[..., 1::2]
     rot_even = x_even * cos - x_odd * sin
     rot_odd = x_even * sin + x_odd * cos
-    return torch.stack((rot_even, rot_odd), dim=-1).flatten(-2)
+    # in the tables' dtype (fp32), back to x's: bf16 q and k, as v (SDPA wants one dtype)
+    return torch.stack((rot_even, rot_odd), dim=-1).flatten(-2).type_as(x)
 
 
 class Attention(nn.Module):
