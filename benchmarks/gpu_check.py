@@ -401,7 +401,8 @@ def table(results: dict) -> str:
                      + (res.get("error", "") if status == "error" else figures))
     prof = results.get("profile", {})
     if prof.get("table"):
-        lines += ["", "profile (CUDA events on a GPU):", prof["table"]]
+        lines += ["", f"profile ({prof.get('clock')}), one rank: no peer to wait for, so the bubble is "
+                  "the schedule's own (none when both stages are local)", prof["table"]]
     return "\n".join(lines)
 
 
