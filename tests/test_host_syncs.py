@@ -65,3 +65,19 @@ def test_the_docs_table_names_every_listed_sync():
     page = (ROOT / "docs" / "cuda.md").read_text()
     missing = [f"{f}:{fn} .{a}()" for f, fn, a in ALLOWED if f"{f}:{fn}" not in page or f".{a}()" not in page]
     assert not missing, f"docs/cuda.md's host-sync table lacks {missing}"
+
+
+def _vote_devices(rank, world):
+    import torch.distributed as dist
+
+    from dualpipe_fx.runtime.agree import vote_device
+    return str(vote_device(None)), dist.get_backend_config()
+
+
+def test_the_votes_stay_on_the_cpu_where_the_group_takes_cpu_tensors():
+    """gloo (and "cuda:nccl,cpu:gloo") take the votes' flags on the CPU: no device sync.
+    A pure NCCL group (torchtitan's default) puts them on its device: checked on a GPU only."""
+    from tests.runtime.dist_harness import run_ranks
+
+    (got,) = run_ranks(_vote_devices, 1, timeout=120)
+    assert got[0] == "cpu", got
