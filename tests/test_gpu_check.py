@@ -20,7 +20,8 @@ def test_gpu_check_runs_on_cpu_and_the_pipelined_steps_match(tmp_path):
                           "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert set(SECTIONS) <= set(out), sorted(out)
+    assert set(SECTIONS) | {"summary", "environment"} <= set(out), sorted(out)
+    assert out["summary"]["fp32_loss_and_grads_equal"] and out["summary"]["flex_equal"], out["summary"]
     failed = {k: out[k].get("error") for k in SECTIONS if out[k].get("status") != "ok"}
     assert not failed, failed
     for section in ("equivalence", "mixed_precision", "flex"):
