@@ -7,6 +7,9 @@ every holder's grad, as Megatron all-reduces its embedding grads. Every holder a
 same values in the same (rank) order, so the copies stay bitwise equal. Each rank
 exchanges with its peers in ascending rank order, a total order on the pairs, so three
 or more holders cannot wait on each other in a cycle.
+
+``wait`` is where every wait of the runtime's P2P and collectives goes: a host wait with
+the pipeline's timeout on CPU, stream order on a GPU (docs/cuda.md lists why).
 """
 from __future__ import annotations
 
