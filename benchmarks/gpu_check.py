@@ -100,8 +100,10 @@ def _median_step(fn, device: torch.device, warmup: int, steps: int) -> float:
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
+    """``t`` whole, fp32, on the host: kept grads hold no device memory (the memory section
+    measures the device's peak after them)."""
     from torch.distributed.tensor import DTensor
-    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().float()
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().to("cpu", torch.float32, copy=True)
 
 
 def compare(loss, ref_loss, grads: dict, ref_grads: dict, tolerance: float) -> dict:
@@ -111,8 +113,9 @@ def compare(loss, ref_loss, grads: dict, ref_grads: dict, tolerance: float) -> d
         got = grads.get(name)
         if got is None:
             return {"ok": False, "missing_grad": name}
-        diff = (_full(got) - _full(ref)).abs().max().item()
-        rel = diff / max(_full(ref).abs().max().item(), 1e-12)
+        got, ref = _full(got), _full(ref)
+        diff = (got - ref).abs().max().item()
+        rel = diff / max(ref.abs().max().item(), 1e-12)
         worst_abs = max(worst_abs, diff)
         if rel >= worst_rel:
             worst_rel, worst = rel, name
@@ -135,7 +138,7 @@ def _policy():
 
 
 def _grads(named) -> dict:
-    return {n: p.grad.detach().clone() for n, p in named if p.grad is not None}
+    return {n: _full(p.grad) for n, p in named if p.grad is not None}
 
 
 def _train_step(pipe, x, y):
@@ -172,10 +175,11 @@ def mixed_precision_and_memory(state: dict) -> tuple[dict, dict]:
     pipe.zero_grad()
     loss = pipe.step(x, target=y)
     grads = _grads(pipe.named_parameters())
+    dtypes = sorted({str(p.grad.dtype) for _, p in pipe.named_parameters() if p.grad is not None})
     memory = _memory(pipe, x, y, device, base if device.type == "cuda" else None)
     ref_loss, ref_grads = _fsdp2_reference(state)
     result = compare(loss, ref_loss, grads, ref_grads, TOLERANCE["bf16"])
-    result["grad_dtypes"] = sorted({str(g.dtype) for g in grads.values()})
+    result["grad_dtypes"] = dtypes  # .grad stays in the parameters' dtype (fp32)
     return result, memory
 
 
