@@ -378,7 +378,9 @@ SECTIONS = [("equivalence", equivalence), ("mixed_precision+memory", mixed_preci
 BUDGET_S = 420  # a section that would start later is skipped: the device run has one try of 10 minutes
 
 
-def run(device: torch.device, cfg: Config) -> dict:
+def run(device: torch.device, cfg: Config, out: Path) -> dict:
+    """Every section in turn; ``out`` (the JSON) is rewritten after each, so a run stopped
+    part-way leaves what it measured."""
     t0 = time.perf_counter()
     x, y = ex.llama_batch(cfg.llama, batch=cfg.batch, seq=cfg.seq, seed=1)
     state = {"cfg": cfg, "device": device, "x": x.to(device), "y": y.to(device)}
@@ -389,6 +391,9 @@ def run(device: torch.device, cfg: Config) -> dict:
                 results[key] = {"status": "skipped", "error": f"over the {BUDGET_S} s budget"}
             continue
         _guarded(name, fn, state, results)
+        out.write_text(json.dumps(results, indent=2, default=str))
+        print(f"[gpu_check] {name}: {results[name.split('+')[0]].get('status')} "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
         if name == "step_times" and results[name].get("status") == "ok":
             state["eager_s"] = results[name]["eager_s"]
     results["summary"] = summary(results)
@@ -467,10 +472,10 @@ def main(argv=None) -> int:
         cfg = dataclasses.replace(cfg, compile_stages=True)
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    with group_of_one(device):
-        results = run(device, cfg)
-    results["environment"]["total_s"] = round(time.perf_counter() - t0, 1)
     args.out.mkdir(parents=True, exist_ok=True)
+    with group_of_one(device):
+        results = run(device, cfg, args.out / "gpu_check.json")
+    results["environment"]["total_s"] = round(time.perf_counter() - t0, 1)
     (args.out / "gpu_check.json").write_text(json.dumps(results, indent=2, default=str))
     print(table(results))
     print(f"total {results['environment']['total_s']} s; wrote {args.out / 'gpu_check.json'}")
