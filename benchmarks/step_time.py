@@ -63,29 +63,39 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def _torch_schedule(name: str, model, x, y, rank: int):
+def torch_schedule(name: str, parts: list, rank: int, ranks: int, microbatches: int, loss_fn, x, y,
+                   device=torch.device("cpu"), zero_grad=None):
+    """A step function of torch's own ``name`` schedule ("torch DualPipeV", "torch ZBV": 2 stages
+    per rank in V placement; "torch 1F1B": 1) on ``parts``, the manual stages' modules in
+    order (``len(parts)`` stages; this rank builds only its own)."""
     from torch.distributed.pipelining import PipelineStage
     from torch.distributed.pipelining.schedules import (Schedule1F1B, ScheduleDualPipeV,
                                                         ScheduleZBVZeroBubble)
-    layers = list(model.layers)
+    n = len(parts)
     if name == "torch 1F1B":
-        per = DEPTH // RANKS
-        stages = [PipelineStage(torch.nn.Sequential(*layers[rank * per:(rank + 1) * per]), rank, RANKS,
-                                torch.device("cpu"))]
-        sched = Schedule1F1B(stages[0], MICROBATCHES, loss_fn=ex.mse_loss)
+        stages = [PipelineStage(parts[rank], rank, n, device)]
+        sched = Schedule1F1B(stages[0], microbatches, loss_fn=loss_fn)
     else:
-        per, n = DEPTH // (2 * RANKS), 2 * RANKS
-        stages = [PipelineStage(torch.nn.Sequential(*layers[s * per:(s + 1) * per]), s, n, torch.device("cpu"))
-                  for s in (rank, n - 1 - rank)]
+        stages = [PipelineStage(parts[s], s, n, device) for s in (rank, n - 1 - rank)]
         cls = ScheduleDualPipeV if name == "torch DualPipeV" else ScheduleZBVZeroBubble
-        sched = cls(stages, MICROBATCHES, loss_fn=ex.mse_loss)
+        sched = cls(stages, microbatches, loss_fn=loss_fn)
     first = any(s.is_first for s in stages)
     last = any(s.is_last for s in stages)
 
     def step():
-        model.zero_grad(set_to_none=True)
+        if zero_grad is not None:
+            zero_grad()
         sched.step(*((x,) if first else ()), target=y if last else None)
     return step
+
+
+def _torch_schedule(name: str, model, x, y, rank: int):
+    layers = list(model.layers)
+    n = RANKS if name == "torch 1F1B" else 2 * RANKS
+    per = DEPTH // n
+    parts = [torch.nn.Sequential(*layers[s * per:(s + 1) * per]) for s in range(n)]
+    return torch_schedule(name, parts, rank, RANKS, MICROBATCHES, ex.mse_loss, x, y,
+                          zero_grad=lambda: model.zero_grad(set_to_none=True))
 
 
 def _profile_figures(pipe, x, y) -> dict | None:

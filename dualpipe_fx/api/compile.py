@@ -24,7 +24,8 @@ from torch import nn
 
 from dualpipe_fx.api import options
 from dualpipe_fx.api.options import MemoryPolicy, Parallelism
-from dualpipe_fx.runtime.agree import HINTS, agree, as_timeout, call_fields, cut_fields, together, verify_names
+from dualpipe_fx.runtime.agree import (HINTS, agree, as_timeout, call_fields, cut_fields, together, verify_names,
+                                       vote_device)
 from dualpipe_fx.runtime.build import build_pipeline, local_names, local_parts
 from dualpipe_fx.runtime.data_parallel import ExpertParallel, check_expert_parallel, check_groups, dp_fields
 from dualpipe_fx.runtime.errors import PeerTimeoutError, check_world  # noqa: F401  re-exported
@@ -170,7 +171,8 @@ class _RankZeroTimings:
         if id(gm) not in self._tables:
             local = scalar_costs(gm, "measured")
             names = sorted(local)
-            times = torch.tensor([local[n] for n in names], dtype=torch.float64)
+            # on the CPU where the group takes CPU tensors; a pure NCCL group takes its device's
+            times = torch.tensor([local[n] for n in names], dtype=torch.float64, device=vote_device(self.group))
             dist.broadcast(times, group_src=0, group=self.group)
             self._tables[id(gm)] = dict(zip(names, times.tolist()))
         return self._tables[id(gm)].get(node.name, 0.0)

@@ -59,16 +59,28 @@ def _wait(work, group, timeout: timedelta, what: str) -> None:
         raise PeerTimeoutError(dist.get_rank(group), None, what, timeout, err) from err
 
 
+def vote_device(group) -> torch.device:
+    """Where the agreement's and the votes' small tensors live: the CPU when ``group`` has a
+    CPU backend (gloo, or ``"cuda:nccl,cpu:gloo"``: reading them syncs nothing), else the
+    group's device (a pure ``"nccl"`` group, torchtitan's default, takes no CPU tensor; each
+    read is then a device sync: two per step)."""
+    config = dist.get_backend_config(group)  # e.g. "cpu:gloo,cuda:gloo" or "cuda:nccl"
+    if "cpu:" in config:
+        return torch.device("cpu")
+    kind = config.split(":")[0]
+    return torch.device(kind, torch.get_device_module(kind).current_device())
+
+
 def gather_bytes(payload: bytes, group, timeout: timedelta, what: str) -> list[bytes]:
     """Every rank's ``payload``, in rank order (two all_gathers, each waited with ``timeout``)."""
-    world = dist.get_world_size(group)
-    size = torch.tensor([len(payload)], dtype=torch.int64)
-    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+    world, device = dist.get_world_size(group), vote_device(group)
+    size = torch.tensor([len(payload)], dtype=torch.int64, device=device)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
     _wait(dist.all_gather(sizes, size, group=group, async_op=True), group, timeout, what)
     longest = int(max(s.item() for s in sizes))
-    mine = torch.zeros(longest, dtype=torch.uint8)
+    mine = torch.zeros(longest, dtype=torch.uint8, device=device)
     mine[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else mine[:0]
-    bufs = [torch.zeros(longest, dtype=torch.uint8) for _ in range(world)]
+    bufs = [torch.zeros(longest, dtype=torch.uint8, device=device) for _ in range(world)]
     _wait(dist.all_gather(bufs, mine, group=group, async_op=True), group, timeout, what)
     return [bytes(b[: int(s.item())].tolist()) for b, s in zip(bufs, sizes)]
 
@@ -183,15 +195,16 @@ def vote(error: Optional[BaseException], group, timeout: timedelta, what: str,
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     if world == 1:
         return None if error is None else StepFailure(rank, kind or type(error).__name__, str(error), where)
-    flag = torch.tensor([rank if error is not None else world], dtype=torch.int64)
+    device = vote_device(group)
+    flag = torch.tensor([rank if error is not None else world], dtype=torch.int64, device=device)
     _wait(dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group, async_op=True), group, timeout, what)
     failed = int(flag.item())
     if failed == world:
         return None
-    buf = torch.zeros(_MESSAGE_BYTES, dtype=torch.uint8)
+    buf = torch.zeros(_MESSAGE_BYTES, dtype=torch.uint8, device=device)
     if rank == failed:
         text = f"{kind or type(error).__name__}\n{where}\n{error}".encode()[: _MESSAGE_BYTES - 1]
-        buf[: len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
+        buf[: len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8).to(device)
     _wait(dist.broadcast(buf, group_src=failed, group=group, async_op=True), group, timeout, what)
     raw = bytes(buf.tolist()).rstrip(b"\0").decode(errors="replace")
     kind, where, message = raw.split("\n", 2)

@@ -71,6 +71,7 @@ from torch import nn
 
 from dualpipe_fx import _compat
 from dualpipe_fx.runtime.errors import PeerTimeoutError
+from dualpipe_fx.runtime.sync import wait
 
 MODES = ("replicate", "shard", "shard_grad_op")
 
@@ -349,7 +350,7 @@ class DataParallel:
             assert n in self._gathered, f"stage {stage_index} computes before its UNSHARD gathered {n}"
 
     def _finish_gather(self, pending: _Pending) -> None:
-        self._wait(pending.work, "the all-gather of parameters")
+        self._wait(pending.work, "the all-gather of parameters", pending.flat.device)
         total = pending.flat.numel() // self.size
         rows = pending.flat.view(self.size, total)
         for lay, off in zip(pending.layouts, pending.offsets):
@@ -426,7 +427,7 @@ class DataParallel:
         reducing, self._reducing = self._reducing, []
         for pending in reducing:
             if pending.work is not None:
-                self._wait(pending.work, "the reduction of grads")
+                self._wait(pending.work, "the reduction of grads", pending.flat.device)
             pending.flat.div_(self.size)
             for lay, off in zip(pending.layouts, pending.offsets):
                 if lay.sharded:
@@ -485,9 +486,9 @@ class DataParallel:
         schedule.register_custom_function(ct.RESHARD, self.on_reshard)
         schedule.register_custom_function(ct.REDUCE_GRAD, self.on_reduce_grad)
 
-    def _wait(self, work, what: str) -> None:
+    def _wait(self, work, what: str, device: torch.device) -> None:
         try:
-            work.wait(self.timeout)
+            wait(work, self.timeout, device)
         except RuntimeError as err:
             raise PeerTimeoutError(dist.get_rank(), None, f"{what} over the data-parallel group",
                                    self.timeout, err) from err

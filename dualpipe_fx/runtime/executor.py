@@ -21,14 +21,15 @@ bypass these handlers, so every compute kind is registered together.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from dualpipe_fx import _compat
+from dualpipe_fx.runtime.clock import HostClock
 from dualpipe_fx.runtime.errors import PeerTimeoutError
 from dualpipe_fx.runtime.stage import GraphStage
+from dualpipe_fx.runtime.sync import wait
 from dualpipe_fx.schedules import ir
 
 
@@ -37,8 +38,8 @@ class Record:
     """One measured interval: a compute action, or a wait for a peer before one."""
 
     action: ir.Action
-    start: float
-    end: float
+    start: Any  # marks of Executor.clock (runtime.clock): seconds on the host clock, CUDA events
+    end: Any
     wait_for: Optional[int] = None  # the peer rank waited for; None for compute
 
 
@@ -62,6 +63,7 @@ class Executor:
         self.timeout = timeout
         self.overlap: Callable[["Executor", ir.Action, ir.Action], None] = run_pair_sequentially
         self.records: Optional[list[Record]] = None
+        self.clock = HostClock()  # what records' marks come from (runtime.clock): CUDA events on a GPU
         self.forward_only = False
         self.failure: Optional[tuple[ir.Action, Exception]] = None  # this step's first error
         # runtime.data_parallel.DataParallel, or None: runs UNSHARD/RESHARD/REDUCE_GRAD, and
@@ -161,9 +163,9 @@ class Executor:
         if self.records is None:
             fn(*args)
             return
-        start = time.perf_counter()
+        start = self.clock.mark()
         fn(*args)
-        self.records.append(Record(action, start, time.perf_counter()))
+        self.records.append(Record(action, start, self.clock.mark()))
 
     def _wait_inputs(self, schedule, action: ir.Action) -> None:
         """Wait for the receive ``action`` needs (none when its peer stage is local or absent)."""
@@ -177,14 +179,14 @@ class Executor:
             return
         if not works:
             return
-        start = time.perf_counter()
+        start = self.clock.mark() if self.records is not None else None
         for work in works:
             try:
-                work.wait(self.timeout)
+                wait(work, self.timeout, stage.device)
             except RuntimeError as err:
                 raise PeerTimeoutError(self.rank, peer, f"the {what} for {action}", self.timeout, err) from err
         if self.records is not None:
-            self.records.append(Record(action, start, time.perf_counter(), wait_for=peer))
+            self.records.append(Record(action, start, self.clock.mark(), wait_for=peer))
 
 
 def _no_op(action, ctx) -> None:

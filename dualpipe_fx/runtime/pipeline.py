@@ -90,6 +90,7 @@ class Pipeline:
         self._params = data_parallel.params if data_parallel is not None else named_params(stages)
         self._loss_ranks = tuple(sorted({program.stage_to_rank()[c[-1]] for c in program.chains}))
         self._broken: Optional[str] = None  # why the group cannot be used again
+        self._grad_loss: Optional[torch.Tensor] = None  # d(step loss)/d(micro-batch loss) = 1/C, made once
 
     # -- parameters and checkpoints ------------------------------------------------------
 
@@ -221,10 +222,11 @@ class Pipeline:
             target = torch.zeros((n * self.example_target.shape[0], *self.example_target.shape[1:]),
                                  dtype=self.example_target.dtype, device=self.device)
         target_mbs = target.tensor_split(n) if target is not None else None
-        grad_loss = torch.tensor(1.0 / n, device=self.device)
+        if self._grad_loss is None:  # once: a host-to-device copy of a Python float syncs the stream
+            self._grad_loss = torch.full((), 1.0 / n, device=self.device)
         for stage in self.stages.values():
             stage.clear_runtime_states()
-            stage.grad_loss = grad_loss
+            stage.grad_loss = self._grad_loss
             for mb in range(self.program.num_microbatches):
                 i = self._data_index(stage.stage_index, mb)
                 mb_values = {name: parts[i] for name, parts in input_mbs.items()}

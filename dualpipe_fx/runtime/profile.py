@@ -7,7 +7,8 @@ sim=result)`` draws it like a simulated one; ``result.simulated`` is the simulat
 of the same program with the measured per-action costs, for the side-by-side.
 
 **Pseudocode**
-    per step: barrier; record each handler's wait and compute interval (seconds from t0)
+    per step: barrier; mark each handler's wait and compute interval on the device's clock
+              (runtime.clock: host on CPU, CUDA events on a GPU); finish; marks -> seconds from t0
     gather every rank's records on rank 0
     per rank: busy = compute, overhead = gaps between records, bubble = the rest (waits, edges)
     cost of each action of the last step = its compute + the gap before it (the runtime's
@@ -26,6 +27,7 @@ from typing import Optional
 
 import torch.distributed as dist
 
+from dualpipe_fx.runtime.clock import clock_for
 from dualpipe_fx.schedules.ir import Action, Program
 from dualpipe_fx.planning.simulate import Costs, SimResult, StageCosts, cost_key, simulate
 from dualpipe_fx.planning.timeline import TimelineEntry, busy_time
@@ -48,7 +50,8 @@ class ProfileResult:
     measured bubble above it is time lost to stalls the model does not know. Both
     ratios are medians over the profiled steps; the timeline, ``busy``, ``overhead``,
     ``waits`` and ``simulated`` (the replay) are the last step's. ``step_times`` are the
-    wall times of every profiled step.
+    wall times of every profiled step. ``clock`` names the timing source: on a GPU the
+    intervals are CUDA events on the compute stream (the GPU's work, not its launch).
     """
 
     program: Program
@@ -64,6 +67,7 @@ class ProfileResult:
     costs: Costs
     simulated: SimResult
     time_unit: str = "s"
+    clock: str = "HostClock"  # the timing source (runtime.clock): "CudaEventClock" on a GPU
 
     @property
     def idle(self) -> dict[int, float]:
@@ -118,26 +122,43 @@ def stage_costs(entries: list[TimelineEntry], base: Costs, replay: list[Timeline
                       {e.action: e.duration for e in replay})
 
 
-def _record_steps(pipe, inputs: tuple, target, steps: int) -> list[tuple[float, list, list]]:
+def _record_steps(pipe, inputs: tuple, target, steps: int, clock) -> list[tuple[float, list, list]]:
     """Per step: (wall, [(action, start, end, peer waited for or None)], [(stage, kind, mb,
     time)] of the sends started inside F&B pairs (kind "F"|"B") and of the receives posted
-    (kind "recvF"|"recvB")), in seconds from the step's start."""
+    (kind "recvF"|"recvB")), in seconds from the step's start, read from the pipeline
+    clock (``runtime.clock``: CUDA events on a GPU, resolved after one synchronize)."""
+    holders = [pipe._executor, *pipe.stages.values()]
+    kept = [h.clock for h in holders]
+    for h in holders:
+        h.clock = clock
     out = []
-    for _ in range(steps):
-        dist.barrier(group=pipe.group)
-        pipe._executor.records = []
+    try:
+        for _ in range(steps):
+            clock.finish()  # earlier work (an optimizer step) off the device: wall is this step's
+            dist.barrier(group=pipe.group)
+            pipe._executor.records = []
+            for stage in pipe.stages.values():
+                stage.comm_log = []
+            t0 = time.perf_counter()
+            clock.begin()
+            pipe.step(*inputs, target=target)
+            clock.finish()
+            wall = time.perf_counter() - t0
+            out.append(_resolved(clock, wall, pipe))
+    finally:
+        pipe._executor.records = None
+        for h, c in zip(holders, kept):
+            h.clock = c
         for stage in pipe.stages.values():
-            stage.comm_log = []
-        t0 = time.perf_counter()
-        pipe.step(*inputs, target=target)
-        wall = time.perf_counter() - t0
-        comms = [(st, kind, mb, t - t0) for stage in pipe.stages.values() for st, kind, mb, t in stage.comm_log]
-        out.append((wall, [(r.action, r.start - t0, r.end - t0, r.wait_for)
-                           for r in pipe._executor.records], comms))
-    pipe._executor.records = None
-    for stage in pipe.stages.values():
-        stage.comm_log = None
+            stage.comm_log = None
     return out
+
+
+def _resolved(clock, wall: float, pipe) -> tuple[float, list, list]:
+    """One step's records with the clock's marks as seconds from its ``begin()``."""
+    sec = clock.seconds
+    comms = [(st, kind, mb, sec(t)) for stage in pipe.stages.values() for st, kind, mb, t in stage.comm_log]
+    return wall, [(r.action, sec(r.start), sec(r.end), r.wait_for) for r in pipe._executor.records], comms
 
 
 def _published(recs: list, comms: list) -> dict[tuple[str, int, int], float]:
@@ -238,16 +259,21 @@ def summarize(program: Program, per_rank: dict[int, list[tuple[float, list, list
         samples_per_s=batch / statistics.median(step_times), costs=costs, simulated=sim)
 
 
-def profile_pipeline(pipe, inputs: tuple, target=None, steps: int = 3) -> Optional[ProfileResult]:
-    """Run ``steps`` steps of ``pipe`` recording every action; the result on rank 0 only."""
+def profile_pipeline(pipe, inputs: tuple, target=None, steps: int = 3, clock=None) -> Optional[ProfileResult]:
+    """Run ``steps`` steps of ``pipe`` recording every action; the result on rank 0 only.
+
+    ``clock``: the timing source (``runtime.clock``); default ``clock_for(pipe.device)``,
+    the host clock on CPU and CUDA events on a GPU."""
     if steps < 1:
         raise ValueError(f"profile(steps={steps}): run at least 1 step")
     pipe._check(tuple(inputs), target, forward_only=False)
-    mine = _record_steps(pipe, tuple(inputs), target, steps)
+    clock = clock_for(pipe.device) if clock is None else clock
+    mine = _record_steps(pipe, tuple(inputs), target, steps, clock)
     gathered: Optional[list] = [None] * dist.get_world_size(pipe.group) if pipe.rank == 0 else None
     dist.gather_object((pipe.rank, mine), gathered, group_dst=0, group=pipe.group)
     if pipe.rank != 0:
         return None
     batch = pipe.num_microbatches * pipe.examples[0].shape[0]
     early = any(s.early_sends for s in pipe.stages.values())  # F&B pairs send from inside
-    return summarize(pipe.program, dict(gathered), batch, early_results=early)
+    result = summarize(pipe.program, dict(gathered), batch, early_results=early)
+    return dataclasses.replace(result, clock=type(clock).__name__)

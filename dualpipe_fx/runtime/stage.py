@@ -14,7 +14,6 @@ RECV_* actions. Param grads accumulate into the model's own ``nn.Parameter.grad`
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -23,6 +22,8 @@ import torch.distributed as dist
 from torch import nn
 
 from dualpipe_fx._compat import PipelineStageBase
+from dualpipe_fx.runtime.clock import HostClock
+from dualpipe_fx.runtime.sync import wait
 from passes.accumulate_grads import accumulate_grads, accumulated_positions
 from passes.stage_graphs import StageGraphs
 
@@ -141,6 +142,7 @@ class GraphStage(PipelineStageBase):
         self._early_works: list = []
         # while profiling: (stage, "F"|"B", mb, time) per early send, (stage, "recvF"|"recvB", ...) per receive
         self.comm_log: Optional[list] = None
+        self.clock = HostClock()  # the profile's timing source (runtime.clock): CUDA events on a GPU
         self.place = place
         self.params = tuple(params)
         # what the graphs read: the params themselves, or (mixed precision) their param_dtype
@@ -309,7 +311,7 @@ class GraphStage(PipelineStageBase):
         self._early_works.append(work)
         self._sent_early.add((kind, mb, index))
         if self.comm_log is not None:  # profiling: when this result left the rank
-            self.comm_log.append((self.stage_index, kind, mb, time.perf_counter()))
+            self.comm_log.append((self.stage_index, kind, mb, self.clock.mark()))
 
     def _unsent(self, kind: str, mb: int, index: int) -> bool:
         if (kind, mb, index) in self._sent_early:
@@ -321,11 +323,11 @@ class GraphStage(PipelineStageBase):
         """Wait for the sends ``send_early`` started (torch waits for its own at step end)."""
         works, self._early_works = self._early_works, []
         for work in works:
-            work.wait(timeout)
+            wait(work, timeout, self.device)
 
     def _log_recv(self, kind: str, mb: int) -> None:
         if self.comm_log is not None:  # profiling: when the receive was posted (gloo moves data after)
-            self.comm_log.append((self.stage_index, "recv" + kind, mb, time.perf_counter()))
+            self.comm_log.append((self.stage_index, "recv" + kind, mb, self.clock.mark()))
 
     def get_fwd_recv_ops(self, fwd_chunk_id: int) -> list[dist.P2POp]:
         self._log_recv("F", fwd_chunk_id)

@@ -7,6 +7,9 @@ every holder's grad, as Megatron all-reduces its embedding grads. Every holder a
 same values in the same (rank) order, so the copies stay bitwise equal. Each rank
 exchanges with its peers in ascending rank order, a total order on the pairs, so three
 or more holders cannot wait on each other in a cycle.
+
+``wait`` is where every wait of the runtime's P2P and collectives goes: a host wait with
+the pipeline's timeout on CPU, stream order on a GPU (docs/cuda.md lists why).
 """
 from __future__ import annotations
 
@@ -19,6 +22,21 @@ import torch.distributed as dist
 from dualpipe_fx.runtime.errors import PeerTimeoutError
 
 
+def wait(work, timeout: timedelta, device: torch.device) -> None:
+    """Wait for a send, receive or collective on tensors of ``device``.
+
+    On CPU (gloo) the host blocks until it is done, at most ``timeout``. On a GPU the current
+    stream waits for it and the host goes on launching: NCCL's ``wait(timeout)`` would also
+    block the host until the transfer ends (a host sync per receive), so no timeout is
+    passed there; the process group's own timeout (``init_process_group(timeout=...)``, NCCL's
+    watchdog) catches a lost peer instead.
+    """
+    if device.type == "cpu":
+        work.wait(timeout)
+    else:
+        work.wait()
+
+
 def exchange(tensors: Sequence[torch.Tensor], peer: int, group: Optional[dist.ProcessGroup],
              rank: int, timeout: timedelta, what: str) -> list[torch.Tensor]:
     """Send ``tensors`` to ``peer`` and receive the same shapes back from it."""
@@ -27,7 +45,7 @@ def exchange(tensors: Sequence[torch.Tensor], peer: int, group: Optional[dist.Pr
     works += [dist.irecv(b, group=group, group_src=peer) for b in bufs]
     for work in works:
         try:
-            work.wait(timeout)
+            wait(work, timeout, bufs[0].device)
         except RuntimeError as err:
             raise PeerTimeoutError(rank, peer, what, timeout, err) from err
     return bufs
