@@ -6,7 +6,10 @@ a large one) and a separate ``grad += new`` pass over the weight per micro-batch
 pass fuses the sum into the GEMM that makes the grad, as Megatron's gradient-accumulation
 fusion does: ``acc.addmm_(a, b)`` (BLAS ``beta = 1``) instead of ``acc += a @ b``. Any
 other grad is added with ``acc.add_(grad)``; the values are those of ``acc + grad``
-(the GEMM's rounding differs only in where the sum is taken).
+(the GEMM's rounding differs only in where the sum is taken). Under mixed precision a
+grad made in ``param_dtype`` (bf16) is summed into an accumulator of the parameter's own
+dtype (fp32): ``acc.add_(grad)`` converts as it adds (no fp32 copy of the grad), one grad
+at a time where it is made, so the graph never holds all of its bf16 grads at once.
 
 **Contract**: ``gm(*args) -> results`` with ``results[i]`` a grad for ``i`` in
 ``positions`` becomes ``gm'(*args, *accs) -> results'`` where, for the positions
@@ -17,13 +20,13 @@ result is unchanged.
 **Pseudocode**
     for each position i whose result v is a node (k-th accumulator acc_k):
         peel t() users-of-one off v, counting transposes
-        v == mm(a, b) used once: acc_k.addmm_(a, b)  (transposed: addmm_(b.t(), a.t()))
-        else:                    acc_k.add_(v)
+        v == mm(a, b) used once, same dtype: acc_k.addmm_(a, b)  (transposed: addmm_(b.t(), a.t()))
+        else:                                acc_k.add_(v)
         result i := that in-place node; dead code removed; lint; recompile
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Collection, Iterable, Optional
 
 import torch
 import torch.fx as fx
@@ -56,12 +59,13 @@ def add_into(acc: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return acc.add_(value)
 
 
-def _fused(graph: fx.Graph, acc: fx.Node, value: fx.Node, uses: int, opaque: bool) -> fx.Node:
+def _fused(graph: fx.Graph, acc: fx.Node, value: fx.Node, uses: int, opaque: bool, cast: bool) -> fx.Node:
     """``acc += value`` as one in-place node right where ``value`` was made (so the node
-    order, e.g. a multiplexed schedule, holds); ``uses``: how often ``value`` is used at all."""
+    order, e.g. a multiplexed schedule, holds); ``uses``: how often ``value`` is used at all;
+    ``cast``: ``acc`` has another dtype than ``value`` (addmm_ takes one dtype)."""
     core, transposed = _peel(value)
     with graph.inserting_before(value.next):  # keeps the creation order of the new nodes
-        if uses == 1 and core.op == "call_function" and core.target is _aten.mm.default:
+        if not cast and uses == 1 and core.op == "call_function" and core.target is _aten.mm.default:
             a, b = core.args
             if transposed:  # (a @ b)^T = b^T @ a^T
                 a, b = graph.call_function(_aten.t.default, (b,)), graph.call_function(_aten.t.default, (a,))
@@ -69,7 +73,8 @@ def _fused(graph: fx.Graph, acc: fx.Node, value: fx.Node, uses: int, opaque: boo
         return graph.call_function(add_into if opaque else _aten.add_.Tensor, (acc, value))
 
 
-def accumulate_grads(gm: fx.GraphModule, positions: Iterable[int], *, opaque: bool = False) -> fx.GraphModule:
+def accumulate_grads(gm: fx.GraphModule, positions: Iterable[int], *, opaque: bool = False,
+                     cast: Collection[int] = ()) -> fx.GraphModule:
     """``gm`` with the results at ``positions`` accumulated into extra trailing inputs.
 
     Args:
@@ -78,6 +83,8 @@ def accumulate_grads(gm: fx.GraphModule, positions: Iterable[int], *, opaque: bo
         positions: indices into its results that are grads to accumulate.
         opaque: emit the in-place sums as ``addmm_into``/``add_into`` calls that
             torch.compile leaves alone (for a graph that will be compiled).
+        cast: positions whose accumulator has another dtype than the grad (mixed precision:
+            fp32 ``.grad``, bf16 grad): summed with ``add_``, which converts as it adds.
 
     Returns:
         A new GraphModule; ``meta["dpfx_accumulated"]`` is the tuple of positions that
@@ -117,7 +124,7 @@ def accumulate_grads(gm: fx.GraphModule, positions: Iterable[int], *, opaque: bo
     for acc, pos in zip(accs, taken):
         value = new_results[pos]
         uses = len(value.users) - 1 + in_output[value]  # other nodes, plus each output slot
-        new_results[pos] = _fused(graph, acc, value, uses, opaque)
+        new_results[pos] = _fused(graph, acc, value, uses, opaque, pos in cast)
     output.args = (tuple(new_results),)
     out = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
     out.graph.eliminate_dead_code()  # the replaced GEMMs and transposes (needs the owning module)

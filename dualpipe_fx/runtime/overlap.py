@@ -136,7 +136,8 @@ class OverlapRunner:
         info = gm.meta["dpfx_multiplex"]
         grads_at = info.num_forward_results + info.num_grad_inputs
         if accumulate:
-            gm = accumulate_grads(gm, range(grads_at, grads_at + bstage.num_params), opaque=self.compile_graphs)
+            gm = accumulate_grads(gm, range(grads_at, grads_at + bstage.num_params), opaque=self.compile_graphs,
+                                  cast=[grads_at + i for i in bstage.cast_positions()])
         run = torch.compile(gm, dynamic=False) if self.compile_graphs else gm
         return _Pair(gm, run, grads_at)
 

@@ -217,9 +217,14 @@ class GraphStage(PipelineStageBase):
         """``backward_weight`` as an ``accumulate_grads`` graph (None without a flat graph)."""
         if self._accumulating_weight is None:
             gm = getattr(self.flat_graphs.backward_weight, "gm", None)
-            self._accumulating_weight = (accumulate_grads(gm, range(self.num_params))
+            self._accumulating_weight = (accumulate_grads(gm, range(self.num_params), cast=self.cast_positions())
                                          if isinstance(gm, torch.fx.GraphModule) else False)
         return self._accumulating_weight or None
+
+    def cast_positions(self) -> tuple[int, ...]:
+        """Mixed precision: the parameters whose graphs read a ``param_dtype`` copy, so that W's
+        grad (in ``param_dtype``) is summed into a ``.grad`` of another dtype."""
+        return tuple(i for i in range(self.num_params) if self.compute[i].dtype != self.params[i].dtype)
 
     def grad_buffers(self, positions) -> Optional[list[torch.Tensor]]:
         """The ``.grad`` of the parameters at ``positions``, when each can take an in-place sum."""
@@ -227,8 +232,7 @@ class GraphStage(PipelineStageBase):
         for i in positions:
             param = self.params[i]
             grad = param.grad
-            if (grad is None or self.compute[i].dtype != param.dtype  # mixed precision: W's grads are bf16
-                    or grad.requires_grad or grad.layout != torch.strided or grad.shape != param.shape
+            if (grad is None or grad.requires_grad or grad.layout != torch.strided or grad.shape != param.shape
                     or grad.dtype != param.dtype or grad.device != param.device):
                 return None
             buffers.append(grad)

@@ -160,3 +160,27 @@ def test_opaque_sums_stay_in_place_under_torch_compile():
     (res,) = compiled(a, b, acc)
     assert res is acc
     torch.testing.assert_close(acc, want)
+
+
+def test_bf16_grads_sum_into_fp32_accumulators_with_add_not_addmm():
+    """Mixed precision: the graph computes bf16 grads, ``.grad`` is fp32 (``cast`` positions):
+    each grad is added where it is made, converted as it is added, never an addmm_ across dtypes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8)).to(torch.bfloat16)
+    x, y = torch.randn(4, 16, dtype=torch.bfloat16), torch.randn(4, 8, dtype=torch.bfloat16)
+    (stage,) = [split_backward(g, index=0, is_last=True)
+                for g in split_stages(capture(model, lambda o, t: ((o - t) ** 2).mean(), (x,), y), 1).stages]
+    grads_out, saved = stage.forward([p.detach() for p in model.parameters()], [x, y])
+    _, saved_w = stage.backward_input(saved, (torch.ones((), dtype=torch.bfloat16),))
+    grads = stage.backward_weight(saved_w)
+    n = len(stage.param_names)
+    gm = accumulate_grads(stage.backward_weight.gm, range(n), cast=range(n))
+    targets = [node.target for node in gm.graph.nodes if node.op == "call_function"]
+    assert _aten.addmm_.default not in targets and targets.count(_aten.add_.Tensor) == n
+    accs = [torch.randn(g.shape, dtype=torch.float32) for g in grads]
+    expect = [a + g.to(torch.float32) for a, g in zip(accs, grads)]
+    with torch.no_grad():
+        out = gm(*saved_w, *accs)
+    for acc, want, got in zip(accs, expect, out):
+        assert got is acc and acc.dtype == torch.float32
+        assert torch.equal(acc, want)
