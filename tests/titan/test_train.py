@@ -108,11 +108,10 @@ FLEX_RUNS = {"llama3_flex": FLEX, "deepseek_flex": ["--model.name", "deepseek_v3
 @pytest.fixture(scope="module")
 def references(tmp_path_factory):
     """torchtitan's own single-process runs, no pipeline parallelism, in one job: llama3 (the
-    job file's model), deepseek_v3 and qwen3's MoE flavor."""
+    job file's model), qwen3's MoE flavor and the flex flavors of llama3 and deepseek_v3."""
     runs = run_trainings(1, tmp_path_factory.mktemp("references"), {
-        "llama3": NO_PP, "deepseek": NO_PP + ["--model.name", "deepseek_v3"], "qwen3_moe": NO_PP + QWEN3_MOE,
-        **{name: NO_PP + flags for name, flags in FLEX_RUNS.items()}})
-    references = {name: losses_of(runs, name) for name in ("llama3", "deepseek", "qwen3_moe")}
+        "llama3": NO_PP, "qwen3_moe": NO_PP + QWEN3_MOE, **{name: NO_PP + flags for name, flags in FLEX_RUNS.items()}})
+    references = {name: losses_of(runs, name) for name in ("llama3", "qwen3_moe")}
     references["grad_norms"] = {name: runs[0][name]["grad_norms"] for name in FLEX_RUNS}
     references.update({name: losses_of(runs, name) for name in FLEX_RUNS})
     return references
@@ -166,11 +165,11 @@ AC_RUNS = {
 }
 AC_NAMES = tuple(AC_RUNS)
 # ... and in the same job: the bidirectional DualPipe with grad clipping (max_norm = 1.0 in the
-# job file), torchtitan's MoE models deepseek_v3 (debugmodel) and qwen3 (debugmodel_moe), and
-# a run resumed from a copy of the entry point run's step-2 checkpoint alone
+# job file), torchtitan's MoE models deepseek_v3 (its flex flavor, FLEX_RUNS: debugmodel's MoE
+# layers with flex attention; SDPA deepseek_v3 runs with EP in test_data_parallel.py) and qwen3
+# (debugmodel_moe), and a run resumed from a copy of the entry point run's step-2 checkpoint alone
 OTHER_RUNS = {
     "dualpipe": ["--dualpipe_fx.schedule", "dualpipe"],
-    "deepseek": ["--model.name", "deepseek_v3"],
     "qwen3_moe": QWEN3_MOE,
     # compile.enable -> compile_stages: real Inductor on CPU; F, I, W graphs (no-overlap: fewer
     # graphs to compile than the multiplexed F&B ones)
@@ -260,21 +259,18 @@ def test_dualpipe_with_clipping_logs_dualpipev_grad_norms(ac_runs):
     assert ac_runs[1]["dualpipe"]["replicas_marked"] > 0
 
 
-@pytest.fixture(scope="module")
-def deepseek_baseline(references):
-    return references["deepseek"]
-
-
-def test_deepseek_v3_trains_like_unpipelined_torchtitan(deepseek_baseline, ac_runs):
+def test_deepseek_v3_trains_like_unpipelined_torchtitan(references, ac_runs):
     """MoE with data-dependent expert sizes (the CPU experts loop over .tolist() counts) and
     auxiliary-loss-free load balancing: the forward graphs count tokens per expert into the
-    live buffer and torchtitan's hook moves expert_bias on the pipelined ranks too."""
-    assert sorted(deepseek_baseline) == list(range(1, STEPS + 1))
+    live buffer and torchtitan's hook moves expert_bias on the pipelined ranks too (the flex
+    flavor's run: debugmodel's MoE layers)."""
+    baseline = references["deepseek_flex"]
+    assert sorted(baseline) == list(range(1, STEPS + 1))
     for rank, runs in ac_runs.items():
-        run = runs["deepseek"]
+        run = runs["deepseek_flex"]
         for step, loss in run["losses"].items():
-            assert loss == pytest.approx(deepseek_baseline[int(step)], rel=1e-5), (rank, step, deepseek_baseline)
-    assert any(runs["deepseek"]["expert_bias_moved"] for runs in ac_runs.values())
+            assert loss == pytest.approx(baseline[int(step)], rel=1e-5), (rank, step, baseline)
+    assert any(runs["deepseek_flex"]["expert_bias_moved"] for runs in ac_runs.values())
 
 
 def test_qwen3_moe_grouped_experts_train_like_unpipelined_torchtitan(references, ac_runs):
