@@ -35,7 +35,7 @@ import torch.fx
 from torch import nn
 
 from passes.export import export_with_loss, fake_device, held
-from passes.inplace import check_inplace
+from passes.inplace import check_inplace, updating_batch_norms
 from passes.model_call import ModelCall, OutputLayout, as_inputs, as_kwargs
 from passes.regions import RegionInfo, collect_regions
 from passes.trace_error import TraceError
@@ -100,8 +100,7 @@ def _check_mutations(ep) -> None:
 def _check_cumulative_batch_norms(model: nn.Module) -> None:
     """BatchNorm with ``momentum=None`` in train mode divides by ``float(num_batches_tracked)``:
     a Python number read off a tensor, which no static graph holds."""
-    names = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-             and m.training and m.track_running_stats and m.momentum is None]
+    names = [name for name, m in updating_batch_norms(model).items() if m.momentum is None]
     if names:
         raise TraceError(
             f"BatchNorm {', '.join(map(repr, names))} in train mode with momentum=None (a cumulative average) "

@@ -38,6 +38,13 @@ def mutated_base(node: torch.fx.Node) -> Optional[torch.fx.Node]:
     return None
 
 
+def updating_batch_norms(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The BatchNorm layers (by FQN) whose forward writes their running statistics: train mode
+    with ``track_running_stats``."""
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats}
+
+
 def check_inplace(graph: torch.fx.Graph) -> None:
     """Reject in-place writes into params or inputs (export keeps them as ops); buffer
     writes are kept (see the module docstring)."""

@@ -38,6 +38,7 @@ from dualpipe_fx.api.split import Split, check_mixed_precision, split
 from passes._compat import FLEX_ATTENTION, tree_flatten
 from passes.model_call import as_inputs
 from passes.cost_model import scalar_costs
+from passes.inplace import updating_batch_norms
 
 
 def _example_tensors(examples: tuple, target, kwargs) -> list[tuple[str, torch.Tensor]]:
@@ -106,8 +107,7 @@ def _check_mirrored_running_stats(model: nn.Module, program: Program, schedule: 
     micro-batches, and the copies would drift apart."""
     if program.num_stages == program.num_model_parts:
         return
-    names = [f"{name}.running_mean" for name, m in model.named_modules()
-             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+    names = [f"{name}.running_mean" for name in updating_batch_norms(model)]
     if names:
         raise ValueError(
             f"compile(schedule={schedule!r}): the schedule holds every stage on two ranks, each running half "

@@ -10,7 +10,7 @@ warn (``FutureWarning``, which Python shows by default); they go in 0.3.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, Optional, Union
 
 import torch.distributed as dist
@@ -100,8 +100,3 @@ def resolve(fn: str, legacy: Mapping[str, Any], allowed: tuple[str, ...] = ("par
                       f"{group}=dualpipe_fx.{cls.__name__}({field}=...) instead", FutureWarning, stacklevel=3)
         out[group] = replace(out[group], **{field: value})
     return out
-
-
-def as_fields(policy) -> dict[str, Any]:
-    """A policy's fields by name (for the agreement between ranks and the logs)."""
-    return {f.name: getattr(policy, f.name) for f in fields(policy)}
