@@ -19,8 +19,10 @@ each of the rank's tensors as the trainer got them, before the first step (the i
 weights, to compare bitwise with torchtitan's non-pipelined init); how many of its
 parameters count in a lower rank's grad norm (DualPipe's mirrors), and whether an MoE
 model's expert_bias moved (torchtitan's load-balancing hook ran); how many graphs
-torch.compile compiled during the run (``compile.enable``: the stage graphs).
+torch.compile compiled during the run (``compile.enable``: the stage graphs); and the run's wall
+time in seconds (where the long tier's time goes).
 """
+import dataclasses
 import hashlib
 import json
 import logging
@@ -39,6 +41,24 @@ from passes.split_backward import saved_bytes
 from titan_integration.cpu import use_cpu_when_no_gpu
 from titan_integration.data import register_tiny_dataset
 from titan_integration.train import DualPipeFxTrainer, _prepare, parse_job_config
+
+
+# qwen3's debugmodel_moe (64 experts of 768 x 256, top 8, 8 layers: 0.3 B parameters) computes
+# its grouped GEMMs in bf16, which takes about 8 s a micro-batch on this CPU: 300 s of the long
+# tier for qwen3's two runs. This flavor runs the same code (grouped-GEMM experts, tokens padded
+# by generate_permute_indices) with 8 experts of 256 x 256, top 2, on 4 layers.
+QWEN3_MOE_CI = "debugmodel_moe_ci"
+
+
+def register_qwen3_moe_ci() -> None:
+    """Add :data:`QWEN3_MOE_CI` to torchtitan's qwen3 flavors (in this process)."""
+    from torchtitan.protocols.train_spec import get_train_spec
+
+    flavors = get_train_spec("qwen3").model_args
+    if QWEN3_MOE_CI not in flavors:
+        moe = flavors["debugmodel_moe"]
+        flavors[QWEN3_MOE_CI] = dataclasses.replace(
+            moe, n_layers=4, moe_inter_dim=256, moe_args=dataclasses.replace(moe.moe_args, num_experts=8, top_k=2))
 
 
 def _record_metrics(trainer, record: dict) -> None:
@@ -134,10 +154,13 @@ def main(argv: list[str]) -> None:
     init_logger()
     use_cpu_when_no_gpu()
     register_tiny_dataset()
+    register_qwen3_moe_ci()
     results = {}
     for spec, port in zip(runs, ports):
         name, _, flags = spec.partition(":")
+        start = time.perf_counter()
         results[name] = run(train_args, [f for f in flags.split(",") if f], port)
+        results[name]["seconds"] = round(time.perf_counter() - start, 1)
     with open(os.path.join(out_dir, f"rank{os.environ['RANK']}.json"), "w") as f:
         json.dump(results, f, indent=1)
 

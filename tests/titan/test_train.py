@@ -98,7 +98,8 @@ def losses_of(records: dict[int, dict], name: str) -> dict[int, float]:
 
 
 NO_PP = ["--dualpipe_fx.no-enable", "--parallelism.pipeline_parallel_degree", "1"]
-QWEN3_MOE = ["--model.name", "qwen3", "--model.flavor", "debugmodel_moe"]
+# qwen3's MoE code (grouped-GEMM experts) on a smaller flavor than debugmodel_moe (ac_runs.py)
+QWEN3_MOE = ["--model.name", "qwen3", "--model.flavor", "debugmodel_moe_ci"]
 # the flex-attention flavors (block-causal document masks built by the model's own
 # get_attention_masks from the batch and the tokenizer's EOS, split per micro-batch)
 FLEX = ["--model.flavor", "debugmodel_flex_attn"]
