@@ -70,11 +70,11 @@ def _grads(pipe) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in pipe.named_parameters() if p.grad is not None}
 
 
-def one_step_per_schedule(rank, world, kind, schedules, compile_stages=False):
+def one_step_per_schedule(rank, world, kind, schedules):
     """For each (schedule, C): the loss and the grads of one step."""
     out = {}
     for schedule, num_microbatches in schedules:
-        pipe, x, y = _compile(kind, schedule, num_microbatches, compile_stages=compile_stages)
+        pipe, x, y = _compile(kind, schedule, num_microbatches)
         loss = pipe.step(x, target=y)
         out[schedule] = {"loss": None if loss is None else loss.item(), "grads": _grads(pipe),
                          "names": [n for n, _ in pipe.named_parameters()]}
@@ -158,7 +158,7 @@ def dead_or_hung_peer(rank, world, mode, timeout_s):
             if mb == 2:
                 if mode == "exit":
                     os._exit(3)
-                time.sleep(timeout_s * 4)
+                time.sleep(timeout_s * 2)  # well past the survivor's timeout
             return real(mb, keep_saved)
 
         stage.run_forward = failing
@@ -171,10 +171,13 @@ def dead_or_hung_peer(rank, world, mode, timeout_s):
     return {"error": None}
 
 
-def fast_paths_step(rank, world, kind, compile_stages, early_sends):
+def fast_paths_step(rank, world, kind, compile_stages, early_sends, recompute=None):
     """One dualpipev step, counting what the fast paths did: sends started inside F&B
     pairs, in-place grad sums, and (compiled) merged graphs run through torch.compile."""
-    pipe, x, y = _compile(kind, "dualpipev", 4, compile_stages=compile_stages)
+    import dualpipe_fx
+
+    pipe, x, y = _compile(kind, "dualpipev", 4, compile_stages=compile_stages,
+                          memory=dualpipe_fx.MemoryPolicy(recompute=recompute))
     counts = {"early_sends": 0, "in_place_sums": 0}
     for stage in pipe.stages.values():
         stage.early_sends = early_sends

@@ -70,12 +70,6 @@ def test_world_4_v_and_bidirectional_and_1f1b():
         check_step(results, "linear", schedule, c)
 
 
-def test_compiled_stages_match_too():
-    schedules = [("dualpipev", 4)]
-    results = run_ranks(cases.one_step_per_schedule, 2, ("linear", schedules, True), timeout=600)
-    check_step(results, "linear", "dualpipev", 4)
-
-
 @pytest.mark.parametrize("schedule", ["dualpipev", "dualpipe"])
 def test_three_adam_steps_follow_the_single_process_trajectory(schedule):
     results = run_ranks(cases.optimizer_trajectory, 2, ("linear", schedule, 4), timeout=400)

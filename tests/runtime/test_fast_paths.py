@@ -2,7 +2,9 @@
 
 - sends started inside an F&B pair (gloo: tagged streams) and the same step without them;
 - grads summed in place (``passes.accumulate_grads``) from a step's second micro-batch on;
-- with ``compile_stages=True``, every F&B pair runs its merged graph through torch.compile.
+- with ``compile_stages=True``, every F&B pair runs its merged graph through torch.compile
+  (with ``recompute="full"``: its I graphs recompute the most, so Inductor compiles the
+  recomputing graphs too; tests/runtime/test_recompute_pipelined.py runs the eager ones).
 Each case is one 2-rank dualpipev step compared with the unsplit model on the same batch.
 """
 from __future__ import annotations
@@ -30,7 +32,7 @@ def test_eager_pairs_with_and_without_early_sends_equal_one_process(early):
 
 
 def test_compiled_stages_run_compiled_merged_pairs_and_equal_one_process():
-    results = run_ranks(cases.fast_paths_step, 2, ("llama", True, True), timeout=600)
+    results = run_ranks(cases.fast_paths_step, 2, ("llama", True, True, "full"), timeout=600)
     check_step(results, "llama", "dualpipev", 4)
     assert _total(results, "pairs") > 0
     assert _total(results, "compiled_pairs") == _total(results, "pairs")
