@@ -11,6 +11,7 @@ step ``DPFX_KILL_STEP``: its peer raises ``PeerTimeoutError``, torchrun's agent 
 group and starts it again, and the next attempt loads ``latest`` and goes on. The rank that
 holds the loss appends ``step loss.hex()`` to ``$DPFX_OUT/losses.<attempt>``; each process
 writes its pid to ``$DPFX_OUT/pids/<attempt>.<rank>`` so the test can check none is left.
+The uninterrupted reference runs the same ``train`` on the test's pooled ranks (``uninterrupted``).
 """
 from __future__ import annotations
 
@@ -83,6 +84,18 @@ def main() -> None:
     (out / "pids").mkdir(parents=True, exist_ok=True)  # first: the test kills what is left by pid
     (out / "pids" / f"{attempt}.{os.environ['RANK']}").write_text(str(os.getpid()))
     init_process_group(attempt)
+    train(out, steps, attempt, kill_step, kill_rank)
+    dist.destroy_process_group()
+
+
+def uninterrupted(rank: int, world: int, out: str, steps: int) -> None:
+    """The reference run on a ready process group (tests/runtime/dist_harness.run_ranks): the
+    same training, never killed, no torchrun."""
+    train(Path(out), steps, attempt=0, kill_step=-1, kill_rank=-1)
+
+
+def train(out: Path, steps: int, attempt: int, kill_step: int, kill_rank: int) -> None:
+    """Resume from ``out/ckpt/latest`` if there is one, then train up to ``steps``."""
     rank = dist.get_rank()
     model, loss_fn, x, y = make_case("linear", 4)
     pipe = dualpipe_fx.compile(model, loss_fn, (x[:2],), y[:2], num_microbatches=4, timeout=20)
@@ -99,7 +112,6 @@ def main() -> None:
             with open(out / f"losses.{attempt}", "a") as f:
                 f.write(f"{step} {loss.item().hex()}\n")
         _save(pipe, opt, ckpt, step + 1, rank)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

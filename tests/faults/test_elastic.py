@@ -2,11 +2,12 @@
 resumes from its last ``torch.distributed.checkpoint`` with the losses of a run that was never
 interrupted, bit for bit.
 
-Two ``torchrun --standalone --nproc-per-node 2 --max-restarts 1`` runs of
-``tests/faults/elastic_worker.py`` (gloo, CPU): one uninterrupted, one whose rank 1 SIGKILLs
-itself at the start of step ``KILL_STEP`` of its first attempt. Each run gets its own session,
-and every process it started (torchrun, and each worker by the pid it wrote) is killed if
-it is still there at the end, so none is left behind.
+A ``torchrun --standalone --nproc-per-node 2 --max-restarts 1`` run of
+``tests/faults/elastic_worker.py`` (gloo, CPU) whose rank 1 SIGKILLs itself at the start of
+step ``KILL_STEP`` of its first attempt, against the same training uninterrupted (on 2 pooled
+ranks: one torchrun start less). The torchrun run gets its own session, and every process it
+started (torchrun, and each worker by the pid it wrote) is killed if it is still there at the
+end, so none is left behind.
 """
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ import time
 from pathlib import Path
 
 import pytest
+
+from tests.faults.elastic_worker import uninterrupted
+from tests.runtime.dist_harness import run_ranks
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS, KILL_STEP = 5, 2
@@ -80,16 +84,18 @@ def _losses(out: Path, attempt: int) -> list[tuple[int, str]]:
 
 
 def test_a_killed_rank_is_restarted_by_torchrun_and_resumes_from_its_checkpoint(tmp_path):
-    rc, output, ref_s = _torchrun(tmp_path / "uninterrupted", kill_step=-1)
-    if rc != 0 and not _worker_pids(tmp_path / "uninterrupted"):
-        pytest.skip("torchrun's elastic agent could not start workers here (--standalone rendezvous on "
-                    f"localhost): {output.strip().splitlines()[-1:] or rc}")
-    assert rc == 0, output[-4000:]
+    (tmp_path / "uninterrupted").mkdir()
+    start = time.monotonic()
+    run_ranks(uninterrupted, 2, (str(tmp_path / "uninterrupted"), STEPS), timeout=RUN_TIMEOUT_S)
+    ref_s = time.monotonic() - start
     reference = _losses(tmp_path / "uninterrupted", 0)
     assert [s for s, _ in reference] == list(range(STEPS)), reference
 
     out = tmp_path / "killed"
     rc, output, killed_s = _torchrun(out, kill_step=KILL_STEP)
+    if rc != 0 and not _worker_pids(out):
+        pytest.skip("torchrun's elastic agent could not start workers here (--standalone rendezvous on "
+                    f"localhost): {output.strip().splitlines()[-1:] or rc}")
     assert rc == 0, output[-4000:]  # the restarted group finished
     pids = _worker_pids(out)
     assert sorted(pids) == ["0.0", "0.1", "1.0", "1.1"], pids  # both ranks, in both attempts
