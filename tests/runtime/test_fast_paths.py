@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import pytest
 
+from dualpipe_fx.planning.memory import _comms
 from dualpipe_fx.runtime.stage import pipeline_tag
+from dualpipe_fx.schedules.lowering import RECV_LOOKAHEAD, to_torch_action
+from dualpipe_fx.schedules.registry import generate
 from tests.runtime import cases
 from tests.runtime.dist_harness import run_ranks
 from tests.runtime.test_equivalence import check_step
@@ -46,6 +49,15 @@ def _check_sends_released(results):
             assert here <= before and not here & after, (rank, action, here, before, after)
         every = {k for keys in released.values() for k in keys}
         assert max(n for _, n, _, _ in r["pending"]) < len(every), (rank, r["pending"])
+    # the memory plan frees each sent tensor after the very action the runtime waits at
+    program = generate("dualpipev", 2, 4)
+    planned: dict = {}
+    for (kind, stage, mb), at in _comms(program, RECV_LOOKAHEAD).releases.items():
+        rank = program.stage_to_rank()[stage]
+        if at != float("inf"):
+            planned.setdefault(rank, {}).setdefault(str(to_torch_action(program[rank][at])), set()).add((stage, kind, mb))
+    for rank, r in enumerate(results):
+        assert {a: set(keys) for a, keys in r["released"].items()} == planned[rank], rank
 
 
 def test_compiled_stages_run_compiled_merged_pairs_and_equal_one_process():

@@ -63,7 +63,7 @@ def _reach(edges, start) -> set:
     return seen
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(programs)
 def test_each_release_point_is_the_first_action_that_knows_the_receive_is_posted(drawn):
     name, n, c, lookahead = drawn
@@ -116,7 +116,7 @@ def _run(program, orders, points, early: bool, pick) -> None:
     assert all(_peer(program, k) in posted for pts in points.values() for k in pts)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(programs, st.booleans(), st.randoms(use_true_random=False))
 def test_a_step_waiting_at_the_release_points_never_deadlocks(drawn, early, rng):
     name, n, c, lookahead = drawn
