@@ -22,7 +22,9 @@ The model of a step, per micro-batch of a stage (what ``runtime.stage.GraphStage
 - F's ``saved`` lives until I (or B); what I hands W (``saved_for_weight``: F values,
   received grads, I's own values) until W;
 - a tensor sent to another rank (an activation after F, an input grad after I) is held by
-  its send request until the step ends (torch's runtime waits for sends at the end);
+  its send request through the action after which the runtime waits for that send and
+  drops it (``schedules.release.send_release_points``: the first action at which the rank
+  knows the peer posted the receive, else the step's end);
   one handed to a stage on the same rank lives until that stage's F (or I) takes it;
 - the last stage's loss lives past the step (its model outputs, the logits, only through their F in a
   training step: the runtime keeps them for forward-only steps alone);
@@ -49,6 +51,7 @@ import torch
 
 from dualpipe_fx.schedules.ir import Action, Program
 from dualpipe_fx.schedules.lowering import RECV_LOOKAHEAD, add_comms, hoist_receives, to_torch_actions
+from dualpipe_fx.schedules.release import compute_positions, send_release_points
 from passes.cost_model import concrete_size
 
 __all__ = ["MemoryPlan", "RankMemory", "StageMemory", "allocator_events", "peak_activation_bytes",
@@ -231,27 +234,53 @@ def _part_positions(actions: Sequence[Action]) -> dict[tuple[str, int, int], int
 _COMPUTE = ("F", "B", "I", "W", "OVERLAP_F_B")
 
 
+def _lowered(program: Program, lookahead: int) -> dict[int, list]:
+    """Every rank's torch actions with sends and receives, as the runtime lowers the program
+    (torch's placement, then receives posted ``lookahead`` actions earlier)."""
+    orders = add_comms(to_torch_actions(program), program)
+    return {r: hoist_receives(order, lookahead) if lookahead else order for r, order in orders.items()}
+
+
+@dataclass(frozen=True)
+class _Comms:
+    """Where the runtime posts each receive and releases each send, in compute positions."""
+
+    receives: Mapping[tuple[str, int, int], int]  # ("F"|"B", receiving stage, mb) -> posted before action i
+    releases: Mapping[tuple[str, int, int], float]  # ("F"|"B", sending stage, mb) -> waited for after action i
+
+
 def receive_positions(program: Program, lookahead: int) -> dict[tuple[str, int, int], int]:
     """``("F"|"B", receiving stage, mb) -> i``: the receive is posted before rank's compute
     action ``i``, as the runtime lowers the program (torch's placement, then posted
     ``lookahead`` actions earlier: ``schedules.lowering.hoist_receives``)."""
-    orders = add_comms(to_torch_actions(program), program)
-    out: dict[tuple[str, int, int], int] = {}
+    return _comms(program, lookahead).receives
+
+
+def _comms(program: Program, lookahead: int) -> _Comms:
+    orders = _lowered(program, lookahead)
+    receives: dict[tuple[str, int, int], int] = {}
     for order in orders.values():
         i = 0
-        for a in (hoist_receives(order, lookahead) if lookahead else order):
+        for a in order:
             kind = a.computation_type.value
             if kind in ("RECV_F", "RECV_B"):
-                out[(kind[-1], a.stage_index, a.microbatch_index)] = i
+                receives[(kind[-1], a.stage_index, a.microbatch_index)] = i
             elif kind in _COMPUTE:
                 i += 1
-    return out
+    releases: dict[tuple[str, int, int], float] = {}
+    for rank, points in send_release_points(orders, program).items():
+        pos = compute_positions(orders[rank])
+        releases.update({key: _END if j is None else pos[j] for key, j in points.items()})
+    return _Comms(receives, releases)
 
 
 def _intervals(program: Program, rank: int, mem: Callable[[int], StageMemory],
-               recv: Mapping[tuple[str, int, int], int]) -> list[tuple[str, int, float, float]]:
+               comms: _Comms) -> list[tuple[str, int, float, float]]:
     """``(category, bytes, first, last)`` action positions of every storage of the rank's step
-    (``_END`` = past the step); categories ``activations``, ``recv``, ``sent``, ``kept``."""
+    (``_END`` = past the step); categories ``activations``, ``recv``, ``sent``, ``kept``.
+    A sent tensor lives from its last keeper on through the action after which its send is
+    waited for (``schedules.release``: the runtime waits there and drops it)."""
+    recv = comms.receives
     actions = program[rank]
     pos = _part_positions(actions)
     place = program.stage_to_rank()
@@ -268,17 +297,18 @@ def _intervals(program: Program, rank: int, mem: Callable[[int], StageMemory],
                     continue  # the graph's own intermediates: counted by _action_intermediates
                 own = f if src in ("input", "F") else g  # the action that reads or makes it
                 last = max([own] + [{"saved": g, "for_weight": w}[k] for k in keep if k in ("saved", "for_weight")])
-                sent = None  # the category that holds it past the step, if any
+                sent = None  # the category that holds it past its last keeper, if any
+                until = _END  # ... through this action
                 if "output" in keep:
                     if nxt is None:
                         sent = "kept"  # the last stage's loss
                     elif next_far:
-                        sent = "sent"  # held by its send request until the step ends
+                        sent, until = "sent", comms.releases[("F", stage, m)]  # held by its send
                     else:
                         last = max(last, pos[("F", nxt, m)] - 1)  # handed over: the next F takes it
                 if "grad_input" in keep and prev is not None:
                     if prev_far:
-                        sent = "sent"
+                        sent, until = "sent", max(until if sent == "sent" else 0, comms.releases[("B", stage, m)])
                     else:
                         last = max(last, pos[("G", prev, m)] - 1)
                 if src == "input" and prev_far:
@@ -286,8 +316,8 @@ def _intervals(program: Program, rank: int, mem: Callable[[int], StageMemory],
                 if src == "grad_output" and next_far:
                     out.append(("recv", nbytes, recv[("B", stage, m)], g - 1))
                 out.append(("activations", nbytes, own, last))
-                if sent:
-                    out.append((sent, nbytes, last + 1, _END))
+                if sent and until > last:
+                    out.append((sent, nbytes, last + 1, until))
     return out
 
 
@@ -456,7 +486,7 @@ class MemoryPlan:
         lines.append(f"{self.schedule}, {self.num_microbatches} micro-batches, optimizer {self.optimizer}"
                      + (f", recompute {self.recompute}" if self.recompute else "")
                      + "\ntotal = params + grads + optimizer + the step's peak: activations (saved for I, kept "
-                     "for W, handed over), receive buffers, sent tensors (held until the step ends), the "
+                     "for W, handed over), receive buffers, sent tensors (held until their send is released), the "
                      "last stage's losses (kept for the whole step), one action's temporaries")
         return "\n".join(lines)
 
@@ -474,14 +504,14 @@ class ParamBytes:
 
 def rank_memory(program: Program, rank: int, stages: Mapping[int, StageMemory], params: ParamBytes,
                 optimizer: Optimizer = "adamw", recv_lookahead: int = 2,
-                receives: Optional[Mapping[tuple[str, int, int], int]] = None) -> RankMemory:
+                comms: Optional[_Comms] = None) -> RankMemory:
     """One rank's ``RankMemory`` from its stages' figures (``stages[model part]``)."""
     def mem(stage: int) -> StageMemory:
         return stages[program.model_part(stage)]
 
-    receives = receive_positions(program, recv_lookahead) if receives is None else receives
+    comms = _comms(program, recv_lookahead) if comms is None else comms
     actions = program[rank]
-    intervals = _intervals(program, rank, mem, receives)
+    intervals = _intervals(program, rank, mem, comms)
     inter = [_action_intermediates(a, mem) for a in actions]
     grads = _grad_births(program, rank, mem)
     steady = _peak(len(actions), intervals, inter)
@@ -559,13 +589,13 @@ def _plan_from(program: Program, stages: Mapping[int, StageMemory], values: Mapp
                trainable: set[str], optimizer: Optimizer, lookahead: int, recompute, ranks: Iterable[int],
                copies: Optional[Mapping[str, int]] = None) -> MemoryPlan:
     """``copies``: mixed precision, FQN -> bytes of its param_dtype copy, counted with the parameters."""
-    receives = receive_positions(program, lookahead)
+    comms = _comms(program, lookahead)
     place = program.stage_to_rank()
     rows = []
     for r in ranks:
         parts = sorted({program.model_part(s) for s, q in place.items() if q == r})
         named = {n: t for k in parts for n, t in values[k].items()}
-        row = rank_memory(program, r, stages, _param_bytes(named, named, trainable), optimizer, lookahead, receives)
+        row = rank_memory(program, r, stages, _param_bytes(named, named, trainable), optimizer, lookahead, comms)
         extra = sum((copies or {}).get(n, 0) for n in named)
         rows.append(dataclasses.replace(row, params=row.params + extra) if extra else row)
     return MemoryPlan(ranks=tuple(rows), schedule=program.name, num_microbatches=program.num_microbatches,

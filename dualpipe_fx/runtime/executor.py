@@ -3,13 +3,16 @@
 **Contract**: ``Executor(stages, timeout).register(schedule)`` registers a handler for
 FORWARD, BACKWARD_INPUT, FULL_BACKWARD, BACKWARD_WEIGHT, OVERLAP_F_B and REDUCE_GRAD on
 a ``_PipelineScheduleRuntime`` (with ``data_parallel`` set, its UNSHARD, RESHARD and
-REDUCE_GRAD handlers); torch runs the SEND/RECV actions itself. Every handler
-first waits (with ``timeout``) for the receives its action needs, then computes.
+REDUCE_GRAD handlers); torch runs the SEND/RECV actions itself (the stages issue the sends
+and keep their works). Every handler first waits (with ``timeout``) for the receives its
+action needs, then computes, then waits for the sends whose release point it is
+(``schedule.send_release``, from ``schedules.release``) and drops them with their tensors.
 
 **Pseudocode**
     handler(action): wait for the recv of each part (PeerTimeoutError names the peer)
                      record start; run the graphs; hand outputs to a same-rank stage
                      record end (when profiling)
+                     wait for the sends released here (issued earlier; their receives are posted)
 
 When an action raises, the handler keeps the error (``failure``) and every later action of
 the step on this rank runs as a stand-in: no compute, zeros sent where a peer waits, and
@@ -115,9 +118,9 @@ class Executor:
         self._wait_inputs(ctx.schedule_ref, action)
         if self.data_parallel is not None:
             self.data_parallel.ready(action.stage)
-        if self._attempt(action, self._run, action):
-            return
-        self._stand_in(action)
+        if not self._attempt(action, self._run, action):
+            self._stand_in(action)
+        self._release_sends(ctx.schedule_ref, torch_action)
 
     def _on_pair(self, torch_action, ctx) -> None:
         forward, backward = (_to_ir(a) for a in torch_action.sub_actions)
@@ -126,10 +129,16 @@ class Executor:
         if self.data_parallel is not None:
             self.data_parallel.ready(forward.stage)
             self.data_parallel.ready(backward.stage)
-        if self._attempt(ir.FB(forward, backward), self.overlap, self, forward, backward):
-            return
-        self._stand_in(forward)
-        self._stand_in(backward)
+        if not self._attempt(ir.FB(forward, backward), self.overlap, self, forward, backward):
+            self._stand_in(forward)
+            self._stand_in(backward)
+        self._release_sends(ctx.schedule_ref, torch_action)
+
+    def _release_sends(self, schedule, torch_action) -> None:
+        """Wait for (and drop) the sends released after ``torch_action``: after its compute, so
+        that a transfer still running overlaps one more action (``schedules.release``)."""
+        for stage, kind, mb in getattr(schedule, "send_release", {}).get(torch_action, ()):
+            self.stages[stage].wait_sends(kind, mb, self.timeout)
 
     def _attempt(self, action: ir.Action, fn, *args) -> bool:
         """Run ``fn`` unless the step already failed here; False (error kept) when it did or does."""

@@ -7,14 +7,16 @@ holds every rank's torch ``_Action`` list with SEND_F/RECV_F/SEND_B/RECV_B in pl
     actions = to_torch_actions(program)                        # compute only
     one chain 0..S-1 -> torch's own lowering (_prepare_schedule_with_comms)
     several chains   -> add_send_recv_chains(actions, program)  # torch's algorithm, chain-aware
-(the send/recv placement itself is pure and lives in ``schedules.lowering``, which the memory
-plan shares)
+    send_release = {compute action: sends waited for after it}   # schedules.release
+(the send/recv placement and the sends' release points are pure and live in
+``schedules.lowering`` and ``schedules.release``, which the memory plan shares)
 """
 from __future__ import annotations
 
 from dualpipe_fx import _compat
 from dualpipe_fx.schedules.ir import Program
 from dualpipe_fx.schedules.lowering import add_comms, add_send_recv_chains, hoist_receives, is_single_chain, to_torch_actions
+from dualpipe_fx.schedules.release import send_release_points
 
 
 def forward_only(program: Program) -> Program:
@@ -58,3 +60,14 @@ def load_program(schedule, program: Program, forwards_only: bool = False, recv_l
     if recv_lookahead:
         schedule.pipeline_order_with_comms = {
             rank: hoist_receives(order, recv_lookahead) for rank, order in schedule.pipeline_order_with_comms.items()}
+    schedule.send_release = send_release(schedule.pipeline_order_with_comms, program, schedule.rank)
+
+
+def send_release(orders: dict, program: Program, rank: int) -> dict:
+    """``{compute action of rank: [(stage, "F"|"B", mb), ...]}``: the sends the executor waits
+    for after that action (``schedules.release``); the others at the step's end."""
+    out: dict = {}
+    for (kind, stage, mb), j in send_release_points(orders, program)[rank].items():
+        if j is not None:
+            out.setdefault(orders[rank][j], []).append((stage, kind, mb))
+    return out

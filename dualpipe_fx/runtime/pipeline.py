@@ -240,7 +240,7 @@ class Pipeline:
             with torch.no_grad(), _one_line_errors(self.rank):
                 self._schedules[forward_only]._step_microbatches()
             for stage in self.stages.values():
-                stage.finish_early_sends(self.timeout)
+                stage.finish_sends(self.timeout)  # those released only at the step's end
         except PeerTimeoutError as err:
             self._break(err)
             raise

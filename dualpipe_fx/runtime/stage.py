@@ -23,6 +23,7 @@ from torch import nn
 
 from dualpipe_fx._compat import PipelineStageBase
 from dualpipe_fx.runtime.clock import HostClock
+from dualpipe_fx.runtime.errors import PeerTimeoutError
 from dualpipe_fx.runtime.sync import wait
 from passes.accumulate_grads import accumulate_grads, accumulated_positions
 from passes.stage_graphs import StageGraphs
@@ -139,7 +140,9 @@ class GraphStage(PipelineStageBase):
         self._accumulating_weight = None  # built on first use; False when there is no flat graph
         self.early_sends = False  # send_early starts sends (only where P2P matches by tag: gloo)
         self._sent_early: set[tuple[str, int, int]] = set()  # (kind, mb, index) already sent
-        self._early_works: list = []
+        # ("F"|"B", mb) -> the works of the sends of that micro-batch's outputs / grad_inputs, each
+        # holding its tensor until waited for (wait_sends, at the release point the executor knows)
+        self._sends: dict[tuple[str, int], list] = {}
         # while profiling: (stage, "F"|"B", mb, time) per early send, (stage, "recvF"|"recvB", ...) per receive
         self.comm_log: Optional[list] = None
         self.clock = HostClock()  # the profile's timing source (runtime.clock): CUDA events on a GPU
@@ -298,9 +301,22 @@ class GraphStage(PipelineStageBase):
     # -- P2P ops for torch's SEND_*/RECV_* actions ------------------------------------
     # Each (sending stage, direction, tensor index) is its own tagged stream, so a send
     # started early (inside an F&B pair) cannot be matched with another stream's receive.
+    # The stage issues its sends itself, in the order torch's SEND_F/SEND_B actions would (so
+    # NCCL's by-order matching is unchanged), and returns torch no op: torch would keep every
+    # send's work, and so its tensor, until the step's end. Here each is waited for and dropped
+    # at its release point (schedules.release; the executor calls wait_sends there).
 
     def _op(self, op, tensor: torch.Tensor, peer: int, tag: int) -> dist.P2POp:
         return dist.P2POp(op, tensor, group=self.group, group_peer=peer, tag=tag)
+
+    def _isend(self, kind: str, mb: int, index: int, tensor: torch.Tensor) -> None:
+        """Send output (``"F"``) or grad_input (``"B"``) ``index`` of ``mb``; keep its work."""
+        peer = self.place.next_rank if kind == "F" else self.place.prev_rank
+        # gloo sends only contiguous tensors; a cut can fall on a view (e.g. a transpose)
+        work = dist.isend(tensor.contiguous(), group=self.group, group_dst=peer,
+                          tag=pipeline_tag(self.stage_index, kind, index))
+        if work is not None:
+            self._sends.setdefault((kind, mb), []).append(work)
 
     def send_early(self, kind: str, mb: int, index: int, tensor: torch.Tensor) -> None:
         """Start sending output (``"F"``) or grad_input (``"B"``) ``index`` of ``mb`` now,
@@ -310,9 +326,7 @@ class GraphStage(PipelineStageBase):
             return  # no peer, a same-rank hand-over, or a backend that matches P2P by order
         if kind == "B" and not self.input_metas[index].differentiable:
             return
-        work = dist.isend(tensor.contiguous(), group=self.group, group_dst=peer,
-                          tag=pipeline_tag(self.stage_index, kind, index))
-        self._early_works.append(work)
+        self._isend(kind, mb, index, tensor)
         self._sent_early.add((kind, mb, index))
         if self.comm_log is not None:  # profiling: when this result left the rank
             self.comm_log.append((self.stage_index, kind, mb, self.clock.mark()))
@@ -323,11 +337,28 @@ class GraphStage(PipelineStageBase):
             return False
         return True
 
-    def finish_early_sends(self, timeout) -> None:
-        """Wait for the sends ``send_early`` started (torch waits for its own at step end)."""
-        works, self._early_works = self._early_works, []
-        for work in works:
-            wait(work, timeout, self.device)
+    @property
+    def pending_sends(self) -> int:
+        """How many sends this stage has started and not yet waited for (each holds its tensor)."""
+        return sum(len(works) for works in self._sends.values())
+
+    def wait_sends(self, kind: str, mb: int, timeout) -> None:
+        """Wait for the sends of ``mb``'s outputs (``"F"``) or grad_inputs (``"B"``) and drop
+        them, and with them their tensors. Call it only where the peer is known to have posted
+        the receives (``schedules.release``): a gloo send waits for its receive."""
+        peer = self.place.next_rank if kind == "F" else self.place.prev_rank
+        for work in self._sends.pop((kind, mb), ()):
+            try:
+                wait(work, timeout, self.device)
+            except RuntimeError as err:
+                what = (f"the receive of stage {self.stage_index}'s {'activations' if kind == 'F' else 'gradients'}"
+                        f" of micro-batch {mb} (a send)")
+                raise PeerTimeoutError(self.place.rank, peer, what, timeout, err) from err
+
+    def finish_sends(self, timeout) -> None:
+        """Wait for every send still pending (those whose release point is the step's end)."""
+        for kind, mb in list(self._sends):
+            self.wait_sends(kind, mb, timeout)
 
     def _log_recv(self, kind: str, mb: int) -> None:
         if self.comm_log is not None:  # profiling: when the receive was posted (gloo moves data after)
@@ -341,10 +372,11 @@ class GraphStage(PipelineStageBase):
                 for i, b in enumerate(bufs)]
 
     def get_fwd_send_ops(self, fwd_chunk_id: int) -> list[dist.P2POp]:
-        outputs = self._outputs.pop(fwd_chunk_id)
-        # gloo sends only contiguous tensors; a cut can fall on a view (e.g. a transpose)
-        return [self._op(dist.isend, t.contiguous(), self.place.next_rank, pipeline_tag(self.stage_index, "F", i))
-                for i, t in enumerate(outputs) if self._unsent("F", fwd_chunk_id, i)]
+        """SEND_F: sends the outputs itself (see above); torch gets no op to keep."""
+        for i, t in enumerate(self._outputs.pop(fwd_chunk_id)):
+            if self._unsent("F", fwd_chunk_id, i):
+                self._isend("F", fwd_chunk_id, i, t)
+        return []
 
     def get_bwd_recv_ops(self, bwd_chunk_id: int) -> list[dist.P2POp]:
         self._log_recv("B", bwd_chunk_id)
@@ -354,14 +386,13 @@ class GraphStage(PipelineStageBase):
                 for i, b in enumerate(bufs) if b is not None]
 
     def get_bwd_send_ops(self, bwd_chunk_id: int) -> list[dist.P2POp]:
+        """SEND_B: sends the grad_inputs itself (see above); torch gets no op to keep."""
         grads = self._grad_in.pop(bwd_chunk_id)
-        ops = []
         for i, (grad, meta) in enumerate(zip(grads, self.input_metas)):
             if meta.differentiable and self._unsent("B", bwd_chunk_id, i):
                 grad = torch.zeros(meta.shape, dtype=meta.dtype, device=self.device) if grad is None else grad
-                ops.append(self._op(dist.isend, grad.contiguous(), self.place.prev_rank,
-                                    pipeline_tag(self.stage_index, "B", i)))
-        return ops
+                self._isend("B", bwd_chunk_id, i, grad)
+        return []
 
     # -- torch's metadata inference: not needed, metas come from the local trace -----
 
@@ -379,9 +410,9 @@ class GraphStage(PipelineStageBase):
     def clear_runtime_states(self) -> None:
         """Drop every per-micro-batch value of the last step (after an error, for one)."""
         for store in (self._inputs, self._outputs, self._saved, self._saved_w, self._grad_out,
-                      self._grad_in, self.losses, self.model_outputs, self.external, self._sent_early):
+                      self._grad_in, self.losses, self.model_outputs, self.external, self._sent_early,
+                      self._sends):
             store.clear()
-        self._early_works = []
 
 
 def named_params(stages) -> dict:

@@ -124,6 +124,8 @@ def step_failures(rank, world):
         _fail_once(pipe.stages[1], "run_backward_input", 1)
     out["backward_raises"] = _outcome(lambda: pipe.step(x, target=y))
     out["grads_after_failure"] = _grads(pipe)
+    # the failed step ran on stand-ins to its end: every send waited for, none left holding a tensor
+    out["sends_after_failure"] = sum(s.pending_sends for s in pipe.stages.values())
     out["after_backward_raises"] = _good(pipe, x, y)
     nan_x = x.clone()
     nan_x[3, 0] = float("nan")

@@ -63,6 +63,7 @@ def test_a_step_that_fails_on_one_rank_fails_on_every_rank_and_the_next_is_clean
         assert "injected failure in run_backward_input(1)" in raised["message"], raised
         assert raised["seconds"] < 10, raised
         assert r["grads_after_failure"] == {}, "a failed step leaves every grad None"
+        assert r["sends_after_failure"] == 0, "a failed step leaves no send pending"
         wild = r["token_out_of_range"]
         assert wild["type"] == "PipelineStepError" and wild["rank"] == 0, wild
         assert "IndexError in action F0.2" in wild["message"], wild

@@ -173,7 +173,9 @@ def dead_or_hung_peer(rank, world, mode, timeout_s):
 
 def fast_paths_step(rank, world, kind, compile_stages, early_sends, recompute=None):
     """One dualpipev step, counting what the fast paths did: sends started inside F&B
-    pairs, in-place grad sums, and (compiled) merged graphs run through torch.compile."""
+    pairs, in-place grad sums, and (compiled) merged graphs run through torch.compile;
+    and the sends still pending after each compute action (a send is waited for and dropped
+    at its release point, not at the step's end: ``schedules.release``)."""
     import dualpipe_fx
 
     pipe, x, y = _compile(kind, "dualpipev", 4, compile_stages=compile_stages,
@@ -181,21 +183,47 @@ def fast_paths_step(rank, world, kind, compile_stages, early_sends, recompute=No
     counts = {"early_sends": 0, "in_place_sums": 0}
     for stage in pipe.stages.values():
         stage.early_sends = early_sends
-        finish, buffers = stage.finish_early_sends, stage.grad_buffers
+        early, buffers = stage.send_early, stage.grad_buffers
 
-        def counted_finish(timeout, finish=finish, stage=stage):
-            counts["early_sends"] += len(stage._early_works)
-            finish(timeout)
+        def counted_early(kind, mb, index, tensor, early=early, stage=stage):
+            early(kind, mb, index, tensor)
+            counts["early_sends"] += (kind, mb, index) in stage._sent_early
 
         def counted_buffers(positions, buffers=buffers):
             got = buffers(positions)
             counts["in_place_sums"] += got is not None
             return got
-        stage.finish_early_sends, stage.grad_buffers = counted_finish, counted_buffers
+        stage.send_early, stage.grad_buffers = counted_early, counted_buffers
+    pending = _count_pending_sends(pipe)
     loss = pipe.step(x, target=y)
     pairs = [p for p in pipe._executor.overlap._graphs.values() if p is not None]
     counts["pairs"] = len(pairs)
     counts["compiled_pairs"] = sum(p.run is not p.gm for p in pairs)
     counts["accumulating_pairs"] = sum("dpfx_accumulated" in p.gm.meta for p in pairs)
+    counts["pending_after_step"] = sum(s.pending_sends for s in pipe.stages.values())
     return {"dualpipev": {"loss": None if loss is None else loss.item(), "grads": _grads(pipe),
-                          "names": [n for n, _ in pipe.named_parameters()]}, "counts": counts}
+                          "names": [n for n, _ in pipe.named_parameters()]}, "counts": counts,
+            "pending": pending, "released": _released_plan(pipe)}
+
+
+def _count_pending_sends(pipe) -> list:
+    """``[(action, works pending after it, {(stage, "F"|"B", mb) pending before its release},
+    {... after it})]`` for each compute action, filled as the step runs (the executor's
+    ``_release_sends`` is wrapped)."""
+    executor, seen = pipe._executor, []
+    release = executor._release_sends
+
+    def pending():
+        return {(s.stage_index, kind, mb) for s in pipe.stages.values() for kind, mb in s._sends}
+
+    def counted(schedule, torch_action):
+        before = pending()
+        release(schedule, torch_action)
+        seen.append((str(torch_action), sum(s.pending_sends for s in pipe.stages.values()), before, pending()))
+    executor._release_sends = counted
+    return seen
+
+
+def _released_plan(pipe) -> dict:
+    """What ``schedules.release`` says for this rank: ``{action: [(stage, "F"|"B", mb) released after it]}``."""
+    return {str(a): list(keys) for a, keys in pipe.schedule.send_release.items()}

@@ -4,14 +4,20 @@
 - grads summed in place (``passes.accumulate_grads``) from a step's second micro-batch on;
 - with ``compile_stages=True``, every F&B pair runs its merged graph through torch.compile
   (with ``recompute="full"``: its I graphs recompute the most, so Inductor compiles the
-  recomputing graphs too; tests/runtime/test_recompute_pipelined.py runs the eager ones).
+  recomputing graphs too; tests/runtime/test_recompute_pipelined.py runs the eager ones);
+- sends released as they complete: each send is waited for and dropped at its release point
+  (``schedules.release``), so the sends pending after each action (the stages' own count of
+  works, each holding its tensor) follow the plan, not the step's end.
 Each case is one 2-rank dualpipev step compared with the unsplit model on the same batch.
 """
 from __future__ import annotations
 
 import pytest
 
+from dualpipe_fx.planning.memory import _comms
 from dualpipe_fx.runtime.stage import pipeline_tag
+from dualpipe_fx.schedules.lowering import RECV_LOOKAHEAD, to_torch_action
+from dualpipe_fx.schedules.registry import generate
 from tests.runtime import cases
 from tests.runtime.dist_harness import run_ranks
 from tests.runtime.test_equivalence import check_step
@@ -29,6 +35,31 @@ def test_eager_pairs_with_and_without_early_sends_equal_one_process(early):
     assert _total(results, "in_place_sums") > 0, "no W summed its grads in place"
     assert _total(results, "accumulating_pairs") > 0, "no F&B pair summed its grads in place"
     assert _total(results, "compiled_pairs") == 0
+    _check_sends_released(results)
+
+
+def _check_sends_released(results):
+    """Each send is pending (its work, holding its tensor) from its issue until the action
+    ``schedules.release`` names and gone right after it; so mid-step a rank holds fewer than
+    all of its sends, and none after the step."""
+    for rank, r in enumerate(results):
+        assert r["counts"]["pending_after_step"] == 0, rank
+        released = r["released"]
+        assert released, f"rank {rank}: no send is released before the step's end"
+        for action, _, before, after in r["pending"]:
+            here = set(released.get(action, ()))
+            assert here <= before and not here & after, (rank, action, here, before, after)
+        every = {k for keys in released.values() for k in keys}
+        assert max(n for _, n, _, _ in r["pending"]) < len(every), (rank, r["pending"])
+    # the memory plan frees each sent tensor after the very action the runtime waits at
+    program = generate("dualpipev", 2, 4)
+    planned: dict = {}
+    for (kind, stage, mb), at in _comms(program, RECV_LOOKAHEAD).releases.items():
+        rank = program.stage_to_rank()[stage]
+        if at != float("inf"):
+            planned.setdefault(rank, {}).setdefault(str(to_torch_action(program[rank][at])), set()).add((stage, kind, mb))
+    for rank, r in enumerate(results):
+        assert {a: set(keys) for a, keys in r["released"].items()} == planned[rank], rank
 
 
 def test_compiled_stages_run_compiled_merged_pairs_and_equal_one_process():
