@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import unittest
 from pathlib import Path
 
 import pytest
+
+from tests.runtime.dist_harness import free_port
 
 sybil = pytest.importorskip("sybil", reason="the docs extra is not installed: pip install -e '.[docs]'")
 from sybil.evaluators.python import PythonEvaluator  # noqa: E402
@@ -33,11 +34,6 @@ DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 RANKS_MARKER = re.compile(r"<!--\s*ranks:\s*(\d+)\s*-->\s*$")
 RANKS_TIMEOUT_S = 120
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict[str, str]:
@@ -58,7 +54,7 @@ def _run_on_ranks(example, ranks: int, tmp_dir: Path) -> None:
     script = tmp_dir / f"{Path(example.path).stem}_{example.line}.py"
     script.write_text(example.parsed)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(ranks),
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(script)]
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(script)]
     try:
         proc = subprocess.run(cmd, cwd=tmp_dir, env=_env(), capture_output=True, text=True,
                               timeout=RANKS_TIMEOUT_S)

@@ -15,11 +15,12 @@ reach the package index.
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
+
+from tests.runtime.dist_harness import free_port
 
 # two torchrun jobs of several trainings each (the pipelined one traces four times): above the
 # suite's 300 s default on a loaded 2-core machine
@@ -61,19 +62,14 @@ def _env(titan03_path: str) -> dict[str, str]:
             "PYTHONPATH": os.pathsep.join([titan03_path, REPO])}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def run_jobs(titan03_path: str, nproc: int, out, runs: dict[str, list[str]]) -> dict[str, dict]:
     """``runs`` one after another in one torchrun job (tests/titan/runs03.py); ``{run: {losses,
     grad_norms}}`` with int steps, checked equal over the ranks."""
-    ports = ",".join(str(_free_port()) for _ in runs)
+    ports = ",".join(str(free_port()) for _ in runs)
     specs = [f"{name}:{','.join(flags)}" for name, flags in runs.items()]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            os.path.join(REPO, "tests", "titan", "runs03.py"), str(out), ports, *specs, "--",
            *CONFIG_MODULE, "--training.steps", str(STEPS)]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(titan03_path), capture_output=True, text=True,

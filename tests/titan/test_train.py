@@ -14,11 +14,12 @@ do the llama3 and deepseek_v3 flex-attention flavors (block-causal document mask
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 
 import pytest
+
+from tests.runtime.dist_harness import free_port
 
 pytest.importorskip("torchtitan", reason="torchtitan is the optional 'titan' extra")
 
@@ -33,11 +34,6 @@ RUN_TIMEOUT_S = 420
 STEPS = 3
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def run_train(nproc: int, dump_folder, *extra: str) -> tuple[dict[int, float], str]:
     """Run the entry point under torchrun; ``({step: loss}, full log)``.
@@ -46,7 +42,7 @@ def run_train(nproc: int, dump_folder, *extra: str) -> tuple[dict[int, float], s
     each step must show one loss value.
     """
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            "-m", "titan_integration.train", "--job.config_file", TOML,
            "--model.hf_assets_path", TOKENIZER, "--job.dump_folder", str(dump_folder),
            "--training.steps", str(STEPS), *extra]
@@ -68,10 +64,10 @@ def run_trainings(nproc: int, out, runs: dict[str, list[str]]) -> dict[int, dict
     interpreter start and one torchtitan import per rank serve them all. ``runs`` maps a name
     to its extra arguments (after the job file's). ``{rank: {name: record}}``, with each
     record's ``losses`` and ``grad_norms`` keyed by the int step."""
-    ports = ",".join(str(_free_port()) for _ in runs)
+    ports = ",".join(str(free_port()) for _ in runs)
     specs = [f"{name}:{','.join(flags)}" for name, flags in runs.items()]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            os.path.join(REPO, "tests", "titan", "ac_runs.py"), str(out), ports, *specs, "--",
            "--job.config_file", TOML, "--model.hf_assets_path", TOKENIZER,
            "--job.dump_folder", str(out / "dump"), "--training.steps", str(STEPS)]
