@@ -55,6 +55,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Ranks fork from one server process that imported these once (multiprocessing's forkserver),
+# instead of each starting an interpreter that imports torch and dualpipe_fx (seconds each on
+# 2 cores). The server starts no threads and no process group before it forks, so each rank
+# is as a fresh process would be; where forkserver is missing, ranks are spawned.
+_PRELOAD = ["torch", "torch.distributed", "dualpipe_fx", "tests.runtime.cases"]
+
+
+def _context():
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    return ctx
+
+
 def _entry(fn, rank, world_size, port, results, args, pg_timeout_s) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
@@ -78,7 +93,7 @@ def _entry(fn, rank, world_size, port, results, args, pg_timeout_s) -> None:
 def spawn_ranks(fn: Callable, world_size: int, args: tuple = (), timeout: float = 240.0,
                 pg_timeout_s: float = 60.0) -> list[RankOutcome]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; one outcome per rank."""
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     results = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, results, args, pg_timeout_s))
@@ -140,7 +155,7 @@ class _RankPool:
     """``world_size`` spawned gloo ranks that run one call after another."""
 
     def __init__(self, world_size: int, pg_timeout_s: float = 60.0) -> None:
-        ctx = mp.get_context("spawn")
+        ctx = _context()
         self.world_size, self.calls = world_size, 0
         self.results = ctx.Queue()
         self.tasks = [ctx.Queue() for _ in range(world_size)]
