@@ -5,6 +5,7 @@ from dualpipe_fx.api.split import Split, split  # noqa: F401
 from dualpipe_fx.planning.simulate import Costs, SimResult, simulate  # noqa: F401
 from dualpipe_fx.planning.memory import MemoryPlan  # noqa: F401
 from dualpipe_fx.api.plan import plan  # noqa: F401
+from dualpipe_fx.api.autoplan import autoplan  # noqa: F401
 from dualpipe_fx.ui.visualize import visualize  # noqa: F401
 from dualpipe_fx.api.compile import compile, Pipeline, PeerTimeoutError  # noqa: F401,A001
 from dualpipe_fx.api.options import MemoryPolicy, Parallelism  # noqa: F401

@@ -242,7 +242,8 @@ def _is_compute(node: fx.Node) -> bool:
     return node.op in ("call_function", "call_method") and callable(node.target)
 
 
-def node_costs(gm: fx.GraphModule, *, measured: bool = False, repeats: int = 3) -> Mapping[str, NodeCost]:
+def node_costs(gm: fx.GraphModule, *, measured: bool = False, repeats: int = 3,
+               flop_memo: Optional[dict] = None) -> Mapping[str, NodeCost]:
     """Per-node FLOPs, bytes read + written, output bytes and (optionally) measured time.
 
     **Contract**: ``GraphModule`` with ``meta["val"]`` on its nodes -> frozen mapping
@@ -257,6 +258,8 @@ def node_costs(gm: fx.GraphModule, *, measured: bool = False, repeats: int = 3) 
         gm: the graph to cost; it is never modified.
         measured: also time each op on random real tensors of the recorded shapes.
         repeats: timed runs per op (after one warm-up); the median is kept.
+        flop_memo: FLOPs by node signature, shared between calls (a caller costing many graphs
+            of one model, e.g. ``dualpipe_fx.autoplan``'s cuts, counts each op shape once).
 
     Returns:
         ``MappingProxyType`` of node name -> ``NodeCost``.
@@ -271,7 +274,7 @@ def node_costs(gm: fx.GraphModule, *, measured: bool = False, repeats: int = 3) 
     # Tensors made inside the fake mode are fake: no real memory, even for huge shapes.
     with FakeTensorMode(allow_non_fake_inputs=True), quiet_fake_kernel_errors():
         with FlopCounterMode(display=False, custom_mapping=extra_flop_formulas()) as counter:
-            memo: dict[str, float] = {}
+            memo: dict[str, float] = {} if flop_memo is None else flop_memo
             flops = {n.name: _node_flops(n, counter, memo) for n in nodes}
     table = {}
     for node in nodes:

@@ -192,7 +192,7 @@ def test_mixed_precision_split_runs_the_bf16_model_and_halves_the_cut():
 
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    from dualpipe_fx.api.split import _stage_io_bytes
+    from dualpipe_fx.api.split import stage_io_bytes
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(),
@@ -213,6 +213,6 @@ def test_mixed_precision_split_runs_the_bf16_model_and_halves_the_cut():
         assert grads[name].dtype == torch.float32 and torch.equal(grads[name], p.grad.float()), name
     fp32 = dualpipe_fx.split(model, loss_fn, (x,), y, 4)
     for a, b in zip(fp32.partition.stages[:-1], bf16.partition.stages[:-1]):
-        assert _stage_io_bytes(b)[1] * 2 == _stage_io_bytes(a)[1]
+        assert stage_io_bytes(b)[1] * 2 == stage_io_bytes(a)[1]
     with pytest.raises(TypeError, match="MixedPrecisionPolicy"):
         dualpipe_fx.split(model, loss_fn, (x,), y, 4, mixed_precision="bf16")

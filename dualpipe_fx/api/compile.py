@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dualpipe_fx.api import options
+from dualpipe_fx.api.autoplan import AUTO, pick_schedule
 from dualpipe_fx.api.options import MemoryPolicy, Parallelism
 from dualpipe_fx.runtime.agree import (HINTS, agree, as_timeout, call_fields, cut_fields, together, verify_names,
                                        vote_device)
@@ -33,8 +34,7 @@ from dualpipe_fx.runtime.materialize import materialize
 from dualpipe_fx.runtime.pipeline import Pipeline
 from dualpipe_fx.schedules import generate, get_schedule
 from dualpipe_fx.schedules.ir import Program
-from dualpipe_fx.planning.simulate import in_flight_by_part
-from dualpipe_fx.api.split import Split, check_mixed_precision, split
+from dualpipe_fx.api.split import check_mixed_precision, split_for_program
 from passes._compat import FLEX_ATTENTION, tree_flatten
 from passes.model_call import as_inputs
 from passes.cost_model import scalar_costs
@@ -123,23 +123,6 @@ def _check_init_fn(param_init_fn) -> None:
                         "initialises the module's own parameters and buffers in place, or None")
 
 
-def _part_placement(program: Program) -> dict[int, int]:
-    """Rank of each model part (mirrors: the first copy): whose loads the per-rank cut evens out."""
-    placement: dict[int, int] = {}
-    for stage, rank in sorted(program.stage_to_rank().items()):
-        placement.setdefault(program.model_part(stage), rank)
-    return placement
-
-
-def split_for_program(program: Program, model: nn.Module, loss_fn: Callable, examples: tuple, example_target,
-                      **options) -> "Split":
-    """The cut ``compile()`` makes for ``program`` (and ``dualpipe_fx.plan`` repeats): one stage per
-    model part, balanced per rank of the program's placement with its activations in flight;
-    ``options`` as ``dualpipe_fx.split`` (``only_stages``, ``balance``, ``recompute``, ...)."""
-    return split(model, loss_fn, examples, example_target, program.num_model_parts,
-                 placement=_part_placement(program), in_flight=in_flight_by_part(program), **options)
-
-
 def _agreed_options(args: Mapping[str, Any], memory: MemoryPolicy) -> dict[str, Any]:
     """compile()'s options every rank must share (callables are compared by their cut instead)."""
     agreed = {k: args[k] for k in ("compile_stages", "overlap", "split_points")}
@@ -208,7 +191,12 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
             (``use_cache=False``, ``None``) are constants of the trace, and ``step()`` must get
             the same ones.
         schedule: a name from ``dualpipe_fx.schedules.SCHEDULES`` (dualpipev, dualpipe, zbv,
-            1f1b, gpipe, interleaved_1f1b, zb1p).
+            1f1b, gpipe, interleaved_1f1b, zb1p), or ``"auto"``: the fastest of them (and, when
+            ``memory.recompute`` is None, the fastest recompute policy) for these micro-batches
+            that keeps every rank within ``memory.budget`` (or the device's memory), predicted
+            by ``dualpipe_fx.autoplan``'s model (``api.autoplan.pick_schedule``; rank 0 logs the
+            ranking). To choose ``num_microbatches`` too, call ``dualpipe_fx.autoplan`` with
+            the whole batch.
         num_microbatches: micro-batches per step; ``step`` splits its batch into this many.
         group: the pipeline's process group (default: the world).
         compile_stages: wrap each stage graph in ``torch.compile`` (refused for a model that
@@ -323,9 +311,15 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
     # Each `together` block ends in a vote: an error on one rank (its device, its trace, its
     # init) stops every rank at once instead of leaving them in the next collective.
     with together(group, timeout, "compile()"):
-        check_world(schedule, world, num_microbatches, get_schedule(schedule))
+        if schedule != AUTO:
+            check_world(schedule, world, num_microbatches, get_schedule(schedule))
         device = _check_devices(model, examples, example_target, example_kwargs, device)
         _check_init_fn(param_init_fn)
+    if schedule == AUTO:  # every rank picks alike (api.autoplan)
+        schedule, mem = pick_schedule(model, loss_fn, examples, example_target, example_kwargs, group=group,
+                                      world=world, num_microbatches=num_microbatches, device=device, memory=mem,
+                                      timeout=timeout)
+    with together(group, timeout, "compile()"):
         program = generate(schedule, world, num_microbatches)
         _check_mirrored_running_stats(model, program, schedule)
     if isinstance(cost, str) and cost == "measured" and world > 1:

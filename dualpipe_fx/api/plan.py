@@ -10,7 +10,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 
 from dualpipe_fx.api import options
-from dualpipe_fx.api.compile import split_for_program
+from dualpipe_fx.api.split import split_for_program
 from dualpipe_fx.api.options import MemoryPolicy
 from dualpipe_fx.planning.memory import MemoryPlan, optimizer_bytes, split_plan
 from dualpipe_fx.schedules.lowering import RECV_LOOKAHEAD

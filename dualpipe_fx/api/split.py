@@ -9,6 +9,7 @@ split against plain autograd before going distributed.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Collection, Mapping, Optional, Sequence
 
@@ -19,6 +20,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy
 from dualpipe_fx.api import options
 from dualpipe_fx.api.options import MemoryPolicy
 from dualpipe_fx.planning.memory import optimizer_bytes
+from dualpipe_fx.planning.simulate import in_flight_by_part
+from dualpipe_fx.schedules.ir import Program
 from passes.balance import BALANCE_MODES, MemorySpec
 from passes.capture import capture
 from passes.cost_model import activation_bytes, node_costs
@@ -27,10 +30,10 @@ from passes.split_backward import saved_bytes, split_backward
 from passes.split_stages import StagePartition, default_placement, split_stages
 from passes.stage_graphs import StageGraphs
 
-__all__ = ["Split", "split"]
+__all__ = ["Split", "split", "split_for_program"]
 
 
-def _stage_io_bytes(gm: torch.fx.GraphModule) -> tuple[int, int]:
+def stage_io_bytes(gm: torch.fx.GraphModule) -> tuple[int, int]:
     """Activation bytes a stage receives (activation placeholders) and sends (outputs)."""
     acts_in = sum(activation_bytes(n) for n in gm.graph.nodes
                   if n.op == "placeholder" and n.meta.get("dpfx_kind") == "activation")
@@ -75,7 +78,7 @@ class Split:
         for s, (sg, gm) in enumerate(zip(self.stages, self.partition.stages)):
             n_params = sum(named[n].numel() for n in _param_names(gm))
             flops = sum(c.flops for c in node_costs(gm).values())
-            a_in, a_out = _stage_io_bytes(gm)
+            a_in, a_out = stage_io_bytes(gm)
             out_desc = "loss" if s == last else f"{a_out:,}"
             saved = "-" if sg is None else f"{saved_bytes(sg):,}"  # not split (only_stages)
             rows.append((str(s), str(self.placement[s]), f"{n_params:,}",
@@ -271,7 +274,7 @@ def split(model: nn.Module, loss_fn: Callable, example_inputs, example_target=No
           placement: Optional[Mapping[int, int]] = None, device=None,
           only_stages: Optional[Collection[int]] = None, in_flight: Optional[Mapping[int, int]] = None,
           memory: Optional[MemoryPolicy] = None, mixed_precision: Optional[MixedPrecisionPolicy] = None,
-          **deprecated) -> Split:
+          captured=None, backward_cache: Optional[dict] = None, **deprecated) -> Split:
     """Capture ``model`` + ``loss_fn``, cut it into stages, split each stage's backward.
 
     **Contract**: ``(model, loss_fn, one example micro-batch) -> Split`` with
@@ -322,6 +325,12 @@ def split(model: nn.Module, loss_fn: Callable, example_inputs, example_target=No
             cut are in that dtype; the memory model counts each parameter's value, grad and
             optimizer state in its own dtype plus its ``param_dtype`` copy. ``Split.run``
             casts the parameters and returns grads in the parameters' dtype.
+        captured: ``passes.capture.capture``'s result for this very model, examples and
+            ``mixed_precision``, to cut again without tracing again (``dualpipe_fx.autoplan``
+            cuts one capture for every candidate); None traces.
+        backward_cache: a dict kept between calls on one capture: a stage whose graph, index
+            role and recompute policy were split before is not split again (autoplan's cuts
+            share most of their stages).
         **deprecated: ``recompute=``, ``balance=``, ``memory_budget=``, ``optimizer=``: the
             fields of ``memory`` as 0.1 took them; they warn (``FutureWarning``) and go in 0.3.
 
@@ -342,14 +351,47 @@ def split(model: nn.Module, loss_fn: Callable, example_inputs, example_target=No
     mixed_precision = check_mixed_precision(mixed_precision)
     spec = memory_spec(policy.optimizer, in_flight, policy.budget, policy.recompute,
                        master_size(model, mixed_precision))
-    captured = capture(model, loss_fn, example_inputs, example_target, example_kwargs=example_kwargs,
-                       device=device, mixed_precision=mixed_precision)
+    if captured is None:
+        captured = capture(model, loss_fn, example_inputs, example_target, example_kwargs=example_kwargs,
+                           device=device, mixed_precision=mixed_precision)
     placement = default_placement(num_stages) if placement is None else dict(placement)
     partition = split_stages(captured, num_stages, cost=cost, split_points=split_points, placement=placement,
                              balance=policy.balance, memory=spec)
     last = len(partition.stages) - 1
     wanted = _only(only_stages, len(partition.stages))
-    stages = tuple(split_backward(gm, index=s, is_last=s == last, recompute=policy.recompute) if s in wanted
+    stages = tuple(_split_backward(gm, s, s == last, policy.recompute, backward_cache) if s in wanted
                    else None for s, gm in enumerate(partition.stages))
     return Split(stages=stages, partition=partition, model=model, placement=placement,
                  mixed_precision=mixed_precision)
+
+
+def _stage_key(gm: torch.fx.GraphModule) -> tuple:
+    """What a stage's backward split depends on: its code and its inputs' shapes and dtypes."""
+    vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    return gm.code, tuple((tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else repr(v) for v in vals)
+
+
+def _split_backward(gm, index: int, is_last: bool, recompute, cache: Optional[dict]) -> StageGraphs:
+    if cache is None or not (recompute is None or isinstance(recompute, str)):
+        return split_backward(gm, index=index, is_last=is_last, recompute=recompute)
+    key = (_stage_key(gm), is_last, recompute)
+    if key not in cache:
+        cache[key] = split_backward(gm, index=0, is_last=is_last, recompute=recompute)
+    return dataclasses.replace(cache[key], index=index)
+
+
+def part_placement(program: Program) -> dict[int, int]:
+    """Rank of each model part (mirrors: the first copy): whose loads the per-rank cut evens out."""
+    placement: dict[int, int] = {}
+    for stage, rank in sorted(program.stage_to_rank().items()):
+        placement.setdefault(program.model_part(stage), rank)
+    return placement
+
+
+def split_for_program(program: Program, model: nn.Module, loss_fn: Callable, examples: tuple, example_target,
+                      **options) -> Split:
+    """The cut ``compile()`` makes for ``program`` (and ``dualpipe_fx.plan`` repeats): one stage per
+    model part, balanced per rank of the program's placement with its activations in flight;
+    ``options`` as ``dualpipe_fx.split`` (``only_stages``, ``balance``, ``recompute``, ...)."""
+    return split(model, loss_fn, examples, example_target, program.num_model_parts,
+                 placement=part_placement(program), in_flight=in_flight_by_part(program), **options)

@@ -27,6 +27,7 @@ import torch
 
 from dualpipe_fx import examples as ex
 from dualpipe_fx.api.options import MemoryPolicy
+from dualpipe_fx.api.autoplan import autoplan
 from dualpipe_fx.api.plan import plan
 from dualpipe_fx.planning.simulate import Costs, SimResult, readme_bubble, simulate
 from dualpipe_fx.schedules.ir import Program
@@ -179,8 +180,15 @@ _DTYPES = ("float32", "bfloat16", "float16")
 def _add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--example", choices=("llama", "mlp"), default="llama", help="built-in model (default llama)")
     p.add_argument("--ranks", type=int, required=True, help="N, the number of pipeline ranks")
-    p.add_argument("--microbatches", type=int, required=True, help="C, micro-batches per step")
+    p.add_argument("--microbatches", type=int, help="C, micro-batches per step (required without --auto)")
     p.add_argument("--schedule", default="dualpipev", help="a registered schedule (default dualpipev)")
+    p.add_argument("--auto", action="store_true",
+                   help="search the schedule, micro-batch count and recompute (dualpipe_fx.autoplan) and print "
+                        "the ranking; --device names the device model (h100, h200, a100, mi300x, or cpu: probed)")
+    p.add_argument("--batch", type=int, help="--auto: samples per step (default 8 x ranks)")
+    p.add_argument("--network", help="--auto: nvlink, ib-400g, ib-200g, ethernet-100g or localhost "
+                                     "(default: nvlink for a GPU, localhost for cpu)")
+    p.add_argument("--budget-gib", type=float, help="--auto: memory per rank in GiB (default: the device's)")
     p.add_argument("--dtype", default="float32", help=f"parameter dtype: {', '.join(_DTYPES)} (default float32)")
     p.add_argument("--optimizer", default="adamw",
                    help="adamw, adam, sgd, sgd_momentum, or state bytes per parameter element (default adamw)")
@@ -195,8 +203,9 @@ def _add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", help="also write the plan here (.json)")
 
 
-def _plan_example(args: argparse.Namespace):
-    """(model on meta in ``--dtype``, loss_fn, one micro-batch's input, target)."""
+def _plan_example(args: argparse.Namespace, batch: Optional[int] = None):
+    """(model on meta in ``--dtype``, loss_fn, one micro-batch's input, target); ``batch``
+    samples instead of ``--microbatch-size``."""
 
 
     if args.dtype not in _DTYPES:
@@ -205,7 +214,7 @@ def _plan_example(args: argparse.Namespace):
     if args.example == "mlp":
         with torch.device("meta"):
             model = ex.LinearGeluStack(depth=args.layers or 8, width=args.dim or 1024).to(dtype)
-        x, y = ex.linear_gelu_batch(model.width, batch=args.microbatch_size)
+        x, y = ex.linear_gelu_batch(model.width, batch=batch or args.microbatch_size)
         return model, ex.mse_loss, x.to(dtype), y.to(dtype)
     base = ex.LlamaConfig()
     dim = args.dim or base.dim
@@ -216,7 +225,7 @@ def _plan_example(args: argparse.Namespace):
                          max_seq_len=seq)
     with torch.device("meta"):
         model = ex.LlamaDecoder(cfg).to(dtype)
-    tokens, target = ex.llama_batch(cfg, batch=args.microbatch_size, seq=seq)
+    tokens, target = ex.llama_batch(cfg, batch=batch or args.microbatch_size, seq=seq)
     return model, ex.llama_loss, tokens, target
 
 
@@ -232,6 +241,10 @@ def _run_plan(args: argparse.Namespace) -> int:
 
     if args.json is not None and not args.json.lower().endswith(".json"):
         raise UsageError(f"--json {args.json!r} must end in .json")
+    if args.auto:
+        return _run_autoplan(args)
+    if args.microbatches is None:
+        raise UsageError("plan: --microbatches is required (or pass --auto to search it)")
     model, loss_fn, x, y = _plan_example(args)
     result = plan(model, loss_fn, x, y, ranks=args.ranks, num_microbatches=args.microbatches,
                   schedule=args.schedule, device=args.device,
@@ -244,6 +257,31 @@ def _run_plan(args: argparse.Namespace) -> int:
     if args.json is not None:
         with open(args.json, "w") as f:
             json.dump(result.to_dict(), f, indent=1)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _run_autoplan(args: argparse.Namespace) -> int:
+    """``plan --auto``: autoplan's ranking of the example on ``--ranks`` ranks of ``--device``."""
+    batch = args.batch or 8 * args.ranks
+    model, loss_fn, x, y = _plan_example(args, batch)
+    space = {"num_microbatches": [args.microbatches]} if args.microbatches else None
+    budget = None if args.budget_gib is None else int(args.budget_gib * (1 << 30))
+    plans = autoplan(model, loss_fn, (x,), y, world_size=args.ranks, device=args.device, network=args.network,
+                     memory_budget=budget, space=space, top=None, optimizer=_optimizer(args.optimizer))
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{args.example}: {n_params:,} parameters ({args.dtype}), {args.ranks} ranks, a batch of {batch}; "
+          "fastest first:")
+    print(plans.table())
+    best = plans[0]
+    print(f"pick: schedule={best.schedule!r}, num_microbatches={best.num_microbatches}, "
+          f"recompute={best.recompute!r} ({best.predicted_step_s * 1e3:,.2f} ms predicted)")
+    if args.json is not None:
+        with open(args.json, "w") as f:
+            json.dump({"plans": [dict(zip(("schedule", "num_microbatches", "recompute", "step_ms", "bubble",
+                                           "peak_gib", "samples_per_s"), p.row())) for p in plans],
+                       "rejected": [vars(r) | {"recompute": str(r.recompute)} for r in plans.rejected],
+                       "search_s": plans.search_s}, f, indent=1)
         print(f"wrote {args.json}")
     return 0
 

@@ -1,0 +1,394 @@
+"""``dualpipe_fx.autoplan``: choose the schedule, micro-batch count and recompute policy of a
+pipeline under a memory budget, from the model alone (no process group, nothing allocated
+for a meta model).
+
+**Contract**: ``autoplan(model, loss_fn, batch_inputs, batch_target, *, world_size, device,
+memory_budget, ...) -> Plans`` (a list of ``Plan``, fastest first, with ``.rejected``: every
+candidate left out and why). Each candidate is cut and planned exactly as ``compile()`` would
+build it (``split_for_program`` on one micro-batch of the batch, ``planning.memory``), timed
+by the simulator with roofline costs of its stage graphs on the device model
+(``planning.devices``), and kept when every rank's total fits ``memory_budget``.
+
+**Pseudocode**
+    for C, schedule in the space, recompute from None to "full" until one fits (recomputing
+    more only adds compute: the rest are listed as not tried):
+        program = generate(schedule, P, C)          (a schedule that cannot run P, C: rejected)
+        parts = the cut compile() makes for one micro-batch (batch / C)
+        memory = split_plan(parts, program)          (a rank over the budget: rejected, by how much)
+        per stage: F, I, W seconds = sum of node_seconds over its graphs (+ per-action overhead)
+        step = simulate(program, those costs, a hop = network.seconds(boundary bytes)).makespan
+    rank the survivors by step (then by peak memory)
+
+This version plans the pipeline alone: ``pp_degree`` is the whole ``world_size``. Data and
+expert parallelism beside it are refused with that reason (planned in a later version), so
+nothing is guessed for them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+
+from dualpipe_fx.api.options import MemoryPolicy
+from dualpipe_fx.api.split import split_for_program, stage_io_bytes
+from dualpipe_fx.planning.devices import (DEVICES, NETWORKS, DeviceModel, NetworkModel, device_model, network_model,
+                                         node_seconds, probe_device, probe_network)
+from dualpipe_fx.planning.memory import MemoryPlan, split_plan
+from dualpipe_fx.planning.simulate import Costs, StageCosts, simulate
+from dualpipe_fx.runtime.agree import together
+from dualpipe_fx.schedules.ir import Program
+from dualpipe_fx.schedules.lowering import RECV_LOOKAHEAD
+from dualpipe_fx.schedules.registry import SCHEDULES, generate
+from passes.capture import capture
+from passes.cost_model import node_costs
+
+__all__ = ["autoplan", "Plan", "Plans", "Rejected", "DEFAULT_SCHEDULES", "pick_schedule"]
+
+log = logging.getLogger(__name__)
+
+# every schedule the runtime runs; "zb1p" is ZB-H1 (torch's own name for it is ZB1P)
+DEFAULT_SCHEDULES = ("dualpipev", "dualpipe", "zbv", "zb1p", "1f1b", "interleaved_1f1b", "gpipe")
+DEFAULT_RECOMPUTE = (None, "selective", "full")
+_SPACE_KEYS = ("schedule", "num_microbatches", "recompute")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One feasible configuration: what ``compile()`` takes to build it, and what it predicts."""
+
+    schedule: str
+    num_microbatches: int
+    recompute: Any
+    predicted_step_s: float
+    bubble_ratio: float
+    memory: MemoryPlan
+    microbatch_size: int
+    samples_per_s: float
+
+    @property
+    def compile_kwargs(self) -> dict[str, Any]:
+        """``compile(model, loss_fn, (x[:mb],), y[:mb], **plan.compile_kwargs)`` builds it
+        (``mb = plan.microbatch_size``), on a group of ``world_size`` ranks."""
+        return {"schedule": self.schedule, "num_microbatches": self.num_microbatches,
+                "memory": MemoryPolicy(recompute=self.recompute)}
+
+    @property
+    def peak_bytes(self) -> int:
+        """The largest rank's planned total (params, grads, optimizer state, the step's peak)."""
+        return max(r.total for r in self.memory.ranks)
+
+    def row(self) -> tuple[str, ...]:
+        return (self.schedule, str(self.num_microbatches), str(self.recompute),
+                f"{self.predicted_step_s * 1e3:,.2f}", f"{self.bubble_ratio:.3f}",
+                f"{self.peak_bytes / 2 ** 30:,.3f}", f"{self.samples_per_s:,.1f}")
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A candidate left out, and why (cannot run, or over the budget on a rank by how much)."""
+
+    schedule: str
+    num_microbatches: int
+    recompute: Any
+    reason: str
+
+
+class Plans(list):
+    """``Plan``s, fastest first; ``rejected``: every candidate left out, with its reason;
+    ``search_s``: how long the search took."""
+
+    def __init__(self, plans: Sequence[Plan], rejected: Sequence[Rejected], search_s: float,
+                 device: DeviceModel, network: NetworkModel) -> None:
+        super().__init__(plans)
+        self.rejected = list(rejected)
+        self.search_s = search_s
+        self.device, self.network = device, network
+
+    def table(self) -> str:
+        """The ranking as text: one row per plan, then the rejected candidates."""
+        head = ("schedule", "C", "recompute", "step ms", "bubble", "peak GiB", "samples/s")
+        rows = [head] + [p.row() for p in self]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+        lines = [f"device {self.device.name}, network {self.network.name}; searched in {self.search_s:.1f} s"]
+        lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+        lines += [f"rejected: {r.schedule}, C={r.num_microbatches}, recompute={r.recompute}: {r.reason}"
+                  for r in self.rejected]
+        return "\n".join(lines)
+
+
+def _batch_size(batch_inputs: tuple) -> int:
+    sizes = {t.shape[0] for t in batch_inputs if isinstance(t, torch.Tensor) and t.dim() > 0}
+    if len(sizes) != 1:
+        raise ValueError(f"autoplan: batch_inputs have first dims {sorted(sizes)}; expected one batch size "
+                         "shared by every input tensor (the whole batch of one step)")
+    return sizes.pop()
+
+
+def _divisors(n: int) -> list[int]:
+    return [c for c in range(1, n + 1) if n % c == 0]
+
+
+def _space(space: Optional[Mapping[str, Sequence]], batch: int, ranks: int) -> dict[str, list]:
+    space = dict(space or {})
+    unknown = sorted(set(space) - set(_SPACE_KEYS))
+    if unknown:
+        raise ValueError(f"autoplan: space has keys {unknown}; expected some of {list(_SPACE_KEYS)}")
+    schedules = list(space.get("schedule", DEFAULT_SCHEDULES))
+    bad = [s for s in schedules if s not in SCHEDULES]
+    if bad:
+        raise ValueError(f"autoplan: unknown schedules {bad} in space; known: {', '.join(SCHEDULES)}")
+    # default: every micro-batch count that divides the batch, from the pipeline degree up to
+    # 8 per rank (fewer leaves a bubble no schedule hides; more only adds per-action overhead)
+    counts = list(space.get("num_microbatches", [c for c in _divisors(batch) if ranks <= c <= 8 * ranks]))
+    return {"schedule": schedules, "num_microbatches": counts or [batch],
+            "recompute": list(space.get("recompute", DEFAULT_RECOMPUTE))}
+
+
+def _smallest_dim(node: torch.fx.Node) -> Optional[int]:
+    """A GEMM-like node's smallest dimension (its shape class): the output's last two and the
+    first input's last (the contracted one)."""
+    val = node.meta.get("val")
+    first = node.all_input_nodes[0].meta.get("val") if node.all_input_nodes else None
+    dims = list(val.shape[-2:]) if isinstance(val, torch.Tensor) else []
+    dims += [first.shape[-1]] if isinstance(first, torch.Tensor) and first.dim() else []
+    return int(min(dims)) if dims else None
+
+
+def _graph_seconds(gm: torch.fx.GraphModule, device: DeviceModel, memo: Optional[dict] = None) -> float:
+    """Roofline seconds of every compute node of ``gm`` on ``device`` (``memo``: FLOPs by op
+    signature, shared by a search's graphs)."""
+    total = 0.0
+    by_name = {n.name: n for n in gm.graph.nodes}
+    for name, cost in node_costs(gm, flop_memo=memo).items():
+        node = by_name[name]
+        val = node.meta.get("val")
+        dtype = val.dtype if isinstance(val, torch.Tensor) else torch.float32
+        total += node_seconds(cost.flops, cost.bytes, dtype, device, _smallest_dim(node) if cost.flops else None)
+    return total
+
+
+def _boundary_bytes(parts) -> int:
+    """The largest activation one stage hands the next (per micro-batch)."""
+    return max((stage_io_bytes(gm)[1] for gm in parts.partition.stages[:-1]), default=0)
+
+
+def stage_costs(parts, program: Program, device: DeviceModel, network: NetworkModel,
+                memo: Optional[dict] = None) -> StageCosts:
+    """Seconds of every action of ``program`` from its stage graphs' roofline costs."""
+    per_part = {}
+    for k, sg in enumerate(parts.stages):
+        f = _graph_seconds(sg.forward.gm, device, memo)
+        i = _graph_seconds(sg.backward_input.gm, device, memo)
+        w = _graph_seconds(sg.backward_weight.gm, device, memo)
+        per_part[k] = (f, i, w)
+    extra = device.action_overhead_s
+
+    def seconds(action) -> float:
+        if action.kind == "FB":
+            return seconds(action.forward) + seconds(action.backward) - extra
+        f, i, w = per_part[program.model_part(action.stage)]
+        return {"F": f, "B": i + w, "I": i, "W": w}[action.kind] + extra
+
+    by_action = {a: seconds(a) for actions in program.values() for a in actions}
+    mean = [sum(v[j] for v in per_part.values()) / len(per_part) for j in range(3)]
+    base = Costs(F=mean[0], B=mean[1] + mean[2], W=mean[2], comm=network.seconds(_boundary_bytes(parts)))
+    return StageCosts(base, by_key={}, by_action=by_action)
+
+
+def _over_budget(memory: MemoryPlan, budget: int) -> Optional[str]:
+    over = [(r.rank, r.total - budget) for r in memory.ranks if r.total > budget]
+    if not over:
+        return None
+    rank, by = max(over, key=lambda x: x[1])
+    return f"out of memory on rank {rank} by {by / 2 ** 30:,.3f} GiB (its total {(budget + by) / 2 ** 30:,.3f} GiB)"
+
+
+def autoplan(model: torch.nn.Module, loss_fn: Callable, batch_inputs, batch_target=None, *, world_size: int,
+             device: Union[str, DeviceModel] = "cpu", memory_budget: Optional[int] = None,
+             network: Union[str, NetworkModel, None] = None, pp_degree: Optional[int] = None,
+             space: Optional[Mapping[str, Sequence]] = None, top: Optional[int] = 5,
+             optimizer: Union[str, int, float] = "adamw", trace_device=None) -> Plans:
+    """The best pipeline configurations of ``model`` on ``world_size`` ranks, fastest first.
+
+    Args:
+        model, loss_fn: as ``compile`` (a model on meta is traced on fake tensors).
+        batch_inputs, batch_target: the WHOLE batch of one step (a tensor or a tuple of
+            tensors, batch dim first); the planner chooses how to split it.
+        world_size: ranks in all. pp_degree: None or ``world_size`` (this version plans the
+            pipeline alone; data and expert parallelism beside it are refused).
+        device: a ``planning.devices`` table name (``"h100"``, ``"h200"``, ``"a100"``,
+            ``"mi300x"``), ``"cpu"`` (probed here) or a ``DeviceModel``.
+        memory_budget: bytes per rank (default: the device's memory; a probed CPU has none,
+            so nothing is pruned).
+        network: a ``NETWORKS`` name or a ``NetworkModel`` (default: NVLink for a GPU, the
+            ``localhost`` row for a CPU); ``planning.devices.probe_network`` measures one.
+        space: restricts the search, e.g. ``{"schedule": ["dualpipev"], "num_microbatches":
+            [4, 8], "recompute": [None]}``.
+        top: how many plans to return (None: every feasible one).
+        optimizer: the optimizer whose state counts (as ``MemoryPolicy.optimizer``).
+        trace_device: the device the graphs are traced for (default cpu).
+
+    Returns:
+        ``Plans``: ``Plan``s (``.compile_kwargs``, ``.predicted_step_s``, ``.memory``), with
+        ``.rejected`` and ``.table()``.
+
+    Raises:
+        ValueError: ``pp_degree`` other than ``world_size``, a bad ``space``, or no
+            candidate that fits (every candidate's reason listed).
+    """
+    if pp_degree is not None and pp_degree != world_size:
+        raise ValueError(f"autoplan(pp_degree={pp_degree}, world_size={world_size}): data or expert parallelism "
+                         "beside the pipeline is not planned yet; pass pp_degree=world_size (or leave it None) "
+                         "and plan each data-parallel replica's pipeline on its own ranks")
+    if world_size < 1:
+        raise ValueError(f"autoplan: world_size={world_size}; expected >= 1")
+    start = time.perf_counter()
+    dev = device_model(device)
+    net = network_model(network, dev)
+    budget = memory_budget if memory_budget is not None else (dev.memory_bytes or None)
+    inputs = (batch_inputs,) if isinstance(batch_inputs, torch.Tensor) else tuple(batch_inputs)
+    batch = _batch_size(inputs)
+    grid = _space(space, batch, world_size)
+    plans, rejected, memo = [], [], {}
+    for c in grid["num_microbatches"]:
+        if batch % c:
+            rejected += [Rejected(s, c, r, f"the batch of {batch} does not split into {c} micro-batches")
+                         for s in grid["schedule"] for r in grid["recompute"]]
+            continue
+        examples = tuple(t[:batch // c] if isinstance(t, torch.Tensor) and t.dim() > 0 else t for t in inputs)
+        target = batch_target[:batch // c] if isinstance(batch_target, torch.Tensor) and batch_target.dim() > 0 \
+            else batch_target
+        got = _search(model, loss_fn, examples, target, None, schedules=grid["schedule"], num_microbatches=c,
+                      recomputes=grid["recompute"], ranks=world_size, device=dev, network=net, budget=budget,
+                      optimizer=optimizer, trace_device=trace_device, memo=memo)
+        plans += got[0]
+        rejected += got[1]
+    return _ranked(plans, rejected, top, time.perf_counter() - start, dev, net, world_size)
+
+
+def _ranked(plans, rejected, top, seconds, dev, net, ranks) -> Plans:
+    plans = sorted(plans, key=lambda p: (p.predicted_step_s, p.peak_bytes))
+    if not plans:
+        reasons = "\n".join(f"  {r.schedule}, C={r.num_microbatches}, recompute={r.recompute}: {r.reason}"
+                            for r in rejected)
+        raise ValueError(f"autoplan: no configuration fits on {ranks} ranks:\n{reasons}\nFix: raise the "
+                         "memory budget, use more ranks, or widen the space")
+    return Plans(plans if top is None else plans[:top], rejected, seconds, dev, net)
+
+
+def candidate(model, loss_fn, examples: tuple, target, *, schedule: str, num_microbatches: int, recompute,
+              ranks: int, device: DeviceModel, network: NetworkModel, budget: Optional[int],
+              optimizer="adamw", trace_device=None, example_kwargs=None, captured=None,
+              memo: Optional[dict] = None, backward_cache: Optional[dict] = None) -> Union[Plan, Rejected]:
+    """One configuration on one example micro-batch: a ``Plan``, or a ``Rejected`` with its reason.
+    ``captured``: the micro-batch's capture, shared by the candidates (one trace, many cuts);
+    ``memo``, ``backward_cache``: FLOPs by op and split stages, shared by them too."""
+    def rejected(reason: str) -> Rejected:
+        return Rejected(schedule, num_microbatches, recompute, reason)
+
+    try:
+        program = generate(schedule, ranks, num_microbatches)
+    except ValueError as err:
+        return rejected(str(err).split(";")[0])
+    memory = MemoryPolicy(recompute=recompute, optimizer=optimizer)
+    trace_on = torch.device("cpu" if trace_device is None else trace_device)
+    if captured is None:
+        captured = capture(model, loss_fn, examples, target, example_kwargs=example_kwargs, device=trace_on)
+    parts = split_for_program(program, model, loss_fn, examples, target, device=trace_on, memory=memory,
+                              example_kwargs=example_kwargs, captured=captured, backward_cache=backward_cache)
+    gloo = network.name in ("localhost", "probed") and trace_on.type == "cpu"
+    plan = split_plan(parts, program, optimizer=optimizer, recv_lookahead=RECV_LOOKAHEAD if gloo else 0,
+                      recompute=recompute)
+    if budget is not None and (why := _over_budget(plan, budget)):
+        return rejected(why)
+    sim = simulate(program, stage_costs(parts, program, device, network, memo), early_results=gloo)
+    mb = next((t.shape[0] for t in examples if isinstance(t, torch.Tensor) and t.dim() > 0), 1)
+    return Plan(schedule, num_microbatches, recompute, sim.makespan, sim.bubble_ratio, plan, mb,
+                mb * num_microbatches / sim.makespan)
+
+
+def _recompute_order(policy) -> int:
+    return {None: 0, "selective": 1, "full": 2}.get(policy, 3)
+
+
+def _search(model, loss_fn, examples: tuple, target, example_kwargs, *, schedules: Sequence[str],
+            num_microbatches: int, recomputes: Sequence, ranks: int, device: DeviceModel, network: NetworkModel,
+            budget: Optional[int], optimizer, trace_device, memo: dict) -> tuple[list[Plan], list[Rejected]]:
+    """Every schedule x recompute policy for one micro-batch count, on one capture. Policies go
+    from saving the most to recomputing the most, and stop at the first that fits: recompute
+    only adds compute, so a later one that fits too is slower (it is listed as rejected, why)."""
+    trace_on = torch.device("cpu" if trace_device is None else trace_device)
+    captured = capture(model, loss_fn, examples, target, example_kwargs=example_kwargs, device=trace_on)
+    plans, rejected, backward_cache = [], [], {}
+    for schedule in schedules:
+        fits, cannot = None, None
+        for recompute in sorted(recomputes, key=_recompute_order):
+            if fits is not None or cannot is not None:
+                rejected.append(Rejected(schedule, num_microbatches, recompute, cannot or (
+                    f"not tried: recompute={fits.recompute!r} fits, and recomputing more only adds compute")))
+                continue
+            got = candidate(model, loss_fn, examples, target, schedule=schedule, num_microbatches=num_microbatches,
+                            recompute=recompute, ranks=ranks, device=device, network=network, budget=budget,
+                            optimizer=optimizer, trace_device=trace_on, example_kwargs=example_kwargs,
+                            captured=captured, memo=memo, backward_cache=backward_cache)
+            if isinstance(got, Plan):
+                plans.append(got)
+                fits = got
+            else:
+                rejected.append(got)
+                if "out of memory" not in got.reason:
+                    cannot = got.reason  # the schedule cannot run these micro-batches: no policy changes that
+    return plans, rejected
+
+
+AUTO = "auto"
+
+
+def _agreed_device(device: torch.device, group) -> DeviceModel:
+    """The table's model of this GPU kind, else rank 0's probe broadcast to every rank (the
+    ranks must choose alike, and probes differ a little)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device).lower()
+        known = next((k for k in DEVICES if k in name.replace(" ", "")), None)
+        if known:
+            return DEVICES[known]
+    probed = probe_device(device)
+    figures = torch.tensor([probed.peak_flops["float32"], probed.peak_flops["bfloat16"], probed.bandwidth,
+                            probed.kernel_overhead_s, probed.action_overhead_s], dtype=torch.float64)
+    if dist.get_world_size(group) > 1:
+        backend_device = device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+        figures = figures.to(backend_device)
+        dist.broadcast(figures, group_src=0, group=group)
+    f32, bf16, bandwidth, kernel, action = figures.cpu().tolist()
+    return dataclasses.replace(probed, peak_flops=MappingProxyType({"float32": f32, "bfloat16": bf16}),
+                               bandwidth=bandwidth, kernel_overhead_s=kernel, action_overhead_s=action)
+
+
+def pick_schedule(model, loss_fn, examples: tuple, target, example_kwargs, *, group, world: int,
+                  num_microbatches: int, device: torch.device, memory: MemoryPolicy, timeout) -> tuple[str, MemoryPolicy]:
+    """``compile(schedule="auto")``: the fastest schedule (and, unless ``memory.recompute`` is
+    set, recompute policy) for these micro-batches that keeps every rank within
+    ``memory.budget`` (or the device's memory). Every rank measures alike (rank 0's probes,
+    broadcast) and so picks alike; rank 0 logs the ranking."""
+    dev = _agreed_device(device, group)
+    net = probe_network(group) if world > 1 else NETWORKS["localhost"]
+    budget = memory.budget if memory.budget is not None else (dev.memory_bytes or None)
+    recomputes = [memory.recompute] if memory.recompute is not None else list(DEFAULT_RECOMPUTE)
+    start = time.perf_counter()
+    with together(group, timeout, "compile(schedule='auto')"):
+        plans, rejected = _search(model, loss_fn, examples, target, example_kwargs, schedules=DEFAULT_SCHEDULES,
+                                  num_microbatches=num_microbatches, recomputes=recomputes, ranks=world, device=dev,
+                                  network=net, budget=budget, optimizer=memory.optimizer, trace_device=device,
+                                  memo={})
+        ranked = _ranked(plans, rejected, None, time.perf_counter() - start, dev, net, world)
+    best = ranked[0]
+    if dist.get_rank(group) == 0:
+        log.info("compile(schedule='auto') picked %s, recompute=%s:\n%s", best.schedule, best.recompute,
+                 ranked.table())
+    return best.schedule, dataclasses.replace(memory, recompute=best.recompute)
