@@ -139,3 +139,10 @@ def test_plan_prints_every_ranks_bytes_for_a_meta_llama_on_8_ranks(capsys, tmp_p
 def test_plan_refuses_an_unknown_dtype(capsys):
     assert main(["plan", "--ranks", "2", "--microbatches", "4", "--dtype", "float8"]) == 2
     assert "--dtype 'float8'" in capsys.readouterr().err
+
+
+def test_plan_auto_prints_the_ranking_and_the_pick(capsys):
+    assert main(["plan", "--auto", "--example", "mlp", "--ranks", "2", "--device", "h100", "--batch", "8",
+                 "--layers", "4", "--dim", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "fastest first" in out and "pick: schedule=" in out and "rejected: dualpipev, C=2" in out

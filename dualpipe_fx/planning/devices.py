@@ -151,9 +151,10 @@ def _timed(fn, min_s: float = 0.1) -> float:
 
 
 # The runtime's own time per pipeline action (its Python between graphs: the executor, torch's
-# schedule runtime, the P2P calls), beyond the graphs' kernels. cpu: fitted on benchmarks/autoplan.py's
-# grid (2 gloo ranks, LinearGeluStack width 8, where the kernels cost next to nothing), 2026-12-07;
-# cuda: a kernel-launch-bound action's host time, the same Python, assumed until a GPU run measures it.
+# schedule runtime, the P2P calls), beyond the graphs' kernels. cpu: benchmarks/autoplan.py --width 8
+# (2 gloo ranks, kernels next to free) measured about 4 ms an action at load average 4.7 on the 2-core
+# dev machine, 2026-12-07, halved for that load; cuda: the same Python per action, assumed until a GPU
+# run measures it.
 ACTION_OVERHEAD_S = MappingProxyType({"cpu": 2.0e-3, "cuda": 1.0e-3})
 
 PROBE_SMALL_DIMS = (4, 16, 64)  # the shape classes probe_device measures below a large GEMM
