@@ -232,8 +232,8 @@ def _released_plan(pipe) -> dict:
     return {str(a): list(keys) for a, keys in pipe.schedule.send_release.items()}
 
 
-def grad_allocations(rank, world, kind, settings):
-    """Per ``(name, compile kwargs)`` of ``settings``: one dualpipev step from no grads, and one
+def grad_allocations(rank, world, settings):
+    """Per ``(name, kind, compile kwargs)`` of ``settings``: one dualpipev step from no grads, and one
     with grads zeroed in place, each under the profiler's allocator events; the loss and grads
     of the first, and for each step the allocations at least as large as this rank's smallest
     weight grad, as ``(bytes, the compute action they happened in)``, plus each stage's first
@@ -242,7 +242,7 @@ def grad_allocations(rank, world, kind, settings):
     from torch.profiler import ProfilerActivity, profile, record_function
 
     out = {}
-    for name, kw in settings:
+    for name, kind, kw in settings:
         pipe, x, y = _compile(kind, "dualpipev", 4, **kw)
         pipe.step(x, target=y)  # warm-up: builds the F&B pairs' graphs
         executor, timed = pipe._executor, pipe._executor._timed
