@@ -241,8 +241,12 @@ def grad_allocations(rank, world, settings):
     import torch.distributed as dist
     from torch.profiler import ProfilerActivity, profile, record_function
 
+    grid = _pp_dp_groups(rank, world) if world > 2 else None
     out = {}
     for name, kind, kw in settings:
+        if "dp_mode" in kw:  # 2 pipeline ranks x 2 replicas (each on the same batch: only bytes are compared)
+            kw = {k: v for k, v in kw.items() if k != "dp_mode"}
+            kw.update(group=grid[0], parallelism=dualpipe_fx.Parallelism(grid[1], settings_mode(name, settings)))
         pipe, x, y = _compile(kind, "dualpipev", 4, **kw)
         pipe.step(x, target=y)  # warm-up: builds the F&B pairs' graphs
         executor, timed = pipe._executor, pipe._executor._timed
@@ -265,7 +269,21 @@ def grad_allocations(rank, world, settings):
             big = [(e.nbytes(), [a for s, t, a in actions if s <= e.start_ns() <= t])
                    for e in events if e.name() == "[memory]" and e.nbytes() >= smallest]
             steps[step] = {"big": big, "order": [a for _, _, a in sorted(actions)],
-                           "loss": None if loss is None else loss.item(), "grads": _grads(pipe)}
+                           "loss": None if loss is None else loss.item(), "grads": {} if grid else _grads(pipe)}
         out[name] = {"steps": steps, "stages": sorted(pipe.stages),
                      "weights": sorted(p.numel() * p.element_size() for p in pipe.parameters() if p.dim() == 2)}
     return out
+
+
+def settings_mode(name, settings) -> str:
+    """The ``dp_mode`` of the setting called ``name``."""
+    return next(kw["dp_mode"] for n, _, kw in settings if n == name)
+
+
+def _pp_dp_groups(rank, world, pp=2):
+    """This rank's (pipeline group, data-parallel group): rows [0, 1], [2, 3]; columns [0, 2], [1, 3]."""
+    import torch.distributed as dist
+
+    rows = [dist.new_group(list(range(r * pp, (r + 1) * pp))) for r in range(world // pp)]
+    cols = [dist.new_group(list(range(i, world, pp))) for i in range(pp)]
+    return rows[rank // pp], cols[rank % pp]
