@@ -10,6 +10,11 @@ other grad is added with ``acc.add_(grad)``; the values are those of ``acc + gra
 grad made in ``param_dtype`` (bf16) is summed into an accumulator of the parameter's own
 dtype (fp32): ``acc.add_(grad)`` converts as it adds (no fp32 copy of the grad), one grad
 at a time where it is made, so the graph never holds all of its bf16 grads at once.
+An embedding's grad (``embedding_dense_backward``, a ``[num_weights, dim]`` tensor per
+micro-batch) is summed row by row instead: ``acc.index_put_((indices,), grad_output,
+accumulate=True)``, so no grad-sized tensor is made at all (same dtype only: a bf16
+embedding grad is summed per micro-batch in bf16, as the mixed-precision policy says, then
+added).
 
 **Contract**: ``gm(*args) -> results`` with ``results[i]`` a grad for ``i`` in
 ``positions`` becomes ``gm'(*args, *accs) -> results'`` where, for the positions
@@ -21,6 +26,7 @@ result is unchanged.
     for each position i whose result v is a node (k-th accumulator acc_k):
         peel t() users-of-one off v, counting transposes
         v == mm(a, b) used once, same dtype: acc_k.addmm_(a, b)  (transposed: addmm_(b.t(), a.t()))
+        v == embedding_dense_backward(g, idx), same dtype: acc_k.index_put_((idx,), rows of g, accumulate=True)
         else:                                acc_k.add_(v)
         result i := that in-place node; dead code removed; lint; recompile
 """
@@ -59,6 +65,30 @@ def add_into(acc: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return acc.add_(value)
 
 
+def _rows_into(acc: torch.Tensor, grad_output: torch.Tensor, indices: torch.Tensor, padding_idx: int) -> torch.Tensor:
+    """``acc += embedding_dense_backward(grad_output, indices, acc.shape[0], padding_idx, False)``
+    in place: each row of ``grad_output`` added to the row of ``acc`` its index names (none
+    to ``padding_idx``); no ``[num_weights, dim]`` grad is made. Only activation-sized views
+    (and, with a ``padding_idx``, one activation-sized copy) are made."""
+    rows = grad_output.reshape(-1, grad_output.shape[-1])
+    flat = indices.reshape(-1)
+    if padding_idx >= 0:
+        rows = rows.masked_fill((flat == padding_idx).unsqueeze(-1), 0)
+    return acc.index_put_((flat,), rows, accumulate=True)
+
+
+@torch.compiler.disable
+def rows_into(acc: torch.Tensor, grad_output: torch.Tensor, indices: torch.Tensor, padding_idx: int) -> torch.Tensor:
+    """``_rows_into`` run as is even inside torch.compile."""
+    return _rows_into(acc, grad_output, indices, padding_idx)
+
+
+def _is_embedding_grad(node: fx.Node) -> bool:
+    """An ``embedding_dense_backward`` without ``scale_grad_by_freq`` (which divides by counts)."""
+    return (node.op == "call_function" and node.target is _aten.embedding_dense_backward.default
+            and not node.args[4])
+
+
 def _fused(graph: fx.Graph, acc: fx.Node, value: fx.Node, uses: int, opaque: bool, cast: bool) -> fx.Node:
     """``acc += value`` as one in-place node right where ``value`` was made (so the node
     order, e.g. a multiplexed schedule, holds); ``uses``: how often ``value`` is used at all;
@@ -70,6 +100,9 @@ def _fused(graph: fx.Graph, acc: fx.Node, value: fx.Node, uses: int, opaque: boo
             if transposed:  # (a @ b)^T = b^T @ a^T
                 a, b = graph.call_function(_aten.t.default, (b,)), graph.call_function(_aten.t.default, (a,))
             return graph.call_function(addmm_into if opaque else _aten.addmm_.default, (acc, a, b))
+        if not cast and uses == 1 and not transposed and _is_embedding_grad(core):
+            grad_output, indices, _, padding_idx, _ = core.args
+            return graph.call_function(rows_into if opaque else _rows_into, (acc, grad_output, indices, padding_idx))
         return graph.call_function(add_into if opaque else _aten.add_.Tensor, (acc, value))
 
 

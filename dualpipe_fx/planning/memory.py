@@ -106,11 +106,12 @@ def _outputs(gm: torch.fx.GraphModule) -> list:
     return list(out) if isinstance(out, (tuple, list)) else [out]
 
 
-def _intermediate_peak(gm: torch.fx.GraphModule) -> int:
+def _intermediate_peak(gm: torch.fx.GraphModule, counted: Iterable[int] = ()) -> int:
     """The most bytes of the graph's own intermediates (storages neither of its inputs nor of
-    its outputs) alive at once, running its nodes in order, each freed after its last reader."""
+    its outputs, nor ``counted`` elsewhere) alive at once, running its nodes in order, each
+    freed after its last reader."""
     nodes = list(gm.graph.nodes)
-    keep = set(_keys(_placeholders(gm))) | set(_keys(_outputs(gm)))
+    keep = set(_keys(_placeholders(gm))) | set(_keys(_outputs(gm))) | set(counted)
     first: dict[int, int] = {}
     last: dict[int, int] = {}
     size: dict[int, int] = {}
@@ -211,6 +212,35 @@ def stage_memory(graphs) -> StageMemory:
         intermediates={"F": _intermediate_peak(fwd), "I": _intermediate_peak(bwd_i), "W": _intermediate_peak(bwd_w)},
         param_grads=named_grads,
     )
+
+
+def pair_intermediates(fwd, bwd, full_backward: bool) -> int:
+    """The most bytes of an F&B pair's own temporaries alive at once in its merged graph
+    (``passes.multiplex``, in the order the runtime runs it: the two halves interleave, so
+    their peaks need not add up). W's inputs (a full backward's ``saved_for_weight``) are
+    not counted: the walk counts them as the B's ``for_weight`` through the pair."""
+    from passes.multiplex import multiplex
+
+    gm = multiplex(fwd.forward, bwd.backward_input, bwd.backward_weight if full_backward else None)
+    i_out = _outputs(bwd.backward_input.gm)
+    for_weight = _keys(i_out[bwd.backward_input.num_grad_inputs:]) if full_backward else {}
+    return _intermediate_peak(gm, for_weight)
+
+
+PairFn = Callable[[int, int, bool], Optional[int]]  # (F's model part, B's, full backward) -> bytes
+
+
+def pair_figures(graphs: Mapping[int, Any]) -> PairFn:
+    """``pair_intermediates`` of the stages' graphs by model part, each pair merged once."""
+    cache: dict[tuple[int, int, bool], int] = {}
+
+    def figure(f_part: int, b_part: int, full: bool) -> Optional[int]:
+        if f_part == b_part:
+            return None  # one stage's F and B run one after the other
+        if (f_part, b_part, full) not in cache:
+            cache[(f_part, b_part, full)] = pair_intermediates(graphs[f_part], graphs[b_part], full)
+        return cache[(f_part, b_part, full)]
+    return figure
 
 
 def _n_saved(graphs) -> int:
@@ -334,7 +364,14 @@ def _grad_births(program: Program, rank: int, mem: Callable[[int], StageMemory])
     return [("grads", nbytes, at, _END) for at, nbytes in born.values()]
 
 
-def _action_intermediates(action: Action, mem: Callable[[int], StageMemory]) -> int:
+def _action_intermediates(action: Action, mem: Callable[[int], StageMemory],
+                          pair: Optional[Callable[[Action], Optional[int]]] = None) -> int:
+    """The action's own temporaries at their peak: an F&B pair's from its merged graph when
+    ``pair`` knows it, else (the two halves one after the other, or no graphs) both halves' peaks."""
+    merged = pair(action) if pair is not None and action.kind == "FB" else None
+    if merged is not None:
+        return merged
+
     def one(p: Action) -> int:
         inter = mem(p.stage).intermediates
         return max(inter["I"], inter["W"]) if p.kind == "B" else inter["I" if p.kind == "I" else p.kind]
@@ -504,15 +541,20 @@ class ParamBytes:
 
 def rank_memory(program: Program, rank: int, stages: Mapping[int, StageMemory], params: ParamBytes,
                 optimizer: Optimizer = "adamw", recv_lookahead: int = 2,
-                comms: Optional[_Comms] = None) -> RankMemory:
-    """One rank's ``RankMemory`` from its stages' figures (``stages[model part]``)."""
+                comms: Optional[_Comms] = None, pairs: Optional[PairFn] = None) -> RankMemory:
+    """One rank's ``RankMemory`` from its stages' figures (``stages[model part]``); ``pairs``:
+    the F&B pairs' merged-graph temporaries (``pair_figures``), when they run overlapped."""
     def mem(stage: int) -> StageMemory:
         return stages[program.model_part(stage)]
+
+    def pair(action: Action) -> Optional[int]:
+        f, b = action.forward, action.backward
+        return pairs(program.model_part(f.stage), program.model_part(b.stage), b.kind == "B")
 
     comms = _comms(program, recv_lookahead) if comms is None else comms
     actions = program[rank]
     intervals = _intervals(program, rank, mem, comms)
-    inter = [_action_intermediates(a, mem) for a in actions]
+    inter = [_action_intermediates(a, mem, pair if pairs is not None else None) for a in actions]
     grads = _grad_births(program, rank, mem)
     steady = _peak(len(actions), intervals, inter)
     fresh = _peak(len(actions), intervals + grads, inter)
@@ -549,10 +591,11 @@ def _param_bytes(names: Iterable[str], values: Mapping[str, torch.Tensor], train
 
 
 def split_plan(split, program: Program, *, optimizer: Optimizer = "adamw", recv_lookahead: int = 2,
-               recompute=None) -> MemoryPlan:
+               recompute=None, overlap: bool = True) -> MemoryPlan:
     """The plan of a ``dualpipe_fx.split(...)`` result run by ``program`` (one whose stages are
     the split's model parts, e.g. ``generate("dualpipev", S // 2, C)`` for ``S`` stages); every
     stage must have been split (no ``only_stages``). ``recv_lookahead``: 2 on gloo, 0 on NCCL.
+    ``overlap``: the F&B pairs run as merged graphs (``compile(overlap=True)``, the default).
 
     ``print(split.describe()); print(split_plan(split, program).table())``
     """
@@ -563,6 +606,7 @@ def split_plan(split, program: Program, *, optimizer: Optimizer = "adamw", recv_
                          "with one stage per model part. Fix: dualpipe_fx.split(..., num_stages="
                          f"{program.num_model_parts}) without only_stages")
     values = _graph_values(split.partition.stages)
+    graphs = dict(enumerate(split.stages))
     held = dict(split.model.named_parameters(remove_duplicate=False))
     # mixed precision: the graphs hold param_dtype copies of the model's parameters
     cast = {k: {n: (held[n], v) for n, v in vals.items() if n in held and v.dtype != held[n].dtype}
@@ -571,7 +615,7 @@ def split_plan(split, program: Program, *, optimizer: Optimizer = "adamw", recv_
     values = {k: {n: cast[k][n][0] if n in cast[k] else v for n, v in vals.items()} for k, vals in values.items()}
     copies = {n: c.numel() * c.element_size() for pairs in cast.values() for n, (_, c) in pairs.items()}
     return _plan_from(program, stages, values, _trainable(split.model), optimizer, recv_lookahead, recompute,
-                      sorted(program), copies)
+                      sorted(program), copies, pair_figures(graphs) if overlap and _flat(graphs) else None)
 
 
 def _graph_values(part_graphs) -> dict[int, dict[str, torch.Tensor]]:
@@ -587,15 +631,17 @@ def _trainable(model: torch.nn.Module) -> set[str]:
 
 def _plan_from(program: Program, stages: Mapping[int, StageMemory], values: Mapping[int, Mapping[str, torch.Tensor]],
                trainable: set[str], optimizer: Optimizer, lookahead: int, recompute, ranks: Iterable[int],
-               copies: Optional[Mapping[str, int]] = None) -> MemoryPlan:
-    """``copies``: mixed precision, FQN -> bytes of its param_dtype copy, counted with the parameters."""
+               copies: Optional[Mapping[str, int]] = None, pairs: Optional[PairFn] = None) -> MemoryPlan:
+    """``copies``: mixed precision, FQN -> bytes of its param_dtype copy, counted with the parameters;
+    ``pairs``: the overlapped F&B pairs' temporaries (``pair_figures``)."""
     comms = _comms(program, lookahead)
     place = program.stage_to_rank()
     rows = []
     for r in ranks:
         parts = sorted({program.model_part(s) for s, q in place.items() if q == r})
         named = {n: t for k in parts for n, t in values[k].items()}
-        row = rank_memory(program, r, stages, _param_bytes(named, named, trainable), optimizer, lookahead, comms)
+        row = rank_memory(program, r, stages, _param_bytes(named, named, trainable), optimizer, lookahead, comms,
+                          pairs)
         extra = sum((copies or {}).get(n, 0) for n in named)
         rows.append(dataclasses.replace(row, params=row.params + extra) if extra else row)
     return MemoryPlan(ranks=tuple(rows), schedule=program.name, num_microbatches=program.num_microbatches,
@@ -616,7 +662,16 @@ def pipeline_plan(pipe, optimizer: Optimizer = "adamw") -> MemoryPlan:
         stages[k] = _with_casts(stage_memory(stage.flat_graphs), cast)
         copies.update({n: c.numel() * c.element_size() for n, (_, c) in cast.items()})
     lookahead = RECV_LOOKAHEAD if any(st.early_sends for st in pipe.stages.values()) else 0
-    return _plan_from(program, stages, values, trainable, optimizer, lookahead, None, [pipe.rank], copies)
+    overlapped = getattr(pipe._executor.overlap, "pair", None) is not None  # runtime.overlap.OverlapRunner
+    flat = {program.model_part(s): stage.flat_graphs for s, stage in pipe.stages.items()}
+    return _plan_from(program, stages, values, trainable, optimizer, lookahead, None, [pipe.rank], copies,
+                      pair_figures(flat) if overlapped and _flat(flat) else None)
+
+
+def _flat(graphs: Mapping[int, Any]) -> bool:
+    """Whether every stage's graphs are flat GraphModules (what ``passes.multiplex`` merges)."""
+    return all(isinstance(getattr(getattr(g, part), "gm", None), torch.fx.GraphModule)
+               for g in graphs.values() for part in ("forward", "backward_input", "backward_weight"))
 
 
 def _with_casts(mem: StageMemory, cast: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> StageMemory:

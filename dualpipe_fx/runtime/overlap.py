@@ -8,7 +8,8 @@ same for two bare ``StageGraphs``, outside the runtime.
 
 **Pseudocode**
     gm = cache[(stage a, stage b, B or I, accumulate)] or multiplex(F_a, I_b, W_b if B)
-         (B with every .grad present: accumulate_grads(gm) sums the param grads in place)
+         (B: accumulate_grads(gm) sums the param grads into .grad in place, a missing
+          .grad zeroed first, so the first micro-batch's grads are no second copy)
     b stage runs its backward with backward_input := (saved, grads) ->
         a stage runs its forward with forward := (params, inputs) ->
             gm(params, inputs, saved, grads) -> F results now, B results kept
@@ -98,6 +99,19 @@ def _swapped(stage, **graphs):
         stage.graphs = original
 
 
+class _ParamGrads(tuple):
+    """A full-backward pair's param grads, handed to ``GraphStage.run_backward_weight`` as W's
+    saved values; ``shared``: the tensors they may alias (a grad that is one of them is copied
+    before it becomes a ``.grad``, which later micro-batches sum into)."""
+
+    shared: tuple = ()
+
+    def __new__(cls, grads, shared):
+        self = super().__new__(cls, grads)
+        self.shared = tuple(shared)
+        return self
+
+
 @dataclasses.dataclass(frozen=True)
 class _Pair:
     """One F&B pair's multiplexed graph, and what runs it (the graph, or its compiled form)."""
@@ -112,8 +126,8 @@ class OverlapRunner:
 
     ``compile_graphs``: run each merged graph through ``torch.compile`` (the stages are
     compiled); its ``send_hook`` calls stay eager, so the compiled segments run between
-    them. A full-backward pair whose stage already holds every ``.grad`` runs the
-    ``accumulate_grads`` form of its graph: the weight GEMMs sum into ``.grad`` in place.
+    them. A full-backward pair runs the ``accumulate_grads`` form of its graph: the weight
+    GEMMs sum into ``.grad`` in place (``GraphStage.grad_buffers`` zeroes a missing one).
     Each stage output and grad_input is handed to the stage's ``send_early`` the moment
     the graph makes it; the stage starts the send when its backend allows (gloo).
     """
@@ -180,7 +194,12 @@ class OverlapRunner:
 
             with _swapped(fstage, forward=forward_fn):
                 executor.forward(forward.stage, forward.microbatch)
-            return result["b"]
+            grad_inputs, rest = result["b"]
+            if not full:
+                return grad_inputs, rest
+            # rest: the param grads, which the stage's W step takes as its saved_w; what they may
+            # share storage with is what the pair read and kept, not the grads themselves
+            return grad_inputs, _ParamGrads(rest, (*saved, *grad_outputs, *grad_inputs))
 
         # full: the param grads came out of the pair (summed into .grad already when accumulating)
         weight = (lambda param_grads: tuple(param_grads)) if full else bstage.graphs.backward_weight

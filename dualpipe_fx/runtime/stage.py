@@ -10,7 +10,8 @@ RECV_* actions. Param grads accumulate into the model's own ``nn.Parameter.grad`
                    outputs, saved[mb] = graphs.forward(params, inputs)
     backward_input(mb):  grad_inputs, saved_w[mb] = graphs.backward_input(saved[mb], grad_out[mb])
     backward_weight(mb): param.grad += graphs.backward_weight(saved_w[mb])
-                         (in place, fused into the GEMM, once param.grad exists)
+                         (in place, fused into the GEMM; a missing .grad is zeroed first,
+                         so no micro-batch's grad is ever a second grad-sized tensor)
 """
 from __future__ import annotations
 
@@ -201,9 +202,9 @@ class GraphStage(PipelineStageBase):
     def run_backward_weight(self, mb: int) -> None:
         """Run W for ``mb``: accumulate its param grads into the parameters' ``.grad``.
 
-        Once every grad exists (from the step's first W on), the grads are summed in place
-        by the accumulating graph (``passes.accumulate_grads``: ``grad.addmm_(a, b)``, no
-        new buffer, no separate add).
+        The grads are summed in place by the accumulating graph (``passes.accumulate_grads``:
+        ``grad.addmm_(a, b)``, no new buffer, no separate add), on the step's first W too:
+        ``grad_buffers`` zeroes a missing ``.grad`` first.
         """
         saved_w = self._saved_w.pop(mb)
         own = self.graphs.backward_weight is self._own_weight  # not an overlap runner's stand-in
@@ -214,7 +215,8 @@ class GraphStage(PipelineStageBase):
                 grads = gm(*saved_w, *accs)
         else:
             grads = self.graphs.backward_weight(saved_w)
-        self.accumulate(grads, saved_w)
+        # an F&B pair's W ran inside the pair: saved_w are its grads, ``shared`` what they may alias
+        self.accumulate(grads, getattr(saved_w, "shared", saved_w))
 
     def accumulating_weight(self) -> Optional[torch.fx.GraphModule]:
         """``backward_weight`` as an ``accumulate_grads`` graph (None without a flat graph)."""
@@ -230,16 +232,21 @@ class GraphStage(PipelineStageBase):
         return tuple(i for i in range(self.num_params) if self.compute[i].dtype != self.params[i].dtype)
 
     def grad_buffers(self, positions) -> Optional[list[torch.Tensor]]:
-        """The ``.grad`` of the parameters at ``positions``, when each can take an in-place sum."""
-        buffers = []
-        for i in positions:
-            param = self.params[i]
+        """The ``.grad`` of the parameters at ``positions``, when each can take an in-place sum;
+        a missing one is made (zeros, laid out like the parameter, as autograd's AccumulateGrad
+        lays it out) so that the step's first micro-batch sums into it too. Without it the
+        first W would return fresh grads, and one that is laid out otherwise than its
+        parameter, or (mixed precision) in another dtype, would be copied: two grads at once."""
+        params = [self.params[i] for i in positions]
+        for param in params:
             grad = param.grad
-            if (grad is None or grad.requires_grad or grad.layout != torch.strided or grad.shape != param.shape
-                    or grad.dtype != param.dtype or grad.device != param.device):
+            if grad is not None and (grad.requires_grad or grad.layout != torch.strided or grad.shape != param.shape
+                                     or grad.dtype != param.dtype or grad.device != param.device):
                 return None
-            buffers.append(grad)
-        return buffers
+        for param in params:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param, requires_grad=False)
+        return [param.grad for param in params]
 
     def accumulate(self, grads: Sequence[Optional[torch.Tensor]], saved_w: Sequence) -> None:
         """``param.grad += grad`` for each param; a grad that *is* ``param.grad`` was summed in place.

@@ -9,6 +9,7 @@ its other results bitwise; the input graph is untouched.
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings, strategies as st
 import torch
 from torch import nn
 
@@ -184,3 +185,49 @@ def test_bf16_grads_sum_into_fp32_accumulators_with_add_not_addmm():
     for acc, want, got in zip(accs, expect, out):
         assert got is acc and acc.dtype == torch.float32
         assert torch.equal(acc, want)
+
+
+
+class _Embed(nn.Module):
+    def __init__(self, vocab: int, dim: int, padding_idx) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim, padding_idx=padding_idx)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.emb(tokens))
+
+
+def _embedding_sum(vocab, dim, shape, padding_idx, seed, opaque, compiled=False):
+    """(``acc`` after the accumulating W graph, ``acc + W's grad``, the graph's call targets)."""
+    gen = torch.Generator().manual_seed(seed)
+    model = _Embed(vocab, dim, padding_idx)
+    tokens = torch.randint(0, vocab, shape, generator=gen)
+    (stage,) = [split_backward(g, index=0, is_last=True)
+                for g in split_stages(capture(model, lambda o: (o ** 2).mean(), (tokens,)), 1).stages]
+    _, saved = stage.forward([p.detach() for p in model.parameters()], [tokens])
+    _, saved_w = stage.backward_input(saved, (torch.ones(()),))
+    (grad,) = stage.backward_weight(saved_w)
+    gm = accumulate_grads(stage.backward_weight.gm, [0], opaque=opaque)
+    acc = torch.randn(vocab, dim, generator=gen)
+    want = acc + grad
+    with torch.no_grad():
+        (out,) = (torch.compile(gm, dynamic=False) if compiled else gm)(*saved_w, acc)
+    assert out is acc, "the result must be the buffer itself, summed in place"
+    return acc, want, [n.target for n in gm.graph.nodes if n.op == "call_function"]
+
+
+@settings(max_examples=25, deadline=None)
+@given(vocab=st.integers(1, 9), dim=st.integers(1, 5), shape=st.lists(st.integers(1, 4), min_size=1, max_size=3),
+       padding=st.booleans(), seed=st.integers(0, 2 ** 16), opaque=st.booleans())
+def test_embedding_grads_are_summed_row_by_row_into_the_buffer(vocab, dim, shape, padding, seed, opaque):
+    """An embedding's [vocab, dim] grad is never made: each grad_output row is added to its
+    index's row of the buffer (repeated indices add up; the padding row gets nothing), equal to
+    acc + embedding_dense_backward."""
+    acc, want, targets = _embedding_sum(vocab, dim, shape, seed % vocab if padding else None, seed, opaque)
+    assert _aten.embedding_dense_backward.default not in targets and _aten.add_.Tensor not in targets, targets
+    torch.testing.assert_close(acc, want, rtol=1e-6, atol=1e-6)
+
+
+def test_embedding_row_sums_stay_in_place_under_torch_compile():
+    acc, want, _ = _embedding_sum(7, 3, [2, 5], 2, seed=0, opaque=True, compiled=True)
+    torch.testing.assert_close(acc, want, rtol=1e-6, atol=1e-6)

@@ -44,6 +44,9 @@ def make_case(kind: str, num_microbatches: int, seed: int = 0):
     if kind == "linear":
         model, loss_fn = ex.LinearGeluStack(depth=8, width=8, seed=seed), ex.mse_loss
         x, y = ex.linear_gelu_batch(8, batch=2 * num_microbatches, seed=1)
+    elif kind == "wide":  # weight grads (64 x 64) far larger than any activation (1 x 64)
+        model, loss_fn = ex.LinearGeluStack(depth=4, width=64, seed=seed), ex.mse_loss
+        x, y = ex.linear_gelu_batch(64, batch=num_microbatches, seed=1)
     elif kind == "llama":
         cfg = ex.LlamaConfig(vocab_size=32, dim=16, n_layers=4, n_heads=2, ffn_hidden=24, max_seq_len=8)
         model, loss_fn = ex.LlamaDecoder(cfg, seed=seed), ex.llama_loss
@@ -227,3 +230,60 @@ def _count_pending_sends(pipe) -> list:
 def _released_plan(pipe) -> dict:
     """What ``schedules.release`` says for this rank: ``{action: [(stage, "F"|"B", mb) released after it]}``."""
     return {str(a): list(keys) for a, keys in pipe.schedule.send_release.items()}
+
+
+def grad_allocations(rank, world, settings):
+    """Per ``(name, kind, compile kwargs)`` of ``settings``: one dualpipev step from no grads, and one
+    with grads zeroed in place, each under the profiler's allocator events; the loss and grads
+    of the first, and for each step the allocations at least as large as this rank's smallest
+    weight grad, as ``(bytes, the compute action they happened in)``, plus each stage's first
+    action that makes weight grads (W, B or an F&B pair's B)."""
+    import torch.distributed as dist
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    grid = _pp_dp_groups(rank, world) if world > 2 else None
+    out = {}
+    for name, kind, kw in settings:
+        if "dp_mode" in kw:  # 2 pipeline ranks x 2 replicas (each on the same batch: only bytes are compared)
+            kw = {k: v for k, v in kw.items() if k != "dp_mode"}
+            kw.update(group=grid[0], parallelism=dualpipe_fx.Parallelism(grid[1], settings_mode(name, settings)))
+        pipe, x, y = _compile(kind, "dualpipev", 4, **kw)
+        pipe.step(x, target=y)  # warm-up: builds the F&B pairs' graphs
+        executor, timed = pipe._executor, pipe._executor._timed
+
+        def named(action, fn, *args, timed=timed):
+            with record_function(f"action {action}"):
+                return timed(action, fn, *args)
+        executor._timed = named
+        smallest = min(p.numel() * p.element_size() for p in pipe.parameters() if p.dim() == 2)
+        steps = {}
+        for step, set_to_none in (("fresh", True), ("zeroed", False)):
+            pipe.zero_grad(set_to_none=set_to_none)
+            dist.barrier()
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                loss = pipe.step(x, target=y)
+            dist.barrier()
+            events = prof.profiler.kineto_results.events()
+            actions = [(e.start_ns(), e.end_ns(), e.name()[len("action "):]) for e in events
+                       if e.name().startswith("action ")]
+            big = [(e.nbytes(), [a for s, t, a in actions if s <= e.start_ns() <= t])
+                   for e in events if e.name() == "[memory]" and e.nbytes() >= smallest]
+            steps[step] = {"big": big, "order": [a for _, _, a in sorted(actions)],
+                           "loss": None if loss is None else loss.item(), "grads": {} if grid else _grads(pipe)}
+        out[name] = {"steps": steps, "stages": sorted(pipe.stages),
+                     "weights": sorted(p.numel() * p.element_size() for p in pipe.parameters() if p.dim() == 2)}
+    return out
+
+
+def settings_mode(name, settings) -> str:
+    """The ``dp_mode`` of the setting called ``name``."""
+    return next(kw["dp_mode"] for n, _, kw in settings if n == name)
+
+
+def _pp_dp_groups(rank, world, pp=2):
+    """This rank's (pipeline group, data-parallel group): rows [0, 1], [2, 3]; columns [0, 2], [1, 3]."""
+    import torch.distributed as dist
+
+    rows = [dist.new_group(list(range(r * pp, (r + 1) * pp))) for r in range(world // pp)]
+    cols = [dist.new_group(list(range(i, world, pp))) for i in range(pp)]
+    return rows[rank // pp], cols[rank % pp]

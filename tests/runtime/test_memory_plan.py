@@ -7,7 +7,7 @@ held at once above its start. Two steps are measured: one starting without grads
 (``zero_grad(set_to_none=True)``, planned as ``step_increase``) and one with grads zeroed in
 place (planned as ``step_peak``). The plan (``dualpipe_fx.plan`` in this process, on the
 meta model, no process group; and ``Pipeline.memory_plan()`` on the rank) must be within
-10% of each.
+5% of each.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from tests.runtime.test_meta_models import llama_init
 C = 8  # micro-batches of 1
 SEQ = 256
 CFG = ex.LlamaConfig(vocab_size=128, dim=64, n_layers=4, n_heads=4, ffn_hidden=172, max_seq_len=SEQ)
-TOLERANCE = 0.10
+TOLERANCE = 0.05  # the F&B pairs' temporaries as their merged graphs hold them
 
 
 def _meta_model() -> ex.LlamaDecoder:
@@ -92,4 +92,4 @@ def test_plan_matches_the_allocator_on_a_2_rank_dualpipev_step():
         assert _close(row.step_increase, got["fresh"]), (rank, row, got)
         assert _close(row.step_peak, got["steady"]), (rank, row, got)
         # the terms beyond saved / for_weight are real: that count alone is short of the measured peak
-        assert row.peak_activations < (1 - TOLERANCE) * got["steady"]
+        assert row.peak_activations < 0.9 * got["steady"]

@@ -448,7 +448,7 @@ def test_each_rank_of_a_1gib_meta_model_holds_its_share_loaded_from_a_full_mmap_
         assert local == full // 2
         for stage in ("compile", "load", "forward step"):  # params: only this rank's share
             assert peak[stage] <= 0.6 * full, (rank, stage, peak)
-        # + the share's grads, and one layer's grad while it is laid out like its weight
-        assert peak["training step"] <= 2 * local + full / DEPTH + 0.1 * full, (rank, peak)
+        # + the share's grads (as many bytes as its params), summed in place: no second copy
+        assert peak["training step"] - local <= 0.6 * full, (rank, peak)
         for name, values in r["sample"].items():
             torch.testing.assert_close(values, sample[name], rtol=0, atol=0)
