@@ -5,8 +5,8 @@ order in one namespace (sybil), so a later block may use what an earlier one def
 HTML comments on the line before a block change how it runs:
 
 - ``<!-- ranks: 2 -->``: the block is a whole program that needs a process group; it runs
-  alone as a script under ``torchrun --nproc-per-node 2`` on gloo (one intra-op thread each,
-  120 s at most). Keep these few: each costs seconds of interpreter and group start-up.
+  alone as a script on 2 processes with the environment ``torchrun --nproc-per-node 2``
+  gives (gloo, one intra-op thread each, 120 s at most). Keep these few: each costs seconds.
 - ``<!-- skip: next "reason" -->`` (sybil's own): the block cannot run here (a GPU, a big
   model, a fragment of the reader's program); the reason is the skip's message.
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.runtime.dist_harness import free_port
+from tests.runtime.dist_harness import spawn_ranks
 
 sybil = pytest.importorskip("sybil", reason="the docs extra is not installed: pip install -e '.[docs]'")
 from sybil.evaluators.python import PythonEvaluator  # noqa: E402
@@ -50,19 +50,22 @@ def _ranks(example) -> int:
     return int(match.group(1)) if match else 0
 
 
+def _program(rank: int, world: int, code: str, filename: str, cwd: str) -> None:
+    """One rank of a ``ranks:`` block: the block as a script (``__name__ == "__main__"``)."""
+    os.chdir(cwd)
+    exec(compile(code, filename, "exec"), {"__name__": "__main__", "__file__": filename})
+
+
 def _run_on_ranks(example, ranks: int, tmp_dir: Path) -> None:
-    script = tmp_dir / f"{Path(example.path).stem}_{example.line}.py"
-    script.write_text(example.parsed)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(ranks),
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(script)]
-    try:
-        proc = subprocess.run(cmd, cwd=tmp_dir, env=_env(), capture_output=True, text=True,
-                              timeout=RANKS_TIMEOUT_S)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"{example.path}:{example.line}: not done on {ranks} ranks after {RANKS_TIMEOUT_S} s\n"
-                    f"{e.stdout or ''}\n{e.stderr or ''}")
-    assert proc.returncode == 0, (f"{example.path}:{example.line} failed on {ranks} ranks "
-                                  f"(exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    """The block as the script it shows, on ``ranks`` processes with torchrun's environment
+    (tests/runtime/dist_harness.spawn_ranks: forked from a server that imported torch once,
+    not torchrun's agent and fresh interpreters: seconds less a block)."""
+    where = f"{Path(example.path).relative_to(ROOT)}:{example.line}"
+    outcomes = spawn_ranks(_program, ranks, (str(example.parsed), where, str(tmp_dir)), timeout=RANKS_TIMEOUT_S,
+                           group=False)
+    failed = [o for o in outcomes if not o.ok]
+    assert not failed, f"{where} failed on {ranks} ranks:\n" + "\n".join(
+        f"--- rank {o.rank} (exit {o.exitcode}) ---\n{o.error}" for o in failed)
 
 
 def _evaluate(example, python=PythonEvaluator()) -> None:

@@ -70,12 +70,16 @@ def _context():
     return ctx
 
 
-def _entry(fn, rank, world_size, port, results, args, pg_timeout_s) -> None:
+def _entry(fn, rank, world_size, port, results, args, pg_timeout_s, group=True) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world_size, timeout=timedelta(seconds=pg_timeout_s))
+    if group:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world_size, timeout=timedelta(seconds=pg_timeout_s))
+    else:  # the environment torchrun gives its workers: fn joins a group itself (env://)
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                          WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
     try:
         value = fn(rank, world_size, *args)
         buf = io.BytesIO()
@@ -91,12 +95,14 @@ def _entry(fn, rank, world_size, port, results, args, pg_timeout_s) -> None:
 
 
 def spawn_ranks(fn: Callable, world_size: int, args: tuple = (), timeout: float = 240.0,
-                pg_timeout_s: float = 60.0) -> list[RankOutcome]:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; one outcome per rank."""
+                pg_timeout_s: float = 60.0, group: bool = True) -> list[RankOutcome]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; one outcome per rank.
+    ``group=False``: no process group is made; each rank gets torchrun's environment
+    (``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``, ...) to make its own."""
     ctx = _context()
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, results, args, pg_timeout_s))
+    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, results, args, pg_timeout_s, group))
              for r in range(world_size)]
     for p in procs:
         p.start()
