@@ -33,7 +33,10 @@ from dualpipe_fx.runtime.materialize import materialize
 from dualpipe_fx.runtime.pipeline import Pipeline
 from dualpipe_fx.schedules import generate, get_schedule
 from dualpipe_fx.schedules.ir import Program
+from dualpipe_fx.planning.memory import peak_models
 from dualpipe_fx.planning.simulate import in_flight_by_part
+from dualpipe_fx.schedules.lowering import RECV_LOOKAHEAD
+from passes.balance import CUT_FIGURES
 from dualpipe_fx.api.split import Split, check_mixed_precision, split
 from passes._compat import FLEX_ATTENTION, tree_flatten
 from passes.model_call import as_inputs
@@ -136,8 +139,11 @@ def split_for_program(program: Program, model: nn.Module, loss_fn: Callable, exa
     """The cut ``compile()`` makes for ``program`` (and ``dualpipe_fx.plan`` repeats): one stage per
     model part, balanced per rank of the program's placement with its activations in flight;
     ``options`` as ``dualpipe_fx.split`` (``only_stages``, ``balance``, ``recompute``, ...)."""
+    device = options.get("device")
+    lookahead = RECV_LOOKAHEAD if device is None or torch.device(device).type == "cpu" else 0
+    peaks = peak_models(program, dict.fromkeys(range(program.num_model_parts), CUT_FIGURES), lookahead)
     return split(model, loss_fn, examples, example_target, program.num_model_parts,
-                 placement=_part_placement(program), in_flight=in_flight_by_part(program), **options)
+                 placement=_part_placement(program), in_flight=in_flight_by_part(program), peaks=peaks, **options)
 
 
 def _agreed_options(args: Mapping[str, Any], memory: MemoryPolicy) -> dict[str, Any]:
