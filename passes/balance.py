@@ -164,7 +164,7 @@ class RankLoads:
         own = self.acts[b] - self.acts[a]
         fw = min(own, self.for_weight[b] - self.for_weight[a]) if self.for_weight else 0.0
         gw = self.grad_for_weight[b] - self.grad_for_weight[a] if self.grad_for_weight else 0.0
-        temp = self.largest_value(a, b)
+        temp = 2 * self.largest_value(a, b)  # I holds a value's grad and its input's grad at once
         return {"input|saved": recv, "F|saved": own - fw, "F|for_weight,saved": fw, "I|for_weight": gw,
                 "F|output": sent, "grad_output|": sent, "I|grad_input": recv, "temp|I": temp, "temp|B": temp,
                 "F|model_output": self.model_outputs if b == last else 0.0}
@@ -509,20 +509,36 @@ def search_cuts(loads: RankLoads, allowed: Sequence[int], cut_bytes: Sequence[in
 
 
 def best_cuts(loads: RankLoads, starts: Sequence[Sequence[int]], allowed: Sequence[int], forced: Sequence[int],
-              cut_bytes: Sequence[int], num_stages: int, reference: Optional[Sequence[int]] = None
-              ) -> tuple[int, ...]:
+              cut_bytes: Sequence[int], num_stages: int) -> tuple[int, ...]:
     """The least largest rank load from ``starts``: each polished by local moves, plus the
     exact search (no ``forced`` cuts) polished too; the lowest wins (ties: fewer bytes).
 
     With ``memory.peaks`` a rank's memory is the plan's walk (``PeakModel``), not a sum over
     its stages, which the exact search needs: it runs on per-stage weights read off the walk
     at the best cut so far (``RankLoads.in_flight_at_peak``; twice, the second from the
-    first's result), and the walk judges every result. ``reference``: the cut whose mean rank
-    memory ``"both"`` divides by (default the first start)."""
+    first's result), and the walk judges every result. ``"both"`` divides memory by the mean
+    of the ``"time"`` cut's ranks, then by that of its first result; ``"memory"`` keeps the lowest largest memory over the mean among its own result and the
+    ``"time"`` and ``"both"`` cuts (a rank's total is no fixed share of a fixed sum: a layer
+    on a stage with many micro-batches in flight costs more, so the mean moves with the cut).
+    """
     if loads.memory.peaks is not None and loads.mode == "both":
-        ref = loads.ranks(reference if reference is not None else starts[0])
-        loads = replace(loads, mem_mean=sum(m for _, m, _ in ref.values()) / len(ref))
+        # "both" divides memory by its mean, which moves with the cut: the mean of the
+        # rank-balanced time cut, then of the first result
+        timed = _best_cuts(replace(loads, mode="time"), starts, allowed, forced, cut_bytes, num_stages)
+        first = _best_cuts(replace(loads, mem_mean=_mean_memory(loads, timed)), [*starts, timed],
+                           allowed, forced, cut_bytes, num_stages)
+        loads = replace(loads, mem_mean=_mean_memory(loads, first))
+        starts = [*starts, timed, first]
+    return _best_cuts(loads, starts, allowed, forced, cut_bytes, num_stages)
 
+
+def _mean_memory(loads: RankLoads, cuts: Sequence[int]) -> float:
+    got = loads.ranks(cuts)
+    return sum(m for _, m, _ in got.values()) / len(got)
+
+
+def _best_cuts(loads: RankLoads, starts: Sequence[Sequence[int]], allowed: Sequence[int], forced: Sequence[int],
+               cut_bytes: Sequence[int], num_stages: int) -> tuple[int, ...]:
     def score(cuts, by=loads):
         worst = max(by.load(t, m) for t, m, _ in by.ranks(cuts).values())
         return worst, sum(cut_bytes[k] for k in cuts)
@@ -547,7 +563,8 @@ def best_cuts(loads: RankLoads, starts: Sequence[Sequence[int]], allowed: Sequen
         # the plan's totals are not a fixed sum (a stage holds as many micro-batches as its
         # place in the schedule): the least largest rank may also shrink the mean, so the
         # rank-balanced time cut competes on largest over mean
-        done.append(best_cuts(replace(loads, mode="time"), starts, allowed, forced, cut_bytes, num_stages))
+        for mode in ("time", "both"):
+            done.append(best_cuts(replace(loads, mode=mode), starts, allowed, forced, cut_bytes, num_stages))
     return _pick(loads, done, score)
 
 

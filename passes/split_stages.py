@@ -303,8 +303,7 @@ def _per_rank_cuts(lay: _Layout, num_stages: int, forced, loads: RankLoads) -> t
                    for k in range(len(lay.nodes))]
         if sum(weights) > 0:
             starts.add(_choose_cuts(replace(lay, prefix=_prefix(weights)), num_stages, forced))
-    return best_cuts(loads, sorted(starts), lay.allowed, forced, lay.cut_bytes, num_stages,
-                     reference=_choose_cuts(lay, num_stages, forced))
+    return best_cuts(loads, sorted(starts), lay.allowed, forced, lay.cut_bytes, num_stages)
 
 
 def _check_budget(loads: RankLoads, cuts, placement: Mapping[int, int]) -> None:
