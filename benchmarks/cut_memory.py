@@ -1,7 +1,7 @@
 """The memory-aware cut against the plan: each rank's total memory as ``dualpipe_fx.plan`` counts it.
 
 For each model, 8 ranks under DualPipeV (16 stages), 16 micro-batches, AdamW, one sequence of
-``--seq`` tokens per micro-batch, built on meta (nothing allocated) and traced for CPU: the cut
+``--seq`` tokens (default 2048) per micro-batch, built on meta (nothing allocated) and traced for CPU: the cut
 ``compile()`` makes with ``MemoryPolicy(balance=...)`` for ``"time"``, ``"memory"`` and
 ``"both"`` (the default), then ``planning.memory.split_plan`` on the same split (what
 ``dualpipe_fx.plan`` returns): params + grads + optimizer state + the step's peak (activations
@@ -14,6 +14,8 @@ over ``"time"``'s. Models: torchtitan's llama3 8B and 70B (bf16) and a 7B GPT-st
 ``--json FILE`` writes the figures. Never asserts.
 
     PYTHONPATH=$PWD python benchmarks/cut_memory.py --models gpt7b 8B 70B --json /tmp/cut_memory.json
+
+(gpt7b and 8B: about 10 minutes on 2 CPU cores; 70B: longer.)
 """
 from __future__ import annotations
 
@@ -96,7 +98,7 @@ def _makespan(program, stage_costs) -> float:
     return simulate(program, StageCosts(base=Costs(F=1, B=2, W=1), by_key={}, by_action=by_action)).makespan
 
 
-def measure(models=("gpt7b", "8B"), ranks: int = 8, microbatches: int = 16, seq: int = 128) -> dict:
+def measure(models=("gpt7b", "8B"), ranks: int = 8, microbatches: int = 16, seq: int = 2048) -> dict:
     results = {}
     program = generate("dualpipev", ranks, microbatches)
     for name in models:
@@ -142,7 +144,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the figures to this file")
     parser.add_argument("--models", nargs="+", default=["gpt7b", "8B", "70B"])
-    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--seq", type=int, default=2048)
     args = parser.parse_args(argv)
     results = measure(tuple(args.models), seq=args.seq)
     _print(results, args.seq)

@@ -260,7 +260,7 @@ class RankLoads:
 
 def _pair_loads(loads: RankLoads, cuts: list[int], k: int, p: int, other: Mapping[int, list[float]]) -> float:
     """max load of the ranks of stages k-1 and k when cut k sits at ``p``."""
-    if loads.memory.peaks is not None:  # a rank's peak is not a sum over its stages: walk both
+    if loads.memory.peaks is not None and loads.mode != "time":  # a peak is no sum over stages: walk both
         moved = list(cuts)
         moved[k - 1] = p
         got = loads.ranks(moved, only={loads.placement[k - 1], loads.placement[k]})
@@ -277,8 +277,8 @@ def _others(loads: RankLoads, cuts: list[int], k: int) -> dict[int, list[float]]
     """The two ranks' loads from their stages other than k-1 and k."""
     ranks = {loads.placement[k - 1], loads.placement[k]}
     out: dict[int, list[float]] = {r: [0.0, 0.0, 0.0] for r in ranks}
-    if loads.memory.peaks is not None:
-        return out  # unused: _pair_loads walks the two ranks whole
+    if loads.memory.peaks is not None and loads.mode != "time":
+        return out  # unused: _pair_loads walks the two ranks whole ("time" reads time alone)
     for s, (a, b) in enumerate(zip((0, *cuts), (*cuts, len(loads.time) - 1))):
         if s not in (k - 1, k) and loads.placement[s] in ranks:
             loads.add_stage(out, s, a, b)
