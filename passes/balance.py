@@ -10,13 +10,19 @@ A rank's load, from per-node figures (prefix sums over the graph's compute nodes
 
 - time: the FLOPs (or measured seconds) of its stages' nodes;
 - memory: for each of its parameters (counted at its first use) ``MemorySpec.param_bytes``
-  (parameter + grad + optimizer state), plus for each of its stages ``in_flight[s]`` times
-  that stage's activation estimate: what autograd saves for its ops, found by running each
-  distinct op once on fake tensors (``passes.cost_model.saved_bytes_estimate``), plus what
-  it receives (``recompute="full"``: what it receives only). The exact saved bytes come from
-  the I/W split, which a rank runs for its own stages only, so the cut uses this estimate
-  (within 10% of the split's figure on llama stages); ``dualpipe_fx.planning.memory`` reports the
-  exact plan.
+  (parameter + grad + optimizer state), plus its step's peak. With ``MemorySpec.peaks``
+  (``compile()`` and ``dualpipe_fx.plan`` pass them) the peak is the memory plan's own walk of
+  the rank's program (``dualpipe_fx.planning.memory.peak_models``, a ``PeakModel`` per rank: at
+  each action a linear form in the stages' per-micro-batch figures), on the cut's estimates of
+  those figures (``CUT_FIGURES``): what autograd saves, found by running each distinct op once
+  on fake tensors (``passes.cost_model.saved_bytes_estimate``), of it the matmul inputs that I
+  hands W and the matmul output grads I keeps for W (``weight_inputs_estimate``), the bytes
+  crossing each cut (received, sent, and their grads), the model outputs of the last stage
+  and the largest value's grad as I's temporary. ``plan()``'s totals are the same form on
+  the I/W split's exact figures (``tests/test_cut_memory.py``). Without ``peaks`` (``split()``
+  alone, which knows no schedule): ``in_flight[s]`` times stage ``s``'s saved and received
+  bytes. (The exact figures come from the I/W split, which a rank runs for its own stages
+  only, so the cut estimates them.)
 
 **Contract**: ``search_cuts(loads, allowed, cut_bytes, S, upper) -> cuts | None`` (chain
 and V placements; None for others) and ``balance_cuts(loads, cuts, allowed, forced,
@@ -28,6 +34,9 @@ moves never raise the largest rank load above the start's.
     search: bisect the largest rank load L; at each L a frontier DP over <= 400 candidate cuts
             (V: inward from both ends, rank by rank; chain: greedy); then, within 1% of the
             least L, bisect the largest stage time for the most even stages
+    peaks: the search runs on per-stage weights read off the walk at the best cut so far
+            (twice); local moves and the final choice use the walk itself ("memory": the
+            lowest largest rank over the mean, the rank-balanced time cut competing)
     local moves, until none moves: cut k (stage k-1 on rank a | stage k on rank b) goes to the
             allowed position between its neighbours that lowers max(load a, load b) most
             (ties: fewest bytes crossing)
@@ -39,14 +48,15 @@ from __future__ import annotations
 
 import bisect
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["BALANCE_MODES", "MemorySpec", "RankLoads", "balance_cuts", "search_cuts"]
+__all__ = ["BALANCE_MODES", "CUT_FIGURES", "MemorySpec", "PeakModel", "RankLoads", "balance_cuts", "best_cuts",
+           "search_cuts"]
 
 BALANCE_MODES = ("time", "memory", "both")
 _RTOL = 1e-9  # loads this close count as equal (float noise)
@@ -70,10 +80,47 @@ class MemorySpec:
     """
 
     param_bytes: Callable[[torch.Tensor], int] = _adamw_like
-    in_flight: Mapping[int, int] = field(default_factory=dict)
+    in_flight: Mapping[int, float] = field(default_factory=dict)
     budget: Optional[int] = None
     inputs_only: bool = False
     selective: bool = False  # activations: what recompute="selective" keeps
+    peaks: Optional[Mapping[int, "PeakModel"]] = None  # rank -> its step peak as the plan walks it
+
+
+# the per-micro-batch figures of a stage the cut estimates (``dualpipe_fx.planning.memory.held_key``
+# names: where a storage comes from | what keeps it past its action)
+CUT_FIGURES = ("input|saved", "F|saved", "F|for_weight,saved", "I|for_weight", "F|output", "grad_output|",
+               "I|grad_input", "F|model_output", "temp|I", "temp|B")
+
+
+@dataclass(frozen=True, eq=False)
+class PeakModel:
+    """One rank's step peak (activations, receive buffers, sent tensors, kept losses, one
+    action's temporaries) as ``dualpipe_fx.planning.memory`` walks its program: at action
+    ``i`` the rank holds ``coef[i] @ figures`` bytes, ``figures`` being per-micro-batch byte
+    figures of its stages keyed ``keys[j] = (model part, name)`` (micro-batches alive at ``i``
+    for a held figure, 1 for the temporaries of the action's graphs). The plan
+    (``planning.memory.peak_models``) builds it; the plan's totals and the cut's score are
+    this one form, on exact figures and on the cut's estimates."""
+
+    keys: tuple[tuple[int, str], ...]
+    coef: "np.ndarray"
+
+    @cached_property
+    def _col(self) -> dict[tuple[int, str], int]:
+        return {k: j for j, k in enumerate(self.keys)}
+
+    def vector(self, figures: Mapping[tuple[int, str], float]) -> "np.ndarray":
+        v = np.zeros(len(self.keys))
+        for k, x in figures.items():
+            j = self._col.get(k)
+            if j is not None:
+                v[j] = x
+        return v
+
+    def peak(self, figures: Mapping[tuple[int, str], float]) -> float:
+        """The most bytes held at once (max over actions)."""
+        return float((self.coef @ self.vector(figures)).max()) if self.keys else 0.0
 
 
 @dataclass(frozen=True)
@@ -92,8 +139,35 @@ class RankLoads:
     placement: Mapping[int, int]
     memory: MemorySpec
     mode: str
+    for_weight: Sequence[float] = ()  # F's bytes I hands W (matmul inputs), prefix sums; () = none
+    grad_for_weight: Sequence[float] = ()  # I's bytes kept for W (matmul output grads), prefix sums
+    mem_mean: Optional[float] = None  # "both": the mean rank memory (peaks: from a reference cut)
+    largest: Sequence[Sequence[float]] = ()  # sparse table: largest[j][k] = max node bytes in [k, k + 2**j)
+    model_outputs: float = 0.0  # bytes of the model's outputs (the last stage's F holds them)
+
+    def largest_value(self, a: int, b: int) -> float:
+        """The most bytes one node of ``[a, b)`` produces (its grad is I's largest temporary)."""
+        if not self.largest or b <= a:
+            return 0.0
+        j = (b - a).bit_length() - 1
+        return float(max(self.largest[j][a], self.largest[j][b - (1 << j)]))
 
     # ---- per stage and per rank
+
+    def stage_figures(self, a: int, b: int) -> dict[str, float]:
+        """Stage ``[a, b)``'s per-micro-batch figures (``CUT_FIGURES``), estimated."""
+        last = len(self.time) - 1
+        recv = float(self.received[a]) if a > 0 else 0.0
+        sent = float(self.received[b]) if b < last else 0.0
+        if self.memory.inputs_only:
+            return {"input|saved": recv, "F|output": sent, "grad_output|": sent, "I|grad_input": recv}
+        own = self.acts[b] - self.acts[a]
+        fw = min(own, self.for_weight[b] - self.for_weight[a]) if self.for_weight else 0.0
+        gw = self.grad_for_weight[b] - self.grad_for_weight[a] if self.grad_for_weight else 0.0
+        temp = 2 * self.largest_value(a, b)  # I holds a value's grad and its input's grad at once
+        return {"input|saved": recv, "F|saved": own - fw, "F|for_weight,saved": fw, "I|for_weight": gw,
+                "F|output": sent, "grad_output|": sent, "I|grad_input": recv, "temp|I": temp, "temp|B": temp,
+                "F|model_output": self.model_outputs if b == last else 0.0}
 
     def stage_time(self, a: int, b: int) -> float:
         return self.time[b] - self.time[a]
@@ -112,18 +186,59 @@ class RankLoads:
         load[1] += self.stage_memory(s, a, b)
         load[2] += self.params[b] - self.params[a]
 
-    def ranks(self, cuts: Sequence[int]) -> dict[int, tuple[float, float, float]]:
-        """``{rank: (time, memory bytes, parameter-state bytes)}`` for ``cuts``."""
+    def ranks(self, cuts: Sequence[int], only=None) -> dict[int, tuple[float, float, float]]:
+        """``{rank: (time, memory bytes, parameter-state bytes)}`` for ``cuts`` (``only``: those
+        ranks). With ``memory.peaks`` a rank's memory is its parameter state plus its
+        ``PeakModel`` peak of its stages' figures: the plan's walk, on the cut's estimates."""
         out: dict[int, list[float]] = {}
+        figures: dict[int, dict[tuple[int, str], float]] = {}
+        peaks = self.memory.peaks
         for s, (a, b) in enumerate(zip((0, *cuts), (*cuts, len(self.time) - 1))):
-            self.add_stage(out, s, a, b)
+            rank = self.placement[s]
+            if only is not None and rank not in only:
+                continue
+            if peaks is None:
+                self.add_stage(out, s, a, b)
+                continue
+            load = out.setdefault(rank, [0.0, 0.0, 0.0])
+            state = self.params[b] - self.params[a]
+            load[0] += self.stage_time(a, b)
+            load[1] += state
+            load[2] += state
+            figures.setdefault(rank, {}).update({(s, k): v for k, v in self.stage_figures(a, b).items()})
+        for rank, figs in figures.items():
+            out[rank][1] += peaks[rank].peak(figs)
         return {r: tuple(v) for r, v in out.items()}
+
+    def in_flight_at_peak(self, cuts: Sequence[int]) -> dict[int, float]:
+        """Per stage, its activation bytes at its rank's peak (``PeakModel``) over its
+        per-micro-batch activations and received bytes: the weight the exact search's
+        separable estimate gives it, so that at ``cuts`` that estimate meets the walk."""
+        out: dict[int, float] = {}
+        bounds = list(zip((0, *cuts), (*cuts, len(self.time) - 1)))
+        by_rank: dict[int, list[int]] = {}
+        for s in range(len(bounds)):
+            by_rank.setdefault(self.placement[s], []).append(s)
+        for rank, stages in by_rank.items():
+            model = self.memory.peaks[rank]
+            figs = {(s, k): v for s in stages for k, v in self.stage_figures(*bounds[s]).items()}
+            v = model.vector(figs)
+            row = model.coef[int(np.argmax(model.coef @ v))] if model.keys else np.zeros(0)
+            for s in stages:
+                a, b = bounds[s]
+                base = (0.0 if self.memory.inputs_only else self.acts[b] - self.acts[a]) + \
+                    (self.received[a] if a > 0 else 0)
+                held = sum(row[j] * v[j] for j, (part, _) in enumerate(model.keys) if part == s)
+                out[s] = held / base if base > 0 else float(self.memory.in_flight.get(s, 1))
+        return out
 
     # ---- the scalar a cut minimises the largest of
 
     @cached_property
     def _means(self) -> tuple[float, float]:
         n = len(set(self.placement.values()))
+        if self.mem_mean is not None:
+            return max(self.time[-1] / n, 1e-300), max(self.mem_mean, 1e-300)
         mean_flight = sum(self.memory.in_flight.get(s, 1) for s in self.placement) / len(self.placement)
         mem = self.params[-1] + mean_flight * self.acts[-1]
         return max(self.time[-1] / n, 1e-300), max(mem / n, 1e-300)
@@ -145,6 +260,11 @@ class RankLoads:
 
 def _pair_loads(loads: RankLoads, cuts: list[int], k: int, p: int, other: Mapping[int, list[float]]) -> float:
     """max load of the ranks of stages k-1 and k when cut k sits at ``p``."""
+    if loads.memory.peaks is not None and loads.mode != "time":  # a peak is no sum over stages: walk both
+        moved = list(cuts)
+        moved[k - 1] = p
+        got = loads.ranks(moved, only={loads.placement[k - 1], loads.placement[k]})
+        return max(loads.load(t, m) for t, m, _ in got.values())
     a0 = cuts[k - 2] if k >= 2 else 0
     b1 = cuts[k] if k < len(cuts) else len(loads.time) - 1
     got: dict[int, list[float]] = {r: list(v) for r, v in other.items()}
@@ -157,6 +277,8 @@ def _others(loads: RankLoads, cuts: list[int], k: int) -> dict[int, list[float]]
     """The two ranks' loads from their stages other than k-1 and k."""
     ranks = {loads.placement[k - 1], loads.placement[k]}
     out: dict[int, list[float]] = {r: [0.0, 0.0, 0.0] for r in ranks}
+    if loads.memory.peaks is not None and loads.mode != "time":
+        return out  # unused: _pair_loads walks the two ranks whole ("time" reads time alone)
     for s, (a, b) in enumerate(zip((0, *cuts), (*cuts, len(loads.time) - 1))):
         if s not in (k - 1, k) and loads.placement[s] in ranks:
             loads.add_stage(out, s, a, b)
@@ -384,3 +506,75 @@ def search_cuts(loads: RankLoads, allowed: Sequence[int], cut_bytes: Sequence[in
     _, even = least(total / num_stages * (1 - 1e-9), total,
                     lambda v: (*_caps(loads, lam * (1 + _STAGE_SLACK)), v))
     return tuple(int(grid.pos[i]) for i in (even or found))
+
+
+def best_cuts(loads: RankLoads, starts: Sequence[Sequence[int]], allowed: Sequence[int], forced: Sequence[int],
+              cut_bytes: Sequence[int], num_stages: int) -> tuple[int, ...]:
+    """The least largest rank load from ``starts``: each polished by local moves, plus the
+    exact search (no ``forced`` cuts) polished too; the lowest wins (ties: fewer bytes).
+
+    With ``memory.peaks`` a rank's memory is the plan's walk (``PeakModel``), not a sum over
+    its stages, which the exact search needs: it runs on per-stage weights read off the walk
+    at the best cut so far (``RankLoads.in_flight_at_peak``; twice, the second from the
+    first's result), and the walk judges every result. ``"both"`` divides memory by the mean
+    of the ``"time"`` cut's ranks, then by that of its first result; ``"memory"`` keeps the lowest largest memory over the mean among its own result and the
+    ``"time"`` and ``"both"`` cuts (a rank's total is no fixed share of a fixed sum: a layer
+    on a stage with many micro-batches in flight costs more, so the mean moves with the cut).
+    """
+    if loads.memory.peaks is not None and loads.mode == "both":
+        # "both" divides memory by its mean, which moves with the cut: the mean of the
+        # rank-balanced time cut, then of the first result
+        timed = _best_cuts(replace(loads, mode="time"), starts, allowed, forced, cut_bytes, num_stages)
+        first = _best_cuts(replace(loads, mem_mean=_mean_memory(loads, timed)), [*starts, timed],
+                           allowed, forced, cut_bytes, num_stages)
+        loads = replace(loads, mem_mean=_mean_memory(loads, first))
+        starts = [*starts, timed, first]
+    return _best_cuts(loads, starts, allowed, forced, cut_bytes, num_stages)
+
+
+def _mean_memory(loads: RankLoads, cuts: Sequence[int]) -> float:
+    got = loads.ranks(cuts)
+    return sum(m for _, m, _ in got.values()) / len(got)
+
+
+def _best_cuts(loads: RankLoads, starts: Sequence[Sequence[int]], allowed: Sequence[int], forced: Sequence[int],
+               cut_bytes: Sequence[int], num_stages: int) -> tuple[int, ...]:
+    def score(cuts, by=loads):
+        worst = max(by.load(t, m) for t, m, _ in by.ranks(cuts).values())
+        return worst, sum(cut_bytes[k] for k in cuts)
+
+    done = [balance_cuts(loads, c, allowed, forced, cut_bytes) for c in starts]
+    if forced:  # the exact search knows no forced cuts: split_points keep the local moves only
+        return _pick(loads, done, score)
+    for _ in range(1 if loads.memory.peaks is None else 2):
+        best = min(done, key=score)
+        search = loads
+        if loads.memory.peaks is not None:
+            spec = replace(loads.memory, in_flight=loads.in_flight_at_peak(best), peaks=None)
+            search = replace(loads, memory=spec, mem_mean=None)
+            if loads.mode == "both":
+                ref = search.ranks(best)
+                search = replace(search, mem_mean=sum(m for _, m, _ in ref.values()) / len(ref))
+        found = search_cuts(search, allowed, cut_bytes, num_stages, score(best, search)[0])
+        if found is None:
+            break
+        done.append(balance_cuts(loads, found, allowed, forced, cut_bytes))
+    if loads.memory.peaks is not None and loads.mode == "memory":
+        # the plan's totals are not a fixed sum (a stage holds as many micro-batches as its
+        # place in the schedule): the least largest rank may also shrink the mean, so the
+        # rank-balanced time cut competes on largest over mean
+        for mode in ("time", "both"):
+            done.append(best_cuts(replace(loads, mode=mode), starts, allowed, forced, cut_bytes, num_stages))
+    return _pick(loads, done, score)
+
+
+def _pick(loads: RankLoads, done: Sequence[Sequence[int]], score) -> tuple[int, ...]:
+    """The lowest score; with the plan's walk under ``"memory"``: the lowest largest rank
+    memory over the mean (the balance ``plan()`` reports), then the lowest largest."""
+    if loads.memory.peaks is None or loads.mode != "memory":
+        return tuple(min(done, key=score))
+
+    def balance(cuts):
+        mem = [m for _, m, _ in loads.ranks(cuts).values()]
+        return round(max(mem) / (sum(mem) / len(mem)), 9), score(cuts)
+    return tuple(min(done, key=balance))

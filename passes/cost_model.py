@@ -390,6 +390,29 @@ def saved_bytes_estimate(gm: fx.GraphModule, *, selective: bool = False) -> Mapp
     return MappingProxyType(own)
 
 
+def weight_inputs_estimate(gm: fx.GraphModule) -> tuple[Mapping[str, int], Mapping[str, int]]:
+    """Per call node: ``(F's bytes the weight grad reads, I's bytes the weight grad reads)``:
+    for a matmul with a parameter operand (its weight), the other operands (what I hands W
+    of F's values) and its output's bytes (its output grad, what I keeps for W). An estimate
+    of ``passes.split_backward``'s ``saved_for_weight``, per micro-batch."""
+    kinds = {n: n.meta.get("dpfx_kind") for n in gm.graph.nodes if n.op == "placeholder"}
+    static: set[fx.Node] = {n for n, k in kinds.items() if k in ("param", "buffer")}
+    nodes = [n for n in gm.graph.nodes if _is_compute(n)]
+    for n in nodes:
+        if n.all_input_nodes and all(a in static for a in n.all_input_nodes):
+            static.add(n)
+    from_f, from_i = {}, {}
+    for n in nodes:
+        if _packet_name(n) not in _MATMULS:
+            continue
+        ins = n.all_input_nodes
+        if not any(a in static for a in ins):
+            continue
+        from_f[n.name] = sum(activation_bytes(_base(a)) for a in ins if a not in static)
+        from_i[n.name] = activation_bytes(n)
+    return MappingProxyType(from_f), MappingProxyType(from_i)
+
+
 def edge_bytes(gm: fx.GraphModule) -> Mapping[tuple[str, str], int]:
     """Activation bytes on every data edge ``(producer name, consumer name)`` of ``gm``."""
     table = {}

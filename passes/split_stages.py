@@ -20,8 +20,8 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 import torch.fx as fx
 
-from passes.balance import BALANCE_MODES, MemorySpec, RankLoads, balance_cuts, search_cuts
-from passes.cost_model import CostSpec, activation_bytes, saved_bytes_estimate, scalar_costs
+from passes.balance import BALANCE_MODES, MemorySpec, RankLoads, best_cuts
+from passes.cost_model import CostSpec, activation_bytes, saved_bytes_estimate, scalar_costs, weight_inputs_estimate
 from passes.grad_flow import grad_carrying
 
 __all__ = ["StagePartition", "default_placement", "split_stages"]
@@ -266,8 +266,31 @@ def _rank_loads(lay: _Layout, placement: Mapping[int, int], memory: MemorySpec, 
             param_at[min(uses)] += memory.param_bytes(ph.meta["val"])
     received = list(lay.cut_bytes) + [0]
     saved = {} if memory.inputs_only else saved_bytes_estimate(lay.graph.owning_module, selective=memory.selective)
+    extra = {}
+    if memory.peaks is not None and not memory.inputs_only:
+        from_f, from_i = weight_inputs_estimate(lay.graph.owning_module)
+        extra = dict(for_weight=_prefix([from_f.get(n.name, 0) for n in lay.nodes]),
+                     grad_for_weight=_prefix([from_i.get(n.name, 0) for n in lay.nodes]),
+                     largest=_sparse_max([activation_bytes(n) for n in lay.nodes]),
+                     model_outputs=_model_output_bytes(lay.graph))
     return RankLoads(time=lay.prefix, params=_prefix(param_at), acts=_prefix([saved.get(n.name, 0) for n in lay.nodes]),
-                     received=received, placement=placement, memory=memory, mode=mode)
+                     received=received, placement=placement, memory=memory, mode=mode, **extra)
+
+
+def _sparse_max(values: Sequence[float]) -> tuple[tuple[float, ...], ...]:
+    """``table[j][k]``: the largest of ``values[k:k + 2**j]`` (range maxima in O(1))."""
+    table = [tuple(values)]
+    while (2 << (len(table) - 1)) <= len(values):
+        prev, half = table[-1], 1 << (len(table) - 1)
+        table.append(tuple(max(prev[k], prev[k + half]) for k in range(len(prev) - half)))
+    return tuple(table)
+
+
+def _model_output_bytes(graph: fx.Graph) -> int:
+    """Bytes of the model outputs beside the loss (the logits): the last stage's F holds them."""
+    out = next(n for n in graph.nodes if n.op == "output").args[0]
+    outs = list(out) if isinstance(out, (tuple, list)) else [out]
+    return sum(activation_bytes(n) for n in outs[1:] if isinstance(n, fx.Node))
 
 
 def _per_rank_cuts(lay: _Layout, num_stages: int, forced, loads: RankLoads) -> tuple[int, ...]:
@@ -280,17 +303,7 @@ def _per_rank_cuts(lay: _Layout, num_stages: int, forced, loads: RankLoads) -> t
                    for k in range(len(lay.nodes))]
         if sum(weights) > 0:
             starts.add(_choose_cuts(replace(lay, prefix=_prefix(weights)), num_stages, forced))
-
-    def score(cuts):
-        worst = max(loads.load(t, m) for t, m, _ in loads.ranks(cuts).values())
-        return worst, sum(lay.cut_bytes[k] for k in cuts)
-
-    done = [balance_cuts(loads, c, lay.allowed, forced, lay.cut_bytes) for c in sorted(starts)]
-    if not forced:  # the exact search knows no forced cuts: split_points keep the local moves only
-        found = search_cuts(loads, lay.allowed, lay.cut_bytes, num_stages, min(score(c)[0] for c in done))
-        if found is not None:
-            done.append(balance_cuts(loads, found, lay.allowed, forced, lay.cut_bytes))
-    return min(done, key=score)
+    return best_cuts(loads, sorted(starts), lay.allowed, forced, lay.cut_bytes, num_stages)
 
 
 def _check_budget(loads: RankLoads, cuts, placement: Mapping[int, int]) -> None:

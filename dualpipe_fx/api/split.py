@@ -19,10 +19,11 @@ from torch.distributed.fsdp import MixedPrecisionPolicy
 
 from dualpipe_fx.api import options
 from dualpipe_fx.api.options import MemoryPolicy
-from dualpipe_fx.planning.memory import optimizer_bytes
+from dualpipe_fx.planning.memory import optimizer_bytes, peak_models
 from dualpipe_fx.planning.simulate import in_flight_by_part
 from dualpipe_fx.schedules.ir import Program
-from passes.balance import BALANCE_MODES, MemorySpec
+from dualpipe_fx.schedules.lowering import RECV_LOOKAHEAD
+from passes.balance import BALANCE_MODES, CUT_FIGURES, MemorySpec, PeakModel
 from passes.capture import capture
 from passes.cost_model import activation_bytes, node_costs
 from passes.recompute import Policy, recompute_policy
@@ -251,7 +252,7 @@ def master_size(model: nn.Module, policy: Optional[MixedPrecisionPolicy]) -> Opt
 
 def memory_spec(optimizer="adamw", in_flight: Optional[Mapping[int, int]] = None,
                 memory_budget: Optional[int] = None, recompute: Policy = None,
-                master: Optional[int] = None) -> MemorySpec:
+                master: Optional[int] = None, peaks: Optional[Mapping[int, PeakModel]] = None) -> MemorySpec:
     """The stage cut's memory model (``passes.balance.MemorySpec``) from user-facing options
     (``master``: see ``master_size``)."""
     if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int)
@@ -260,7 +261,7 @@ def memory_spec(optimizer="adamw", in_flight: Optional[Mapping[int, int]] = None
                          "(e.g. 80 * 2**30), or None")
     return MemorySpec(param_bytes=_param_state_bytes(optimizer, master), in_flight=dict(in_flight or {}),
                       budget=memory_budget, inputs_only=isinstance(recompute, str) and recompute == "full",
-                      selective=isinstance(recompute, str) and recompute == "selective")
+                      selective=isinstance(recompute, str) and recompute == "selective", peaks=peaks)
 
 
 def _check_balance(balance) -> None:
@@ -273,6 +274,7 @@ def split(model: nn.Module, loss_fn: Callable, example_inputs, example_target=No
           split_points: Optional[Sequence[str]] = None,
           placement: Optional[Mapping[int, int]] = None, device=None,
           only_stages: Optional[Collection[int]] = None, in_flight: Optional[Mapping[int, int]] = None,
+          peaks: Optional[Mapping[int, PeakModel]] = None,
           memory: Optional[MemoryPolicy] = None, mixed_precision: Optional[MixedPrecisionPolicy] = None,
           captured=None, backward_cache: Optional[dict] = None, **deprecated) -> Split:
     """Capture ``model`` + ``loss_fn``, cut it into stages, split each stage's backward.
@@ -305,6 +307,10 @@ def split(model: nn.Module, loss_fn: Callable, example_inputs, example_target=No
             ``Split.stages``. A pipeline rank splits only the stages it runs.
         in_flight: ``{stage: micro-batches of activations held at once}`` (``compile()``
             reads it off the schedule); default 1 per stage.
+        peaks: ``{rank: passes.balance.PeakModel}``, each rank's step peak as the memory plan
+            walks the schedule (``planning.memory.peak_models``; ``compile()`` and
+            ``dualpipe_fx.plan`` pass it): the cut then scores a rank's memory the way
+            ``plan()`` counts it (``in_flight`` only seeds its exact search).
         memory: a :class:`dualpipe_fx.MemoryPolicy` (default ``MemoryPolicy()``):
             ``recompute``: activation recomputation: None (save what backward reads, except
             ``torch.utils.checkpoint(..., use_reentrant=False)`` regions), ``"full"`` (save
@@ -350,7 +356,7 @@ def split(model: nn.Module, loss_fn: Callable, example_inputs, example_target=No
     _check_balance(policy.balance)
     mixed_precision = check_mixed_precision(mixed_precision)
     spec = memory_spec(policy.optimizer, in_flight, policy.budget, policy.recompute,
-                       master_size(model, mixed_precision))
+                       master_size(model, mixed_precision), peaks)
     if captured is None:
         captured = capture(model, loss_fn, example_inputs, example_target, example_kwargs=example_kwargs,
                            device=device, mixed_precision=mixed_precision)
@@ -393,5 +399,8 @@ def split_for_program(program: Program, model: nn.Module, loss_fn: Callable, exa
     """The cut ``compile()`` makes for ``program`` (and ``dualpipe_fx.plan`` repeats): one stage per
     model part, balanced per rank of the program's placement with its activations in flight;
     ``options`` as ``dualpipe_fx.split`` (``only_stages``, ``balance``, ``recompute``, ...)."""
+    device = options.get("device")
+    lookahead = RECV_LOOKAHEAD if device is None or torch.device(device).type == "cpu" else 0
+    peaks = peak_models(program, dict.fromkeys(range(program.num_model_parts), CUT_FIGURES), lookahead)
     return split(model, loss_fn, examples, example_target, program.num_model_parts,
-                 placement=part_placement(program), in_flight=in_flight_by_part(program), **options)
+                 placement=part_placement(program), in_flight=in_flight_by_part(program), peaks=peaks, **options)

@@ -47,14 +47,16 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
+import numpy as np
 import torch
 
 from dualpipe_fx.schedules.ir import Action, Program
 from dualpipe_fx.schedules.lowering import RECV_LOOKAHEAD, add_comms, hoist_receives, to_torch_actions
 from dualpipe_fx.schedules.release import compute_positions, send_release_points
+from passes.balance import PeakModel
 from passes.cost_model import concrete_size
 
-__all__ = ["MemoryPlan", "RankMemory", "StageMemory", "allocator_events", "peak_activation_bytes",
+__all__ = ["MemoryPlan", "held_key", "peak_models", "stage_figures", "RankMemory", "StageMemory", "allocator_events", "peak_activation_bytes",
            "peak_live_bytes", "pipeline_plan", "rank_memory", "split_plan", "stage_memory"]
 
 Optimizer = Union[str, float, int]
@@ -341,13 +343,72 @@ def _intervals(program: Program, rank: int, mem: Callable[[int], StageMemory],
                         sent, until = "sent", max(until if sent == "sent" else 0, comms.releases[("B", stage, m)])
                     else:
                         last = max(last, pos[("G", prev, m)] - 1)
+                key = (program.model_part(stage), held_key(src, keep))
                 if src == "input" and prev_far:
-                    out.append(("recv", nbytes, recv[("F", stage, m)], f - 1))
+                    out.append(("recv", nbytes, recv[("F", stage, m)], f - 1, key))
                 if src == "grad_output" and next_far:
-                    out.append(("recv", nbytes, recv[("B", stage, m)], g - 1))
-                out.append(("activations", nbytes, own, last))
+                    out.append(("recv", nbytes, recv[("B", stage, m)], g - 1, key))
+                out.append(("activations", nbytes, own, last, key))
                 if sent and until > last:
-                    out.append((sent, nbytes, last + 1, until))
+                    out.append((sent, nbytes, last + 1, until, key))
+    return out
+
+
+def held_key(src: str, keep: Iterable[str]) -> str:
+    """The name of a ``StageMemory.held`` entry as a ``passes.balance.PeakModel`` figure:
+    ``"source|keeper,keeper"`` (e.g. ``"F|for_weight,saved"``)."""
+    return f"{src}|{','.join(sorted(keep))}"
+
+
+def stage_figures(mem: StageMemory) -> dict[str, int]:
+    """A stage's per-micro-batch figures by ``PeakModel`` name: its ``held`` entries
+    (``held_key``) and its graphs' temporaries (``"temp|F"``, ``"temp|I"``, ``"temp|W"``;
+    ``"temp|B"``: the larger of I's and W's, what a B runs)."""
+    out: dict[str, int] = {}
+    for src, keep, nbytes in mem.held:
+        out[held_key(src, keep)] = out.get(held_key(src, keep), 0) + nbytes
+    inter = mem.intermediates
+    out.update({"temp|F": inter["F"], "temp|I": inter["I"], "temp|W": inter["W"],
+                "temp|B": max(inter["I"], inter["W"])})
+    return out
+
+
+def peak_models(program: Program, figures: Mapping[int, Iterable[str]], recv_lookahead: int = 2
+                ) -> dict[int, PeakModel]:
+    """Per rank, its step peak as a linear form per action in its stages' figures: the walk
+    ``rank_memory`` makes (``_intervals``, ``_action_intermediates``), run on a unit figure
+    for each ``(model part, name)`` of ``figures`` (``{part: names}``, see ``stage_figures``).
+    ``rank_memory``'s step peak of any stage figures equals ``peak_models(...)[rank].peak(...)``
+    of the same figures, and the stage cut (``passes.balance``) scores its cuts with it."""
+    comms = _comms(program, recv_lookahead)
+    names = {k: sorted(set(v)) for k, v in figures.items()}
+    units = {}
+    for k, ns in names.items():
+        held = []
+        for n in ns:
+            src, _, keep = n.partition("|")
+            if src != "temp":
+                held.append((src, frozenset(keep.split(",")) - {""}, 1))
+        units[k] = StageMemory(index=k, saved=0, for_weight=0, held=tuple(held),
+                               intermediates={"F": 0, "I": 0, "W": 0}, param_grads={})
+    place = program.stage_to_rank()
+    out = {}
+    for rank, actions in program.items():
+        parts = sorted({program.model_part(s) for s, r in place.items() if r == rank})
+        keys = tuple((k, n) for k in parts for n in names.get(k, ()))
+        col = {key: i for i, key in enumerate(keys)}
+        coef = np.zeros((max(len(actions), 1), len(keys)))
+        empty = StageMemory(index=-1, saved=0, for_weight=0, held=(), intermediates={}, param_grads={})
+        walk = _intervals(program, rank, lambda s: units.get(program.model_part(s), empty), comms)
+        for _, nbytes, first, last, key in walk:
+            if last >= first and key in col:
+                coef[int(first): len(actions) if last == _END else int(last) + 1, col[key]] += nbytes
+        for i, action in enumerate(actions):
+            for p in action.parts():
+                key = (program.model_part(p.stage), f"temp|{p.kind}")
+                if key in col:
+                    coef[i, col[key]] += 1
+        out[rank] = PeakModel(keys=keys, coef=coef)
     return out
 
 
@@ -361,7 +422,7 @@ def _grad_births(program: Program, rank: int, mem: Callable[[int], StageMemory])
         first = min(pos[("W", stage, m)] for m in range(program.num_microbatches))
         for name, nbytes in mem(stage).param_grads.items():
             born[name] = (min(first, born.get(name, (first, 0))[0]), nbytes)
-    return [("grads", nbytes, at, _END) for at, nbytes in born.values()]
+    return [("grads", nbytes, at, _END, None) for at, nbytes in born.values()]
 
 
 def _action_intermediates(action: Action, mem: Callable[[int], StageMemory],
@@ -382,7 +443,7 @@ def _peak(n: int, intervals, intermediates: Sequence[int]) -> dict[str, int]:
     """The breakdown at the action where the sum of everything live is largest."""
     cats = ("activations", "recv", "sent", "kept", "grads")
     live = {c: [0] * (n + 1) for c in cats}
-    for cat, nbytes, first, last in intervals:
+    for cat, nbytes, first, last, *_ in intervals:
         if last < first:
             continue
         live[cat][int(first)] += nbytes

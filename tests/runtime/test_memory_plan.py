@@ -91,5 +91,7 @@ def test_plan_matches_the_allocator_on_a_2_rank_dualpipev_step():
         assert row.params == got["params"], (rank, row.params, got["params"])
         assert _close(row.step_increase, got["fresh"]), (rank, row, got)
         assert _close(row.step_peak, got["steady"]), (rank, row, got)
-        # the terms beyond saved / for_weight are real: that count alone is short of the measured peak
-        assert row.peak_activations < 0.9 * got["steady"]
+        # the terms beyond saved / for_weight are real: the plan with them is nearer the measured
+        # peak than that count alone (their share moves with the cut: 8% of rank 0's peak under
+        # the cut balanced on the plan's own totals, more than 10% under the older estimate)
+        assert abs(row.step_peak - got["steady"]) < abs(row.peak_activations - got["steady"]), (rank, row, got)
