@@ -152,10 +152,10 @@ def _timed(fn, min_s: float = 0.1) -> float:
 
 # The runtime's own time per pipeline action (its Python between graphs: the executor, torch's
 # schedule runtime, the P2P calls), beyond the graphs' kernels. cpu: benchmarks/autoplan.py --width 8
-# (2 gloo ranks, kernels next to free) measured about 4 ms an action at load average 4.7 on the 2-core
-# dev machine, 2026-12-07, halved for that load; cuda: the same Python per action, assumed until a GPU
-# run measures it.
-ACTION_OVERHEAD_S = MappingProxyType({"cpu": 2.0e-3, "cuda": 1.0e-3})
+# (2 gloo ranks, kernels next to free) on the quiet 2-core dev machine, 2026-12-07: 1f1b with 16
+# micro-batches 27.0 ms for 32 actions a rank, zbv 59.6 ms for 96, gpipe 24.2 ms for 32: about
+# 0.6 ms an action. cuda: the same Python per action, assumed until a GPU run measures it.
+ACTION_OVERHEAD_S = MappingProxyType({"cpu": 0.6e-3, "cuda": 0.6e-3})
 
 PROBE_SMALL_DIMS = (4, 16, 64)  # the shape classes probe_device measures below a large GEMM
 
