@@ -6,7 +6,9 @@ import sys
 import pytest
 
 
-@pytest.mark.parametrize("example,schedule", [("llama", "dualpipev"), ("mlp", "1f1b")])
+# the README's main job in the main tier; another example and schedule in the long tier
+@pytest.mark.parametrize("example,schedule", [("llama", "dualpipev"),
+                                              pytest.param("mlp", "1f1b", marks=pytest.mark.long)])
 def test_run_follows_single_process_training(example, schedule, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     png = ["--png", str(tmp_path / "measured.png"), "--profile-steps", "3"] if example == "llama" else []

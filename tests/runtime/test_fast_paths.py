@@ -3,8 +3,8 @@
 - sends started inside an F&B pair (gloo: tagged streams) and the same step without them;
 - grads summed in place (``passes.accumulate_grads``) from a step's second micro-batch on;
 - with ``compile_stages=True``, every F&B pair runs its merged graph through torch.compile
-  (with ``recompute="full"``: its I graphs recompute the most, so Inductor compiles the
-  recomputing graphs too; tests/runtime/test_recompute_pipelined.py runs the eager ones);
+  (recompute with compiled stages: torchtitan's ``compile.enable`` with full activation
+  checkpointing, tests/titan/test_train.py, long tier);
 - sends released as they complete: each send is waited for and dropped at its release point
   (``schedules.release``), so the sends pending after each action (the stages' own count of
   works, each holding its tensor) follow the plan, not the step's end.
@@ -63,7 +63,7 @@ def _check_sends_released(results):
 
 
 def test_compiled_stages_run_compiled_merged_pairs_and_equal_one_process():
-    results = run_ranks(cases.fast_paths_step, 2, ("llama", True, True, "full"), timeout=600)
+    results = run_ranks(cases.fast_paths_step, 2, ("llama", True, True), timeout=600)
     check_step(results, "llama", "dualpipev", 4)
     assert _total(results, "pairs") > 0
     assert _total(results, "compiled_pairs") == _total(results, "pairs")

@@ -3,8 +3,8 @@ the unsplit model's loss and grads.
 
 The F&B pairs (multiplexed, summing grads in place) run the recomputing graphs; each case
 also reports the bytes its stages save per micro-batch, which must fall below those of the
-same stages without recompute. The compiled-stage path runs ``"full"`` in
-tests/runtime/test_fast_paths.py (one Inductor compile of the llama case serves both checks).
+same stages without recompute. The compiled-stage path with ``"full"`` runs in the long tier:
+torchtitan's ``compile.enable`` with full activation checkpointing (tests/titan/test_train.py).
 """
 from __future__ import annotations
 

@@ -117,6 +117,7 @@ print("ok")
 """
 
 
+@pytest.mark.long  # a torchtitan model built whole on CPU, ~10 s: the long tier (docs/contributing.md)
 def test_expert_parallel_rank_keeps_its_rows_of_the_unsplit_init():
     """deepseek_v3 with its experts split over 2 EP ranks (torch's fake process group, one
     process per check): each rank's share, expert slices included, gets bitwise the rows of

@@ -165,6 +165,7 @@ def test_model_that_does_not_trace_is_named(monkeypatch):
     assert "does not trace" in message and "torch.nonzero" in message
 
 
+@pytest.mark.long  # a torchtitan model built whole on CPU, ~10 s: the long tier (docs/contributing.md)
 def test_deepseek_v3_captures_and_cuts_on_cpu(monkeypatch):
     """deepseek_v3's MoE (histc on int64 counts with the CPU stand-in, experts looping over
     .tolist() sizes) captures and is cut into stages without error; compile() is cut down
@@ -228,6 +229,7 @@ print("ok")
 """
 
 
+@pytest.mark.long  # a torchtitan model built whole on CPU, ~10 s: the long tier (docs/contributing.md)
 def test_expert_replica_rows_are_torchtitans_expert_data_parallel_mesh():
     """The ranks holding one expert slice (its grads reduced over them) are torchtitan's
     ``dp_replicate x efsdp`` mesh: checked for every rank of several layouts, on torch's fake

@@ -169,8 +169,9 @@ OTHER_RUNS = {
     "dualpipe": ["--dualpipe_fx.schedule", "dualpipe"],
     "qwen3_moe": QWEN3_MOE,
     # compile.enable -> compile_stages: real Inductor on CPU; F, I, W graphs (no-overlap: fewer
-    # graphs to compile than the multiplexed F&B ones)
-    "compile": ["--compile.enable", "--dualpipe_fx.no-overlap"],
+    # graphs to compile than the multiplexed F&B ones), with full AC (recompute="full": the
+    # compiled I graphs recompute the forward)
+    "compile": ["--compile.enable", "--dualpipe_fx.no-overlap", "--activation_checkpoint.mode", "full"],
     **FLEX_RUNS,
 }
 
@@ -283,10 +284,12 @@ def test_qwen3_moe_grouped_experts_train_like_unpipelined_torchtitan(references,
 
 def test_compile_enable_compiles_the_stages_with_equal_losses(ac_runs):
     """``compile.enable = true`` maps onto ``compile_stages``: each rank's stage graphs go
-    through torch.compile (Inductor), and the losses and grad norms are those without it."""
+    through torch.compile (Inductor), here with full AC (``recompute="full"``), and the losses
+    and grad norms are those of the run with neither."""
     for rank, runs in ac_runs.items():
         compiled, plain = runs["compile"], runs["none"]
         assert compiled["compiled_graphs"] > 0 and plain["compiled_graphs"] == 0, (rank, compiled, plain)
+        assert compiled["recompute"] == "'full'", compiled["recompute"]
         assert compiled["losses"] == pytest.approx(plain["losses"], rel=1e-5), (rank, compiled, plain)
         assert compiled["grad_norms"] == pytest.approx(plain["grad_norms"], rel=1e-5), (rank, compiled, plain)
 
