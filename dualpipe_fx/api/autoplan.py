@@ -41,7 +41,7 @@ from dualpipe_fx.planning.devices import (DEVICES, NETWORKS, DeviceModel, Networ
                                          node_seconds, probe_device, probe_network)
 from dualpipe_fx.planning.memory import MemoryPlan, split_plan
 from dualpipe_fx.planning.simulate import Costs, StageCosts, simulate
-from dualpipe_fx.runtime.agree import together
+from dualpipe_fx.runtime.agree import together, vote_device
 from dualpipe_fx.schedules.ir import Program
 from dualpipe_fx.schedules.lowering import RECV_LOOKAHEAD
 from dualpipe_fx.schedules.registry import SCHEDULES, generate
@@ -352,22 +352,25 @@ AUTO = "auto"
 
 def _agreed_device(device: torch.device, group) -> DeviceModel:
     """The table's model of this GPU kind, else rank 0's probe broadcast to every rank (the
-    ranks must choose alike, and probes differ a little)."""
+    ranks must choose alike, and probes differ a little: every figure the prediction reads,
+    the shape classes included, comes from rank 0)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device).lower()
         known = next((k for k in DEVICES if k in name.replace(" ", "")), None)
         if known:
             return DEVICES[known]
     probed = probe_device(device)
+    bounds = [bound for bound, _ in probed.small_gemms]
     figures = torch.tensor([probed.peak_flops["float32"], probed.peak_flops["bfloat16"], probed.bandwidth,
-                            probed.kernel_overhead_s, probed.action_overhead_s], dtype=torch.float64)
+                            probed.kernel_overhead_s, probed.action_overhead_s,
+                            *(fraction for _, fraction in probed.small_gemms)], dtype=torch.float64)
     if dist.get_world_size(group) > 1:
-        backend_device = device if dist.get_backend(group) == "nccl" else torch.device("cpu")
-        figures = figures.to(backend_device)
+        figures = figures.to(vote_device(group))
         dist.broadcast(figures, group_src=0, group=group)
-    f32, bf16, bandwidth, kernel, action = figures.cpu().tolist()
+    f32, bf16, bandwidth, kernel, action, *fractions = figures.cpu().tolist()
     return dataclasses.replace(probed, peak_flops=MappingProxyType({"float32": f32, "bfloat16": bf16}),
-                               bandwidth=bandwidth, kernel_overhead_s=kernel, action_overhead_s=action)
+                               bandwidth=bandwidth, kernel_overhead_s=kernel, action_overhead_s=action,
+                               small_gemms=tuple(zip(bounds, fractions)))
 
 
 def pick_schedule(model, loss_fn, examples: tuple, target, example_kwargs, *, group, world: int,
@@ -377,7 +380,7 @@ def pick_schedule(model, loss_fn, examples: tuple, target, example_kwargs, *, gr
     ``memory.budget`` (or the device's memory). Every rank measures alike (rank 0's probes,
     broadcast) and so picks alike; rank 0 logs the ranking."""
     dev = _agreed_device(device, group)
-    net = probe_network(group) if world > 1 else NETWORKS["localhost"]
+    net = probe_network(group, device=vote_device(group)) if world > 1 else NETWORKS["localhost"]
     budget = memory.budget if memory.budget is not None else (dev.memory_bytes or None)
     recomputes = [memory.recompute] if memory.recompute is not None else list(DEFAULT_RECOMPUTE)
     start = time.perf_counter()

@@ -185,16 +185,19 @@ def probe_device(device: Union[str, torch.device] = "cpu", size: int = 512) -> D
                        source=f"probe_device({str(device)!r}) on this machine, {time.strftime('%Y-%m-%d')}")
 
 
-def probe_network(group=None, nbytes: int = 4 << 20, repeats: int = 5) -> NetworkModel:
+def probe_network(group=None, nbytes: int = 4 << 20, repeats: int = 5, device="cpu") -> NetworkModel:
     """Ping-pong between ranks 0 and 1 of ``group`` (every rank must call it; the others
-    wait at the barrier): one byte for the latency, ``nbytes`` for the bandwidth. Every
-    rank returns rank 0's figures (broadcast)."""
+    wait at the barrier): one byte for the latency, ``nbytes`` for the bandwidth, with tensors
+    on ``device`` (the group's: a pure NCCL group takes no CPU tensor). Every rank returns
+    rank 0's figures (broadcast)."""
     import torch.distributed as dist
 
+    device = torch.device(device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     rank = dist.get_rank(group)
-    figures = torch.zeros(2, dtype=torch.float64)
+    figures = torch.zeros(2, dtype=torch.float64, device=device)
     for k, n in enumerate((1, nbytes)):
-        t = torch.zeros(n, dtype=torch.uint8)
+        t = torch.zeros(n, dtype=torch.uint8, device=device)
         dist.barrier(group)
         start = time.perf_counter()
         for _ in range(repeats):
@@ -204,6 +207,7 @@ def probe_network(group=None, nbytes: int = 4 << 20, repeats: int = 5) -> Networ
             elif rank == 1:
                 dist.recv(t, group_src=0, group=group)
                 dist.send(t, group_dst=0, group=group)
+        sync()
         figures[k] = (time.perf_counter() - start) / repeats / 2  # one way
     dist.broadcast(figures, group_src=0, group=group)
     latency, big = figures.tolist()

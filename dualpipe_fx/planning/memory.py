@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from dualpipe_fx.schedules.ir import Action, Program
-from dualpipe_fx.schedules.lowering import RECV_LOOKAHEAD, add_comms, hoist_receives, to_torch_actions
+from dualpipe_fx.schedules.lowering import COMPUTE_KINDS, RECV_LOOKAHEAD, add_comms, hoist_receives, to_torch_actions
 from dualpipe_fx.schedules.release import compute_positions, send_release_points
 from passes.balance import PeakModel
 from passes.cost_model import concrete_size
@@ -263,9 +263,6 @@ def _part_positions(actions: Sequence[Action]) -> dict[tuple[str, int, int], int
     return pos
 
 
-_COMPUTE = ("F", "B", "I", "W", "OVERLAP_F_B")
-
-
 def _lowered(program: Program, lookahead: int) -> dict[int, list]:
     """Every rank's torch actions with sends and receives, as the runtime lowers the program
     (torch's placement, then receives posted ``lookahead`` actions earlier)."""
@@ -297,7 +294,7 @@ def _comms(program: Program, lookahead: int) -> _Comms:
             kind = a.computation_type.value
             if kind in ("RECV_F", "RECV_B"):
                 receives[(kind[-1], a.stage_index, a.microbatch_index)] = i
-            elif kind in _COMPUTE:
+            elif kind in COMPUTE_KINDS:
                 i += 1
     releases: dict[tuple[str, int, int], float] = {}
     for rank, points in send_release_points(orders, program).items():

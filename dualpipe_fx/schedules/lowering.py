@@ -115,7 +115,7 @@ def add_send_recv_chains(actions: dict, program: Program) -> dict:
 
 
 _RECEIVES = ("RECV_F", "RECV_B")
-_COMPUTE = ("F", "B", "I", "W", "OVERLAP_F_B")
+COMPUTE_KINDS = ("F", "B", "I", "W", "OVERLAP_F_B")  # torch action kinds that compute (the rest communicate)
 
 
 def hoist_receives(order: list, lookahead: int) -> list:
@@ -136,7 +136,7 @@ def hoist_receives(order: list, lookahead: int) -> list:
             receives.append((len(segments) - 1, action))
             continue
         segments[-1].append(action)
-        if action.computation_type.value in _COMPUTE:
+        if action.computation_type.value in COMPUTE_KINDS:
             segments.append([])
     posted: list[list] = [[] for _ in segments]
     for j, action in receives:

@@ -45,10 +45,10 @@ from __future__ import annotations
 from typing import Mapping, Optional, Sequence
 
 from dualpipe_fx.schedules.ir import Program
+from dualpipe_fx.schedules.lowering import COMPUTE_KINDS
 
 SendKey = tuple[str, int, int]  # ("F" | "B", sending stage, micro-batch)
 
-_COMPUTE = ("F", "B", "I", "W", "OVERLAP_F_B")
 _PRODUCES = {"F": "F", "B": "G", "I": "G"}  # compute kind -> what it makes ("G": an input grad)
 
 
@@ -70,7 +70,7 @@ class _Rank:
         self.sends: dict[SendKey, int] = {}  # SEND index
         for j, action in enumerate(self.order):
             kind = _kind(action)
-            if kind in _COMPUTE:
+            if kind in COMPUTE_KINDS:
                 for p in _parts(action):
                     if _kind(p) in _PRODUCES:
                         self.made[(_PRODUCES[_kind(p)], p.stage_index, p.microbatch_index)] = j
@@ -83,7 +83,7 @@ class _Rank:
     def received(self, action) -> list[SendKey]:
         """The sends whose receives ``action`` completes before its compute."""
         out = []
-        for p in _parts(action) if _kind(action) in _COMPUTE else ():
+        for p in _parts(action) if _kind(action) in COMPUTE_KINDS else ():
             stage, mb = p.stage_index, p.microbatch_index
             if _kind(p) == "F" and ("F", stage, mb) in self.posted:
                 out.append(("F", self.program.previous_stage(stage), mb))
@@ -147,7 +147,7 @@ def send_release_points(orders: Mapping[int, Sequence], program: Program) -> dic
             b = receiver[recv]
             need = ranks[b].posted[recv] + 1  # b's actions up to and including the RECV
             out[a][key] = next((j for j in range(s + 1, len(rk.order))
-                                if _kind(rk.order[j]) in _COMPUTE and clocks[a][j].get(b, 0) >= need), None)
+                                if _kind(rk.order[j]) in COMPUTE_KINDS and clocks[a][j].get(b, 0) >= need), None)
     return out
 
 
@@ -156,7 +156,7 @@ def compute_positions(order: Sequence) -> list[Optional[int]]:
     actions (the program's own index), None for a send, receive or other action."""
     out, n = [], 0
     for action in order:
-        if _kind(action) in _COMPUTE:
+        if _kind(action) in COMPUTE_KINDS:
             out.append(n)
             n += 1
         else:

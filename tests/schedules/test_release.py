@@ -24,7 +24,8 @@ from hypothesis import strategies as st
 
 from dualpipe_fx.schedules.lowering import add_comms, hoist_receives, to_torch_actions
 from dualpipe_fx.schedules.registry import SCHEDULES, generate
-from dualpipe_fx.schedules.release import _COMPUTE, _Rank, _kind, _peer, send_release_points
+from dualpipe_fx.schedules.lowering import COMPUTE_KINDS
+from dualpipe_fx.schedules.release import _Rank, _kind, _peer, send_release_points
 
 
 def _orders(name: str, n: int, c: int, lookahead: int):
@@ -76,7 +77,7 @@ def test_each_release_point_is_the_first_action_that_knows_the_receive_is_posted
             recv = _peer(program, key)
             b = next(q for q, other in ranks.items() if recv in other.posted)
             known = _reach(edges, (b, ranks[b].posted[recv]))
-            later = [i for i in range(rk.sends[key] + 1, len(rk.order)) if _kind(rk.order[i]) in _COMPUTE]
+            later = [i for i in range(rk.sends[key] + 1, len(rk.order)) if _kind(rk.order[i]) in COMPUTE_KINDS]
             first = next((i for i in later if (a, i) in known), None)
             assert j == first, (name, n, c, lookahead, a, key, j, first)
 
@@ -97,7 +98,7 @@ def _run(program, orders, points, early: bool, pick) -> None:
             posted.add((kind[-1], action.stage_index, action.microbatch_index))
         elif kind in ("SEND_F", "SEND_B"):
             issued.add((kind[-1], action.stage_index, action.microbatch_index))
-        elif kind in _COMPUTE:
+        elif kind in COMPUTE_KINDS:
             if not all(k in issued for k in rk.received(action)):
                 return False  # its input has not been sent yet
             if early:  # an F&B pair's (or any action's) sends start inside it
