@@ -8,7 +8,7 @@ from dualpipe_fx.api.plan import plan  # noqa: F401
 from dualpipe_fx.api.autoplan import autoplan  # noqa: F401
 from dualpipe_fx.ui.visualize import visualize  # noqa: F401
 from dualpipe_fx.api.compile import compile, Pipeline, PeerTimeoutError  # noqa: F401,A001
-from dualpipe_fx.api.options import MemoryPolicy, Parallelism  # noqa: F401
+from dualpipe_fx.api.options import ActivationBudget, MemoryPolicy, Parallelism  # noqa: F401
 from dualpipe_fx.runtime.data_parallel import ExpertParallel  # noqa: F401
 from dualpipe_fx.runtime.errors import PeerFailedError, PipelineBrokenError, PipelineStepError  # noqa: F401
 from passes.capture import TraceError  # noqa: F401  (raised by compile/split for untraceable models)

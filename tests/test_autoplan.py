@@ -10,8 +10,10 @@ import pytest
 import torch
 
 import dualpipe_fx
-from dualpipe_fx.api.autoplan import DEFAULT_SCHEDULES, Plans, autoplan
-from dualpipe_fx.examples import LinearGeluStack, linear_gelu_batch, mse_loss
+from dualpipe_fx import ActivationBudget, MemoryPolicy
+from dualpipe_fx.api.autoplan import DEFAULT_SCHEDULES, Plans, autoplan, fit_recompute
+from dualpipe_fx.examples import (LinearGeluStack, LlamaConfig, LlamaDecoder, linear_gelu_batch, llama_batch, llama_loss,
+                                  mse_loss)
 from dualpipe_fx.planning.devices import DEVICES, NETWORKS, DeviceModel, node_seconds, probe_device
 from tests.runtime import cases
 from tests.runtime.dist_harness import run_ranks
@@ -106,19 +108,58 @@ def test_the_cpu_probe_measures_positive_figures():
 
 
 def auto_step(rank, world):
-    # recompute given: the search keeps it and ranks the 7 schedules (None would try 3 policies each)
-    pipe, x, y = cases._compile("linear", "auto", 4, memory=dualpipe_fx.MemoryPolicy(recompute="full"))
-    loss = pipe.step(x, target=y)
-    return {"auto": {"loss": None if loss is None else loss.item(), "grads": cases._grads(pipe),
-                     "names": [n for n, _ in pipe.named_parameters()]},
-            "picked": pipe.program.name}
+    out = {}
+    # recompute given: the search keeps it and ranks the 7 schedules (None would try 3 policies each);
+    # then a named schedule whose recompute an ActivationBudget picks (0: nothing but "full" fits)
+    for name, schedule, recompute in (("auto", "auto", "full"), ("budget", "dualpipev", ActivationBudget(0.0))):
+        pipe, x, y = cases._compile("linear", schedule, 4, memory=dualpipe_fx.MemoryPolicy(recompute=recompute))
+        loss = pipe.step(x, target=y)
+        out[name] = {"loss": None if loss is None else loss.item(), "grads": cases._grads(pipe),
+                     "names": [n for n, _ in pipe.named_parameters()], "picked": pipe.program.name,
+                     "recompute": pipe.recompute}
+    return out
 
 
 def test_compile_auto_picks_alike_on_every_rank_and_trains_like_one_process():
     results = run_ranks(auto_step, 2, timeout=600)
-    check_step(results, "linear", "auto", 4)
-    picked = {r["picked"] for r in results}
+    for name in ("auto", "budget"):
+        check_step(results, "linear", name, 4)
+    picked = {r["auto"]["picked"] for r in results}
     assert len(picked) == 1 and picked <= set(DEFAULT_SCHEDULES), picked
+    assert [r["budget"]["recompute"] for r in results] == ["full", "full"]
+
+
+@pytest.fixture(scope="module")
+def llama_peaks():
+    """A small llama (selective saves less than none, full less still) and each policy's saved
+    activations per rank under DualPipeV on 2 ranks, by the memory plan."""
+    cfg = LlamaConfig(dim=16, n_layers=4, n_heads=2, vocab_size=32, ffn_hidden=32, max_seq_len=8)
+    model = LlamaDecoder(cfg)
+    x, y = llama_batch(cfg, batch=4, seq=8)
+    peaks = {}
+    for policy in (None, "selective"):  # one policy per search: it stops at the first that fits
+        (plan,) = autoplan(model, llama_loss, (x,), y, world_size=2, device="h100", top=None, space={
+            "schedule": ["dualpipev"], "num_microbatches": [4], "recompute": [policy]})
+        peaks[policy] = [r.peak_activations for r in plan.memory.ranks]
+    return model, x[:1], y[:1], peaks
+
+
+def test_an_activation_budget_picks_the_least_recompute_within_it(llama_peaks):
+    """``ActivationBudget(f)``: the first of None, "selective", "full" whose saved activations
+    are within f x None's on every rank, by the memory plan: f at selective's largest ratio
+    takes "selective", just below it "full" (and f = 1 keeps None: None is within itself)."""
+    model, x, y, peaks = llama_peaks
+    share = max(s / n for s, n in zip(peaks["selective"], peaks[None]))
+    assert share < 0.9, peaks
+    for fraction, want in ((share, "selective"), (share - 0.01, "full")):
+        got = fit_recompute(model, llama_loss, (x,), y, None, schedule="dualpipev", world=2, num_microbatches=4,
+                            device="cpu", memory=MemoryPolicy(recompute=ActivationBudget(fraction))).recompute
+        assert got == want, (fraction, got, peaks)
+
+
+def test_an_activation_budget_outside_0_1_is_refused():
+    with pytest.raises(ValueError, match=r"ActivationBudget\(fraction=1.5\); expected a number in \[0, 1\]"):
+        ActivationBudget(1.5)
 
 
 def test_autoplan_is_exported():

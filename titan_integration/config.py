@@ -21,7 +21,8 @@ recomputation (:func:`recompute_arg`): ``mode = "full"`` -> ``recompute="full"``
 :class:`SelectiveRecompute` where ``per_op_sac_force_recompute_mm_shapes_by_fqns`` matches
 Linear modules), with an
 integer N -> :class:`BlockRecompute` over every N-th transformer block (the blocks
-torchtitan's ``apply_ac`` picks); ``"memory_budget"`` is refused.
+torchtitan's ``apply_ac`` picks); ``"memory_budget"`` -> ``ActivationBudget(memory_budget)``
+(compile picks the least recompute within that share of the activations).
 """
 # No `from __future__ import annotations`: torchtitan merges these dataclasses by their
 # real field types (dataclasses.is_dataclass(field.type)), which strings would hide.
@@ -29,6 +30,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
+AUTO = "auto"  # compile(schedule="auto"): the planner picks the schedule
 BALANCE_MODES = ("flops", "measured")
 RANK_BALANCE_MODES = ("time", "memory", "both")
 
@@ -43,7 +45,11 @@ class DualPipeFx:
 
     schedule: str = "dualpipev"
     """A ``dualpipe_fx.SCHEDULES`` name (``dualpipev``, ``dualpipe``, ``zbv``, ``1f1b``,
-    ``gpipe``, ...). ``parallelism.pipeline_parallel_schedule`` is ignored when enabled."""
+    ``gpipe``, ...), or ``"auto"``: the fastest that fits ``memory_budget_gib`` for these
+    micro-batches (``compile(schedule="auto")``; with ``activation_checkpoint.mode = "none"``
+    the planner may still recompute where the budget needs it, as it chooses the recompute
+    policy too unless a mode names one). ``parallelism.pipeline_parallel_schedule`` is ignored
+    when enabled."""
 
     balance: Literal["flops", "measured"] = "flops"
     """How stages are balanced: by counted FLOPs, or by op times measured on rank 0 (and
@@ -126,9 +132,10 @@ def _check_schedule(job_config):
 
     section = job_config.dualpipe_fx
     try:
-        spec = get_schedule(section.schedule)
+        spec = None if section.schedule == AUTO else get_schedule(section.schedule)
     except ValueError as err:
-        raise ValueError(f"dualpipe_fx.schedule = {section.schedule!r}: {err}") from err
+        raise ValueError(f"dualpipe_fx.schedule = {section.schedule!r}: {err} (or \"{AUTO}\": the planner "
+                         f"picks one)") from err
     if section.balance not in BALANCE_MODES:
         raise ValueError(f"dualpipe_fx.balance = {section.balance!r} is not one of {BALANCE_MODES}; "
                          f"use \"flops\" (counted) or \"measured\" (timed on this machine)")
@@ -142,15 +149,18 @@ def _check_schedule(job_config):
 
 
 def _check_microbatches(job_config, spec):
-    """The micro-batch count must fit the schedule; returns the schedule's program."""
+    """The micro-batch count must fit the schedule (under ``"auto"``: the planner leaves out the
+    schedules it does not fit, and fails naming each if none does)."""
     pp = job_config.parallelism.pipeline_parallel_degree
     count = num_microbatches(job_config)
+    if spec is None:
+        return
     batch = job_config.training.local_batch_size
     mb_size = job_config.parallelism.pipeline_parallel_microbatch_size
     try:
         if count < spec.min_microbatches(pp):
             raise ValueError(f"needs {spec.min_microbatches_rule}")
-        return spec.generator(pp, count)
+        spec.generator(pp, count)
     except ValueError as err:
         raise ValueError(
             f"parallelism.pipeline_parallel_microbatch_size = {mb_size} gives C = "
@@ -169,13 +179,16 @@ def _check_microbatches(job_config, spec):
 #   mode "full"                                  -> recompute="full"
 #   mode "selective", selective_ac_option "op"   -> recompute="selective" (or SelectiveRecompute)
 #   mode "selective", selective_ac_option "N"    -> BlockRecompute(every N-th layers.<i>)
-#   mode "memory_budget"                         -> refused (a torch.compile partitioner knob)
+#   mode "memory_budget"                         -> ActivationBudget(memory_budget): the least of
+#       None / "selective" / "full" whose saved activations stay within memory_budget x those
+#       without recompute on every rank, from the memory plan (torch.compile's partitioner reads
+#       the same fraction of its own graph; dualpipe_fx splits the backward itself)
 # The other keys: early_stop, preserve_rng_state and determinism_check hold by construction
-# (accepted); debug = true is refused; memory_budget and visualize_memory_budget_pareto are
-# read by "memory_budget" mode only (ignored, as torchtitan does);
+# (accepted); debug = true is refused; memory_budget is read by "memory_budget" mode only and
+# visualize_memory_budget_pareto not at all (ignored, as torchtitan does without compile);
 # per_op_sac_force_recompute_mm_shapes_by_fqns that names modules of the model ->
 # SelectiveRecompute (those mms recompute too; checked with the model, in recompute_arg).
-AC_MODES = ("none", "full", "selective")
+AC_MODES = ("none", "full", "selective", "memory_budget")
 _AC = "activation_checkpoint"
 
 
@@ -195,17 +208,14 @@ def _selective_every(ac) -> Optional[int]:
 
 
 def _check_activation_checkpoint(ac) -> None:
-    if ac.mode == "memory_budget":
-        raise ValueError(
-            f"{_AC}.mode = \"memory_budget\" sets the activation budget of torch.compile's "
-            f"min-cut partitioner ({_AC}.memory_budget = {ac.memory_budget}) for a compiled "
-            f"model; dualpipe_fx splits forward and backward itself and does not run that "
-            f"partitioner; set {_AC}.mode = \"full\" or \"selective\" (with "
-            f"{_AC}.selective_ac_option = \"op\" or an integer)")
+    if ac.mode == "memory_budget" and not 0 <= ac.memory_budget <= 1:
+        raise ValueError(f"{_AC}.memory_budget = {ac.memory_budget} with {_AC}.mode = \"memory_budget\"; "
+                         f"expected a fraction in [0, 1] of the activations saved without recompute (0: "
+                         f"recompute the most, 1: none), as torchtitan reads it")
     if ac.mode not in AC_MODES:
         raise ValueError(f"{_AC}.mode = {ac.mode!r} is not one of {AC_MODES} with "
                          f"dualpipe_fx.enable; set {_AC}.mode = \"full\", \"selective\" or \"none\"")
-    if ac.mode == "none":
+    if ac.mode in ("none", "memory_budget"):
         return
     if ac.mode == "selective":
         _selective_every(ac)
@@ -312,7 +322,7 @@ def recompute_arg(ac, model):
     """``[activation_checkpoint]`` as ``dualpipe_fx.compile(recompute=...)`` for ``model``.
 
     **Contract**: ``(ActivationCheckpoint, model) -> None | "full" | "selective" |
-    SelectiveRecompute | BlockRecompute``; see the mapping above ``AC_MODES``.
+    SelectiveRecompute | BlockRecompute | ActivationBudget``; see the mapping above ``AC_MODES``.
 
     Raises:
         ValueError: a mode or key dualpipe_fx does not apply (as ``validate_job_config``),
@@ -323,6 +333,10 @@ def recompute_arg(ac, model):
     _check_activation_checkpoint(ac)
     if ac.mode in ("none", "full"):
         return None if ac.mode == "none" else "full"
+    if ac.mode == "memory_budget":
+        from dualpipe_fx import ActivationBudget
+
+        return ActivationBudget(ac.memory_budget)
     every = _selective_every(ac)
     if every is None:
         shapes = _forced_mm_shapes(ac, model)
@@ -357,6 +371,12 @@ def _check_other_parallelisms(job_config) -> None:
 
 def _check_split_points(job_config, spec) -> None:
     points = job_config.dualpipe_fx.split_points
+    if points and spec is None:
+        raise ValueError(f"dualpipe_fx.split_points = {points} with dualpipe_fx.schedule = \"{AUTO}\": how many "
+                         f"stages there are depends on the schedule the planner picks; name a schedule or "
+                         f"leave split_points empty")
+    if spec is None:
+        return
     stages = spec.num_stages(job_config.parallelism.pipeline_parallel_degree)
     if points and len(points) != stages - 1:
         raise ValueError(

@@ -283,11 +283,9 @@ def _compile(model, loss_fn, job_config, device, group, num_mb: int, recompute=N
                          f"its forward traceable") from err
 
 
-def _loss_owner(schedule: str, num_mb: int, group) -> int:
-    """Global rank holding the (first) last stage, read off the schedule's program."""
-    from dualpipe_fx.schedules import generate
-
-    program = generate(schedule, dist.get_world_size(group), num_mb)
+def _loss_owner(program, group) -> int:
+    """Global rank holding the (first) last stage, read off the pipeline's program (under
+    ``schedule = "auto"``: the schedule the planner picked)."""
     return dist.get_global_rank(group, program.stage_to_rank()[program.chains[0][-1]])
 
 
@@ -455,9 +453,9 @@ def pipeline_dualpipe_fx(model: nn.Module, parallel_dims, job_config, device: to
     # MoE: torchtitan's load-balancing hook reads part.layers[i].moe (titan_integration.moe)
     expose_moe_load_balancing(part, model, {id(t) for s in pipeline.stages.values() for t in s.params})
     mark_replicas(part, group)  # DualPipe's mirror copies count once in the grad norm (clipping.py)
-    owner = _loss_owner(job_config.dualpipe_fx.schedule, num_mb, group)
+    owner = _loss_owner(pipeline.program, group)
     schedule = DualPipeFxSchedule(pipeline, num_mb, loss_owner=owner, group=group, loss_fn=loss_fn)
-    schedule.recompute = recompute  # what the stage graphs were split with
+    schedule.recompute = pipeline.recompute  # what the stage graphs were split with (ActivationBudget: chosen)
     schedule.grad_sum = dp.get("grad_sum", 1)
     # Every rank feeds the full batch and sees the (broadcast) loss; see DualPipeFxSchedule.
     return schedule, [part], True, True

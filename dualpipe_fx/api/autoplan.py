@@ -35,7 +35,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 
-from dualpipe_fx.api.options import MemoryPolicy
+from dualpipe_fx.api.options import ActivationBudget, MemoryPolicy
 from dualpipe_fx.api.split import split_for_program, stage_io_bytes
 from dualpipe_fx.planning.devices import (DEVICES, NETWORKS, DeviceModel, NetworkModel, device_model, network_model,
                                          node_seconds, probe_device, probe_network)
@@ -48,7 +48,7 @@ from dualpipe_fx.schedules.registry import SCHEDULES, generate
 from passes.capture import capture
 from passes.cost_model import node_costs
 
-__all__ = ["autoplan", "Plan", "Plans", "Rejected", "DEFAULT_SCHEDULES", "pick_schedule"]
+__all__ = ["autoplan", "Plan", "Plans", "Rejected", "DEFAULT_SCHEDULES", "pick_schedule", "fit_recompute"]
 
 log = logging.getLogger(__name__)
 
@@ -283,34 +283,57 @@ def _ranked(plans, rejected, top, seconds, dev, net, ranks) -> Plans:
 
 
 def candidate(model, loss_fn, examples: tuple, target, *, schedule: str, num_microbatches: int, recompute,
-              ranks: int, device: DeviceModel, network: NetworkModel, budget: Optional[int],
-              optimizer="adamw", trace_device=None, example_kwargs=None, captured=None,
-              memo: Optional[dict] = None, backward_cache: Optional[dict] = None) -> Union[Plan, Rejected]:
-    """One configuration on one example micro-batch: a ``Plan``, or a ``Rejected`` with its reason.
+              ranks: int, device: DeviceModel, network: NetworkModel, optimizer="adamw", trace_device=None,
+              example_kwargs=None, captured=None, memo: Optional[dict] = None,
+              backward_cache: Optional[dict] = None) -> Union[Plan, Rejected]:
+    """One configuration on one example micro-batch: a ``Plan`` (whatever its memory), or a
+    ``Rejected`` when the schedule cannot run these ranks and micro-batches.
     ``captured``: the micro-batch's capture, shared by the candidates (one trace, many cuts);
     ``memo``, ``backward_cache``: FLOPs by op and split stages, shared by them too."""
-    def rejected(reason: str) -> Rejected:
-        return Rejected(schedule, num_microbatches, recompute, reason)
-
     try:
         program = generate(schedule, ranks, num_microbatches)
     except ValueError as err:
-        return rejected(str(err).split(";")[0])
-    memory = MemoryPolicy(recompute=recompute, optimizer=optimizer)
+        return Rejected(schedule, num_microbatches, recompute, str(err).split(";")[0])
     trace_on = torch.device("cpu" if trace_device is None else trace_device)
-    if captured is None:
-        captured = capture(model, loss_fn, examples, target, example_kwargs=example_kwargs, device=trace_on)
-    parts = split_for_program(program, model, loss_fn, examples, target, device=trace_on, memory=memory,
-                              example_kwargs=example_kwargs, captured=captured, backward_cache=backward_cache)
     gloo = network.name in ("localhost", "probed") and trace_on.type == "cpu"
-    plan = split_plan(parts, program, optimizer=optimizer, recv_lookahead=RECV_LOOKAHEAD if gloo else 0,
-                      recompute=recompute)
-    if budget is not None and (why := _over_budget(plan, budget)):
-        return rejected(why)
+    parts, plan = _planned(model, loss_fn, examples, target, example_kwargs, program, recompute, optimizer,
+                           trace_on, captured, backward_cache, gloo)
     sim = simulate(program, stage_costs(parts, program, device, network, memo), early_results=gloo)
     mb = next((t.shape[0] for t in examples if isinstance(t, torch.Tensor) and t.dim() > 0), 1)
     return Plan(schedule, num_microbatches, recompute, sim.makespan, sim.bubble_ratio, plan, mb,
                 mb * num_microbatches / sim.makespan)
+
+
+def _planned(model, loss_fn, examples, target, example_kwargs, program: Program, recompute, optimizer,
+             trace_on: torch.device, captured, backward_cache: Optional[dict], gloo: bool):
+    """The cut ``compile()`` makes for ``program`` under ``recompute``, and its memory plan."""
+    memory = MemoryPolicy(recompute=recompute, optimizer=optimizer)
+    if captured is None:
+        captured = capture(model, loss_fn, examples, target, example_kwargs=example_kwargs, device=trace_on)
+    parts = split_for_program(program, model, loss_fn, examples, target, device=trace_on, memory=memory,
+                              example_kwargs=example_kwargs, captured=captured, backward_cache=backward_cache)
+    return parts, split_plan(parts, program, optimizer=optimizer, recv_lookahead=RECV_LOOKAHEAD if gloo else 0,
+                             recompute=recompute)
+
+
+def _over_fraction(memory: MemoryPlan, reference: MemoryPlan, fraction: float) -> Optional[str]:
+    """``ActivationBudget``: a rank whose saved activations exceed ``fraction`` x the reference's
+    (the same schedule without recompute)."""
+    for mine, none in zip(memory.ranks, reference.ranks):
+        if mine.peak_activations > fraction * none.peak_activations:
+            return (f"activations saved on rank {mine.rank} {mine.peak_activations / 2 ** 20:,.2f} MiB > "
+                    f"{fraction} x {none.peak_activations / 2 ** 20:,.2f} MiB without recompute (ActivationBudget)")
+    return None
+
+
+def _unfit(plan: Plan, reference: Optional[Plan], budget: Optional[int], fraction: Optional[float]) -> Optional[str]:
+    """Why ``plan`` does not fit: over the bytes budget on a rank, or (short of ``"full"``, which
+    is taken where nothing less does) over the activation budget."""
+    if budget is not None and (why := _over_budget(plan.memory, budget)):
+        return why
+    if fraction is not None and plan.recompute != "full" and reference is not None:
+        return _over_fraction(plan.memory, reference.memory, fraction)
+    return None
 
 
 def _recompute_order(policy) -> int:
@@ -319,31 +342,38 @@ def _recompute_order(policy) -> int:
 
 def _search(model, loss_fn, examples: tuple, target, example_kwargs, *, schedules: Sequence[str],
             num_microbatches: int, recomputes: Sequence, ranks: int, device: DeviceModel, network: NetworkModel,
-            budget: Optional[int], optimizer, trace_device, memo: dict) -> tuple[list[Plan], list[Rejected]]:
+            budget: Optional[int], optimizer, trace_device, memo: dict,
+            fraction: Optional[float] = None) -> tuple[list[Plan], list[Rejected]]:
     """Every schedule x recompute policy for one micro-batch count, on one capture. Policies go
-    from saving the most to recomputing the most, and stop at the first that fits: recompute
-    only adds compute, so a later one that fits too is slower (it is listed as rejected, why)."""
+    from saving the most to recomputing the most, and stop at the first that fits the bytes
+    ``budget`` (and ``fraction``, an ``ActivationBudget``'s, against the schedule's plan without
+    recompute): recompute only adds compute, so a later one that fits too is slower (it is
+    listed as rejected, why)."""
     trace_on = torch.device("cpu" if trace_device is None else trace_device)
     captured = capture(model, loss_fn, examples, target, example_kwargs=example_kwargs, device=trace_on)
     plans, rejected, backward_cache = [], [], {}
     for schedule in schedules:
-        fits, cannot = None, None
+        fits, cannot, reference = None, None, None
         for recompute in sorted(recomputes, key=_recompute_order):
             if fits is not None or cannot is not None:
                 rejected.append(Rejected(schedule, num_microbatches, recompute, cannot or (
                     f"not tried: recompute={fits.recompute!r} fits, and recomputing more only adds compute")))
                 continue
             got = candidate(model, loss_fn, examples, target, schedule=schedule, num_microbatches=num_microbatches,
-                            recompute=recompute, ranks=ranks, device=device, network=network, budget=budget,
-                            optimizer=optimizer, trace_device=trace_on, example_kwargs=example_kwargs,
-                            captured=captured, memo=memo, backward_cache=backward_cache)
-            if isinstance(got, Plan):
+                            recompute=recompute, ranks=ranks, device=device, network=network, optimizer=optimizer,
+                            trace_device=trace_on, example_kwargs=example_kwargs, captured=captured, memo=memo,
+                            backward_cache=backward_cache)
+            if isinstance(got, Rejected):  # the schedule cannot run these micro-batches: no policy changes that
+                rejected.append(got)
+                cannot = got.reason
+                continue
+            reference = got if recompute is None else reference
+            why = _unfit(got, reference, budget, fraction)
+            if why:
+                rejected.append(Rejected(schedule, num_microbatches, recompute, why))
+            else:
                 plans.append(got)
                 fits = got
-            else:
-                rejected.append(got)
-                if "out of memory" not in got.reason:
-                    cannot = got.reason  # the schedule cannot run these micro-batches: no policy changes that
     return plans, rejected
 
 
@@ -376,22 +406,49 @@ def _agreed_device(device: torch.device, group) -> DeviceModel:
 def pick_schedule(model, loss_fn, examples: tuple, target, example_kwargs, *, group, world: int,
                   num_microbatches: int, device: torch.device, memory: MemoryPolicy, timeout) -> tuple[str, MemoryPolicy]:
     """``compile(schedule="auto")``: the fastest schedule (and, unless ``memory.recompute`` is
-    set, recompute policy) for these micro-batches that keeps every rank within
-    ``memory.budget`` (or the device's memory). Every rank measures alike (rank 0's probes,
-    broadcast) and so picks alike; rank 0 logs the ranking."""
+    a policy, the recompute policy: within its ``ActivationBudget`` if it is one) for these
+    micro-batches that keeps every rank within ``memory.budget`` (or the device's memory).
+    Every rank measures alike (rank 0's probes, broadcast) and so picks alike; rank 0 logs the
+    ranking."""
     dev = _agreed_device(device, group)
     net = probe_network(group, device=vote_device(group)) if world > 1 else NETWORKS["localhost"]
     budget = memory.budget if memory.budget is not None else (dev.memory_bytes or None)
-    recomputes = [memory.recompute] if memory.recompute is not None else list(DEFAULT_RECOMPUTE)
+    chosen = memory.recompute is None or isinstance(memory.recompute, ActivationBudget)
+    recomputes = list(DEFAULT_RECOMPUTE) if chosen else [memory.recompute]
     start = time.perf_counter()
     with together(group, timeout, "compile(schedule='auto')"):
         plans, rejected = _search(model, loss_fn, examples, target, example_kwargs, schedules=DEFAULT_SCHEDULES,
                                   num_microbatches=num_microbatches, recomputes=recomputes, ranks=world, device=dev,
                                   network=net, budget=budget, optimizer=memory.optimizer, trace_device=device,
-                                  memo={})
+                                  memo={}, fraction=_fraction(memory))
         ranked = _ranked(plans, rejected, None, time.perf_counter() - start, dev, net, world)
     best = ranked[0]
     if dist.get_rank(group) == 0:
         log.info("compile(schedule='auto') picked %s, recompute=%s:\n%s", best.schedule, best.recompute,
                  ranked.table())
     return best.schedule, dataclasses.replace(memory, recompute=best.recompute)
+
+
+def _fraction(memory: MemoryPolicy) -> Optional[float]:
+    return memory.recompute.fraction if isinstance(memory.recompute, ActivationBudget) else None
+
+
+def fit_recompute(model, loss_fn, examples: tuple, target, example_kwargs, *, schedule: str, world: int,
+                  num_microbatches: int, device: torch.device, memory: MemoryPolicy) -> MemoryPolicy:
+    """``compile(schedule=S, memory=MemoryPolicy(recompute=ActivationBudget(f)))``: ``memory``
+    with the least recompute whose saved activations stay within ``f`` x those of no recompute
+    on every rank (``"full"`` where none does). From the memory plan of the graphs alone, so
+    every rank, tracing the same model and micro-batch, picks alike; nothing is timed."""
+    program = generate(schedule, world, num_microbatches)
+    trace_on = torch.device(device)
+    captured = capture(model, loss_fn, examples, target, example_kwargs=example_kwargs, device=trace_on)
+    fraction, reference, backward_cache, chosen = _fraction(memory), None, {}, "full"
+    for recompute in DEFAULT_RECOMPUTE[:-1]:  # "full" is taken where nothing less fits
+        _, plan = _planned(model, loss_fn, examples, target, example_kwargs, program, recompute, memory.optimizer,
+                           trace_on, captured, backward_cache, trace_on.type == "cpu")
+        reference = reference or plan
+        if not _over_fraction(plan, reference, fraction):
+            chosen = recompute
+            break
+    log.info("ActivationBudget(%s) picked recompute=%r", fraction, chosen)
+    return dataclasses.replace(memory, recompute=chosen)

@@ -23,8 +23,8 @@ import torch.distributed as dist
 from torch import nn
 
 from dualpipe_fx.api import options
-from dualpipe_fx.api.autoplan import AUTO, pick_schedule
-from dualpipe_fx.api.options import MemoryPolicy, Parallelism
+from dualpipe_fx.api.autoplan import AUTO, fit_recompute, pick_schedule
+from dualpipe_fx.api.options import ActivationBudget, MemoryPolicy, Parallelism
 from dualpipe_fx.runtime.agree import (HINTS, agree, as_timeout, call_fields, cut_fields, together, verify_names,
                                        vote_device)
 from dualpipe_fx.runtime.build import build_pipeline, local_names, local_parts
@@ -130,6 +130,8 @@ def _agreed_options(args: Mapping[str, Any], memory: MemoryPolicy) -> dict[str, 
     for k, value in (("cost", args["cost"]), ("recompute", memory.recompute)):
         if value is None or isinstance(value, str):
             agreed[k] = value
+        elif isinstance(value, ActivationBudget):
+            agreed[k] = repr(value)
     policy = args["mixed_precision"]
     agreed["mixed_precision"] = None if policy is None else (
         f"param {policy.param_dtype}, reduce {policy.reduce_dtype}, output {policy.output_dtype}, "
@@ -192,7 +194,8 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
             the same ones.
         schedule: a name from ``dualpipe_fx.schedules.SCHEDULES`` (dualpipev, dualpipe, zbv,
             1f1b, gpipe, interleaved_1f1b, zb1p), or ``"auto"``: the fastest of them (and, when
-            ``memory.recompute`` is None, the fastest recompute policy) for these micro-batches
+            ``memory.recompute`` is None or an ``ActivationBudget``, the fastest recompute
+            policy within it) for these micro-batches
             that keeps every rank within ``memory.budget`` (or the device's memory), predicted
             by ``dualpipe_fx.autoplan``'s model (``api.autoplan.pick_schedule``; rank 0 logs the
             ranking). To choose ``num_microbatches`` too, call ``dualpipe_fx.autoplan`` with
@@ -214,7 +217,10 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
             Examples may be on meta or on ``device``.
         memory: a :class:`dualpipe_fx.MemoryPolicy` (default ``MemoryPolicy()``):
             ``recompute``: activation recomputation, as ``dualpipe_fx.split``: None,
-            ``"full"``, ``"selective"`` or ``policy(node) -> "save" | "recompute"``.
+            ``"full"``, ``"selective"`` or ``policy(node) -> "save" | "recompute"``; or
+            ``ActivationBudget(fraction)``: the least of them whose saved activations stay
+            within ``fraction`` x those without recompute on every rank (``Pipeline.recompute``
+            says which).
             ``balance``, ``budget``, ``optimizer``: how the cut evens out the ranks (see
             ``dualpipe_fx.split``): ``"both"`` (default) evens the larger of each rank's time
             and memory relative to their means; with ``budget`` (bytes per rank) the least
@@ -319,6 +325,10 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
         schedule, mem = pick_schedule(model, loss_fn, examples, example_target, example_kwargs, group=group,
                                       world=world, num_microbatches=num_microbatches, device=device, memory=mem,
                                       timeout=timeout)
+    elif isinstance(mem.recompute, ActivationBudget):  # every rank picks alike: from the graphs alone
+        with together(group, timeout, "compile()"):
+            mem = fit_recompute(model, loss_fn, examples, example_target, example_kwargs, schedule=schedule,
+                                world=world, num_microbatches=num_microbatches, device=device, memory=mem)
     with together(group, timeout, "compile()"):
         program = generate(schedule, world, num_microbatches)
         _check_mirrored_running_stats(model, program, schedule)
@@ -342,8 +352,10 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
         agree({**call, **dp_fields(group, par.dp_mode), **_replica_fields(cut, experts)}, par.dp_group, timeout,
               "compile()", HINTS)
     with together(group, timeout, "compile()"):
-        return build_pipeline(model, parts.stages, program, examples, example_target, num_microbatches,
+        pipe = build_pipeline(model, parts.stages, program, examples, example_target, num_microbatches,
                               group, timeout, compile_stages, overlap, example_kwargs=example_kwargs,
                               call=partition.captured.call, outputs=partition.captured.output_layout,
                               part_graphs=partition.stages, device=device, pending=pending,
                               data_parallel=data_parallel, experts=experts, mixed_precision=mixed_precision)
+    pipe.recompute = mem.recompute  # the policy the stage graphs were split with ("auto", ActivationBudget: chosen)
+    return pipe

@@ -37,12 +37,34 @@ class Parallelism:
 
 
 @dataclass(frozen=True)
+class ActivationBudget:
+    """``MemoryPolicy(recompute=ActivationBudget(fraction))``: let ``compile()`` choose the
+    recompute policy. It takes the one that recomputes least (None, then ``"selective"``, then
+    ``"full"``) whose activations saved for the backward stay within ``fraction`` x those
+    saved without recompute on every rank (``RankMemory.peak_activations`` of the memory
+    plan, the model ``plan()`` and the cut use), and ``"full"`` where none does. With
+    ``schedule="auto"`` the planner applies the rule per schedule. torchtitan's
+    ``activation_checkpoint.mode = "memory_budget"`` maps onto it, its ``memory_budget`` being
+    ``fraction`` (0: recompute the most, 1: none), as torch.compile's partitioner reads it.
+    ``split()`` and ``plan()`` take a policy, not a budget: pass them ``Pipeline.recompute``
+    or a ``Plan``'s ``recompute``."""
+
+    fraction: float
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.fraction, (int, float)) and 0 <= self.fraction <= 1):
+            raise ValueError(f"ActivationBudget(fraction={self.fraction!r}); expected a number in [0, 1]: the "
+                             "share of the activations saved without recompute that may be kept")
+
+
+@dataclass(frozen=True)
 class MemoryPolicy:
     """What the cut and the stage graphs do about memory.
 
     Attributes:
-        recompute: None (save what the backward reads), ``"full"``, ``"selective"``, or
-            ``policy(node) -> "save" | "recompute"`` (``passes.recompute``).
+        recompute: None (save what the backward reads), ``"full"``, ``"selective"``,
+            ``policy(node) -> "save" | "recompute"`` (``passes.recompute``), or, for
+            ``compile()``, an :class:`ActivationBudget` (the least recompute within it).
         balance: what the cut evens out per rank: ``"both"`` (time and memory, default),
             ``"time"``, ``"memory"`` or ``"stage"`` (see ``split``).
         budget: bytes per rank the cut must stay within (the least time among those
@@ -51,7 +73,7 @@ class MemoryPolicy:
             ``"adam"``, ``"sgd"``, ``"sgd_momentum"``, or bytes per parameter element.
     """
 
-    recompute: Union[None, str, Callable[[Any], str]] = None
+    recompute: Union[None, str, Callable[[Any], str], ActivationBudget] = None
     balance: str = "both"
     budget: Optional[int] = None
     optimizer: Union[str, int, float] = "adamw"

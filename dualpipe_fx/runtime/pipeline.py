@@ -67,7 +67,8 @@ class Pipeline:
         # holding them would keep the other ranks' parameters of a real model alive.
         self._state_tensors = dict(state)  # FQN -> this rank's param/persistent buffer (aliases too)
         self._pending = dict(pending or {})  # module FQN -> materialize.Pending: no values yet
-        self.program = program
+        self.program = program  # program.name: the schedule (the one chosen, under schedule="auto")
+        self.recompute = None  # the recompute policy the stage graphs were split with (set by compile())
         self.stages = stages
         self.schedule = schedules[False]  # torch's runtime, loaded with this rank's program
         self._schedules = schedules

@@ -89,6 +89,7 @@ def _describe(trainer, job_config) -> dict:
     return {**record,
             "saved": {str(s): saved_bytes(stage.flat_graphs) for s, stage in pipeline.stages.items()},
             "recompute": repr(recompute),
+            "schedule": pipeline.program.name,
             "checkpoint_wrappers": sum(isinstance(m, CheckpointWrapper) for m in model.modules()),
             "init_digest": {k: digest(v) for k, v in model.state_dict().items() if type(v) is torch.Tensor},
             "replicas_marked": sum(bool(getattr(p, "_dualpipe_fx_counted_elsewhere", False))

@@ -67,7 +67,10 @@ def test_section_is_known_without_custom_config_module(tmp_path):
      "parallelism.pipeline_parallel_microbatch_size", "C >= 4"),
     (["--parallelism.pipeline_parallel_microbatch_size", "3"],
      "parallelism.pipeline_parallel_microbatch_size", "divide"),
-    (["--activation_checkpoint.mode", "memory_budget"], "activation_checkpoint.mode", "\"full\""),
+    (["--activation_checkpoint.mode", "memory_budget", "--activation_checkpoint.memory_budget", "1.5"],
+     "activation_checkpoint.memory_budget", "fraction in [0, 1]"),
+    (["--dualpipe_fx.schedule", "auto", "--dualpipe_fx.split_points", "layers.1,layers.2,layers.3"],
+     "dualpipe_fx.split_points", "depends on the schedule"),
     (["--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "-1"],
      "activation_checkpoint.selective_ac_option", "\"op\""),
     (["--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "layer"],
@@ -90,6 +93,17 @@ def test_bad_config_error_names_the_key(extra, key, words):
         parse(*extra)
     message = str(info.value)
     assert key in message and words in message, message
+
+
+def test_auto_schedule_and_memory_budget_reach_compile():
+    """``schedule = "auto"`` is compile()'s; ``activation_checkpoint.mode = "memory_budget"`` is an
+    ``ActivationBudget`` of its ``memory_budget`` (the planner picks the least recompute within it)."""
+    from dualpipe_fx import ActivationBudget
+
+    cfg = parse("--dualpipe_fx.schedule", "auto", "--activation_checkpoint.mode", "memory_budget",
+                "--activation_checkpoint.memory_budget", "0.4")
+    assert dpfx_config.compile_kwargs(cfg.dualpipe_fx)["schedule"] == "auto"
+    assert dpfx_config.recompute_arg(cfg.activation_checkpoint, None) == ActivationBudget(0.4)
 
 
 def test_dualpipe_accepts_grad_clipping():

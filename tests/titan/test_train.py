@@ -172,6 +172,10 @@ OTHER_RUNS = {
     # graphs to compile than the multiplexed F&B ones), with full AC (recompute="full": the
     # compiled I graphs recompute the forward)
     "compile": ["--compile.enable", "--dualpipe_fx.no-overlap", "--activation_checkpoint.mode", "full"],
+    # schedule = "auto" with mode = "memory_budget": the planner picks the schedule and the least
+    # recompute that keeps 0.5 of the activations
+    "auto": ["--dualpipe_fx.schedule", "auto", "--activation_checkpoint.mode", "memory_budget",
+             "--activation_checkpoint.memory_budget", "0.5"],
     **FLEX_RUNS,
 }
 
@@ -292,6 +296,22 @@ def test_compile_enable_compiles_the_stages_with_equal_losses(ac_runs):
         assert compiled["recompute"] == "'full'", compiled["recompute"]
         assert compiled["losses"] == pytest.approx(plain["losses"], rel=1e-5), (rank, compiled, plain)
         assert compiled["grad_norms"] == pytest.approx(plain["grad_norms"], rel=1e-5), (rank, compiled, plain)
+
+
+def test_auto_schedule_with_an_activation_budget_trains_like_no_ac(ac_runs):
+    """``schedule = "auto"``, ``activation_checkpoint.mode = "memory_budget"`` (0.5): every rank
+    picks the same schedule and a recompute policy (``"full"`` or ``"selective"``: None keeps all
+    the activations), and the losses and grad norms are those of DualPipeV without AC."""
+    from dualpipe_fx.api.autoplan import DEFAULT_SCHEDULES
+
+    picked = {(runs["auto"]["schedule"], runs["auto"]["recompute"]) for runs in ac_runs.values()}
+    assert len(picked) == 1, picked
+    ((schedule, recompute),) = picked
+    assert schedule in DEFAULT_SCHEDULES and recompute in ("'selective'", "'full'"), picked
+    for rank, runs in ac_runs.items():
+        auto, plain = runs["auto"], runs["none"]
+        assert auto["losses"] == pytest.approx(plain["losses"], rel=1e-5), (rank, auto, plain)
+        assert auto["grad_norms"] == pytest.approx(plain["grad_norms"], rel=1e-5), (rank, auto, plain)
 
 
 @pytest.mark.parametrize("name", sorted(FLEX_RUNS))
