@@ -85,8 +85,8 @@ def _measure(rank, world, kind, width, batch, grid, steps):
     measured = {str(k): statistics.median(v) for k, v in times.items()}
     predicted = {}
     if rank == 0:
-        plans = autoplan(model, loss_fn, (x,), y, world_size=world, device=device, network=network, space=grid,
-                         top=None)
+        plans = autoplan(model, loss_fn, (x,), y, world_size=world, pp_degree=world, device=device, network=network,
+                         space=grid, top=None)
         predicted = {str((p.schedule, p.num_microbatches, str(p.recompute))): p.predicted_step_s for p in plans}
         predicted["_pick"] = str((plans[0].schedule, plans[0].num_microbatches, str(plans[0].recompute)))
         predicted["_search_s"] = plans.search_s

@@ -26,7 +26,8 @@ SPACE = {"schedule": ["dualpipev", "1f1b", "gpipe"], "num_microbatches": [2, 4],
 def searched():
     model = LinearGeluStack(depth=4, width=32)
     x, y = linear_gelu_batch(32, batch=8)
-    return model, x, y, autoplan(model, mse_loss, (x,), y, world_size=2, device="h100", space=SPACE, top=None)
+    return model, x, y, autoplan(model, mse_loss, (x,), y, world_size=2, pp_degree=2, device="h100", space=SPACE,
+                                 top=None)
 
 
 def test_every_candidate_is_ranked_or_rejected_with_its_reason(searched):
@@ -49,20 +50,20 @@ def test_every_candidate_is_ranked_or_rejected_with_its_reason(searched):
         kwargs = plan.compile_kwargs
         assert kwargs["schedule"] == plan.schedule and kwargs["num_microbatches"] == plan.num_microbatches
         assert kwargs["memory"].recompute == plan.recompute
-    assert "schedule" in plans.table() and "rejected: dualpipev, C=2" in plans.table()
+    assert "schedule" in plans.table() and "rejected: pp=2, dualpipev, C=2" in plans.table()
 
 
 def test_the_memory_budget_prunes_by_the_plan_and_names_the_rank(searched):
     model, x, y, plans = searched
     peaks = sorted({p.peak_bytes for p in plans})
     budget = (peaks[0] + peaks[-1]) // 2
-    kept = autoplan(model, mse_loss, (x,), y, world_size=2, device="h100", space=SPACE, top=None,
+    kept = autoplan(model, mse_loss, (x,), y, world_size=2, pp_degree=2, device="h100", space=SPACE, top=None,
                     memory_budget=budget)
     assert kept and all(p.peak_bytes <= budget for p in kept)
     oom = [r.reason for r in kept.rejected if "out of memory" in r.reason]
     assert oom and all("on rank" in r and "GiB" in r for r in oom), kept.rejected
     with pytest.raises(ValueError, match="no configuration fits on 2 ranks") as err:
-        autoplan(model, mse_loss, (x,), y, world_size=2, device="h100", space=SPACE, memory_budget=1)
+        autoplan(model, mse_loss, (x,), y, world_size=2, pp_degree=2, device="h100", space=SPACE, memory_budget=1)
     assert "out of memory on rank" in str(err.value) and "Fix:" in str(err.value)
 
 
@@ -77,7 +78,8 @@ def test_the_network_and_the_device_change_the_prediction(searched):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"pp_degree": 1}, "pp_degree=1, world_size=2"),
+    ({"pp_degree": 3}, r"pipeline degrees \[3\] do not divide world_size=2"),
+    ({"space": {"dp_mode": ["zero9"]}}, "dp_mode"),
     ({"space": {"schedules": ["1f1b"]}}, "space has keys"),
     ({"space": {"schedule": ["nope"]}}, "unknown schedules"),
     ({"device": "tpu9"}, "unknown device 'tpu9'"),
@@ -87,6 +89,72 @@ def test_bad_arguments_name_the_problem(searched, kwargs, match):
     model, x, y, _ = searched
     with pytest.raises(ValueError, match=match):
         autoplan(model, mse_loss, (x,), y, **{"world_size": 2, "device": "h100", **kwargs})
+
+
+def test_the_ranks_beside_the_pipeline_are_data_parallel_replicas(searched):
+    """4 ranks: pipelines of 1, 2 and 4 ranks, the rest replicas (``replicate`` or ``shard``),
+    each fed its share of the batch. A replica's ranks hold what the pipeline's do (shard: the
+    optimizer state and the kept params and grads / dp), and its step waits for the reductions."""
+    model, x, y, _ = searched
+    space = {"schedule": ["1f1b"], "recompute": [None], "num_microbatches": [2]}
+    plans = autoplan(model, mse_loss, (x,), y, world_size=4, device="h100", network="ethernet-100g", space=space,
+                     top=None)
+    got = {(p.pp_degree, p.dp_degree, p.dp_mode): p for p in plans}
+    assert set(got) == {(1, 4, "replicate"), (1, 4, "shard"), (2, 2, "replicate"), (2, 2, "shard")}, plans.table()
+    assert [(r.pp_degree, r.dp_degree) for r in plans.rejected if "C >= N" in r.reason] == [(4, 1)]
+    alone = autoplan(model, mse_loss, (x[:4],), y[:4], world_size=2, pp_degree=2, device="h100",
+                     network="ethernet-100g", space=space)[0]  # one replica's pipeline, its half of the batch
+    for mode in ("replicate", "shard"):
+        plan = got[2, 2, mode]
+        assert plan.microbatch_size == 2 and plan.predicted_step_s > alone.predicted_step_s
+        for mine, one in zip(plan.memory.ranks, alone.memory.ranks):
+            kept = mine.params + mine.grads + mine.optimizer
+            assert (kept < one.params + one.grads + one.optimizer) == (mode == "shard"), (mode, mine, one)
+    kwargs = got[2, 2, "shard"].compile_kwargs
+    assert kwargs["schedule"] == "1f1b" and "parallelism" not in kwargs  # build_kwargs() makes the groups
+    assert "2 shard" in plans.table() and "rejected: pp=4, 1f1b, C=2" in plans.table()
+
+
+def test_data_parallel_bytes_and_waits_follow_the_mode():
+    """``planning.data_parallel``: per mode, what a rank keeps (P, G, O over dp in the shard
+    modes; ZeRO-2 keeps the gathered P too) and adds during the step; ring collective times."""
+    from dualpipe_fx.planning.data_parallel import exposed_seconds, replicated
+    from dualpipe_fx.planning.memory import MemoryPlan, RankMemory
+
+    rank = RankMemory(rank=0, stages=(0, 3), params=800, grads=800, optimizer=1600, activations=10,
+                      recv_buffers=0, send_buffers=0, kept_outputs=0, intermediates=0, peak_action="W0",
+                      step_increase=0, peak_activations=10)
+    plan = MemoryPlan(ranks=(rank,), schedule="dualpipev", num_microbatches=4, optimizer="adamw")
+    kept = {mode: [(r.params, r.grads, r.optimizer, r.intermediates) for r in replicated(plan, 4, mode).ranks][0]
+            for mode in ("replicate", "shard", "shard_grad_op")}
+    assert kept == {"replicate": (800, 800, 1600, 400), "shard": (200, 200, 400, 1600),
+                    "shard_grad_op": (1000, 200, 400, 800)}
+    assert replicated(plan, 1, "shard") is plan and exposed_seconds(plan, 1, "shard", NETWORKS["nvlink"]) == 0
+    net = NETWORKS["ib-400g"]
+    stage = 400  # one of the rank's two stages
+    assert exposed_seconds(plan, 4, "replicate", net) == pytest.approx(2 * (0.75 * stage / net.bandwidth
+                                                                             + 3 * net.latency_s))
+    assert exposed_seconds(plan, 8, "replicate", net) > exposed_seconds(plan, 2, "replicate", net)
+    with pytest.raises(ValueError, match="dp_mode='zero9'"):
+        replicated(plan, 2, "zero9")
+
+
+def test_the_plan_builds_its_process_groups():
+    plans = run_ranks(plan_groups, 4, timeout=120)
+    assert [r["pp"] for r in plans] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+    assert [r["dp"] for r in plans] == [[0, 2], [1, 3], [0, 2], [1, 3]]
+    assert {r["mode"] for r in plans} == {"shard"}
+
+
+def plan_groups(rank, world):
+    import torch.distributed as dist
+    from dualpipe_fx.api.autoplan import Plan
+
+    plan = Plan("1f1b", 2, None, 1.0, 0.0, None, 1, 1.0, pp_degree=2, dp_degree=2, dp_mode="shard")
+    kwargs = plan.build_kwargs()
+    dp = kwargs["parallelism"]
+    return {"pp": dist.get_process_group_ranks(kwargs["group"]), "dp": dist.get_process_group_ranks(dp.dp_group),
+            "mode": dp.dp_mode}
 
 
 def test_roofline_takes_the_slower_of_compute_and_memory():

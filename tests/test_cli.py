@@ -145,4 +145,11 @@ def test_plan_auto_prints_the_ranking_and_the_pick(capsys):
     assert main(["plan", "--auto", "--example", "mlp", "--ranks", "2", "--device", "h100", "--batch", "8",
                  "--layers", "4", "--dim", "16"]) == 0
     out = capsys.readouterr().out
-    assert "fastest first" in out and "pick: schedule=" in out and "rejected: dualpipev, C=2" in out
+    assert "fastest first" in out and "pick: pp=2, schedule=" in out and "rejected: pp=2, dualpipev, C=2" in out
+    # --world: the pipeline degree is searched too (1 or 2 here), the other ranks data-parallel
+    assert main(["plan", "--auto", "--example", "mlp", "--world", "2", "--device", "h100", "--batch", "8",
+                 "--layers", "4", "--dim", "16", "--microbatches", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "2 replicate" in out and "2 shard" in out and "pick: pp=" in out, out
+    assert main(["plan", "--example", "mlp", "--world", "2", "--microbatches", "2"]) == 2
+    assert "--world is an --auto option" in capsys.readouterr().err

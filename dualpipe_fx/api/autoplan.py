@@ -19,9 +19,10 @@ by the simulator with roofline costs of its stage graphs on the device model
         step = simulate(program, those costs, a hop = network.seconds(boundary bytes)).makespan
     rank the survivors by step (then by peak memory)
 
-This version plans the pipeline alone: ``pp_degree`` is the whole ``world_size``. Data and
-expert parallelism beside it are refused with that reason (planned in a later version), so
-nothing is guessed for them.
+The pipeline degree ranges over the divisors of ``world_size`` (up to ``MAX_PP_DEGREE``
+unless named); the other ranks are data-parallel replicas of the pipeline (``replicate`` or
+``shard``), each fed ``1 / dp`` of the batch, counted by ``planning.data_parallel``: their
+bytes per rank and the reductions a step waits for. Expert parallelism is not planned yet.
 """
 from __future__ import annotations
 
@@ -35,10 +36,11 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 
-from dualpipe_fx.api.options import ActivationBudget, MemoryPolicy
+from dualpipe_fx.api.options import ActivationBudget, MemoryPolicy, Parallelism
 from dualpipe_fx.api.split import split_for_program, stage_io_bytes
 from dualpipe_fx.planning.devices import (DEVICES, NETWORKS, DeviceModel, NetworkModel, device_model, network_model,
                                          node_seconds, probe_device, probe_network)
+from dualpipe_fx.planning.data_parallel import DP_MODES, exposed_seconds, replicated
 from dualpipe_fx.planning.memory import MemoryPlan, split_plan
 from dualpipe_fx.planning.simulate import Costs, StageCosts, simulate
 from dualpipe_fx.runtime.agree import together, vote_device
@@ -55,7 +57,9 @@ log = logging.getLogger(__name__)
 # every schedule the runtime runs; "zb1p" is ZB-H1 (torch's own name for it is ZB1P)
 DEFAULT_SCHEDULES = ("dualpipev", "dualpipe", "zbv", "zb1p", "1f1b", "interleaved_1f1b", "gpipe")
 DEFAULT_RECOMPUTE = (None, "selective", "full")
-_SPACE_KEYS = ("schedule", "num_microbatches", "recompute")
+DEFAULT_DP_MODES = ("replicate", "shard")
+MAX_PP_DEGREE = 16  # deeper pipelines are searched only when named (pp_degree=, space["pp_degree"])
+_SPACE_KEYS = ("schedule", "num_microbatches", "recompute", "pp_degree", "dp_mode")
 
 
 @dataclass(frozen=True)
@@ -69,14 +73,31 @@ class Plan:
     bubble_ratio: float
     memory: MemoryPlan
     microbatch_size: int
-    samples_per_s: float
+    samples_per_s: float  # over the dp replicas
+    pp_degree: int = 1
+    dp_degree: int = 1
+    dp_mode: Optional[str] = None
 
     @property
     def compile_kwargs(self) -> dict[str, Any]:
         """``compile(model, loss_fn, (x[:mb],), y[:mb], **plan.compile_kwargs)`` builds it
-        (``mb = plan.microbatch_size``), on a group of ``world_size`` ranks."""
+        (``mb = plan.microbatch_size``) on a group of ``pp_degree`` ranks; with data
+        parallelism (``dp_degree > 1``) use :meth:`build_kwargs`, which makes the groups too."""
         return {"schedule": self.schedule, "num_microbatches": self.num_microbatches,
                 "memory": MemoryPolicy(recompute=self.recompute)}
+
+    def build_kwargs(self, world_group=None) -> dict[str, Any]:
+        """``compile_kwargs`` with ``group=`` (this rank's pipeline) and, for ``dp_degree > 1``,
+        ``parallelism=Parallelism(dp_group=, dp_mode=)``: the plan's process groups. Pipelines
+        are ``pp_degree`` consecutive ranks of ``world_group`` (default: the world); a
+        data-parallel group is the ranks at one depth of every pipeline. Each rank feeds its
+        pipeline its own ``1 / dp_degree`` of the batch. Every rank of the default group calls
+        it (it creates process groups)."""
+        pp_group, dp_group = pipeline_grid(self.pp_degree, self.dp_degree, world_group)
+        kwargs = {**self.compile_kwargs, "group": pp_group}
+        if self.dp_degree > 1:
+            kwargs["parallelism"] = Parallelism(dp_group=dp_group, dp_mode=self.dp_mode)
+        return kwargs
 
     @property
     def peak_bytes(self) -> int:
@@ -84,7 +105,8 @@ class Plan:
         return max(r.total for r in self.memory.ranks)
 
     def row(self) -> tuple[str, ...]:
-        return (self.schedule, str(self.num_microbatches), str(self.recompute),
+        return (str(self.pp_degree), f"{self.dp_degree} {self.dp_mode}" if self.dp_degree > 1 else "1",
+                self.schedule, str(self.num_microbatches), str(self.recompute),
                 f"{self.predicted_step_s * 1e3:,.2f}", f"{self.bubble_ratio:.3f}",
                 f"{self.peak_bytes / 2 ** 30:,.3f}", f"{self.samples_per_s:,.1f}")
 
@@ -97,6 +119,34 @@ class Rejected:
     num_microbatches: int
     recompute: Any
     reason: str
+    pp_degree: int = 1
+    dp_degree: int = 1
+    dp_mode: Optional[str] = None
+
+    def label(self) -> str:
+        dp = f"dp={self.dp_degree} {self.dp_mode}, " if self.dp_degree > 1 else ""
+        return f"pp={self.pp_degree}, {dp}{self.schedule}, C={self.num_microbatches}, recompute={self.recompute}"
+
+
+def pipeline_grid(pp_degree: int, dp_degree: int, world_group=None):
+    """``(pp_group, dp_group)`` of this rank: ``dp_degree`` pipelines of ``pp_degree``
+    consecutive ranks of ``world_group`` (default: the world), and the ranks at one depth of
+    every pipeline (None when ``dp_degree`` is 1). Every rank of the default group calls it.
+
+    Raises:
+        ValueError: ``pp_degree * dp_degree`` is not the size of ``world_group``.
+    """
+    size = dist.get_world_size(world_group)
+    if pp_degree * dp_degree != size:
+        raise ValueError(f"pipeline_grid: pp_degree {pp_degree} x dp_degree {dp_degree} != {size} ranks in the "
+                         "group; pick degrees whose product is the group's size")
+    ranks = [dist.get_global_rank(world_group, r) if world_group is not None else r for r in range(size)]
+    rows = [ranks[d * pp_degree:(d + 1) * pp_degree] for d in range(dp_degree)]
+    pp_group, _ = dist.new_subgroups_by_enumeration(rows)
+    if dp_degree == 1:
+        return pp_group, None
+    dp_group, _ = dist.new_subgroups_by_enumeration([list(c) for c in zip(*rows)])
+    return pp_group, dp_group
 
 
 class Plans(list):
@@ -112,13 +162,12 @@ class Plans(list):
 
     def table(self) -> str:
         """The ranking as text: one row per plan, then the rejected candidates."""
-        head = ("schedule", "C", "recompute", "step ms", "bubble", "peak GiB", "samples/s")
+        head = ("pp", "dp", "schedule", "C", "recompute", "step ms", "bubble", "peak GiB", "samples/s")
         rows = [head] + [p.row() for p in self]
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
         lines = [f"device {self.device.name}, network {self.network.name}; searched in {self.search_s:.1f} s"]
         lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
-        lines += [f"rejected: {r.schedule}, C={r.num_microbatches}, recompute={r.recompute}: {r.reason}"
-                  for r in self.rejected]
+        lines += [f"rejected: {r.label()}: {r.reason}" for r in self.rejected]
         return "\n".join(lines)
 
 
@@ -134,7 +183,13 @@ def _divisors(n: int) -> list[int]:
     return [c for c in range(1, n + 1) if n % c == 0]
 
 
-def _space(space: Optional[Mapping[str, Sequence]], batch: int, ranks: int) -> dict[str, list]:
+def _counts(batch: int, ranks: int) -> list[int]:
+    """Every micro-batch count that divides ``batch``, from the pipeline degree up to 8 per rank
+    (fewer leaves a bubble no schedule hides; more only adds per-action overhead)."""
+    return [c for c in _divisors(batch) if ranks <= c <= 8 * ranks] or [batch]
+
+
+def _space(space: Optional[Mapping[str, Sequence]], batch: int, world: int, pp_degree: Optional[int]) -> dict:
     space = dict(space or {})
     unknown = sorted(set(space) - set(_SPACE_KEYS))
     if unknown:
@@ -143,11 +198,18 @@ def _space(space: Optional[Mapping[str, Sequence]], batch: int, ranks: int) -> d
     bad = [s for s in schedules if s not in SCHEDULES]
     if bad:
         raise ValueError(f"autoplan: unknown schedules {bad} in space; known: {', '.join(SCHEDULES)}")
-    # default: every micro-batch count that divides the batch, from the pipeline degree up to
-    # 8 per rank (fewer leaves a bubble no schedule hides; more only adds per-action overhead)
-    counts = list(space.get("num_microbatches", [c for c in _divisors(batch) if ranks <= c <= 8 * ranks]))
-    return {"schedule": schedules, "num_microbatches": counts or [batch],
-            "recompute": list(space.get("recompute", DEFAULT_RECOMPUTE))}
+    # pipeline degrees: the given one, else the divisors of the world up to MAX_PP_DEGREE
+    degrees = [pp_degree] if pp_degree is not None else list(space.get(
+        "pp_degree", [d for d in _divisors(world) if d <= MAX_PP_DEGREE]))
+    wrong = [d for d in degrees if not (isinstance(d, int) and d >= 1 and world % d == 0)]
+    if wrong:
+        raise ValueError(f"autoplan: pipeline degrees {wrong} do not divide world_size={world}; the ranks beside "
+                         "the pipeline are data-parallel replicas of it, so pick divisors of world_size")
+    modes = list(space.get("dp_mode", DEFAULT_DP_MODES))
+    if any(m not in DP_MODES for m in modes):
+        raise ValueError(f"autoplan: space's dp_mode {modes}; expected some of {list(DP_MODES)}")
+    return {"schedule": schedules, "num_microbatches": list(space.get("num_microbatches", [])),
+            "recompute": list(space.get("recompute", DEFAULT_RECOMPUTE)), "pp_degree": degrees, "dp_mode": modes}
 
 
 def _smallest_dim(node: torch.fx.Node) -> Optional[int]:
@@ -220,8 +282,9 @@ def autoplan(model: torch.nn.Module, loss_fn: Callable, batch_inputs, batch_targ
         model, loss_fn: as ``compile`` (a model on meta is traced on fake tensors).
         batch_inputs, batch_target: the WHOLE batch of one step (a tensor or a tuple of
             tensors, batch dim first); the planner chooses how to split it.
-        world_size: ranks in all. pp_degree: None or ``world_size`` (this version plans the
-            pipeline alone; data and expert parallelism beside it are refused).
+        world_size: ranks in all. pp_degree: the pipeline degree (a divisor of
+            ``world_size``; the rest are data-parallel replicas), or None to search the
+            divisors up to ``MAX_PP_DEGREE``.
         device: a ``planning.devices`` table name (``"h100"``, ``"h200"``, ``"a100"``,
             ``"mi300x"``), ``"cpu"`` (probed here) or a ``DeviceModel``.
         memory_budget: bytes per rank (default: the device's memory; a probed CPU has none,
@@ -229,23 +292,20 @@ def autoplan(model: torch.nn.Module, loss_fn: Callable, batch_inputs, batch_targ
         network: a ``NETWORKS`` name or a ``NetworkModel`` (default: NVLink for a GPU, the
             ``localhost`` row for a CPU); ``planning.devices.probe_network`` measures one.
         space: restricts the search, e.g. ``{"schedule": ["dualpipev"], "num_microbatches":
-            [4, 8], "recompute": [None]}``.
+            [4, 8], "recompute": [None], "pp_degree": [4, 8], "dp_mode": ["shard"]}``.
         top: how many plans to return (None: every feasible one).
         optimizer: the optimizer whose state counts (as ``MemoryPolicy.optimizer``).
         trace_device: the device the graphs are traced for (default cpu).
 
     Returns:
-        ``Plans``: ``Plan``s (``.compile_kwargs``, ``.predicted_step_s``, ``.memory``), with
-        ``.rejected`` and ``.table()``.
+        ``Plans``: ``Plan``s (``.compile_kwargs``, ``.build_kwargs()`` with the process
+        groups, ``.predicted_step_s``, ``.memory``: per-rank bytes with the data-parallel
+        mode applied), with ``.rejected`` and ``.table()``.
 
     Raises:
-        ValueError: ``pp_degree`` other than ``world_size``, a bad ``space``, or no
-            candidate that fits (every candidate's reason listed).
+        ValueError: a ``pp_degree`` that does not divide ``world_size``, a bad ``space``, or
+            no candidate that fits (every candidate's reason listed).
     """
-    if pp_degree is not None and pp_degree != world_size:
-        raise ValueError(f"autoplan(pp_degree={pp_degree}, world_size={world_size}): data or expert parallelism "
-                         "beside the pipeline is not planned yet; pass pp_degree=world_size (or leave it None) "
-                         "and plan each data-parallel replica's pipeline on its own ranks")
     if world_size < 1:
         raise ValueError(f"autoplan: world_size={world_size}; expected >= 1")
     start = time.perf_counter()
@@ -254,29 +314,34 @@ def autoplan(model: torch.nn.Module, loss_fn: Callable, batch_inputs, batch_targ
     budget = memory_budget if memory_budget is not None else (dev.memory_bytes or None)
     inputs = (batch_inputs,) if isinstance(batch_inputs, torch.Tensor) else tuple(batch_inputs)
     batch = _batch_size(inputs)
-    grid = _space(space, batch, world_size)
-    plans, rejected, memo = [], [], {}
-    for c in grid["num_microbatches"]:
-        if batch % c:
-            rejected += [Rejected(s, c, r, f"the batch of {batch} does not split into {c} micro-batches")
-                         for s in grid["schedule"] for r in grid["recompute"]]
-            continue
-        examples = tuple(t[:batch // c] if isinstance(t, torch.Tensor) and t.dim() > 0 else t for t in inputs)
-        target = batch_target[:batch // c] if isinstance(batch_target, torch.Tensor) and batch_target.dim() > 0 \
-            else batch_target
-        got = _search(model, loss_fn, examples, target, None, schedules=grid["schedule"], num_microbatches=c,
-                      recomputes=grid["recompute"], ranks=world_size, device=dev, network=net, budget=budget,
-                      optimizer=optimizer, trace_device=trace_device, memo=memo)
-        plans += got[0]
-        rejected += got[1]
+    grid = _space(space, batch, world_size, pp_degree)
+    plans, rejected, memo, backward_cache = [], [], {}, {}
+    for pp in grid["pp_degree"]:
+        dp = world_size // pp
+        modes = [m for m in grid["dp_mode"] if m is not None] if dp > 1 else [None]
+        for c in grid["num_microbatches"] or _counts(batch // dp, pp):
+            if batch % (dp * c):
+                rejected += [Rejected(s, c, r, f"the batch of {batch} does not split into {dp} replica(s) x {c} "
+                                      "micro-batches", pp, dp, m)
+                             for s in grid["schedule"] for r in grid["recompute"] for m in modes]
+                continue
+            mb = batch // (dp * c)
+            examples = tuple(t[:mb] if isinstance(t, torch.Tensor) and t.dim() > 0 else t for t in inputs)
+            target = batch_target[:mb] if isinstance(batch_target, torch.Tensor) and batch_target.dim() > 0 \
+                else batch_target
+            got = _search(model, loss_fn, examples, target, None, schedules=grid["schedule"], num_microbatches=c,
+                          recomputes=grid["recompute"], ranks=pp, device=dev, network=net, budget=budget,
+                          optimizer=optimizer, trace_device=trace_device, memo=memo, dp=dp, dp_modes=modes,
+                          backward_cache=backward_cache)
+            plans += got[0]
+            rejected += got[1]
     return _ranked(plans, rejected, top, time.perf_counter() - start, dev, net, world_size)
 
 
 def _ranked(plans, rejected, top, seconds, dev, net, ranks) -> Plans:
     plans = sorted(plans, key=lambda p: (p.predicted_step_s, p.peak_bytes))
     if not plans:
-        reasons = "\n".join(f"  {r.schedule}, C={r.num_microbatches}, recompute={r.recompute}: {r.reason}"
-                            for r in rejected)
+        reasons = "\n".join(f"  {r.label()}: {r.reason}" for r in rejected)
         raise ValueError(f"autoplan: no configuration fits on {ranks} ranks:\n{reasons}\nFix: raise the "
                          "memory budget, use more ranks, or widen the space")
     return Plans(plans if top is None else plans[:top], rejected, seconds, dev, net)
@@ -293,7 +358,7 @@ def candidate(model, loss_fn, examples: tuple, target, *, schedule: str, num_mic
     try:
         program = generate(schedule, ranks, num_microbatches)
     except ValueError as err:
-        return Rejected(schedule, num_microbatches, recompute, str(err).split(";")[0])
+        return Rejected(schedule, num_microbatches, recompute, str(err).split(";")[0], ranks)
     trace_on = torch.device("cpu" if trace_device is None else trace_device)
     gloo = network.name in ("localhost", "probed") and trace_on.type == "cpu"
     parts, plan = _planned(model, loss_fn, examples, target, example_kwargs, program, recompute, optimizer,
@@ -301,7 +366,7 @@ def candidate(model, loss_fn, examples: tuple, target, *, schedule: str, num_mic
     sim = simulate(program, stage_costs(parts, program, device, network, memo), early_results=gloo)
     mb = next((t.shape[0] for t in examples if isinstance(t, torch.Tensor) and t.dim() > 0), 1)
     return Plan(schedule, num_microbatches, recompute, sim.makespan, sim.bubble_ratio, plan, mb,
-                mb * num_microbatches / sim.makespan)
+                mb * num_microbatches / sim.makespan, pp_degree=ranks)
 
 
 def _planned(model, loss_fn, examples, target, example_kwargs, program: Program, recompute, optimizer,
@@ -342,39 +407,61 @@ def _recompute_order(policy) -> int:
 
 def _search(model, loss_fn, examples: tuple, target, example_kwargs, *, schedules: Sequence[str],
             num_microbatches: int, recomputes: Sequence, ranks: int, device: DeviceModel, network: NetworkModel,
-            budget: Optional[int], optimizer, trace_device, memo: dict,
-            fraction: Optional[float] = None) -> tuple[list[Plan], list[Rejected]]:
-    """Every schedule x recompute policy for one micro-batch count, on one capture. Policies go
-    from saving the most to recomputing the most, and stop at the first that fits the bytes
-    ``budget`` (and ``fraction``, an ``ActivationBudget``'s, against the schedule's plan without
-    recompute): recompute only adds compute, so a later one that fits too is slower (it is
-    listed as rejected, why)."""
+            budget: Optional[int], optimizer, trace_device, memo: dict, fraction: Optional[float] = None,
+            dp: int = 1, dp_modes: Sequence[Optional[str]] = (None,),
+            backward_cache: Optional[dict] = None) -> tuple[list[Plan], list[Rejected]]:
+    """Every schedule x dp mode x recompute policy for one micro-batch count of a ``ranks``-deep
+    pipeline (``dp`` replicas of it), on one capture. Policies go from saving the most to
+    recomputing the most, and stop at the first that fits the bytes ``budget`` (and
+    ``fraction``, an ``ActivationBudget``'s, against the schedule's plan without recompute):
+    recompute only adds compute, so a later one that fits too is slower (it is listed as
+    rejected, why)."""
     trace_on = torch.device("cpu" if trace_device is None else trace_device)
     captured = capture(model, loss_fn, examples, target, example_kwargs=example_kwargs, device=trace_on)
-    plans, rejected, backward_cache = [], [], {}
-    for schedule in schedules:
+    plans, rejected, pipelines = [], [], {}
+    backward_cache = {} if backward_cache is None else backward_cache
+
+    def pipeline(schedule, recompute) -> Union[Plan, Rejected]:  # one replica's, shared by the dp modes
+        if (schedule, recompute) not in pipelines:
+            pipelines[schedule, recompute] = candidate(
+                model, loss_fn, examples, target, schedule=schedule, num_microbatches=num_microbatches,
+                recompute=recompute, ranks=ranks, device=device, network=network, optimizer=optimizer,
+                trace_device=trace_on, example_kwargs=example_kwargs, captured=captured, memo=memo,
+                backward_cache=backward_cache)
+        return pipelines[schedule, recompute]
+
+    for schedule, mode in ((s, m) for s in schedules for m in dp_modes):
         fits, cannot, reference = None, None, None
         for recompute in sorted(recomputes, key=_recompute_order):
             if fits is not None or cannot is not None:
                 rejected.append(Rejected(schedule, num_microbatches, recompute, cannot or (
-                    f"not tried: recompute={fits.recompute!r} fits, and recomputing more only adds compute")))
+                    f"not tried: recompute={fits.recompute!r} fits, and recomputing more only adds compute"),
+                    ranks, dp, mode))
                 continue
-            got = candidate(model, loss_fn, examples, target, schedule=schedule, num_microbatches=num_microbatches,
-                            recompute=recompute, ranks=ranks, device=device, network=network, optimizer=optimizer,
-                            trace_device=trace_on, example_kwargs=example_kwargs, captured=captured, memo=memo,
-                            backward_cache=backward_cache)
+            got = pipeline(schedule, recompute)
             if isinstance(got, Rejected):  # the schedule cannot run these micro-batches: no policy changes that
-                rejected.append(got)
+                rejected.append(dataclasses.replace(got, dp_degree=dp, dp_mode=mode))
                 cannot = got.reason
                 continue
+            got = _with_replicas(got, dp, mode, network)
             reference = got if recompute is None else reference
             why = _unfit(got, reference, budget, fraction)
             if why:
-                rejected.append(Rejected(schedule, num_microbatches, recompute, why))
+                rejected.append(Rejected(schedule, num_microbatches, recompute, why, ranks, dp, mode))
             else:
                 plans.append(got)
                 fits = got
     return plans, rejected
+
+
+def _with_replicas(plan: Plan, dp: int, mode: Optional[str], network: NetworkModel) -> Plan:
+    """A replica's ``plan`` as one of ``dp`` data-parallel replicas in ``mode``
+    (``planning.data_parallel``): its ranks' bytes, and the step's wait for the reductions."""
+    if dp == 1:
+        return plan
+    step = plan.predicted_step_s + exposed_seconds(plan.memory, dp, mode, network)
+    return dataclasses.replace(plan, predicted_step_s=step, memory=replicated(plan.memory, dp, mode), dp_degree=dp,
+                               dp_mode=mode, samples_per_s=plan.samples_per_s * plan.predicted_step_s / step * dp)
 
 
 AUTO = "auto"

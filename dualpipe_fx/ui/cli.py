@@ -179,7 +179,9 @@ _DTYPES = ("float32", "bfloat16", "float16")
 
 def _add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--example", choices=("llama", "mlp"), default="llama", help="built-in model (default llama)")
-    p.add_argument("--ranks", type=int, required=True, help="N, the number of pipeline ranks")
+    p.add_argument("--ranks", type=int, help="N, the number of pipeline ranks (required without --world)")
+    p.add_argument("--world", type=int, help="--auto: ranks in all; the pipeline degree is searched among its "
+                                             "divisors (fixed by --ranks if given), the rest data parallel")
     p.add_argument("--microbatches", type=int, help="C, micro-batches per step (required without --auto)")
     p.add_argument("--schedule", default="dualpipev", help="a registered schedule (default dualpipev)")
     p.add_argument("--auto", action="store_true",
@@ -241,6 +243,10 @@ def _run_plan(args: argparse.Namespace) -> int:
 
     if args.json is not None and not args.json.lower().endswith(".json"):
         raise UsageError(f"--json {args.json!r} must end in .json")
+    if args.world is not None and not args.auto:
+        raise UsageError("plan: --world is an --auto option (the search's ranks in all); pass --ranks alone")
+    if args.ranks is None and not (args.auto and args.world):
+        raise UsageError("plan: --ranks is required (or pass --auto --world W to search the pipeline degree)")
     if args.auto:
         return _run_autoplan(args)
     if args.microbatches is None:
@@ -263,23 +269,26 @@ def _run_plan(args: argparse.Namespace) -> int:
 
 def _run_autoplan(args: argparse.Namespace) -> int:
     """``plan --auto``: autoplan's ranking of the example on ``--ranks`` ranks of ``--device``."""
-    batch = args.batch or 8 * args.ranks
+    world = args.world or args.ranks
+    batch = args.batch or 8 * world
     model, loss_fn, x, y = _plan_example(args, batch)
     space = {"num_microbatches": [args.microbatches]} if args.microbatches else None
     budget = None if args.budget_gib is None else int(args.budget_gib * (1 << 30))
-    plans = autoplan(model, loss_fn, (x,), y, world_size=args.ranks, device=args.device, network=args.network,
-                     memory_budget=budget, space=space, top=None, optimizer=_optimizer(args.optimizer))
+    plans = autoplan(model, loss_fn, (x,), y, world_size=world, pp_degree=args.ranks, device=args.device,
+                     network=args.network, memory_budget=budget, space=space, top=None,
+                     optimizer=_optimizer(args.optimizer))
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"{args.example}: {n_params:,} parameters ({args.dtype}), {args.ranks} ranks, a batch of {batch}; "
+    print(f"{args.example}: {n_params:,} parameters ({args.dtype}), {world} ranks, a batch of {batch}; "
           "fastest first:")
     print(plans.table())
     best = plans[0]
-    print(f"pick: schedule={best.schedule!r}, num_microbatches={best.num_microbatches}, "
+    dp = f"dp={best.dp_degree} {best.dp_mode}, " if best.dp_degree > 1 else ""
+    print(f"pick: pp={best.pp_degree}, {dp}schedule={best.schedule!r}, num_microbatches={best.num_microbatches}, "
           f"recompute={best.recompute!r} ({best.predicted_step_s * 1e3:,.2f} ms predicted)")
     if args.json is not None:
         with open(args.json, "w") as f:
-            json.dump({"plans": [dict(zip(("schedule", "num_microbatches", "recompute", "step_ms", "bubble",
-                                           "peak_gib", "samples_per_s"), p.row())) for p in plans],
+            json.dump({"plans": [dict(zip(("pp_degree", "dp", "schedule", "num_microbatches", "recompute", "step_ms",
+                                           "bubble", "peak_gib", "samples_per_s"), p.row())) for p in plans],
                        "rejected": [vars(r) | {"recompute": str(r.recompute)} for r in plans.rejected],
                        "search_s": plans.search_s}, f, indent=1)
         print(f"wrote {args.json}")
