@@ -32,6 +32,7 @@ from dualpipe_fx.runtime.data_parallel import ExpertParallel, check_expert_paral
 from dualpipe_fx.runtime.errors import PeerTimeoutError, check_world  # noqa: F401  re-exported
 from dualpipe_fx.runtime.materialize import materialize
 from dualpipe_fx.runtime.pipeline import Pipeline
+from dualpipe_fx.runtime.tensor_parallel import localize
 from dualpipe_fx.schedules import generate, get_schedule
 from dualpipe_fx.schedules.ir import Program
 from dualpipe_fx.api.split import check_mixed_precision, split_for_program
@@ -172,6 +173,18 @@ def _replica_fields(cut: dict, experts: Optional[ExpertParallel]) -> dict:
             "expert parallel": {"EP size": dist.get_world_size(experts.group), "expert replicas": replicas}}
 
 
+def _localize_tp(model: nn.Module, par: Parallelism):
+    """The model's tensor-parallel styles as local forms (``runtime.tensor_parallel``), or None;
+    refused beside data or expert parallelism (not composed yet), on every rank alike."""
+    tp = localize(model)
+    if tp is not None and (par.dp_group is not None or par.expert_parallel is not None):
+        raise ValueError("compile(): the model is tensor-parallel (DTensor parameters from parallelize_module) and "
+                         f"parallelism has dp_group={par.dp_group!r}, expert_parallel={par.expert_parallel!r}; "
+                         "expected the pipeline and TP alone: TP with data or expert parallelism is not composed "
+                         "yet. Fix: Parallelism() (no dp_group / expert_parallel) with a TP model")
+    return tp
+
+
 def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=None, *,
             example_kwargs: Optional[Mapping[str, Any]] = None, schedule: str = "dualpipev",
             num_microbatches: int, group: Optional[dist.ProcessGroup] = None, device=None,
@@ -305,6 +318,7 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
     data_parallel = check_groups(group, par.dp_group, par.dp_mode)
     mixed_precision = check_mixed_precision(mixed_precision)
     experts = check_expert_parallel(par.dp_group, par.expert_parallel)
+    tensor_parallel = _localize_tp(model, par)
     call = call_fields(schedule, world, num_microbatches, examples, example_target, example_kwargs,
                        _agreed_options(locals(), mem))
     agree(call, group, timeout, "compile()", HINTS)
@@ -346,4 +360,5 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
                               group, timeout, compile_stages, overlap, example_kwargs=example_kwargs,
                               call=partition.captured.call, outputs=partition.captured.output_layout,
                               part_graphs=partition.stages, device=device, pending=pending,
-                              data_parallel=data_parallel, experts=experts, mixed_precision=mixed_precision)
+                              data_parallel=data_parallel, experts=experts, mixed_precision=mixed_precision,
+                              tensor_parallel=tensor_parallel)
