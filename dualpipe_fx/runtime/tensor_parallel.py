@@ -86,6 +86,10 @@ class Layouts:
         self.tp = tp
         self.placed = WeakIdKeyDictionary()
         self.matmul_inputs = WeakIdKeyDictionary()
+        # a replicated tensor gathered from shards -> (the shards, their placement): a sharded
+        # matmul gathers those again with a reduce_scatter backward (Megatron's SP) instead of
+        # an all_reduce after the gather's slice; the first gather is then dead code if unused
+        self.gathered_from = WeakIdKeyDictionary()
 
     def of(self, t, declared):
         return self.placed.get(t, declared) if isinstance(t, torch.Tensor) else declared
@@ -95,9 +99,18 @@ class Layouts:
             self.placed[t] = placement
         return t
 
+    def redistribute(self, x, src, dst) -> torch.Tensor:
+        out = redistribute(x, src, dst, self.tp)
+        if src.is_shard() and dst.is_replicate() and x.is_floating_point():
+            self.gathered_from[out] = (x, src)
+        return out
+
     def matmul_input(self, x: torch.Tensor, declared) -> torch.Tensor:
+        src = self.of(x, declared)
+        if src.is_replicate() and x in self.gathered_from:
+            x, src = self.gathered_from[x]
         if x not in self.matmul_inputs:
-            self.matmul_inputs[x] = into_sharded_matmul(x, self.of(x, declared), self.tp)
+            self.matmul_inputs[x] = into_sharded_matmul(x, src, self.tp)
         return self.matmul_inputs[x]
 
 
@@ -176,7 +189,7 @@ def _prepare(layouts: Layouts, value, layout, desired, local: bool):
     if layout is None or not isinstance(value, torch.Tensor):
         return value
     src = layouts.of(value, layout)
-    out = redistribute(value, src, desired, layouts.tp) if desired is not None else value
+    out = layouts.redistribute(value, src, desired) if desired is not None else value
     return layouts.record(out, desired if desired is not None else src, local)
 
 

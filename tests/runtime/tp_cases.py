@@ -174,3 +174,30 @@ def pp_x_tp(rank, world, schedules=("dualpipev", "1f1b"), steps: int = 3, lr: fl
             opt.step()
         out[schedule] = {"steps": trace, "kinds": kinds}
     return out
+
+
+def _collectives(gm) -> list[str]:
+    """The collective ops a graph calls, in order (``wait_tensor`` left out)."""
+    from passes._compat import is_functional_collective
+    return [str(n.target).split(".")[1] + "." + str(n.target).split(".")[2] for n in gm.graph.nodes
+            if is_functional_collective(n)]
+
+
+def graph_collectives(rank, world, schedule="dualpipev"):
+    """Per stage this rank runs: the collectives in F, I and W, and the route ops in F; and
+    the number of F&B pairs that ran as one multiplexed graph in one step."""
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    pp_group, tp_mesh = _meshes()
+    x, y = batch()
+    pipe = dualpipe_fx.compile(parallelize_module(Decoder(), tp_mesh, plan()), loss_fn, (x[:2],), y[:2],
+                               schedule=schedule, num_microbatches=C, group=pp_group)
+    out = {}
+    for s, stage in pipe.stages.items():
+        g = stage.flat_graphs
+        out[s] = {"F": _collectives(g.forward.gm), "I": _collectives(g.backward_input.gm),
+                  "W": _collectives(g.backward_weight.gm)}
+    pipe.step(x, target=y)
+    runner = pipe._executor.overlap
+    out["multiplexed"] = sum(gm is not None for gm in runner._graphs.values()) if runner is not None else 0
+    return out
