@@ -226,14 +226,22 @@ def _refuse(fqn: str, module: nn.Module, what: str):
         "styles, loss parallel). Fix: parallelize that module with one of those styles, or leave it unsharded")
 
 
+def _owner(fn) -> str:
+    """The class a style's hook function was defined in: ``ColwiseParallel._prepare_input_fn`` ->
+    ColwiseParallel; ``f.<locals>.MyStyle._apply.<locals>.<lambda>`` -> MyStyle."""
+    parts = [p for p in getattr(fn, "__qualname__", type(fn).__name__).split(".") if p != "<locals>"]
+    methods = [i for i, p in enumerate(parts) if p.startswith("_") or p == "<lambda>"]
+    return parts[methods[0] - 1] if methods and methods[0] > 0 else ".".join(parts)
+
+
 def _style_of(closure: Mapping) -> tuple[str, object]:
     """(style class name, its partial's args or the style instance) of one hook's closure."""
     for key in ("input_fn", "output_fn"):
         fn = closure.get(key)
         if isinstance(fn, functools.partial):
-            return fn.func.__qualname__.split(".")[0], fn.args
+            return _owner(fn.func), fn.args
         if fn is not None:
-            return getattr(fn, "__qualname__", type(fn).__name__).split(".")[0], None
+            return _owner(fn), None
     style = closure.get("self")
     return type(style).__name__, style
 

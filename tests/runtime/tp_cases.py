@@ -136,7 +136,10 @@ def reference(steps: int = 3, lr: float = 0.1):
         loss.backward()
         out.append({"loss": loss.item(), "grads": {n: p.grad.clone() for n, p in model.named_parameters()}})
         opt.step()
-    return out
+    return out, {n: t.clone() for n, t in model.state_dict().items()}
+
+
+
 
 
 def _meshes():
@@ -145,59 +148,179 @@ def _meshes():
     return mesh["pp"].get_group(), mesh["tp"]
 
 
-def pp_x_tp(rank, world, schedules=("dualpipev", "1f1b"), steps: int = 3, lr: float = 0.1):
-    """PP=2 x TP=2: ranks 2 * pp + tp; each schedule trains ``steps`` SGD steps. Returns, per
-    schedule, each step's loss (None off the loss rank) and gathered grads, the parameters'
-    types and placements, and how many F&B pairs ran merged."""
-    from torch.distributed.tensor import DTensor
-    from torch.distributed.tensor.parallel import parallelize_module
-
-    pp_group, tp_mesh = _meshes()
-    x, y = batch()
-    out = {}
-    for schedule in schedules:
-        model = parallelize_module(Decoder(), tp_mesh, plan())
-        pipe = dualpipe_fx.compile(model, loss_fn, (x[:2],), y[:2], schedule=schedule, num_microbatches=C,
-                                   group=pp_group)
-        opt = torch.optim.SGD(pipe.parameters(), lr=lr)
-        params = dict(pipe.named_parameters())
-        kinds = {n: (type(p).__name__, tuple(map(repr, p.placements)) if isinstance(p, DTensor) else None,
-                     tuple(p.shape)) for n, p in params.items()}
-        trace = []
-        for _ in range(steps):
-            opt.zero_grad()
-            loss = pipe.step(x, target=y)
-            grads = {n: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad for n, p in params.items()}
-            norm = torch.nn.utils.clip_grad_norm_(list(params.values()), 1e9)
-            trace.append({"loss": None if loss is None else loss.item(), "grads": grads,
-                          "norm": norm.full_tensor().item() if isinstance(norm, DTensor) else norm.item()})
-            opt.step()
-        out[schedule] = {"steps": trace, "kinds": kinds}
-    return out
-
-
 def _collectives(gm) -> list[str]:
     """The collective ops a graph calls, in order (``wait_tensor`` left out)."""
     from passes._compat import is_functional_collective
-    return [str(n.target).split(".")[1] + "." + str(n.target).split(".")[2] for n in gm.graph.nodes
-            if is_functional_collective(n)]
+    return [str(n.target).split(".")[1] for n in gm.graph.nodes if is_functional_collective(n)]
 
 
-def graph_collectives(rank, world, schedule="dualpipev"):
-    """Per stage this rank runs: the collectives in F, I and W, and the route ops in F; and
-    the number of F&B pairs that ran as one multiplexed graph in one step."""
+def _build(schedule: str, on_meta: bool, pp_group, tp_mesh, x, y):
+    """The pipeline of the parallelised decoder: from the full model's weights (distributed by
+    parallelize_module), or built and parallelised on meta, each rank allocating its stages'
+    shards on the CPU and loading them from the unsplit model's full state_dict."""
     from torch.distributed.tensor.parallel import parallelize_module
+
+    if not on_meta:
+        return dualpipe_fx.compile(parallelize_module(Decoder(), tp_mesh, plan()), loss_fn, (x[:2],), y[:2],
+                                   schedule=schedule, num_microbatches=C, group=pp_group)
+    with torch.device("meta"):
+        model = Decoder()
+    pipe = dualpipe_fx.compile(parallelize_module(model, tp_mesh, plan()), loss_fn, (x[:2],), y[:2],
+                               schedule=schedule, num_microbatches=C, group=pp_group, device="cpu")
+    pipe.load_state_dict(Decoder().state_dict(), strict=False)
+    return pipe
+
+
+def _train(pipe, x, y, steps: int, lr: float) -> list[dict]:
+    from torch.distributed.tensor import DTensor
+
+    opt = torch.optim.SGD(pipe.parameters(), lr=lr)
+    params = dict(pipe.named_parameters())
+    trace = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = pipe.step(x, target=y)
+        grads = {n: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad for n, p in params.items()}
+        norm = torch.nn.utils.clip_grad_norm_(list(params.values()), 1e9)  # DTensor grads: torch's own norm
+        trace.append({"loss": None if loss is None else loss.item(), "grads": grads,
+                      "grad_types": {n: type(p.grad).__name__ for n, p in params.items()},
+                      "norm": norm.full_tensor().item() if isinstance(norm, DTensor) else norm.item()})
+        opt.step()
+    return trace
+
+
+def pp_x_tp(rank, world, runs=(("dualpipev", False), ("1f1b", True)), steps: int = 3, lr: float = 0.1):
+    """PP=2 x TP=2, rank = 2 * pp + tp. Per (schedule, on_meta) run: each SGD step's loss (None off
+    the loss rank), gathered grads and grad norm; the parameters' types, placements and global
+    shapes; per local stage the collectives of F, I and W; the F&B pairs run merged; the
+    gathered state_dict() after the steps; the memory plan's parameter bytes and the local ones."""
+    from torch.distributed.tensor import DTensor
 
     pp_group, tp_mesh = _meshes()
     x, y = batch()
-    pipe = dualpipe_fx.compile(parallelize_module(Decoder(), tp_mesh, plan()), loss_fn, (x[:2],), y[:2],
-                               schedule=schedule, num_microbatches=C, group=pp_group)
     out = {}
-    for s, stage in pipe.stages.items():
-        g = stage.flat_graphs
-        out[s] = {"F": _collectives(g.forward.gm), "I": _collectives(g.backward_input.gm),
-                  "W": _collectives(g.backward_weight.gm)}
-    pipe.step(x, target=y)
-    runner = pipe._executor.overlap
-    out["multiplexed"] = sum(gm is not None for gm in runner._graphs.values()) if runner is not None else 0
+    for schedule, on_meta in runs:
+        pipe = _build(schedule, on_meta, pp_group, tp_mesh, x, y)
+        kinds = {n: (type(p).__name__, tuple(map(repr, p.placements)) if isinstance(p, DTensor) else None,
+                     tuple(p.shape)) for n, p in pipe.named_parameters()}
+        graphs = {s: {k: _collectives(getattr(st.flat_graphs, g).gm) for k, g in
+                      (("F", "forward"), ("I", "backward_input"), ("W", "backward_weight"))}
+                  for s, st in pipe.stages.items()}
+        trace = _train(pipe, x, y, steps, lr)
+        runner = pipe._executor.overlap
+        state = pipe.state_dict()
+        out[(schedule, on_meta)] = {
+            "steps": trace, "kinds": kinds, "graphs": graphs,
+            "multiplexed": sum(gm is not None for gm in runner._graphs.values()),
+            "state": {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state.items()},
+            "plan_params": pipe.memory_plan().ranks[0].params,
+            "local_param_bytes": sum(p.to_local().nbytes if isinstance(p, DTensor) else p.nbytes
+                                     for p in pipe.parameters())}
     return out
+
+
+def refused(rank, world) -> str:
+    """A ParallelStyle of the user's own on one module: compile() refuses it on every rank,
+    before any communication, naming the module and the style."""
+    from torch.distributed.tensor import distribute_module
+    from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
+
+    class ScaledInput(ParallelStyle):
+        def _apply(self, module, mesh):
+            return distribute_module(module, mesh, input_fn=lambda mod, inputs, mesh: inputs)
+
+    pp_group, tp_mesh = _meshes()
+    x, y = batch()
+    model = parallelize_module(Decoder(), tp_mesh, {**plan(), "layers.1.feed_forward.w2": ScaledInput()})
+    try:
+        dualpipe_fx.compile(model, loss_fn, (x[:2],), y[:2], num_microbatches=C, group=pp_group)
+    except ValueError as err:
+        return str(err)
+    return "not refused"
+
+
+_PLACEMENTS = ("R", "S0", "S1", "S-1", "P")
+
+
+def _placement(code: str):
+    from torch.distributed.tensor import Partial, Replicate, Shard
+    return Replicate() if code == "R" else Partial() if code == "P" else Shard(int(code[1:]))
+
+
+def _local(full: torch.Tensor, code: str, size: int, index: int) -> torch.Tensor:
+    """This rank's local tensor of ``full`` placed ``code`` (Partial: unequal parts summing to it)."""
+    if code == "R":
+        return full.clone()
+    if code == "P":
+        return full * (0.25 if index == 0 else 0.75 / (size - 1))
+    return full.chunk(size, dim=int(code[1:]))[index].clone()
+
+
+def _one_op_case(case: dict, mesh, tp) -> list[str]:
+    """Our local op and DTensor's on one drawn case: outputs and input grads; mismatches."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    from dualpipe_fx.runtime.tp_ops import into_sharded_matmul, redistribute
+
+    size, index = mesh.size(), mesh.get_local_rank()
+    gen = torch.Generator().manual_seed(case["seed"])
+    full = torch.randn([2 * d for d in case["shape"]], generator=gen)
+    src = _placement(case["src"])
+    ours_x = _local(full, case["src"], size, index).requires_grad_()
+    theirs_x = ours_x.detach().clone().requires_grad_()
+    theirs = DTensor.from_local(theirs_x, mesh, [src], run_check=False)
+    if case["matmul"]:  # ColwiseParallel's input into a matmul with Shard(0) weights
+        w = torch.randn(4, full.shape[-1], generator=gen)
+        w_local = w.chunk(size, 0)[index]
+        ours = torch.nn.functional.linear(into_sharded_matmul(ours_x, src, tp), w_local)
+        theirs = torch.nn.functional.linear(theirs.redistribute(mesh, [_placement("R")]),
+                                            DTensor.from_local(w_local, mesh, [Shard(0)], run_check=False))
+        grad = torch.randn(*full.shape[:-1], 4, generator=gen).chunk(size, -1)[index]
+    else:
+        dst = _placement(case["dst"])
+        ours = redistribute(ours_x, src, dst, tp)
+        theirs = theirs.redistribute(mesh, [dst])
+        grad = _local(torch.randn(full.shape, generator=gen), case["dst"], size, index)
+    theirs = theirs.to_local()
+    ours.backward(grad)
+    theirs.backward(grad)
+    bad = []
+    if not torch.allclose(ours, theirs, atol=1e-5):
+        bad.append(f"{case}: forward differs")
+    if not torch.allclose(ours_x.grad, theirs_x.grad, atol=1e-5):
+        bad.append(f"{case}: input grad differs")
+    return bad
+
+
+def ops_against_dtensor(rank, world, examples: int = 30) -> list[str]:
+    """runtime.tp_ops' redistributions and sharded-matmul input on hypothesis-drawn shapes and
+    placements against DTensor's own redistribute (and linear), forward and input grad, on
+    each TP group of 2. Drawn alike on every rank (derandomized, no shrinking) and never
+    raising inside the draw, so the ranks' collectives line up; returns the mismatches."""
+    from hypothesis import HealthCheck, Phase, given, settings, strategies as st
+
+    from dualpipe_fx.runtime.tp_ops import TPGroup
+
+    _, mesh = _meshes()
+    tp = TPGroup(mesh.get_group().group_name, mesh.size(), mesh.get_local_rank())
+    bad: list[str] = []
+
+    @settings(max_examples=examples, derandomize=True, database=None, deadline=None, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    @given(shape=st.lists(st.integers(1, 3), min_size=2, max_size=3), src=st.sampled_from(_PLACEMENTS),
+           dst=st.sampled_from(("R", "S0", "S1", "S-1")), matmul=st.booleans(), seed=st.integers(0, 2 ** 16))
+    def check(shape, src, dst, matmul, seed):
+        s, d = _placement(src), _placement(dst)
+        n = len(shape)
+        if not matmul and s.is_shard() and d.is_shard() and s.dim % n != d.dim % n:
+            return  # Shard(a) -> Shard(b): no TP style makes it (redistribute refuses it)
+        bad.extend(_one_op_case({"shape": shape, "src": src, "dst": dst, "matmul": matmul, "seed": seed},
+                                mesh, tp))
+
+    check()
+    return bad
+
+
+def all_cases(rank, world) -> dict:
+    """Every TP case in one spawned 4-rank job."""
+    return {"ops": ops_against_dtensor(rank, world), "refused": refused(rank, world), "train": pp_x_tp(rank, world)}
