@@ -264,6 +264,14 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
                 reduced over ``replica_group`` only and averaged like the rest (the grads of the
                 mean loss over ``dp_group``). In the shard modes they are ``DTensor``
                 ``Shard(0)`` parameters on a mesh over the EP group named ``"ep"``.
+        Tensor parallelism needs no option: a model parallelised with torch's
+            ``parallelize_module(model, tp_mesh, plan)`` (``ColwiseParallel``, ``RowwiseParallel``,
+            ``SequenceParallel``, ``PrepareModuleInput``/``Output``) names its 1-D TP mesh in its
+            DTensor parameters and hooks. Before tracing, its styles become local shards and traced
+            collectives (``runtime.tensor_parallel.localize``; it changes ``model`` in place);
+            ``parameters()`` are then ``DTensor`` parameters with the plan's placements and their
+            ``.grad`` ``DTensor``. Other styles, and TP beside ``dp_group``/``expert_parallel``, are
+            refused (ValueError, every rank, before any communication).
         mixed_precision: a ``torch.distributed.fsdp.MixedPrecisionPolicy`` (FSDP2's), or None
             (compute in the parameters' dtype). The stage graphs are traced with the
             floating-point parameters in ``param_dtype`` (activations, saved tensors, the cut's

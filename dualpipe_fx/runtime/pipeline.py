@@ -102,7 +102,9 @@ class Pipeline:
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """This rank's parameters under their original FQNs: the model's own objects, or with
         ``compile(dp_mode="shard" | "shard_grad_op")`` their ``DTensor`` shards over ``dp_group``
-        (what an optimizer steps on; the stage graphs read gathered copies)."""
+        (what an optimizer steps on; the stage graphs read gathered copies); for a tensor-parallel
+        model, ``DTensor`` parameters with the plan's placements around the local shards the
+        stage graphs read (``runtime.tensor_parallel``)."""
         yield from self._params.items()
 
     def parameters(self) -> Iterator[nn.Parameter]:
