@@ -3,9 +3,10 @@
 One spawned 4-rank job (``tp_cases.all_cases``) runs every case:
 - a llama-shaped decoder parallelised with torchtitan's llama3 plan (sequence parallel norms,
   rowwise vocab embedding, colwise head) through ``compile(..., group=pp_group)``, DualPipeV
-  (from the full model) and 1F1B (built and parallelised on meta, loaded from the full
-  state_dict): 3 SGD steps' losses, gathered grads and final weights equal one process on the
-  unsplit model; parameters and grads are DTensors with the plan's placements;
+  (from the full model; its state_dict saved with DCP) and 1F1B (built and parallelised on
+  meta, initialised per rank, then that checkpoint loaded with DCP into the other layout): 3
+  SGD steps' losses, gathered grads and final weights equal one process on the unsplit
+  model; parameters, state_dict entries and grads are DTensors with the plan's placements;
 - where the collectives went: every TP collective of F has its adjoint in I, and W is local
   on the stages with an input grad; F&B pairs ran merged;
 - the local comm ops against DTensor's own redistribute on hypothesis-drawn shapes and placements;
@@ -33,8 +34,8 @@ def _placement(name: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def results():
-    return run_ranks(tp_cases.all_cases, 4, timeout=600)
+def results(tmp_path_factory):
+    return run_ranks(tp_cases.all_cases, 4, args=(str(tmp_path_factory.mktemp("tp_dcp")),), timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def test_unknown_style_refused(results):
         assert "'layers.1.feed_forward.w2'" in msg and "ScaledInput" in msg and "Fix:" in msg, msg
 
 
-@pytest.mark.parametrize("run", [("dualpipev", False), ("1f1b", True)], ids=["dualpipev", "1f1b-meta-load"])
+@pytest.mark.parametrize("run", [("dualpipev", False), ("1f1b", True)], ids=["dualpipev", "1f1b-meta-dcp"])
 def test_pp_x_tp_equals_one_process(results, reference, run):
     steps, final = reference
     names = set()
@@ -78,7 +79,7 @@ def test_pp_x_tp_equals_one_process(results, reference, run):
     assert sum(v is not None for v in losses) == 2, "the loss on both TP ranks of the loss stage"
 
 
-@pytest.mark.parametrize("run", [("dualpipev", False), ("1f1b", True)], ids=["dualpipev", "1f1b-meta-load"])
+@pytest.mark.parametrize("run", [("dualpipev", False), ("1f1b", True)], ids=["dualpipev", "1f1b-meta-dcp"])
 def test_collectives_in_f_and_i(results, run):
     """F's all_gathers and reduce_scatters come back as reduce_scatters and all_gathers in I
     (a slice's backward has none); W is local on every stage with an input grad to send."""

@@ -27,6 +27,9 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
 
+    def reset_parameters(self) -> None:  # what a meta model's per-rank init calls
+        nn.init.ones_(self.weight)
+
     def forward(self, x):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
 
@@ -154,20 +157,26 @@ def _collectives(gm) -> list[str]:
     return [str(n.target).split(".")[1] for n in gm.graph.nodes if is_functional_collective(n)]
 
 
-def _build(schedule: str, on_meta: bool, pp_group, tp_mesh, x, y):
-    """The pipeline of the parallelised decoder: from the full model's weights (distributed by
-    parallelize_module), or built and parallelised on meta, each rank allocating its stages'
-    shards on the CPU and loading them from the unsplit model's full state_dict."""
+def _build(schedule: str, on_meta: bool, pp_group, tp_mesh, x, y, ckpt: str):
+    """The pipeline of the parallelised decoder. From the full model's weights (distributed by
+    parallelize_module), saving its state_dict() (DTensors) to ``ckpt`` with DCP; or built and
+    parallelised on meta, each rank allocating and initialising its stages' local shards on
+    the CPU, then loading that checkpoint with DCP (resharded to this pipeline's layout)."""
+    import torch.distributed.checkpoint as dcp
     from torch.distributed.tensor.parallel import parallelize_module
 
     if not on_meta:
-        return dualpipe_fx.compile(parallelize_module(Decoder(), tp_mesh, plan()), loss_fn, (x[:2],), y[:2],
+        pipe = dualpipe_fx.compile(parallelize_module(Decoder(), tp_mesh, plan()), loss_fn, (x[:2],), y[:2],
                                    schedule=schedule, num_microbatches=C, group=pp_group)
+        dcp.save(pipe.state_dict(), checkpoint_id=ckpt)
+        return pipe
     with torch.device("meta"):
         model = Decoder()
     pipe = dualpipe_fx.compile(parallelize_module(model, tp_mesh, plan()), loss_fn, (x[:2],), y[:2],
                                schedule=schedule, num_microbatches=C, group=pp_group, device="cpu")
-    pipe.load_state_dict(Decoder().state_dict(), strict=False)
+    state = pipe.state_dict()
+    dcp.load(state, checkpoint_id=ckpt)
+    pipe.load_state_dict(state)
     return pipe
 
 
@@ -189,7 +198,8 @@ def _train(pipe, x, y, steps: int, lr: float) -> list[dict]:
     return trace
 
 
-def pp_x_tp(rank, world, runs=(("dualpipev", False), ("1f1b", True)), steps: int = 3, lr: float = 0.1):
+def pp_x_tp(rank, world, ckpt: str, runs=(("dualpipev", False), ("1f1b", True)), steps: int = 3,
+            lr: float = 0.1):
     """PP=2 x TP=2, rank = 2 * pp + tp. Per (schedule, on_meta) run: each SGD step's loss (None off
     the loss rank), gathered grads and grad norm; the parameters' types, placements and global
     shapes; per local stage the collectives of F, I and W; the F&B pairs run merged; the
@@ -200,7 +210,7 @@ def pp_x_tp(rank, world, runs=(("dualpipev", False), ("1f1b", True)), steps: int
     x, y = batch()
     out = {}
     for schedule, on_meta in runs:
-        pipe = _build(schedule, on_meta, pp_group, tp_mesh, x, y)
+        pipe = _build(schedule, on_meta, pp_group, tp_mesh, x, y, ckpt)
         kinds = {n: (type(p).__name__, tuple(map(repr, p.placements)) if isinstance(p, DTensor) else None,
                      tuple(p.shape)) for n, p in pipe.named_parameters()}
         graphs = {s: {k: _collectives(getattr(st.flat_graphs, g).gm) for k, g in
@@ -321,6 +331,7 @@ def ops_against_dtensor(rank, world, examples: int = 30) -> list[str]:
     return bad
 
 
-def all_cases(rank, world) -> dict:
-    """Every TP case in one spawned 4-rank job."""
-    return {"ops": ops_against_dtensor(rank, world), "refused": refused(rank, world), "train": pp_x_tp(rank, world)}
+def all_cases(rank, world, ckpt: str) -> dict:
+    """Every TP case in one spawned 4-rank job (``ckpt``: a folder for the DCP checkpoint)."""
+    return {"ops": ops_against_dtensor(rank, world), "refused": refused(rank, world),
+            "train": pp_x_tp(rank, world, ckpt)}
