@@ -175,13 +175,15 @@ def _replica_fields(cut: dict, experts: Optional[ExpertParallel]) -> dict:
 
 def _localize_tp(model: nn.Module, par: Parallelism):
     """The model's tensor-parallel styles as local forms (``runtime.tensor_parallel``), or None;
-    refused beside data or expert parallelism (not composed yet), on every rank alike."""
+    refused beside expert parallelism and sharded data parallelism (not composed yet), on
+    every rank alike (``dp_mode="replicate"`` composes: it reduces the local shards' grads)."""
     tp = localize(model)
-    if tp is not None and (par.dp_group is not None or par.expert_parallel is not None):
+    if tp is not None and (par.expert_parallel is not None or par.dp_group is not None and par.dp_mode != "replicate"):
         raise ValueError("compile(): the model is tensor-parallel (DTensor parameters from parallelize_module) and "
-                         f"parallelism has dp_group={par.dp_group!r}, expert_parallel={par.expert_parallel!r}; "
-                         "expected the pipeline and TP alone: TP with data or expert parallelism is not composed "
-                         "yet. Fix: Parallelism() (no dp_group / expert_parallel) with a TP model")
+                         f"parallelism has dp_mode={par.dp_mode!r} over a dp_group, expert_parallel="
+                         f"{par.expert_parallel!r}; expected the pipeline and TP alone or with dp_mode='replicate': "
+                         "TP with sharded data parallelism or expert parallelism is not composed yet. Fix: "
+                         "Parallelism(dp_group, 'replicate') or no dp_group / expert_parallel with a TP model")
     return tp
 
 
@@ -270,8 +272,9 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
             DTensor parameters and hooks. Before tracing, its styles become local shards and traced
             collectives (``runtime.tensor_parallel.localize``; it changes ``model`` in place);
             ``parameters()`` are then ``DTensor`` parameters with the plan's placements and their
-            ``.grad`` ``DTensor``. Other styles, and TP beside ``dp_group``/``expert_parallel``, are
-            refused (ValueError, every rank, before any communication).
+            ``.grad`` ``DTensor``. It composes with ``dp_mode="replicate"`` (the local shards' grads
+            are all-reduced over ``dp_group``); other styles, TP beside the shard modes or
+            ``expert_parallel`` are refused (ValueError, every rank, before any communication).
         mixed_precision: a ``torch.distributed.fsdp.MixedPrecisionPolicy`` (FSDP2's), or None
             (compute in the parameters' dtype). The stage graphs are traced with the
             floating-point parameters in ``param_dtype`` (activations, saved tensors, the cut's

@@ -89,6 +89,8 @@ class Pipeline:
         # runtime.data_parallel.DataParallel or None; in its shard modes _params are its DTensor shards
         self._data_parallel = data_parallel
         self._params = data_parallel.params if data_parallel is not None else named_params(stages)
+        # the tensors whose .grad the step writes and syncs; _params shows them to the user
+        self._grad_params = self._params
         # runtime.tensor_parallel.TensorParallel or None: _params are then its DTensor parameters
         self._tensor_parallel = tensor_parallel
         if tensor_parallel is not None:
@@ -334,7 +336,8 @@ class Pipeline:
         dp = self._data_parallel
         if dp is not None:
             dp.begin_step(forward_only)  # earlier grads set aside: they are reduced already
-        earlier = {} if forward_only or dp else set_aside_shared_grads(self._params, self._holders, self.rank)
+        earlier = {} if forward_only or dp else set_aside_shared_grads(self._grad_params, self._holders,
+                                                                                 self.rank)
         self._run(forward_only)
         reduced = self._finish_data_parallel()
         action, error = self._executor.failure or (None, None)
@@ -345,14 +348,14 @@ class Pipeline:
         try:
             if forward_only:
                 return self._gather_outputs()
-            if tp is not None:  # partial grads all-reduced over TP; .grad of the DTensor parameters
-                tp.finish_step()
             if dp is not None:  # reduced over dp per holder, then summed over the holders (data_parallel.py)
                 reduced.update(sum_shared_grads(reduced, self._holders, self.group, self.rank, self.timeout)
                                if self._holders else {})
                 dp.assign(reduced)
             elif self._holders:
-                sync_shared_grads(self._params, self._holders, self.group, self.rank, self.timeout, earlier)
+                sync_shared_grads(self._grad_params, self._holders, self.group, self.rank, self.timeout, earlier)
+            if tp is not None:  # partial grads all-reduced over TP; .grad of the DTensor parameters
+                tp.finish_step()
             return self._gather_loss()
         except PeerTimeoutError as err:
             self._break(err)

@@ -229,6 +229,25 @@ def pp_x_tp(rank, world, ckpt: str, runs=(("dualpipev", False), ("1f1b", True)),
     return out
 
 
+def pp_dp_tp(rank, world, pp: int = 1, dp: int = 2, tp: int = 2, schedule: str = "dualpipev", steps: int = 3,
+             lr: float = 0.1) -> dict:
+    """PP x DP x TP on a (pp, dp, tp) mesh, ``dp_mode="replicate"``: replica ``d`` steps on its
+    half of the batch (the reference takes the whole). Each step's loss (None off the loss
+    ranks) with this rank's replica index, and the gathered grads."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    mesh = init_device_mesh("cpu", (pp, dp, tp), mesh_dim_names=("pp", "dp", "tp"))
+    x, y = batch()
+    index, rows = mesh["dp"].get_local_rank(), x.shape[0] // dp
+    x, y = x[index * rows:(index + 1) * rows], y[index * rows:(index + 1) * rows]
+    mb = rows // C
+    pipe = dualpipe_fx.compile(parallelize_module(Decoder(), mesh["tp"], plan()), loss_fn, (x[:mb],), y[:mb],
+                               schedule=schedule, num_microbatches=C, group=mesh["pp"].get_group(),
+                               parallelism=dualpipe_fx.Parallelism(mesh["dp"].get_group(), "replicate"))
+    return {"replica": index, "steps": _train(pipe, x, y, steps, lr)}
+
+
 def refused(rank, world) -> str:
     """A ParallelStyle of the user's own on one module: compile() refuses it on every rank,
     before any communication, naming the module and the style."""
@@ -334,4 +353,4 @@ def ops_against_dtensor(rank, world, examples: int = 30) -> list[str]:
 def all_cases(rank, world, ckpt: str) -> dict:
     """Every TP case in one spawned 4-rank job (``ckpt``: a folder for the DCP checkpoint)."""
     return {"ops": ops_against_dtensor(rank, world), "refused": refused(rank, world),
-            "train": pp_x_tp(rank, world, ckpt)}
+            "train": pp_x_tp(rank, world, ckpt), "dp": pp_dp_tp(rank, world)}
