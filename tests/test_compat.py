@@ -120,7 +120,8 @@ def test_tp_style_hooks_read_parallelize_modules_closures():
             for table, hook_id, closure in _compat.tp_style_hooks(child):
                 assert table[hook_id] is not None and closure["device_mesh"] is mesh
                 fn = closure.get("input_fn", closure.get("output_fn"))
-                seen.append(fn.func.__qualname__ if isinstance(fn, functools.partial) else type(closure["self"]).__name__)
+                seen.append(fn.func.__qualname__ if isinstance(fn, functools.partial)
+                            else type(closure["self"]).__name__)
         assert seen == ["ColwiseParallel._prepare_input_fn", "PrepareModuleInput", "ColwiseParallel._prepare_output_fn",
                         "RowwiseParallel._prepare_input_fn", "RowwiseParallel._prepare_output_fn",
                         "SequenceParallel._prepare_input_fn", "SequenceParallel._prepare_output_fn"]

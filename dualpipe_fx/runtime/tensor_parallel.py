@@ -39,7 +39,8 @@ styles, loss parallel), DTensor parameters on a module without a supported style
 that is not 1-D, or several meshes.
 
 **Contract**: ``localize(model) -> TensorParallel | None`` (None: no DTensor parameter);
-mutates ``model`` in place (local parameters, local-form classes and hooks).
+mutates ``model`` in place (local parameters, local-form classes and hooks) and remembers
+the layout on it, so a second ``compile()`` of the same model finds it again.
 """
 from __future__ import annotations
 
@@ -121,7 +122,7 @@ class _LocalStyle(nn.Module):
     ``_tp_out`` (placements) and ``_tp_local_out`` are set on the instance."""
 
     def _tp_finish(self, y):
-        _, _, Shard = _placements()
+        """``y`` (placed as this style makes it: ``_tp_made``) placed ``output_layouts``."""
         y = redistribute(y, self._tp_made, self._tp_out, self._tp_layouts.tp)
         return self._tp_layouts.record(y, self._tp_out, self._tp_local_out)
 
@@ -271,15 +272,13 @@ class TensorParallel:
         local tensor is the one the stage graphs read (an optimizer's in-place step reaches them)."""
         out = {}
         for name, t in state.items():
-            if name in self.specs and isinstance(t, nn.Parameter):
-                if name not in self._public:
-                    self._local[name] = t
-                    self._public[name] = nn.Parameter(self._dtensor(name, t.detach()), requires_grad=t.requires_grad)
-                out[name] = self._public[name]
-            elif name in self.specs:  # a buffer the plan placed: its local part, wrapped
-                out[name] = self._dtensor(name, t)
-            else:
+            if name not in self.specs:
                 out[name] = t
+                continue
+            if name not in self._public:
+                self._local[name] = t
+                self._public[name] = nn.Parameter(self._dtensor(name, t.detach()), requires_grad=t.requires_grad)
+            out[name] = self._public[name]
         return out
 
     def finish_step(self) -> None:
@@ -333,9 +332,6 @@ class TensorParallel:
                 part = part.chunk(self.size, dim=placement.dim)[self.mesh.get_local_rank()]
         return part
 
-    def loadable_shapes(self, name: str, held: torch.Tensor) -> set[tuple[int, ...]]:
-        return {tuple(self.specs[name].shape)} if name in self.specs else set()
-
 
 def _mesh_of(meshes: dict) -> object:
     if len(meshes) != 1:
@@ -377,7 +373,8 @@ def _install_module_style(fqn, module, hooks, layouts: Layouts, mesh) -> set[str
     (style, in_args), (_, out_args) = hooks["input_fn"], hooks["output_fn"]
     kind = nn.Linear if isinstance(module, nn.Linear) else nn.Embedding if isinstance(module, nn.Embedding) else None
     if kind is None:
-        raise _refuse(fqn, module, f"{style} on a {type(module).__name__} (torch's style takes nn.Linear and nn.Embedding)")
+        raise _refuse(fqn, module, f"{style} on a {type(module).__name__} (torch's style takes nn.Linear "
+                                   "and nn.Embedding)")
     _check_params(fqn, module, style, kind, mesh)
     module.__class__ = _local_class(_LOCAL_CLASSES[(style, kind)], type(module))
     module._tp_layouts = layouts
@@ -410,6 +407,9 @@ def localize(model: nn.Module) -> Optional[TensorParallel]:
             DTensor parameters outside a supported style, several or multi-dim meshes.
     """
     from torch.distributed.tensor import DTensor
+    done = model.__dict__.get("_dpfx_tensor_parallel")
+    if done is not None:  # localized by an earlier compile(): its parameters are local shards now
+        return TensorParallel(*done)
     dparams = {n: p for n, p in model.named_parameters() if isinstance(p, DTensor)}
     meshes = {p.device_mesh: p.device_mesh for p in dparams.values()}  # DeviceMesh hashes by layout
     styled = {fqn: _styles(m, meshes) for fqn, m in model.named_modules()}
@@ -427,6 +427,7 @@ def localize(model: nn.Module) -> Optional[TensorParallel]:
         for name, p in list(module.named_parameters(recurse=False)):
             if isinstance(p, DTensor):
                 module.register_parameter(name, nn.Parameter(p.to_local().detach(), requires_grad=p.requires_grad))
+    model.__dict__["_dpfx_tensor_parallel"] = (mesh, specs)
     return TensorParallel(mesh, specs)
 
 

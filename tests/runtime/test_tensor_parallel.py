@@ -7,6 +7,7 @@ One spawned 4-rank job (``tp_cases.all_cases``) runs every case:
   meta, initialised per rank, then that checkpoint loaded with DCP into the other layout): 3
   SGD steps' losses, gathered grads and final weights equal one process on the unsplit
   model; parameters, state_dict entries and grads are DTensors with the plan's placements;
+- PP=1 x DP=2 x TP=2 with ``dp_mode="replicate"`` against one process on the whole batch;
 - where the collectives went: every TP collective of F has its adjoint in I, and W is local
   on the stages with an input grad; F&B pairs ran merged;
 - the local comm ops against DTensor's own redistribute on hypothesis-drawn shapes and placements;
@@ -94,3 +95,16 @@ def test_collectives_in_f_and_i(results, run):
                 adjoints = sorted(_ADJOINT[c] for c in graphs["F"])
                 backward = sorted(graphs["I"])
                 assert all(c in adjoints for c in backward), (stage, graphs)
+
+
+def test_dp_x_tp_equals_one_process(results, reference):
+    """PP=1 x DP=2 x TP=2, dp_mode="replicate": the mean of the replicas' losses and the
+    gathered grads equal one process on the whole batch."""
+    steps, _ = reference
+    for step, ref in enumerate(steps):
+        losses = {out["dp"]["replica"]: out["dp"]["steps"][step]["loss"] for out in results}
+        assert sum(losses.values()) / len(losses) == pytest.approx(ref["loss"], rel=1e-6), (step, losses)
+        for rank, out in enumerate(results):
+            for name, grad in out["dp"]["steps"][step]["grads"].items():
+                torch.testing.assert_close(grad, ref["grads"][name], rtol=1e-4, atol=1e-6,
+                                           msg=lambda m: f"rank {rank} step {step} {name}: {m}")

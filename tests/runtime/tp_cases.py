@@ -112,7 +112,8 @@ def plan() -> dict:
     for i in range(LAYERS):
         out.update({
             f"layers.{i}.attention_norm": SequenceParallel(),
-            f"layers.{i}.attention": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            f"layers.{i}.attention": PrepareModuleInput(input_layouts=(Shard(1),),
+                                                        desired_input_layouts=(Replicate(),)),
             f"layers.{i}.attention.wq": ColwiseParallel(),
             f"layers.{i}.attention.wk": ColwiseParallel(),
             f"layers.{i}.attention.wv": ColwiseParallel(),
