@@ -8,8 +8,8 @@ One spawned 4-rank job (``tp_cases.all_cases``) runs every case:
   SGD steps' losses, gathered grads and final weights equal one process on the unsplit
   model; parameters, state_dict entries and grads are DTensors with the plan's placements;
 - PP=1 x DP=2 x TP=2 with ``dp_mode="replicate"`` against one process on the whole batch;
-- where the collectives went: every TP collective of F has its adjoint in I, and W is local
-  on the stages with an input grad; F&B pairs ran merged;
+- where the collectives went: every TP collective of I is the adjoint of one in F, and W is
+  local on every stage; F&B pairs ran merged;
 - the local comm ops against DTensor's own redistribute on hypothesis-drawn shapes and placements;
 - a ParallelStyle of the user's own refused, naming the module and the style.
 """
@@ -83,18 +83,18 @@ def test_pp_x_tp_equals_one_process(results, reference, run):
 @pytest.mark.parametrize("run", [("dualpipev", False), ("1f1b", True)], ids=["dualpipev", "1f1b-meta-dcp"])
 def test_collectives_in_f_and_i(results, run):
     """F's all_gathers and reduce_scatters come back as reduce_scatters and all_gathers in I
-    (a slice's backward has none); W is local on every stage with an input grad to send."""
+    (a slice's backward has none); W is local on every stage, the first (token ids, no input
+    grad) included."""
     for out in results:
         got = out["train"][run]
         if run[0] == "dualpipev":
             assert got["multiplexed"] > 0, "F&B pairs ran as merged graphs"
         for stage, graphs in got["graphs"].items():
             assert graphs["F"], f"stage {stage}: no TP collective traced into F"
-            if graphs["I"] or stage != 0:  # stage 0 takes token ids: its whole backward is W
-                assert graphs["W"] == [], f"stage {stage}: W holds {graphs['W']}"
-                adjoints = sorted(_ADJOINT[c] for c in graphs["F"])
-                backward = sorted(graphs["I"])
-                assert all(c in adjoints for c in backward), (stage, graphs)
+            assert graphs["I"], f"stage {stage}: no TP collective traced into I"
+            assert graphs["W"] == [], f"stage {stage}: W holds {graphs['W']}"
+            adjoints = [_ADJOINT[c] for c in graphs["F"]]
+            assert all(graphs["I"].count(c) <= adjoints.count(c) for c in set(graphs["I"])), (stage, graphs)
 
 
 def test_dp_x_tp_equals_one_process(results, reference):
