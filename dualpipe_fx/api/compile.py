@@ -355,6 +355,8 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
                                   split_points=split_points, example_kwargs=example_kwargs, device=device,
                                   only_stages=mine, memory=mem, mixed_precision=mixed_precision)
         partition = parts.partition
+        if tensor_parallel is not None:
+            tensor_parallel.check_traced()
         check_compile_stages(compile_stages, partition.captured.gm)
         names = local_names(partition.stages, mine, partition.captured.param_aliases)
         pending = materialize(model, names, device, param_init_fn)

@@ -91,6 +91,7 @@ class Layouts:
         # matmul gathers those again with a reduce_scatter backward (Megatron's SP) instead of
         # an all_reduce after the gather's slice; the first gather is then dead code if unused
         self.gathered_from = WeakIdKeyDictionary()
+        self.refusals: list[str] = []  # what a trace met that the local form cannot run
 
     def of(self, t, declared):
         return self.placed.get(t, declared) if isinstance(t, torch.Tensor) else declared
@@ -250,12 +251,22 @@ def _style_of(closure: Mapping) -> tuple[str, object]:
 class TensorParallel:
     """This rank's TP layout: the local form's specs, and the DTensor parameters it shows."""
 
-    def __init__(self, mesh, specs: Mapping[str, ParamSpec]) -> None:
+    def __init__(self, mesh, specs: Mapping[str, ParamSpec], layouts: Layouts) -> None:
         self.mesh = mesh
+        self.layouts = layouts
         self.group = mesh.get_group()
         self.specs = dict(specs)
         self._public: dict[str, nn.Parameter] = {}
         self._local: dict[str, torch.Tensor] = {}
+
+    def check_traced(self) -> None:
+        """Raise what the traces met that the local form cannot run (every rank traces alike).
+
+        Raises:
+            ValueError: a sharded DTensor model output.
+        """
+        if self.layouts.refusals:
+            raise ValueError(self.layouts.refusals[0])
 
     @property
     def size(self) -> int:
@@ -427,8 +438,27 @@ def localize(model: nn.Module) -> Optional[TensorParallel]:
         for name, p in list(module.named_parameters(recurse=False)):
             if isinstance(p, DTensor):
                 module.register_parameter(name, nn.Parameter(p.to_local().detach(), requires_grad=p.requires_grad))
-    model.__dict__["_dpfx_tensor_parallel"] = (mesh, specs)
-    return TensorParallel(mesh, specs)
+    model.register_forward_hook(functools.partial(_check_outputs, layouts))
+    model.__dict__["_dpfx_tensor_parallel"] = (mesh, specs, layouts)
+    return TensorParallel(mesh, specs, layouts)
+
+
+def _check_outputs(layouts: Layouts, module, inputs, output) -> None:
+    """Note a model output that is a sharded DTensor (``use_local_output=False`` on the last
+    style, e.g. for loss parallelism): the loss would see DTensor's global values, the local
+    form only this rank's part. ``TensorParallel.check_traced`` raises it after the trace
+    (raised here, torch.export would wrap it in its own advice)."""
+    from torch.utils._pytree import tree_leaves
+    for leaf in tree_leaves(output):
+        placement = layouts.of(leaf, None)
+        if placement is not None and not placement.is_replicate():
+            layouts.refusals.append(
+                f"tensor parallelism: the model returns a DTensor placed {placement!r} (a style with "
+                "use_local_output=False, e.g. for loss parallelism); expected replicated outputs: dualpipe_fx "
+                "runs the styles as local tensors, and the loss would see this rank's part only. Fix: give the "
+                "last style output_layouts=Replicate() (e.g. ColwiseParallel(output_layouts=Replicate()) on the "
+                "head), or use_local_output=True if the loss is meant for the local part")
+            return
 
 
 def _localize_module(fqn: str, module: nn.Module, hooks: dict, layouts: Layouts, mesh) -> set[str]:

@@ -7,11 +7,13 @@ One spawned 4-rank job (``tp_cases.all_cases``) runs every case:
   meta, initialised per rank, then that checkpoint loaded with DCP into the other layout): 3
   SGD steps' losses, gathered grads and final weights equal one process on the unsplit
   model; parameters, state_dict entries and grads are DTensors with the plan's placements;
-- PP=1 x DP=2 x TP=2 with ``dp_mode="replicate"`` against one process on the whole batch;
+- PP=1 x DP=2 x TP=2 with ``dp_mode="replicate"`` on a net of the other styles and placements
+  against one process on the whole batch;
 - where the collectives went: every TP collective of I is the adjoint of one in F, and W is
   local on every stage; F&B pairs ran merged;
 - the local comm ops against DTensor's own redistribute on hypothesis-drawn shapes and placements;
-- a ParallelStyle of the user's own refused, naming the module and the style.
+- a ParallelStyle of the user's own refused, naming the module and the style; a sharded DTensor
+  model output (loss parallel's head) refused.
 """
 from __future__ import annotations
 
@@ -49,10 +51,12 @@ def test_local_ops_equal_dtensor(results):
         assert out["ops"] == [], f"rank {rank}: {out['ops'][:5]}"
 
 
-def test_unknown_style_refused(results):
+def test_unknown_style_and_sharded_output_refused(results):
     for out in results:
-        msg = out["refused"]
-        assert "'layers.1.feed_forward.w2'" in msg and "ScaledInput" in msg and "Fix:" in msg, msg
+        msg = out["refused"]["style"]
+        assert msg.startswith("ValueError") and "'layers.1.feed_forward.w2'" in msg and "ScaledInput" in msg, msg
+        msg = out["refused"]["output"]
+        assert msg.startswith("ValueError") and "Shard(dim=-1)" in msg and "output_layouts=Replicate()" in msg, msg
 
 
 @pytest.mark.parametrize("run", [("dualpipev", False), ("1f1b", True)], ids=["dualpipev", "1f1b-meta-dcp"])
@@ -97,10 +101,12 @@ def test_collectives_in_f_and_i(results, run):
             assert all(graphs["I"].count(c) <= adjoints.count(c) for c in set(graphs["I"])), (stage, graphs)
 
 
-def test_dp_x_tp_equals_one_process(results, reference):
-    """PP=1 x DP=2 x TP=2, dp_mode="replicate": the mean of the replicas' losses and the
-    gathered grads equal one process on the whole batch."""
-    steps, _ = reference
+def test_dp_x_tp_equals_one_process(results):
+    """PP=1 x DP=2 x TP=2, dp_mode="replicate", on MixNet (the other styles: colwise embedding,
+    PrepareModuleOutput, SequenceParallel LayerNorm with bias, a DTensor output through gelu,
+    a plain layer): the mean of the replicas' losses and the gathered grads equal one process
+    on the whole batch."""
+    steps, _ = tp_cases.reference(steps=3, model_cls=tp_cases.MixNet)
     for step, ref in enumerate(steps):
         losses = {out["dp"]["replica"]: out["dp"]["steps"][step]["loss"] for out in results}
         assert sum(losses.values()) / len(losses) == pytest.approx(ref["loss"], rel=1e-6), (step, losses)

@@ -90,6 +90,49 @@ class Decoder(nn.Module):
         return self.output(self.norm(h))
 
 
+class MixNet(nn.Module):
+    """The other styles and placements, without the decoder's structure: a colwise embedding
+    with a replicated output, a Megatron MLP (colwise with bias, rowwise to Replicate), a
+    PrepareModuleOutput splitting the sequence, a SequenceParallel LayerNorm (weight and bias),
+    a colwise layer with a DTensor output (use_local_output=False) through gelu into a rowwise
+    one, and a plain (unparallelised) layer norm on replicated values."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.emb = nn.Embedding(VOCAB, DIM)
+            self.fc1, self.fc2 = nn.Linear(DIM, HIDDEN), nn.Linear(HIDDEN, DIM)
+            self.plain = nn.LayerNorm(DIM)
+            self.split = nn.Identity()
+            self.ln = nn.LayerNorm(DIM)
+            self.fc3, self.fc4 = nn.Linear(DIM, HIDDEN), nn.Linear(HIDDEN, DIM)
+            self.head = nn.Linear(DIM, VOCAB, bias=False)
+            for m in (self.plain, self.ln):
+                nn.init.normal_(m.weight, 1.0, 0.1)
+                nn.init.normal_(m.bias, 0.0, 0.1)
+
+    def forward(self, tokens):
+        h = self.emb(tokens)
+        h = self.plain(h + self.fc2(F.gelu(self.fc1(h))))
+        h = self.ln(self.split(h))
+        h = h + self.fc4(F.gelu(self.fc3(h)))
+        return self.head(h)
+
+
+def mix_plan() -> dict:
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleOutput, RowwiseParallel,
+                                                   SequenceParallel)
+
+    return {"emb": ColwiseParallel(output_layouts=Replicate()), "fc1": ColwiseParallel(), "fc2": RowwiseParallel(),
+            "split": PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(1)),
+            "ln": SequenceParallel(),
+            "fc3": ColwiseParallel(input_layouts=Shard(1), use_local_output=False),
+            "fc4": RowwiseParallel(output_layouts=Shard(1)),
+            "head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate())}
+
+
 def loss_fn(logits, target):
     return F.cross_entropy(logits.flatten(0, 1), target.flatten())
 
@@ -128,9 +171,9 @@ def plan() -> dict:
     return out
 
 
-def reference(steps: int = 3, lr: float = 0.1):
+def reference(steps: int = 3, lr: float = 0.1, model_cls=None):
     """One process, the unsplit model: per step the loss and the grads, SGD between steps."""
-    model = Decoder()
+    model = (model_cls or Decoder)()
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     x, y = batch()
     out = []
@@ -191,10 +234,11 @@ def _train(pipe, x, y, steps: int, lr: float) -> list[dict]:
         opt.zero_grad()
         loss = pipe.step(x, target=y)
         grads = {n: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad for n, p in params.items()}
-        norm = torch.nn.utils.clip_grad_norm_(list(params.values()), 1e9)  # DTensor grads: torch's own norm
-        trace.append({"loss": None if loss is None else loss.item(), "grads": grads,
-                      "grad_types": {n: type(p.grad).__name__ for n, p in params.items()},
-                      "norm": norm.full_tensor().item() if isinstance(norm, DTensor) else norm.item()})
+        norm = None
+        if all(isinstance(p, DTensor) for p in params.values()):  # torch's own norm of DTensor grads
+            norm = torch.nn.utils.clip_grad_norm_(list(params.values()), 1e9).full_tensor().item()
+        trace.append({"loss": None if loss is None else loss.item(), "grads": grads, "norm": norm,
+                      "grad_types": {n: type(p.grad).__name__ for n, p in params.items()}})
         opt.step()
     return trace
 
@@ -231,10 +275,11 @@ def pp_x_tp(rank, world, ckpt: str, runs=(("dualpipev", False), ("1f1b", True)),
 
 
 def pp_dp_tp(rank, world, pp: int = 1, dp: int = 2, tp: int = 2, schedule: str = "dualpipev", steps: int = 3,
-             lr: float = 0.1) -> dict:
+             lr: float = 0.1, mixed: bool = False) -> dict:
     """PP x DP x TP on a (pp, dp, tp) mesh, ``dp_mode="replicate"``: replica ``d`` steps on its
     half of the batch (the reference takes the whole). Each step's loss (None off the loss
-    ranks) with this rank's replica index, and the gathered grads."""
+    ranks) with this rank's replica index, and the gathered grads. ``mixed``: MixNet under
+    mix_plan instead of the decoder."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import parallelize_module
 
@@ -243,15 +288,31 @@ def pp_dp_tp(rank, world, pp: int = 1, dp: int = 2, tp: int = 2, schedule: str =
     index, rows = mesh["dp"].get_local_rank(), x.shape[0] // dp
     x, y = x[index * rows:(index + 1) * rows], y[index * rows:(index + 1) * rows]
     mb = rows // C
-    pipe = dualpipe_fx.compile(parallelize_module(Decoder(), mesh["tp"], plan()), loss_fn, (x[:mb],), y[:mb],
+    model = parallelize_module(MixNet(), mesh["tp"], mix_plan()) if mixed else \
+        parallelize_module(Decoder(), mesh["tp"], plan())
+    pipe = dualpipe_fx.compile(model, loss_fn, (x[:mb],), y[:mb],
                                schedule=schedule, num_microbatches=C, group=mesh["pp"].get_group(),
                                parallelism=dualpipe_fx.Parallelism(mesh["dp"].get_group(), "replicate"))
     return {"replica": index, "steps": _train(pipe, x, y, steps, lr)}
 
 
-def refused(rank, world) -> str:
-    """A ParallelStyle of the user's own on one module: compile() refuses it on every rank,
-    before any communication, naming the module and the style."""
+def mixed_styles(rank, world, schedule: str = "1f1b", steps: int = 3, lr: float = 0.1) -> list[dict]:
+    """MixNet under mix_plan, PP=2 x TP=2: each SGD step's loss and gathered grads."""
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    pp_group, tp_mesh = _meshes()
+    x, y = batch()
+    pipe = dualpipe_fx.compile(parallelize_module(MixNet(), tp_mesh, mix_plan()), loss_fn, (x[:2],), y[:2],
+                               schedule=schedule, num_microbatches=C, group=pp_group)
+    return _train(pipe, x, y, steps, lr)
+
+
+def refused(rank, world) -> dict[str, str]:
+    """compile()'s messages: a ParallelStyle of the user's own on one module (refused on every
+    rank before any communication, naming the module and the style); a sharded DTensor model
+    output (loss parallel's head; refused when the trace meets it)."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel
     from torch.distributed.tensor import distribute_module
     from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
 
@@ -261,12 +322,17 @@ def refused(rank, world) -> str:
 
     pp_group, tp_mesh = _meshes()
     x, y = batch()
-    model = parallelize_module(Decoder(), tp_mesh, {**plan(), "layers.1.feed_forward.w2": ScaledInput()})
-    try:
-        dualpipe_fx.compile(model, loss_fn, (x[:2],), y[:2], num_microbatches=C, group=pp_group)
-    except ValueError as err:
-        return str(err)
-    return "not refused"
+    out = {}
+    for case, change in (("style", {"layers.1.feed_forward.w2": ScaledInput()}),
+                         ("output", {"output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1),
+                                                               use_local_output=False)})):
+        try:
+            dualpipe_fx.compile(parallelize_module(Decoder(), tp_mesh, {**plan(), **change}), loss_fn, (x[:2],),
+                                y[:2], num_microbatches=C, group=pp_group)
+            out[case] = "not refused"
+        except Exception as err:  # noqa: BLE001 - the test reads the type and the message
+            out[case] = f"{type(err).__name__}: {err}"
+    return out
 
 
 _PLACEMENTS = ("R", "S0", "S1", "S-1", "P")
@@ -354,4 +420,4 @@ def ops_against_dtensor(rank, world, examples: int = 30) -> list[str]:
 def all_cases(rank, world, ckpt: str) -> dict:
     """Every TP case in one spawned 4-rank job (``ckpt``: a folder for the DCP checkpoint)."""
     return {"ops": ops_against_dtensor(rank, world), "refused": refused(rank, world),
-            "train": pp_x_tp(rank, world, ckpt), "dp": pp_dp_tp(rank, world)}
+            "train": pp_x_tp(rank, world, ckpt), "dp": pp_dp_tp(rank, world, mixed=True)}
