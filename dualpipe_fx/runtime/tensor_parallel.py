@@ -378,15 +378,11 @@ def _check_params(fqn: str, module: nn.Module, style: str, kind: type, mesh) -> 
         raise _refuse(fqn, module, f"{style} with max_norm={module.max_norm} (it renormalises rows in place)")
 
 
-def _install_module_style(fqn, module, hooks, layouts: Layouts, mesh) -> set[str]:
+def _install_module_style(module, hooks, layouts: Layouts) -> set[str]:
     """Swap a Colwise/Rowwise-parallel Linear or Embedding for its local form."""
-    Partial, Replicate, Shard = _placements()
+    Partial, _, Shard = _placements()
     (style, in_args), (_, out_args) = hooks["input_fn"], hooks["output_fn"]
-    kind = nn.Linear if isinstance(module, nn.Linear) else nn.Embedding if isinstance(module, nn.Embedding) else None
-    if kind is None:
-        raise _refuse(fqn, module, f"{style} on a {type(module).__name__} (torch's style takes nn.Linear "
-                                   "and nn.Embedding)")
-    _check_params(fqn, module, style, kind, mesh)
+    kind = nn.Linear if isinstance(module, nn.Linear) else nn.Embedding
     module.__class__ = _local_class(_LOCAL_CLASSES[(style, kind)], type(module))
     module._tp_layouts = layouts
     module._tp_in = in_args[0][0]
@@ -429,6 +425,8 @@ def localize(model: nn.Module) -> Optional[TensorParallel]:
     mesh = _mesh_of(meshes)
     group = mesh.get_group()
     layouts = Layouts(TPGroup(group.group_name, mesh.size(), mesh.get_local_rank()))
+    for fqn, module in model.named_modules():
+        _check_module(fqn, module, styled[fqn], mesh)
     partial: set[str] = set()
     for fqn, module in model.named_modules():
         partial |= {f"{fqn}.{n}" if fqn else n for n in _localize_module(fqn, module, styled[fqn], layouts, mesh)}
@@ -461,27 +459,43 @@ def _check_outputs(layouts: Layouts, module, inputs, output) -> None:
             return
 
 
-def _localize_module(fqn: str, module: nn.Module, hooks: dict, layouts: Layouts, mesh) -> set[str]:
-    """Install the local form of ``module``'s styles; returns its parameters with partial grads."""
+_KNOWN = {"ColwiseParallel", "RowwiseParallel", "SequenceParallel", "PrepareModuleInput", "PrepareModuleOutput"}
+
+
+def _check_module(fqn: str, module: nn.Module, hooks: dict, mesh) -> None:
+    """Refuse what ``_localize_module`` cannot turn local; called for every module before
+    any is changed, so a refused model is left as it was."""
     from torch.distributed.tensor import DTensor
     names = {h[0] for h in hooks.values()}
     own = [n for n, p in module.named_parameters(recurse=False) if isinstance(p, DTensor)]
-    if not hooks:
-        if own:
-            raise _refuse(fqn, module, f"DTensor parameters {own} but no ParallelStyle dualpipe_fx reads")
-        return set()
-    unknown = names - {"ColwiseParallel", "RowwiseParallel", "SequenceParallel", "PrepareModuleInput",
-                       "PrepareModuleOutput"}
+    if not hooks and own:
+        raise _refuse(fqn, module, f"DTensor parameters {own} but no ParallelStyle dualpipe_fx reads")
+    unknown = names - _KNOWN
     if unknown:
         raise _refuse(fqn, module, f"the style {sorted(unknown)[0]}")
+    if names & {"ColwiseParallel", "RowwiseParallel"}:
+        if "input_fn" not in hooks or "output_fn" not in hooks or len(hooks) != 2:
+            raise _refuse(fqn, module, f"styles {sorted(names)} together")
+        style = hooks["input_fn"][0]
+        kind = next((k for k in (nn.Linear, nn.Embedding) if isinstance(module, k)), None)
+        if kind is None:
+            raise _refuse(fqn, module, f"{style} on a {type(module).__name__} (torch's style takes nn.Linear "
+                                       "and nn.Embedding)")
+        _check_params(fqn, module, style, kind, mesh)
+    elif own and "SequenceParallel" not in names:
+        raise _refuse(fqn, module, f"DTensor parameters {own} under {sorted(names)}")
+
+
+def _localize_module(fqn: str, module: nn.Module, hooks: dict, layouts: Layouts, mesh) -> set[str]:
+    """Install the local form of ``module``'s styles (checked by ``_check_module``); returns
+    its parameters with partial grads."""
+    from torch.distributed.tensor import DTensor
+    names = {h[0] for h in hooks.values()}
     for _, _, table, hook_id in hooks.values():
         del table[hook_id]
         module._forward_pre_hooks_with_kwargs.pop(hook_id, None)
     if names & {"ColwiseParallel", "RowwiseParallel"}:
-        if "input_fn" not in hooks or "output_fn" not in hooks or len(hooks) != 2:
-            raise _refuse(fqn, module, f"styles {sorted(names)} together")
-        flat = {k: (v[0], v[1]) for k, v in hooks.items()}
-        return _install_module_style(fqn, module, flat, layouts, mesh)
+        return _install_module_style(module, {k: (v[0], v[1]) for k, v in hooks.items()}, layouts)
     partial: set[str] = set()
     if "SequenceParallel" in names:
         sharding = hooks["input_fn"][1][0][0]
@@ -489,9 +503,7 @@ def _localize_module(fqn: str, module: nn.Module, hooks: dict, layouts: Layouts,
         module.register_forward_pre_hook(functools.partial(_sequence_pre, layouts, sharding))
         module.register_forward_hook(functools.partial(_sequence_post, layouts, sharding, local))
         partial = {n for n, p in module.named_parameters(recurse=False) if isinstance(p, DTensor)}
-    elif own:
-        raise _refuse(fqn, module, f"DTensor parameters {own} under {sorted(names)}")
-    for key, (name, style, _, _) in hooks.items():
+    for name, style, _, _ in hooks.values():
         if name == "PrepareModuleInput":
             module.register_forward_pre_hook(functools.partial(_prepare_input_pre, layouts, style),
                                              with_kwargs=style.with_kwargs)
