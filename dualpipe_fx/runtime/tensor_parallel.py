@@ -111,9 +111,10 @@ class Layouts:
         src = self.of(x, declared)
         if src.is_replicate() and x in self.gathered_from:
             x, src = self.gathered_from[x]
-        if x not in self.matmul_inputs:
-            self.matmul_inputs[x] = into_sharded_matmul(x, src, self.tp)
-        return self.matmul_inputs[x]
+        made = self.matmul_inputs.setdefault(x, {})  # by placement: two styles may declare two
+        if repr(src) not in made:
+            made[repr(src)] = into_sharded_matmul(x, src, self.tp)
+        return made[repr(src)]
 
 
 # --- the local forms of ColwiseParallel / RowwiseParallel (the module's class is swapped) ----
