@@ -38,6 +38,21 @@ def functional_all_to_all_single(x, output_split_sizes, input_split_sizes, group
     return _torch.ops._c10d_functional.all_to_all_single(x, output_split_sizes, input_split_sizes, group_name)
 
 
+def functional_all_gather(x, group_size, group_name):
+    """``_c10d_functional.all_gather_into_tensor``: ranks' ``x`` stacked along dim 0 (async)."""
+    return _torch.ops._c10d_functional.all_gather_into_tensor(x, group_size, group_name)
+
+
+def functional_reduce_scatter(x, group_size, group_name):
+    """``_c10d_functional.reduce_scatter_tensor`` (sum): this rank's dim-0 chunk of the sum (async)."""
+    return _torch.ops._c10d_functional.reduce_scatter_tensor(x, "sum", group_size, group_name)
+
+
+def functional_all_reduce(x, group_name):
+    """``_c10d_functional.all_reduce`` (sum), out of place (async)."""
+    return _torch.ops._c10d_functional.all_reduce(x, "sum", group_name)
+
+
 def functional_wait_tensor(x):
     """``_c10d_functional.wait_tensor``: block until the collective producing ``x`` is done."""
     return _torch.ops._c10d_functional.wait_tensor(x)
@@ -52,3 +67,24 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: F401,E402
 from torch.distributed.pipelining.schedules import _add_unshard_reshard as add_unshard_reshard  # noqa: F401,E402
 # add_reduce_grad(actions, n_microbatches): REDUCE_GRAD(stage) right after the stage's last W or B.
 from torch.distributed.pipelining.schedules import _add_reduce_grad as add_reduce_grad  # noqa: F401,E402
+# --- tensor-parallel entries (runtime/tensor_parallel.py) ---
+# parallelize_module installs each ParallelStyle as forward (pre-)hooks: distribute_module's
+# lambdas close over input_fn/output_fn (functools.partial of the style's staticmethod with
+# its layouts) and device_mesh; PrepareModuleInput/Output's lambdas close over the style
+# itself (`self`) and device_mesh. Their closures are read here and nowhere else.
+import inspect as _inspect  # noqa: E402
+import os as _os  # noqa: E402
+
+_DTENSOR_DIR = _os.path.dirname(_inspect.getfile(_torch.distributed.tensor._api))
+
+
+def tp_style_hooks(module):
+    """``[(hooks dict, hook id, closure variables)]`` for each forward (pre-)hook of ``module``
+    defined inside ``torch.distributed.tensor`` (what ``parallelize_module`` installed)."""
+    found = []
+    for table in (module._forward_pre_hooks, module._forward_hooks):
+        for hook_id, hook in table.items():
+            code = getattr(hook, "__code__", None)
+            if code is not None and _os.path.abspath(code.co_filename).startswith(_DTENSOR_DIR):
+                found.append((table, hook_id, _inspect.getclosurevars(hook).nonlocals))
+    return found

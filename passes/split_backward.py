@@ -212,10 +212,20 @@ def _ancestors(roots: Sequence[Any], stop: set) -> set:
     return seen
 
 
+def _backward_collectives(phase: dict, grads: Sequence) -> list[Node]:
+    """The functional collectives (a TP gather's reduce_scatter, EP's reverse all_to_all) and
+    their waits that the backward's ``grads`` need: I roots, so that W stays local even in a
+    stage whose inputs take no grad (the first, reading token ids; I would be empty)."""
+    return [n for n in _ancestors(grads, set(phase))
+            if _compat.is_functional_collective(n) or _compat.is_functional_wait(n)]
+
+
 def _phases(graph, phs_fwd, phs_grad, outs, g_in, g_par) -> dict[Node, str]:
     phase: dict[Node, str] = {n: _F for n in phs_fwd}
     phase.update({n: _G for n in phs_grad})
-    for ph, roots in ((_F, outs), (_I, g_in), (_W, g_par)):
+    for n in _ancestors(outs, set(phase)):
+        phase[n] = _F
+    for ph, roots in ((_I, list(g_in) + _backward_collectives(phase, list(g_in) + list(g_par))), (_W, g_par)):
         for n in _ancestors(roots, set(phase)):
             phase[n] = ph
     # A getitem must live with its tuple-producing source; tuples never cross graphs.
@@ -400,7 +410,7 @@ def split_backward(stage_gm: GraphModule, *, index: Optional[int] = None,
 
         joint = functionalised make_fx(run stage (regions via Fn.apply); autograd.grad(outs, inputs+params))
         split fused masked backward ops into input-grad and weight-grad calls
-        F = anc(outputs); I = anc(grad_inputs) - F; W = anc(param_grads) - F - I
+        F = anc(outputs); I = anc(grad_inputs, backward collectives) - F; W = anc(param_grads) - F - I
         R = F values read by I/W that the recompute policy recomputes (and theirs); I += R
         saved = F values read by I or W; saved_for_weight = values W reads (via I)
         copy F, I, W into three graphs; wrap them in the calling conventions

@@ -92,3 +92,42 @@ def test_dispatch_mode_sees_the_callers_tensor_objects():
         p.copy_(tmp)
     assert (torch.ops.aten.copy_.default, True) in seen
     assert any(is_p for func, is_p in seen if func is not torch.ops.aten.copy_.default)
+
+
+def test_tp_style_hooks_read_parallelize_modules_closures():
+    """runtime/tensor_parallel.py reads each applied style from its hooks' closures: the
+    layouts of Colwise/Rowwise/SequenceParallel (partials of their staticmethods) and the
+    PrepareModuleInput/Output instances; and the functional collectives it traces exist."""
+    import functools
+
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                                   SequenceParallel, parallelize_module)
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+        parallelize_module(model, mesh, {"0": ColwiseParallel(), "1": RowwiseParallel(output_layouts=Shard(1)),
+                                         "2": SequenceParallel()})
+        parallelize_module(model, mesh, {"0": PrepareModuleInput(input_layouts=Shard(1),
+                                                                  desired_input_layouts=Replicate())})
+        seen = []
+        for child in model:
+            for table, hook_id, closure in _compat.tp_style_hooks(child):
+                assert table[hook_id] is not None and closure["device_mesh"] is mesh
+                fn = closure.get("input_fn", closure.get("output_fn"))
+                seen.append(fn.func.__qualname__ if isinstance(fn, functools.partial)
+                            else type(closure["self"]).__name__)
+        assert seen == ["ColwiseParallel._prepare_input_fn", "PrepareModuleInput", "ColwiseParallel._prepare_output_fn",
+                        "RowwiseParallel._prepare_input_fn", "RowwiseParallel._prepare_output_fn",
+                        "SequenceParallel._prepare_input_fn", "SequenceParallel._prepare_output_fn"]
+        name, x = dist.group.WORLD.group_name, torch.arange(4.0)
+        for y in (_compat.functional_all_gather(x, 1, name), _compat.functional_reduce_scatter(x, 1, name),
+                  _compat.functional_all_reduce(x, name)):
+            assert torch.equal(_compat.functional_wait_tensor(y), x)
+    finally:
+        dist.destroy_process_group()

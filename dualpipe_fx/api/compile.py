@@ -32,6 +32,7 @@ from dualpipe_fx.runtime.data_parallel import ExpertParallel, check_expert_paral
 from dualpipe_fx.runtime.errors import PeerTimeoutError, check_world  # noqa: F401  re-exported
 from dualpipe_fx.runtime.materialize import materialize
 from dualpipe_fx.runtime.pipeline import Pipeline
+from dualpipe_fx.runtime.tensor_parallel import is_tensor_parallel, localize
 from dualpipe_fx.schedules import generate, get_schedule
 from dualpipe_fx.schedules.ir import Program
 from dualpipe_fx.api.split import check_mixed_precision, split_for_program
@@ -174,6 +175,22 @@ def _replica_fields(cut: dict, experts: Optional[ExpertParallel]) -> dict:
             "expert parallel": {"EP size": dist.get_world_size(experts.group), "expert replicas": replicas}}
 
 
+def _localize_tp(model: nn.Module, par: Parallelism):
+    """The model's tensor-parallel styles as local forms (``runtime.tensor_parallel``), or None;
+    refused beside expert parallelism and sharded data parallelism (not composed yet), on
+    every rank alike and before the model is changed (``dp_mode="replicate"`` composes: it
+    reduces the local shards' grads)."""
+    if not is_tensor_parallel(model):
+        return None
+    if par.expert_parallel is not None or par.dp_group is not None and par.dp_mode != "replicate":
+        raise ValueError("compile(): the model is tensor-parallel (DTensor parameters from parallelize_module) and "
+                         f"parallelism has dp_mode={par.dp_mode!r} over a dp_group, expert_parallel="
+                         f"{par.expert_parallel!r}; expected the pipeline and TP alone or with dp_mode='replicate': "
+                         "TP with sharded data parallelism or expert parallelism is not composed yet. Fix: "
+                         "Parallelism(dp_group, 'replicate') or no dp_group / expert_parallel with a TP model")
+    return localize(model)
+
+
 def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=None, *,
             example_kwargs: Optional[Mapping[str, Any]] = None, schedule: str = "dualpipev",
             num_microbatches: int, group: Optional[dist.ProcessGroup] = None, device=None,
@@ -257,6 +274,15 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
                 reduced over ``replica_group`` only and averaged like the rest (the grads of the
                 mean loss over ``dp_group``). In the shard modes they are ``DTensor``
                 ``Shard(0)`` parameters on a mesh over the EP group named ``"ep"``.
+        Tensor parallelism needs no option: a model parallelised with torch's
+            ``parallelize_module(model, tp_mesh, plan)`` (``ColwiseParallel``, ``RowwiseParallel``,
+            ``SequenceParallel``, ``PrepareModuleInput``/``Output``) names its 1-D TP mesh in its
+            DTensor parameters and hooks. Before tracing, its styles become local shards and traced
+            collectives (``runtime.tensor_parallel.localize``; it changes ``model`` in place);
+            ``parameters()`` are then ``DTensor`` parameters with the plan's placements and their
+            ``.grad`` ``DTensor``. It composes with ``dp_mode="replicate"`` (the local shards' grads
+            are all-reduced over ``dp_group``); other styles, TP beside the shard modes or
+            ``expert_parallel`` are refused (ValueError, every rank, before any communication).
         mixed_precision: a ``torch.distributed.fsdp.MixedPrecisionPolicy`` (FSDP2's), or None
             (compute in the parameters' dtype). The stage graphs are traced with the
             floating-point parameters in ``param_dtype`` (activations, saved tensors, the cut's
@@ -311,6 +337,7 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
     data_parallel = check_groups(group, par.dp_group, par.dp_mode)
     mixed_precision = check_mixed_precision(mixed_precision)
     experts = check_expert_parallel(par.dp_group, par.expert_parallel)
+    tensor_parallel = _localize_tp(model, par)
     call = call_fields(schedule, world, num_microbatches, examples, example_target, example_kwargs,
                        _agreed_options(locals(), mem))
     agree(call, group, timeout, "compile()", HINTS)
@@ -340,6 +367,8 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
                                   split_points=split_points, example_kwargs=example_kwargs, device=device,
                                   only_stages=mine, memory=mem, mixed_precision=mixed_precision)
         partition = parts.partition
+        if tensor_parallel is not None:
+            tensor_parallel.check_traced()
         check_compile_stages(compile_stages, partition.captured.gm)
         names = local_names(partition.stages, mine, partition.captured.param_aliases)
         pending = materialize(model, names, device, param_init_fn)
@@ -356,6 +385,7 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
                               group, timeout, compile_stages, overlap, example_kwargs=example_kwargs,
                               call=partition.captured.call, outputs=partition.captured.output_layout,
                               part_graphs=partition.stages, device=device, pending=pending,
-                              data_parallel=data_parallel, experts=experts, mixed_precision=mixed_precision)
+                              data_parallel=data_parallel, experts=experts, mixed_precision=mixed_precision,
+                              tensor_parallel=tensor_parallel)
     pipe.recompute = mem.recompute  # the policy the stage graphs were split with ("auto", ActivationBudget: chosen)
     return pipe

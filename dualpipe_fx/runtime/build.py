@@ -154,7 +154,7 @@ def build_pipeline(model: nn.Module, parts: Sequence[StageGraphs], program: Prog
                    part_graphs: Sequence[torch.fx.GraphModule], device: Optional[torch.device] = None,
                    pending: Optional[Mapping[str, Pending]] = None,
                    data_parallel: Optional[tuple[dist.ProcessGroup, str]] = None, experts=None,
-                   mixed_precision=None) -> Pipeline:
+                   mixed_precision=None, tensor_parallel=None) -> Pipeline:
     """This rank's pipeline (see the module docstring); ``data_parallel``: (group, mode) for
     ``runtime.data_parallel.DataParallel``, or None; ``mixed_precision``: a
     ``MixedPrecisionPolicy`` (the stages then read param_dtype copies that ``DataParallel``,
@@ -191,8 +191,11 @@ def build_pipeline(model: nn.Module, parts: Sequence[StageGraphs], program: Prog
                      data_parallel=dp is not None)
         executor.register(schedules[forwards])
     state = _local_state(model, stages)
-    return Pipeline(state=dp.public(state) if dp is not None else state, program=program, stages=stages, schedules=schedules,
+    state = dp.public(state) if dp is not None else state
+    state = tensor_parallel.public(state) if tensor_parallel is not None else state
+    return Pipeline(state=state, program=program, stages=stages, schedules=schedules,
                     executor=executor, examples=examples, example_target=target, example_kwargs=example_kwargs,
                     call=call, outputs=outputs, device=device, num_microbatches=num_microbatches,
                     group=group, timeout=timeout, holders=shared_holders(_names_by_rank(part_graphs, program)),
-                    output_metas=output_metas, pending=pending, data_parallel=dp)
+                    output_metas=output_metas, pending=pending, data_parallel=dp,
+                    tensor_parallel=tensor_parallel)

@@ -62,7 +62,8 @@ class Pipeline:
 
     def __init__(self, *, state, program, stages, schedules, executor, examples, example_target,
                  num_microbatches, group, timeout, holders, output_metas, call, device,
-                 example_kwargs=None, outputs=None, pending=None, data_parallel=None) -> None:
+                 example_kwargs=None, outputs=None, pending=None, data_parallel=None,
+                 tensor_parallel=None) -> None:
         # No reference to the model or the examples: their shapes are all a step needs, and
         # holding them would keep the other ranks' parameters of a real model alive.
         self._state_tensors = dict(state)  # FQN -> this rank's param/persistent buffer (aliases too)
@@ -89,6 +90,12 @@ class Pipeline:
         # runtime.data_parallel.DataParallel or None; in its shard modes _params are its DTensor shards
         self._data_parallel = data_parallel
         self._params = data_parallel.params if data_parallel is not None else named_params(stages)
+        # the tensors whose .grad the step writes and syncs; _params shows them to the user
+        self._grad_params = self._params
+        # runtime.tensor_parallel.TensorParallel or None: _params are then its DTensor parameters
+        self._tensor_parallel = tensor_parallel
+        if tensor_parallel is not None:
+            self._params = tensor_parallel.public(self._params)
         self._loss_ranks = tuple(sorted({program.stage_to_rank()[c[-1]] for c in program.chains}))
         self._broken: Optional[str] = None  # why the group cannot be used again
         self._grad_loss: Optional[torch.Tensor] = None  # d(step loss)/d(micro-batch loss) = 1/C, made once
@@ -98,7 +105,9 @@ class Pipeline:
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """This rank's parameters under their original FQNs: the model's own objects, or with
         ``compile(dp_mode="shard" | "shard_grad_op")`` their ``DTensor`` shards over ``dp_group``
-        (what an optimizer steps on; the stage graphs read gathered copies)."""
+        (what an optimizer steps on; the stage graphs read gathered copies); for a tensor-parallel
+        model, ``DTensor`` parameters with the plan's placements around the local shards the
+        stage graphs read (``runtime.tensor_parallel``)."""
         yield from self._params.items()
 
     def parameters(self) -> Iterator[nn.Parameter]:
@@ -153,6 +162,8 @@ class Pipeline:
         targets, sources = self._state_tensors, state_dict
         if self._data_parallel is not None:  # sharded: my rows of each full (or DTensor) entry
             targets, sources = self._data_parallel.load_targets(targets, state_dict)
+        if self._tensor_parallel is not None:  # TP: my part of each full (or DTensor) entry
+            targets, sources = self._tensor_parallel.load_targets(targets, sources)
         loaded = copy_into(targets, sources)
         for module, pending in list(self._pending.items()):
             left = tuple(n for n in pending.names if n not in loaded)
@@ -326,10 +337,14 @@ class Pipeline:
         dp = self._data_parallel
         if dp is not None:
             dp.begin_step(forward_only)  # earlier grads set aside: they are reduced already
-        earlier = {} if forward_only or dp else set_aside_shared_grads(self._params, self._holders, self.rank)
+        earlier = {} if forward_only or dp else set_aside_shared_grads(self._grad_params, self._holders,
+                                                                                 self.rank)
         self._run(forward_only)
         reduced = self._finish_data_parallel()
         action, error = self._executor.failure or (None, None)
+        tp = self._tensor_parallel
+        if tp is not None and (error is not None or forward_only):
+            tp.drop_step()
         self._agree(error, "outcome", f"action {action}" if action is not None else "")
         try:
             if forward_only:
@@ -339,7 +354,9 @@ class Pipeline:
                                if self._holders else {})
                 dp.assign(reduced)
             elif self._holders:
-                sync_shared_grads(self._params, self._holders, self.group, self.rank, self.timeout, earlier)
+                sync_shared_grads(self._grad_params, self._holders, self.group, self.rank, self.timeout, earlier)
+            if tp is not None:  # partial grads all-reduced over TP; .grad of the DTensor parameters
+                tp.finish_step()
             return self._gather_loss()
         except PeerTimeoutError as err:
             self._break(err)

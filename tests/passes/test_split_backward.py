@@ -278,3 +278,44 @@ def test_conv_and_group_norm_backward_split_by_output_mask():
     masks_w = [list(n.args[-1]) for n in _call_nodes(sg.backward_weight.gm) if n.target in ops]
     assert masks_i == [[True, False, False]] * 3  # conv 2, group norm, conv 1 (its input is a model input)
     assert masks_w == [[False, True, True]] * 3
+
+
+def test_backward_collectives_go_to_input_grad_even_without_input_grads():
+    """A stage reading token ids has no input grad, yet its backward's collectives (here EP's
+    reverse all_to_all, in TP a gather's reduce_scatter) go to I: W stays local; grads exact."""
+    import torch.distributed as dist
+
+    from dualpipe_fx import _compat
+    from passes._compat import is_functional_collective
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        name = dist.group.WORLD.group_name
+
+        class Exchange(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.emb, self.lin = torch.nn.Embedding(10, 4), torch.nn.Linear(4, 3)
+
+            def forward(self, ids):
+                h = self.emb(ids).flatten(0, 1)  # [tokens, 4], exchanged with the (one) peer
+                h = _compat.functional_wait_tensor(_compat.functional_all_to_all_single(h, [6], [6], name))
+                return self.lin(torch.tanh(h))
+
+        torch.manual_seed(0)
+        model = Exchange()
+        ids, target = torch.randint(0, 10, (2, 3)), torch.randn(6, 3)
+        loss_fn = torch.nn.functional.mse_loss
+        c = capture(model, loss_fn, (ids,), target)
+        sg = split_backward(as_one_stage(c), is_last=True)
+        collectives = {k: [n for n in g.gm.graph.nodes if is_functional_collective(n)]
+                       for k, g in (("I", sg.backward_input), ("W", sg.backward_weight))}
+        assert collectives["W"] == [] and len(collectives["I"]) == 1, collectives
+        _, grad_in, grads, _, _ = run_stage(sg, model, (ids,), target)
+        assert grad_in == ()
+        model.zero_grad()
+        loss_fn(model(ids), target).backward()
+        for n, p in model.named_parameters():
+            assert_rel_close(grads[n], p.grad)
+    finally:
+        dist.destroy_process_group()
