@@ -142,6 +142,11 @@ class Pipeline:
         if found is not None:
             self._activate(found)
             return wanted, True
+        traced = {label: dtype for label, _, dtype in self._signature.inputs}
+        for label, _, dtype in wanted.inputs:  # a dtype change is a mistake more often than a new program
+            if traced.get(label, dtype) != dtype:
+                raise ValueError(f"step(): {label} has dtype torch.{dtype}, but the pipeline was traced for "
+                                 f"torch.{traced[label]}; pass {label}.to(torch.{traced[label]})")
         if self._shapes.refusal is not None:
             raise ValueError(f"step(): a batch of new shapes ({wanted.describe()}; traced: "
                              f"{self._signature.describe()}), but {self._shapes.refusal}")
