@@ -36,7 +36,7 @@ from dualpipe_fx.runtime.errors import (PeerTimeoutError, PipelineBrokenError, P
                                         check_inputs)
 from dualpipe_fx.runtime.materialize import copy_into
 from dualpipe_fx.runtime.profile import profile_pipeline
-from dualpipe_fx.runtime.programs import Shapes, Signature, first_microbatch
+from dualpipe_fx.runtime.programs import Shapes, Signature, first_microbatch, microbatch_count
 from dualpipe_fx.runtime.stage import named_params
 from dualpipe_fx.runtime.sync import exchange, set_aside_shared_grads, sum_shared_grads, sync_shared_grads
 from dualpipe_fx.runtime.values import external_values, micro_batches
@@ -116,6 +116,18 @@ class Pipeline:
         pipeline's own program is the one of ``signature``."""
         self._shapes, self._signature = shapes, signature
         shapes.add(signature, self._program_state())
+
+    def microbatches(self, batch_size: int) -> int:
+        """How many micro-batches a step of ``batch_size`` samples runs (``runtime.programs``:
+        ``num_microbatches``, or fewer for a smaller last batch where the schedule allows it).
+
+        Raises:
+            ValueError: the batch does not divide into any count the schedule accepts.
+        """
+        if self._shapes is None:
+            return self.num_microbatches
+        shapes = self._shapes
+        return microbatch_count(batch_size, shapes.num_microbatches, shapes.schedule, shapes.world)
 
     def _program_state(self) -> dict:
         return {name: self.__dict__[name] for name in _PER_SHAPE}
