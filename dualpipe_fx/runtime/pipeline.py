@@ -134,7 +134,8 @@ class Pipeline:
 
     def _activate(self, signature: Signature) -> None:
         if signature != self._signature:
-            self._shapes.programs[self._signature] = self._program_state()  # keeps _grad_loss
+            if self._signature in self._shapes.programs:  # not when the build just evicted it
+                self._shapes.programs[self._signature] = self._program_state()  # keeps _grad_loss
             self.__dict__.update(self._shapes.programs[signature])
             self._signature = signature
 

@@ -197,3 +197,33 @@ def test_hf_llama_with_dynamic_padding_trains_like_one_process():
     for r in results:
         for name, grad in r["grads"].items():
             torch.testing.assert_close(grad, params[name].grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("schedule, batch, want", [
+    ("dualpipev", 8, 4), ("dualpipev", 12, 4), ("dualpipev", 6, None), ("dualpipe", 6, None),
+    ("1f1b", 6, 3), ("1f1b", 5, None), ("gpipe", 5, 1), ("zbv", 6, 3), ("zb1p", 7, 1),
+])
+def test_the_smaller_last_batch_rule_per_schedule(schedule, batch, want):
+    """num_microbatches=4 on 2 ranks: 4 when it divides the batch, else the largest smaller count
+    that divides it and that the schedule accepts (docs/compile.md's table)."""
+    from dualpipe_fx.runtime.programs import microbatch_count
+
+    if want is None:
+        with pytest.raises(ValueError, match=f"batch size {batch} does not divide into num_microbatches=4"):
+            microbatch_count(batch, 4, schedule, 2)
+    else:
+        assert microbatch_count(batch, 4, schedule, 2) == want
+
+
+def test_the_lru_keeps_max_programs_and_a_signature_digest_is_stable():
+    from dualpipe_fx.runtime.programs import Shapes, Signature
+
+    sig = [Signature(4, (("inputs[0]", (1, n), "int64"),), ((1, n), "int64")) for n in (32, 48, 64)]
+    shapes = Shapes(build=None, schedule="dualpipev", world=2, num_microbatches=4, max_programs=2)
+    assert shapes.add(sig[0], {}) == [] and shapes.add(sig[1], {}) == []
+    assert shapes.find(sig[0]) == sig[0]  # now the most recently used
+    assert shapes.add(sig[2], {}) == [sig[1]] and list(shapes.programs) == [sig[0], sig[2]]
+    forward_only = Signature(4, sig[0].inputs, None)  # no target: any program of these inputs serves
+    assert shapes.find(forward_only) == sig[0] and shapes.find(Signature(2, sig[0].inputs, None)) is None
+    assert sig[0].key == Signature(4, (("inputs[0]", (1, 32), "int64"),), ((1, 32), "int64")).key
+    assert 0 <= sig[0].key < 2 ** 62 and len({s.key for s in sig}) == 3
