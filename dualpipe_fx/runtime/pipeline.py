@@ -197,14 +197,15 @@ class Pipeline:
                   "kept%s)", self.rank, signature.describe(), time.perf_counter() - start, len(shapes.programs),
                   shapes.max_programs, f"; evicted {evicted[0].describe()}" if evicted else "")
 
-    def _disagreeing_shapes(self, signature: Optional[Signature]) -> None:
-        """The ranks' step shapes differ (their digests did, in the input vote): every rank raises
-        the same ValueError naming each rank's shapes."""
-        for stage in self.stages.values():
-            stage.clear_runtime_states()
-        agree({"step() input shapes": None if signature is None else signature.describe()}, self.group,
-              self.timeout, "step()", {"step() input shapes": "pass the same batch (the same shapes) to step() on "
-                                       "every rank of the pipeline: each rank splits the whole batch"})
+    def _shape_disagreement(self, signature: Optional[Signature]) -> str:
+        """The ranks' step shapes differ (their digests did, in the input vote): the text of the
+        ValueError every rank raises, naming each rank's shapes (one gather)."""
+        try:
+            agree({"step() input shapes": None if signature is None else signature.describe()}, self.group,
+                  self.timeout, "step()", {"step() input shapes": "pass the same batch (the same shapes) to "
+                                           "step() on every rank of the pipeline: each rank splits the whole batch"})
+        except ValueError as err:
+            return str(err)
         raise AssertionError("the shape digests differed but the shapes agree")
 
     # -- parameters and checkpoints ------------------------------------------------------
@@ -387,12 +388,18 @@ class Pipeline:
         try:
             key = 0 if signature is None else signature.key
             failure, same = vote_keyed(error, key, self.group, self.timeout, f"the step's {phase} vote", where)
-            failure = self._agree_replicas(failure, phase)
-            if failure is None and not same:
-                self._disagreeing_shapes(signature)
+            disagreement = self._shape_disagreement(signature) if failure is None and not same else None
+            if disagreement is not None:  # the replicas drop the step too
+                self._agree_replicas(StepFailure(self.rank, "ValueError", disagreement), phase)
+            else:
+                failure = self._agree_replicas(failure, phase)
         except PeerTimeoutError as err:
             self._break(err)
             raise
+        if disagreement is not None:
+            for stage in self.stages.values():
+                stage.clear_runtime_states()
+            raise ValueError(disagreement)
         if failure is None:
             return
         for stage in self.stages.values():

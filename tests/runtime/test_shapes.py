@@ -74,7 +74,31 @@ def varying_lengths(rank, world):
     out["builds"].append(pipe._shapes.builds)
     out["params"] = {n: p.detach().clone() for n, p in pipe.named_parameters()}
     out["last_batch"] = _smaller_last_batch()
+    out["mixed_precision"] = _mixed_precision_batches()
     return out
+
+
+MP_BATCHES = (8, 12)  # micro-batches of 2, then of 3
+
+
+def _mp_case():
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    model = ex.LinearGeluStack(depth=4, width=8, seed=0)
+    batches = [ex.linear_gelu_batch(8, batch=b, seed=b) for b in MP_BATCHES]
+    return model, batches, MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def _mixed_precision_batches():
+    """bf16 compute (no dp_group): each shape's program casts the same fp32 parameters."""
+    import dualpipe_fx
+
+    model, batches, policy = _mp_case()
+    x, y = batches[0]
+    pipe = dualpipe_fx.compile(model, ex.mse_loss, (x[:2],), y[:2], schedule="dualpipev", num_microbatches=C,
+                               mixed_precision=policy)
+    losses = [_item(pipe.step(x, target=y)) for x, y in batches]
+    return {"losses": losses, "grads": _grads(pipe), "dtypes": {str(p.grad.dtype) for p in pipe.parameters()}}
 
 
 def _smaller_last_batch():
@@ -153,6 +177,29 @@ def test_a_smaller_last_batch_runs_where_the_schedule_allows_it(results):
     for r in results:
         for name, grad in r["last_batch"]["grads"].items():
             torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad, rtol=1e-5, atol=1e-6)
+
+
+def test_mixed_precision_programs_accumulate_fp32_grads_like_one_process(results):
+    """Per shape, one process runs the same bf16 split (dualpipe_fx.split(..., mixed_precision=)
+    .run, micro-batch by micro-batch): the pipelined steps at two batch sizes equal it."""
+    import dualpipe_fx
+
+    model, batches, policy = _mp_case()
+    losses, grads = [], {}
+    for x, y in batches:
+        mb = x.shape[0] // C
+        split = dualpipe_fx.split(model, ex.mse_loss, (x[:mb],), y[:mb], num_stages=4, mixed_precision=policy)
+        step = [split.run((x[i:i + mb],), y[i:i + mb]) for i in range(0, x.shape[0], mb)]
+        losses.append(sum(loss.item() for loss, _ in step) / C)
+        for _, g in step:
+            for name, grad in g.items():
+                grads[name] = grads.get(name, 0) + grad / C
+    got = results[0]["mixed_precision"]
+    assert got["losses"] == pytest.approx(losses, rel=1e-3), (got["losses"], losses)
+    for r in results:
+        assert r["mixed_precision"]["dtypes"] == {"torch.float32"}
+        for name, grad in r["mixed_precision"]["grads"].items():
+            torch.testing.assert_close(grad, grads[name], rtol=1e-2, atol=1e-3, msg=name)
 
 
 def _padded(seq: int, seed: int):
