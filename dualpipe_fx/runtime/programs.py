@@ -8,8 +8,8 @@ kwargs, num_microbatches)`` (``api.compile``'s per-shape part) traces, cuts at t
 build's cut and builds that program; the results are kept in an LRU of ``max_programs``.
 
 **Pseudocode**
-    C' = C if the batch divides into C, else the largest c < C dividing it that the
-         schedule accepts on these ranks (else today's error)
+    C' = C if the batch (dim 0 of the first input) divides into C, else the largest c < C
+         dividing it that the schedule accepts on these ranks (else today's error)
     signature = (C', per micro-batch: (name, shape, dtype) of each input, the target's)
     the ranks compare signature digests inside the step's input vote (runtime.agree.vote_keyed)
     a miss: build on every rank (the same cut, the same parameters), evict the least recently used
@@ -120,12 +120,13 @@ class Shapes:
         whole = [tuple(t.shape) == shared.get(name) for _, t, name in tensors]
         batches = [(label, t.shape[0]) for (label, t, _), w in zip(tensors, whole) if not w]
         batch = batches[0][1] if batches else self.num_microbatches
-        for label, size in batches:
-            if size != batch:
-                raise ValueError(f"step(): {label} has batch size {size}, but {batches[0][0]} has {batch}; "
-                                 "expected one batch size for every input and the target")
         count = microbatch_count(batch, self.num_microbatches, self.schedule, self.world)
-        per_mb = [(label, tuple(t.shape) if w else (batch // count, *t.shape[1:]), str(t.dtype)[6:], name)
+        for label, size in batches:  # e.g. a target flattened to [batch * seq] splits too
+            if size % count:
+                raise ValueError(f"step(): {label} has batch size {size}, which does not divide into the step's "
+                                 f"{count} micro-batches (from {batches[0][0]}'s batch size {batch}); pass "
+                                 f"{label} with dim 0 a multiple of {count}")
+        per_mb = [(label, tuple(t.shape) if w else (t.shape[0] // count, *t.shape[1:]), str(t.dtype)[6:], name)
                   for (label, t, name), w in zip(tensors, whole)]
         inputs = tuple((label, shape, dtype) for label, shape, dtype, name in per_mb if name != "target")
         target_sig = next(((shape, dtype) for _, shape, dtype, name in per_mb if name == "target"), None)
