@@ -365,15 +365,17 @@ class _Recipe:
 
 def _build(recipe: _Recipe, program: Program, num_microbatches: int, examples: tuple, target, kwargs, *,
            call: Optional[dict] = None, first: Optional[tuple] = None, keep=None,
-           pending=None) -> tuple[Pipeline, Any]:
+           where: str = "compile()") -> tuple[Pipeline, Any]:
     """One shape's pipeline: capture + cut (``keep``: at that cut) + I/W split of this rank's
     parts, the cut agreed, then built. ``first``: ``(param_init_fn, verify_weights)`` at
     ``compile()``, which also allocates this rank's parameters and agrees on their checksums
-    (and the replicas on the call and the cut); later shapes reuse those parameters."""
-    r = recipe
+    (and the replicas on the call and the cut); later shapes reuse those parameters. ``where``
+    names the call in the ranks' agreement errors."""
+    r, pending = recipe, None
     mine = local_parts(program, dist.get_rank(r.group))
-    with together(r.group, r.timeout, "compile()"):
-        parts = split_for_program(program, r.model, r.loss_fn, examples, target, cost=r.cost if keep is None else "flops",
+    with together(r.group, r.timeout, where):
+        cost = r.cost if keep is None else "flops"  # a kept cut is not chosen: no measured timings
+        parts = split_for_program(program, r.model, r.loss_fn, examples, target, cost=cost,
                                   split_points=r.split_points, example_kwargs=kwargs, device=r.device,
                                   only_stages=mine, memory=r.memory, mixed_precision=r.mixed_precision,
                                   keep_cut=keep)
@@ -387,11 +389,11 @@ def _build(recipe: _Recipe, program: Program, num_microbatches: int, examples: t
             verify = verify_names(state, partition.stages, program, first[1],
                                   skip=[n for p in pending.values() for n in p.names])
     cut = cut_fields(partition.stages, state, verify)
-    agree(cut, r.group, r.timeout, "compile()", HINTS)
+    agree(cut, r.group, r.timeout, where, HINTS)
     if r.data_parallel is not None and call is not None:  # the replicas: the same call, place, cut and weights
         agree({**call, **dp_fields(r.group, r.dp_mode), **_replica_fields(cut, r.experts)},
               r.data_parallel[0], r.timeout, "compile()", HINTS)
-    with together(r.group, r.timeout, "compile()"):
+    with together(r.group, r.timeout, where):
         pipe = build_pipeline(r.model, parts.stages, program, examples, target, num_microbatches,
                               r.group, r.timeout, r.compile_stages, r.overlap, example_kwargs=kwargs,
                               call=partition.captured.call, outputs=partition.captured.output_layout,
@@ -403,15 +405,16 @@ def _build(recipe: _Recipe, program: Program, num_microbatches: int, examples: t
 def _build_shape(recipe: _Recipe, keep, examples: tuple, target, kwargs, num_microbatches: int) -> Pipeline:
     """A later shape's pipeline (``runtime.programs.Shapes.build``): the first cut, no allocation."""
     program = generate(recipe.schedule, dist.get_world_size(recipe.group), num_microbatches)
-    return _build(recipe, program, num_microbatches, examples, target, kwargs, keep=keep)[0]
+    return _build(recipe, program, num_microbatches, examples, target, kwargs, keep=keep,
+                  where="step()'s build for new shapes")[0]
 
 
 def _shape_refusal(par: Parallelism) -> Optional[str]:
     """Why a pipeline cannot build programs for other shapes, or None."""
     if par.dp_group is None:
         return None
-    return ("this pipeline has data parallelism (parallelism.dp_group): its replicas would have to build and agree "
-            "on each new shape too, which dualpipe_fx does not do yet. Fix: pad every batch to the traced shapes "
+    return ("this pipeline has data parallelism (parallelism.dp_group, and with it any expert_parallel): its "
+            "replicas would have to build and agree on each new shape too, which dualpipe_fx does not do yet. Fix: pad every batch to the traced shapes "
             "(e.g. the dataset's longest sequence), or compile() without dp_group")
 
 

@@ -432,10 +432,13 @@ class Pipeline:
         """One pipelined step of ``model(*inputs, **kwargs)`` on the full batch; see the class docstring.
 
         Raises:
-            ValueError/TypeError: before any communication, for a batch that does not
-                divide into micro-batches, shapes other than the example's, inputs on
-                another device, a missing target, other keywords than ``example_kwargs``
-                or a non-tensor keyword value other than the traced one.
+            ValueError/TypeError: before any communication, for a batch that divides into no
+                micro-batch count the schedule accepts, ranks passing different shapes, a
+                dtype other than the example's, a batch of new shapes under data parallelism
+                or with a BlockMask, inputs on another device, a missing target, other
+                keywords than ``example_kwargs`` or a non-tensor keyword value other than the
+                traced one; or, after the ranks agreed on new shapes, a model that cannot be
+                traced or built at them (every rank; the pipeline keeps its programs).
             PeerTimeoutError: a peer rank died or did not answer within ``timeout``.
             PipelineStepError: an action raised on some rank (named); every rank dropped the step.
             PipelineBrokenError: an earlier step lost a peer; the process group must be rebuilt.
