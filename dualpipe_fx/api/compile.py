@@ -428,4 +428,4 @@ def _signature(pipe: Pipeline, shapes: Shapes):
     target = pipe.example_target
     target = None if target is None else torch.empty((c * target.shape[0], *target.shape[1:]),
                                                      dtype=target.dtype, device="meta")
-    return shapes.signature(values, target, False, pipe._call, shared)
+    return shapes.signature(values, target, pipe._call, shared)

@@ -150,7 +150,7 @@ class Pipeline:
             return None, True
         values = self._call.values(inputs, kwargs, "step()", _RECOMPILE)
         shared = {n: tuple(self._example_values[n].shape) for n in self._call.mask_names}
-        wanted = self._shapes.signature(values, target, forward_only, self._call, shared)
+        wanted = self._shapes.signature(values, target, self._call, shared, self.device)
         found = self._shapes.find(wanted)
         if found is not None:
             self._activate(found)
@@ -167,6 +167,9 @@ class Pipeline:
             raise ValueError(f"step(): a batch of new shapes ({wanted.describe()}; traced: "
                              f"{self._signature.describe()}) with a flex-attention BlockMask: a new shape's "
                              "mask is not traced again yet. Fix: pad the batch to the traced shapes")
+        if wanted.target is None and self.example_target is not None and not forward_only:
+            raise ValueError("step(): target=None, but the loss takes a target; pass target= (the full batch of "
+                             "targets) on every rank")
         if wanted.target is None and self.example_target is not None:
             raise ValueError(f"step() under torch.no_grad(): a batch of new shapes ({wanted.describe()}) and no "
                              "target=: the loss is part of the traced program, and the target's shape at these "

@@ -83,10 +83,13 @@ def microbatch_count(batch: int, num_microbatches: int, schedule: str, world: in
         "(DataLoader(drop_last=True))")
 
 
-def _tensor(label: str, value: Any) -> torch.Tensor:
+def _tensor(label: str, value: Any, device: Optional[torch.device]) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"step(): {label} is a {type(value).__name__}; expected a torch.Tensor like the example "
                         "passed to compile()")
+    if device is not None and value.device != device:
+        raise ValueError(f"step(): {label} is on {value.device}, but the pipeline's stages are on {device}; move it "
+                         f"with .to({str(device)!r})")
     if value.dim() == 0:
         raise ValueError(f"step(): {label} is a 0-dim tensor; expected a batch (dim 0 is split into micro-batches)")
     return value
@@ -110,13 +113,13 @@ class Shapes:
         self.programs: OrderedDict[Signature, dict] = OrderedDict()  # least recently used first
         self.builds = 0  # programs built after compile()'s
 
-    def signature(self, values: Mapping[str, Any], target, forward_only: bool, call,
-                  shared: Mapping[str, tuple[int, ...]]) -> Signature:
+    def signature(self, values: Mapping[str, Any], target, call, shared: Mapping[str, tuple[int, ...]],
+                  device: Optional[torch.device] = None) -> Signature:
         """The step's signature; ``shared``: a BlockMask tensor's example shape (a step value of
-        that shape is shared by every micro-batch, not split)."""
-        tensors = [(call.label(name), _tensor(call.label(name), v), name) for name, v in values.items()]
+        that shape is shared by every micro-batch, not split); ``device``: where every tensor must be."""
+        tensors = [(call.label(name), _tensor(call.label(name), v, device), name) for name, v in values.items()]
         if target is not None:
-            tensors.append(("target", _tensor("target", target), "target"))
+            tensors.append(("target", _tensor("target", target, device), "target"))
         whole = [tuple(t.shape) == shared.get(name) for _, t, name in tensors]
         batches = [(label, t.shape[0]) for (label, t, _), w in zip(tensors, whole) if not w]
         batch = batches[0][1] if batches else self.num_microbatches
