@@ -458,6 +458,8 @@ class Pipeline:
         except Exception as err:  # noqa: BLE001 - every rank raises it, after the vote
             error = err
         self._agree(error, "inputs", signature=signature)
+        if cached and signature is not None:
+            self._shapes.used(self._signature)
         if not cached:  # the same miss on every rank: they agreed on the shapes
             self._build_program(signature, inputs, target, kwargs)
             try:
@@ -533,7 +535,11 @@ class Pipeline:
         return outs[0] if len(outs) == 1 else outs
 
     def profile(self, *inputs, target=None, steps: int = 3):
-        """Measure ``steps`` steps; see ``dualpipe_fx.runtime.profile.profile_pipeline``."""
+        """Measure ``steps`` steps; see ``dualpipe_fx.runtime.profile.profile_pipeline``. At
+        shapes whose program a ``step()`` built earlier (the same cache on every rank)."""
+        if self._shapes is not None and not self._program_for(inputs, target, False, {})[1]:
+            raise ValueError("profile(): no program for these shapes yet (profiling measures a built program); "
+                             "run one step() at them first, then profile")
         return profile_pipeline(self, inputs, target, steps)
 
 

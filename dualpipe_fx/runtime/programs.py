@@ -136,11 +136,14 @@ class Shapes:
         return Signature(count, inputs, target_sig)
 
     def find(self, signature: Signature) -> Optional[Signature]:
-        """The cached program's signature that serves ``signature`` (marked most recently used)."""
-        found = next((s for s in reversed(self.programs) if s.serves(signature)), None)
-        if found is not None:
-            self.programs.move_to_end(found)
-        return found
+        """The cached program's signature that serves ``signature``, or None."""
+        return next((s for s in reversed(self.programs) if s.serves(signature)), None)
+
+    def used(self, signature: Signature) -> None:
+        """Mark a program most recently used: only once the ranks agreed on the step (a rank
+        whose step was refused must not reorder its cache alone, or the ranks would evict
+        different programs later)."""
+        self.programs.move_to_end(signature)
 
     def add(self, signature: Signature, program: dict) -> list[Signature]:
         """Keep ``program``; returns the signatures evicted to stay within ``max_programs``."""

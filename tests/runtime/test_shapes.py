@@ -73,6 +73,10 @@ def varying_lengths(rank, world):
         out["forward"] = pipe.step(x48, target=y48)
     out["builds"].append(pipe._shapes.builds)
     out["params"] = {n: p.detach().clone() for n, p in pipe.named_parameters()}
+    x64, y64 = _batch(64)  # cached: profiled as it is; 40 was never built
+    out["profiled"] = [r.samples_per_s > 0 if r is not None else None for r in [pipe.profile(x64, target=y64, steps=1)]]
+    x40, y40 = _batch(40)
+    out["profile_unbuilt"] = _error(lambda: pipe.profile(x40, target=y40))
     out["last_batch"] = _smaller_last_batch()
     out["mixed_precision"] = _mixed_precision_batches()
     return out
@@ -155,6 +159,8 @@ def test_a_repeated_shape_is_not_built_again_and_the_lru_evicts(results):
     for r in results:
         # 48 and 64 built, the second 32 cached; 48 evicted by 64 (max_programs=2) and built again
         assert r["builds"] == [0, 1, 1, 2, 3], r["builds"]
+        assert "run one step() at them first" in r["profile_unbuilt"], r["profile_unbuilt"]
+    assert results[0]["profiled"] == [True] and results[1]["profiled"] == [None]  # a cached shape profiles
 
 
 def test_a_rank_with_another_length_fails_every_rank_naming_both_shapes(results):
@@ -268,7 +274,8 @@ def test_the_lru_keeps_max_programs_and_a_signature_digest_is_stable():
     sig = [Signature(4, (("inputs[0]", (1, n), "int64"),), ((1, n), "int64")) for n in (32, 48, 64)]
     shapes = Shapes(build=None, schedule="dualpipev", world=2, num_microbatches=4, max_programs=2)
     assert shapes.add(sig[0], {}) == [] and shapes.add(sig[1], {}) == []
-    assert shapes.find(sig[0]) == sig[0]  # now the most recently used
+    assert shapes.find(sig[0]) == sig[0]
+    shapes.used(sig[0])  # now the most recently used
     assert shapes.add(sig[2], {}) == [sig[1]] and list(shapes.programs) == [sig[0], sig[2]]
     forward_only = Signature(4, sig[0].inputs, None)  # no target: any program of these inputs serves
     assert shapes.find(forward_only) == sig[0] and shapes.find(Signature(2, sig[0].inputs, None)) is None
