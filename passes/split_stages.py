@@ -33,11 +33,12 @@ _TIE_RTOL = 1e-9
 @dataclass(frozen=True)
 class KeptCut:
     """Where a cut fell, to cut another trace of the same model (other input shapes) at the
-    same places: ``ops[i]`` names compute node ``i`` (its op and innermost module), and
-    stage ``s + 1`` starts at node ``cuts[s]``."""
+    same places: ``ops[i]`` names compute node ``i`` (its op and innermost module), stage
+    ``s + 1`` starts at node ``cuts[s]``, and ``params`` holds each parameter's stages."""
 
     ops: tuple[str, ...]
     cuts: tuple[int, ...]
+    params: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -482,12 +483,27 @@ def _kept_cuts(lay: _Layout, keep: KeptCut, num_stages: int) -> tuple[int, ...]:
                              "started: the model computes differently at these shapes, so its stages cannot "
                              "keep their parameters. Fix: pad the inputs to a traced shape, or compile() again")
         cuts = tuple(where[k] for k in keep.cuts)
+    if list(cuts) != sorted(set(cuts)) or not all(0 < k < len(lay.nodes) for k in cuts):
+        raise ValueError(f"split_stages(keep=...): the kept cut maps to nodes {list(cuts)} of {len(lay.nodes)} at "
+                         "these shapes, which leaves a stage empty. Fix: pad the inputs to a traced shape, or "
+                         "compile() again")
     bad = [k for k in cuts if k in lay.why_not]
     if bad:
         raise ValueError(f"split_stages(keep=...): the kept cut at node {lay.nodes[bad[0]].name} is not allowed at "
                          f"these shapes: {lay.why_not[bad[0]]}. Fix: pad the inputs to a traced shape, or "
                          "compile() again")
     return cuts
+
+
+def _check_kept_params(keep: KeptCut, params: Sequence[tuple[str, tuple[int, ...]]]) -> None:
+    """Every parameter is read by the stages that read it in the kept cut (no parameter moves)."""
+    was, now = dict(keep.params), dict(params)
+    if keep.params and now != was:
+        name = next(n for n in (*now, *was) if now.get(n) != was.get(n))
+        raise ValueError(f"split_stages(keep=...): at these shapes parameter {name!r} is read by stages "
+                         f"{list(now.get(name, ()))}, in the kept cut by {list(was.get(name, ()))}: the model "
+                         "computes differently here, so its stages cannot keep their parameters. Fix: pad the "
+                         "inputs to a traced shape, or compile() again")
 
 
 def _check_args(captured, num_stages, placement, balance=None) -> None:
@@ -575,6 +591,9 @@ def split_stages(captured, num_stages: int, *, cost: CostSpec = "flops", split_p
         cuts = _per_rank_cuts(lay, num_stages, forced, loads)
     if keep is None:  # the budget is the traced shapes' (a kept cut at other shapes is not moved)
         _check_budget(loads, cuts, placement)
+    params = tuple((ph.meta["dpfx_name"], st) for ph, st in _param_stages(lay, cuts).items())
+    if keep is not None:
+        _check_kept_params(keep, params)
     bounds = list(zip((0, *cuts), (*cuts, len(lay.nodes))))
     carrying = grad_carrying(gm)
     stages = tuple(_build_stage(gm, lay, b, i, num_stages, carrying) for i, b in enumerate(bounds))
@@ -585,9 +604,8 @@ def split_stages(captured, num_stages: int, *, cost: CostSpec = "flops", split_p
         costs=costs,
         balance=max(costs) / mean if mean > 0 else 1.0,
         cut_bytes=tuple(lay.cut_bytes[k] for k in cuts),
-        param_stages=MappingProxyType({ph.meta["dpfx_name"]: st
-                                       for ph, st in _param_stages(lay, cuts).items()}),
+        param_stages=MappingProxyType(dict(params)),
         captured=captured,
         rank_loads=MappingProxyType(loads.ranks(cuts)),
-        kept=KeptCut(tuple(_op_key(n) for n in lay.nodes), tuple(cuts)),
+        kept=KeptCut(tuple(_op_key(n) for n in lay.nodes), tuple(cuts), params),
     )
