@@ -24,10 +24,21 @@ from passes.balance import BALANCE_MODES, MemorySpec, RankLoads, best_cuts
 from passes.cost_model import CostSpec, activation_bytes, saved_bytes_estimate, scalar_costs, weight_inputs_estimate
 from passes.grad_flow import grad_carrying
 
-__all__ = ["StagePartition", "default_placement", "split_stages"]
+__all__ = ["KeptCut", "StagePartition", "default_placement", "split_stages"]
 
 # Stage costs within this relative distance of the optimum count as ties (float noise).
 _TIE_RTOL = 1e-9
+
+
+@dataclass(frozen=True)
+class KeptCut:
+    """Where a cut fell, to cut another trace of the same model (other input shapes) at the
+    same places: ``ops[i]`` names compute node ``i`` (its op and innermost module), stage
+    ``s + 1`` starts at node ``cuts[s]``, and ``params`` holds each parameter's stages."""
+
+    ops: tuple[str, ...]
+    cuts: tuple[int, ...]
+    params: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -50,6 +61,7 @@ class StagePartition:
     # per rank of the placement: (time in cost units, memory estimate, parameter state; bytes; see
     # passes.balance)
     rank_loads: Mapping[int, tuple[float, float, float]] = field(default_factory=dict)
+    kept: Optional[KeptCut] = None  # the cut, as split_stages(keep=...) takes it
 
 
 @dataclass(frozen=True)
@@ -447,6 +459,53 @@ def _build_stage(gm: fx.GraphModule, lay: _Layout, bounds: tuple[int, int], inde
     return stage
 
 
+def _op_key(node: fx.Node) -> str:
+    return f"{node.target}@{node.meta.get('dpfx_module', '')}"
+
+
+def _kept_cuts(lay: _Layout, keep: KeptCut, num_stages: int) -> tuple[int, ...]:
+    """``keep``'s cuts in this layout: the same node positions when the ops are the same (a
+    trace at other shapes usually is), else each cut's node found through the ops the two
+    traces share (difflib's matching blocks); a cut whose node has no match is refused."""
+    if len(keep.cuts) != num_stages - 1:
+        raise ValueError(f"split_stages(keep=...): the kept cut has {len(keep.cuts) + 1} stages; expected "
+                         f"num_stages={num_stages}")
+    ops = tuple(_op_key(n) for n in lay.nodes)
+    if ops == keep.ops:
+        cuts = keep.cuts
+    else:
+        blocks = difflib.SequenceMatcher(None, keep.ops, ops, autojunk=False).get_matching_blocks()
+        where = {i + d: j + d for i, j, size in blocks for d in range(size)}
+        missing = [k for k in keep.cuts if k not in where]
+        if missing:
+            raise ValueError(f"split_stages(keep=...): the graph at these shapes has no op matching "
+                             f"{keep.ops[missing[0]]!r} (node {missing[0]} of the first trace), where a stage "
+                             "started: the model computes differently at these shapes, so its stages cannot "
+                             "keep their parameters. Fix: pad the inputs to a traced shape, or compile() again")
+        cuts = tuple(where[k] for k in keep.cuts)
+    if list(cuts) != sorted(set(cuts)) or not all(0 < k < len(lay.nodes) for k in cuts):
+        raise ValueError(f"split_stages(keep=...): the kept cut maps to nodes {list(cuts)} of {len(lay.nodes)} at "
+                         "these shapes, which leaves a stage empty. Fix: pad the inputs to a traced shape, or "
+                         "compile() again")
+    bad = [k for k in cuts if k in lay.why_not]
+    if bad:
+        raise ValueError(f"split_stages(keep=...): the kept cut at node {lay.nodes[bad[0]].name} is not allowed at "
+                         f"these shapes: {lay.why_not[bad[0]]}. Fix: pad the inputs to a traced shape, or "
+                         "compile() again")
+    return cuts
+
+
+def _check_kept_params(keep: KeptCut, params: Sequence[tuple[str, tuple[int, ...]]]) -> None:
+    """Every parameter is read by the stages that read it in the kept cut (no parameter moves)."""
+    was, now = dict(keep.params), dict(params)
+    if keep.params and now != was:
+        name = next(n for n in (*now, *was) if now.get(n) != was.get(n))
+        raise ValueError(f"split_stages(keep=...): at these shapes parameter {name!r} is read by stages "
+                         f"{list(now.get(name, ()))}, in the kept cut by {list(was.get(name, ()))}: the model "
+                         "computes differently here, so its stages cannot keep their parameters. Fix: pad the "
+                         "inputs to a traced shape, or compile() again")
+
+
 def _check_args(captured, num_stages, placement, balance=None) -> None:
     if not isinstance(num_stages, int) or isinstance(num_stages, bool):
         raise TypeError(f"num_stages={num_stages!r}; expected an int >= 1")
@@ -465,7 +524,7 @@ def _check_args(captured, num_stages, placement, balance=None) -> None:
 
 def split_stages(captured, num_stages: int, *, cost: CostSpec = "flops", split_points=None,
                  placement: Optional[Mapping[int, int]] = None, balance: Optional[str] = None,
-                 memory: Optional[MemorySpec] = None) -> StagePartition:
+                 memory: Optional[MemorySpec] = None, keep: Optional[KeptCut] = None) -> StagePartition:
     """Cut a captured graph into ``num_stages`` contiguous stages balanced by ``cost``.
 
     **Contract**: ``Captured`` (graph ``(params, buffers, inputs, target) -> (loss,
@@ -498,6 +557,9 @@ def split_stages(captured, num_stages: int, *, cost: CostSpec = "flops", split_p
             ``passes.balance``.
         memory: what a rank's memory holds (``passes.balance.MemorySpec``); default: AdamW
             states, one micro-batch of activations per stage, no budget.
+        keep: another partition's ``kept`` cut (a trace of the same model at other input
+            shapes): cut at the same ops instead of choosing (``split_points``, ``cost`` and
+            ``balance`` are then not read), so every parameter stays in its stage.
 
     Returns:
         ``StagePartition``.
@@ -518,14 +580,20 @@ def split_stages(captured, num_stages: int, *, cost: CostSpec = "flops", split_p
         raise ValueError(f"num_stages={num_stages} needs {num_stages - 1} cuts but the graph "
                          f"({len(lay.nodes)} ops) has {len(lay.allowed)} places to cut; use "
                          f"num_stages <= {len(lay.allowed) + 1}")
-    forced = _forced_cuts(lay, split_points, num_stages)
+    forced = _forced_cuts(lay, split_points, num_stages) if keep is None else ()
     placement = default_placement(num_stages) if placement is None else placement
     loads = _rank_loads(lay, placement, memory or MemorySpec(), balance or "time")
-    if balance is None:
+    if keep is not None:
+        cuts = _kept_cuts(lay, keep, num_stages)
+    elif balance is None:
         cuts = _choose_cuts(lay, num_stages, forced)
     else:
         cuts = _per_rank_cuts(lay, num_stages, forced, loads)
-    _check_budget(loads, cuts, placement)
+    if keep is None:  # the budget is the traced shapes' (a kept cut at other shapes is not moved)
+        _check_budget(loads, cuts, placement)
+    params = tuple((ph.meta["dpfx_name"], st) for ph, st in _param_stages(lay, cuts).items())
+    if keep is not None:
+        _check_kept_params(keep, params)
     bounds = list(zip((0, *cuts), (*cuts, len(lay.nodes))))
     carrying = grad_carrying(gm)
     stages = tuple(_build_stage(gm, lay, b, i, num_stages, carrying) for i, b in enumerate(bounds))
@@ -536,8 +604,8 @@ def split_stages(captured, num_stages: int, *, cost: CostSpec = "flops", split_p
         costs=costs,
         balance=max(costs) / mean if mean > 0 else 1.0,
         cut_bytes=tuple(lay.cut_bytes[k] for k in cuts),
-        param_stages=MappingProxyType({ph.meta["dpfx_name"]: st
-                                       for ph, st in _param_stages(lay, cuts).items()}),
+        param_stages=MappingProxyType(dict(params)),
         captured=captured,
         rank_loads=MappingProxyType(loads.ranks(cuts)),
+        kept=KeptCut(tuple(_op_key(n) for n in lay.nodes), tuple(cuts), params),
     )

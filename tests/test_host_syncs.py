@@ -21,9 +21,10 @@ ALLOWED = {
     ("agree.py", "gather_bytes", "item"): "compile() only: the payload sizes",
     ("agree.py", "gather_bytes", "tolist"): "compile() only: the gathered payloads",
     ("agree.py", "checksum", "item"): "compile() only: parameter checksums",
-    ("agree.py", "vote", "item"): "per step (twice, world > 1): a CPU tensor, no device sync; the ranks must "
-                                  "know before any P2P (inputs) and before returning (outcome)",
-    ("agree.py", "vote", "tolist"): "only when a rank failed: its error message",
+    ("agree.py", "vote_keyed", "tolist"): "per step (twice, world > 1): the flag and the shapes' digest, a CPU "
+                                          "tensor, no device sync; the ranks must know before any P2P (inputs) "
+                                          "and before returning (outcome); and, only when a rank failed, its "
+                                          "error message",
     ("clock.py", "CudaEventClock.finish", "synchronize"): "profiling only: once per profiled step, to read its events",
     ("profile.py", "_record_steps", "barrier"): "profiling only: the ranks start each profiled step together",
     ("sync.py", "wait", "wait"): "every send/receive/collective wait: host wait on gloo (CPU), stream order on NCCL",

@@ -385,17 +385,38 @@ def _check_split_points(job_config, spec) -> None:
             f"{stages} stages, so give exactly {stages - 1} boundaries or none (automatic)")
 
 
-def _check_validation(job_config) -> None:
-    """The validator runs the same pipeline forward-only: same batch shape as training."""
+def _check_validation(job_config, spec) -> None:
+    """The validator runs the pipeline forward-only. A batch shape other than training's is
+    another program (``Pipeline.step`` builds and caches it at the first validation step), so
+    its micro-batch count must fit the schedule, and its attention must not be a flex
+    BlockMask (not traced again at new shapes yet)."""
     val, train = job_config.validation, job_config.training
-    if not val.enable:
+    if not val.enable or (val.local_batch_size, val.seq_len) == (train.local_batch_size, train.seq_len):
         return
-    for key, got, want in (("local_batch_size", val.local_batch_size, train.local_batch_size),
-                           ("seq_len", val.seq_len, train.seq_len)):
-        if got != want:
-            raise ValueError(f"validation.{key} = {got} differs from training.{key} = {want}; the "
-                             f"pipeline validates with the training batch shape, so set "
-                             f"validation.{key} = {want}")
+    from dualpipe_fx.runtime.programs import microbatch_count
+
+    pp = job_config.parallelism.pipeline_parallel_degree
+    try:
+        microbatch_count(val.local_batch_size, num_microbatches(job_config), spec.name, pp)
+    except ValueError as err:
+        raise ValueError(f"validation.local_batch_size = {val.local_batch_size}: {err}. Fix: set "
+                         f"validation.local_batch_size to a multiple of C = {num_microbatches(job_config)}") from err
+    if getattr(_model_args(job_config), "attn_type", "sdpa") == "flex":
+        raise ValueError(
+            f"validation.seq_len = {val.seq_len} and validation.local_batch_size = {val.local_batch_size} differ "
+            f"from training's ({train.seq_len}, {train.local_batch_size}), and model.flavor = "
+            f"{job_config.model.flavor!r} uses flex attention: dualpipe_fx does not trace a BlockMask at new shapes "
+            f"yet. Fix: set validation.seq_len = {train.seq_len} and validation.local_batch_size = "
+            f"{train.local_batch_size}")
+
+
+def _model_args(job_config):
+    """The flavor's model args, or None (torchtitan 0.3, or an unknown model: its own error names it)."""
+    try:
+        from torchtitan.protocols.train_spec import get_train_spec
+        return get_train_spec(job_config.model.name).model_args[job_config.model.flavor]
+    except (ImportError, KeyError, ValueError):
+        return None
 
 
 def _check_attention(job_config) -> None:
@@ -432,7 +453,8 @@ def validate_job_config(job_config) -> None:
         C = local_batch_size / microbatch_size fits the schedule (e.g. C >= 2N)
         activation_checkpoint: mode none/full/selective ("op" or an int), no debug
         no TP/CP/EP (DP maps onto compile(dp_group=)), no torch.compile of model parts, split_points count
-        validation batch shape == training's; keys map onto dualpipe_fx.compile arguments
+        a validation batch shape other than training's fits the schedule (a second program); keys map onto
+            dualpipe_fx.compile arguments
         the flavor's attention is sdpa or flex (varlen refused: flex block_causal is its twin)
 
     Args:
@@ -449,5 +471,5 @@ def validate_job_config(job_config) -> None:
     _check_activation_checkpoint(job_config.activation_checkpoint)
     _check_other_parallelisms(job_config)
     _check_split_points(job_config, spec)
-    _check_validation(job_config)
+    _check_validation(job_config, spec)
     _check_attention(job_config)

@@ -161,8 +161,8 @@ class DualPipeFxSchedule:
     def eval(self, *inputs, target=None, losses: Optional[list] = None, **kwargs) -> None:
         """torchtitan's validator call: forward only; append the summed loss to ``losses``."""
         kwargs = self._traced_keywords(kwargs)
-        with torch.no_grad():
-            outputs = self.pipeline.step(*inputs, **kwargs)  # model outputs on the loss rank, else None
+        with torch.no_grad():  # the target sizes a program for a validation batch of other shapes
+            outputs = self.pipeline.step(*inputs, target=target, **kwargs)  # model outputs on the loss rank
             summed = None if outputs is None or target is None else self.loss_fn(outputs, target)
             summed = self._shared(summed)
         if losses is not None:
@@ -184,7 +184,8 @@ class DualPipeFxSchedule:
             all grads *= factor; loss *= factor
             broadcast loss from the rank holding it
         """
-        factor = self.num_microbatches / float(global_valid_tokens)
+        count = getattr(self.pipeline, "microbatches", lambda batch: self.num_microbatches)(inputs.shape[0])
+        factor = count / float(global_valid_tokens)  # a smaller last batch may run fewer micro-batches
         grad_factor = factor * self.grad_sum  # torchtitan's FSDP sums over the replicas; we average
         self._scale_grads(1.0 / grad_factor)
         loss = self.pipeline.step(inputs, target=labels, **kwargs)  # kwargs: compile's example_kwargs

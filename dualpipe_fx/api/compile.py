@@ -12,10 +12,13 @@ example; nothing is communicated until ``step()``.
             program's model parts (every rank, same result) + I/W split of this rank's parts
     allocate + initialise this rank's meta params/buffers on `device` (runtime.materialize)
     return build_pipeline(model, split.stages, program, ...)   # keeps this rank's stages
+    (a step of new shapes repeats the split at the same cut and the build: _build_shape)
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
@@ -32,6 +35,7 @@ from dualpipe_fx.runtime.data_parallel import ExpertParallel, check_expert_paral
 from dualpipe_fx.runtime.errors import PeerTimeoutError, check_world  # noqa: F401  re-exported
 from dualpipe_fx.runtime.materialize import materialize
 from dualpipe_fx.runtime.pipeline import Pipeline
+from dualpipe_fx.runtime.programs import Shapes
 from dualpipe_fx.runtime.tensor_parallel import is_tensor_parallel, localize
 from dualpipe_fx.schedules import generate, get_schedule
 from dualpipe_fx.schedules.ir import Program
@@ -126,7 +130,7 @@ def _check_init_fn(param_init_fn) -> None:
 
 def _agreed_options(args: Mapping[str, Any], memory: MemoryPolicy) -> dict[str, Any]:
     """compile()'s options every rank must share (callables are compared by their cut instead)."""
-    agreed = {k: args[k] for k in ("compile_stages", "overlap", "split_points")}
+    agreed = {k: args[k] for k in ("compile_stages", "overlap", "split_points", "max_programs")}
     agreed.update(balance=memory.balance, memory_budget=memory.budget, optimizer=memory.optimizer)
     for k, value in (("cost", args["cost"]), ("recompute", memory.recompute)):
         if value is None or isinstance(value, str):
@@ -198,7 +202,7 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
             mixed_precision=None, param_init_fn: Optional[Callable[[nn.Module], None]] = None,
             compile_stages: bool = False, overlap: bool = True, cost="flops",
             split_points: Optional[Sequence[str]] = None, verify_weights: bool = True,
-            timeout: timedelta | float = timedelta(seconds=300), **deprecated) -> Pipeline:
+            timeout: timedelta | float = timedelta(seconds=300), max_programs: int = 8, **deprecated) -> Pipeline:
     """Pipeline ``model`` over the ranks of ``group`` with ``schedule``.
 
     Args:
@@ -223,6 +227,9 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
             calls flex attention: ``check_compile_stages``).
         timeout: how long a rank waits for a peer before ``PeerTimeoutError``: a
             ``timedelta`` or a number of seconds.
+        max_programs: how many programs the pipeline keeps, one per input-shape signature
+            (``Pipeline.step`` builds one for a batch of new shapes: another sequence length,
+            batch size, or a smaller last batch; the least recently used is evicted first).
         cost, split_points: how to cut the model (see ``dualpipe_fx.split``). With
             ``cost="measured"`` rank 0's timings are broadcast, so every rank cuts alike.
         overlap: run each F&B pair as one multiplexed graph (``passes.multiplex``);
@@ -334,6 +341,7 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
     examples = as_inputs(example_inputs)
     world = dist.get_world_size(group)
     timeout = as_timeout(timeout)
+    options.check_max_programs(max_programs)
     data_parallel = check_groups(group, par.dp_group, par.dp_mode)
     mixed_precision = check_mixed_precision(mixed_precision)
     experts = check_expert_parallel(par.dp_group, par.expert_parallel)
@@ -361,31 +369,109 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
         _check_mirrored_running_stats(model, program, schedule)
     if isinstance(cost, str) and cost == "measured" and world > 1:
         cost = _RankZeroTimings(group)
-    mine = local_parts(program, dist.get_rank(group))
-    with together(group, timeout, "compile()"):
-        parts = split_for_program(program, model, loss_fn, examples, example_target, cost=cost,
-                                  split_points=split_points, example_kwargs=example_kwargs, device=device,
-                                  only_stages=mine, memory=mem, mixed_precision=mixed_precision)
-        partition = parts.partition
-        if tensor_parallel is not None:
-            tensor_parallel.check_traced()
-        check_compile_stages(compile_stages, partition.captured.gm)
-        names = local_names(partition.stages, mine, partition.captured.param_aliases)
-        pending = materialize(model, names, device, param_init_fn)
-        state = model.state_dict(keep_vars=True)
-        verify = verify_names(state, partition.stages, program, verify_weights,
-                              skip=[n for p in pending.values() for n in p.names])
-    cut = cut_fields(partition.stages, state, verify)
-    agree(cut, group, timeout, "compile()", HINTS)
-    if data_parallel is not None:  # the replicas: the same call, place, cut and starting weights
-        agree({**call, **dp_fields(group, par.dp_mode), **_replica_fields(cut, experts)}, par.dp_group, timeout,
-              "compile()", HINTS)
-    with together(group, timeout, "compile()"):
-        pipe = build_pipeline(model, parts.stages, program, examples, example_target, num_microbatches,
-                              group, timeout, compile_stages, overlap, example_kwargs=example_kwargs,
-                              call=partition.captured.call, outputs=partition.captured.output_layout,
-                              part_graphs=partition.stages, device=device, pending=pending,
-                              data_parallel=data_parallel, experts=experts, mixed_precision=mixed_precision,
-                              tensor_parallel=tensor_parallel)
-    pipe.recompute = mem.recompute  # the policy the stage graphs were split with ("auto", ActivationBudget: chosen)
+    recipe = _Recipe(model, loss_fn, schedule, group, timeout, device, cost, split_points, mem, mixed_precision,
+                     compile_stages, overlap, data_parallel, experts, par.dp_mode, tensor_parallel)
+    pipe, cut = _build(recipe, program, num_microbatches, examples, example_target, example_kwargs, call=call,
+                       first=(param_init_fn, verify_weights))
+    shapes = Shapes(partial(_build_shape, recipe, cut), schedule, world, num_microbatches, max_programs,
+                    refusal=_shape_refusal(par, tensor_parallel))
+    pipe.enable_shapes(shapes, _signature(pipe, shapes))
     return pipe
+
+
+@dataclass(frozen=True)
+class _Recipe:
+    """What ``compile()`` settled once (options, device, groups) and every shape's program reuses."""
+
+    model: nn.Module
+    loss_fn: Callable
+    schedule: str
+    group: Optional[dist.ProcessGroup]
+    timeout: timedelta
+    device: torch.device
+    cost: Any
+    split_points: Optional[Sequence[str]]
+    memory: MemoryPolicy
+    mixed_precision: Any
+    compile_stages: bool
+    overlap: bool
+    data_parallel: Any
+    experts: Optional[ExpertParallel]
+    dp_mode: str
+    tensor_parallel: Any = None  # runtime.tensor_parallel.TensorParallel
+
+
+def _build(recipe: _Recipe, program: Program, num_microbatches: int, examples: tuple, target, kwargs, *,
+           call: Optional[dict] = None, first: Optional[tuple] = None, keep=None,
+           where: str = "compile()") -> tuple[Pipeline, Any]:
+    """One shape's pipeline: capture + cut (``keep``: at that cut) + I/W split of this rank's
+    parts, the cut agreed, then built. ``first``: ``(param_init_fn, verify_weights)`` at
+    ``compile()``, which also allocates this rank's parameters and agrees on their checksums
+    (and the replicas on the call and the cut); later shapes reuse those parameters. ``where``
+    names the call in the ranks' agreement errors."""
+    r, pending = recipe, None
+    mine = local_parts(program, dist.get_rank(r.group))
+    with together(r.group, r.timeout, where):
+        cost = r.cost if keep is None else "flops"  # a kept cut is not chosen: no measured timings
+        parts = split_for_program(program, r.model, r.loss_fn, examples, target, cost=cost,
+                                  split_points=r.split_points, example_kwargs=kwargs, device=r.device,
+                                  only_stages=mine, memory=r.memory, mixed_precision=r.mixed_precision,
+                                  keep_cut=keep)
+        partition = parts.partition
+        if r.tensor_parallel is not None:
+            r.tensor_parallel.check_traced()
+        check_compile_stages(r.compile_stages, partition.captured.gm)
+        state, verify = r.model.state_dict(keep_vars=True), []
+        if first is not None:
+            names = local_names(partition.stages, mine, partition.captured.param_aliases)
+            pending = materialize(r.model, names, r.device, first[0])
+            state = r.model.state_dict(keep_vars=True)
+            verify = verify_names(state, partition.stages, program, first[1],
+                                  skip=[n for p in pending.values() for n in p.names])
+    cut = cut_fields(partition.stages, state, verify)
+    agree(cut, r.group, r.timeout, where, HINTS)
+    if r.data_parallel is not None and call is not None:  # the replicas: the same call, place, cut and weights
+        agree({**call, **dp_fields(r.group, r.dp_mode), **_replica_fields(cut, r.experts)},
+              r.data_parallel[0], r.timeout, "compile()", HINTS)
+    with together(r.group, r.timeout, where):
+        pipe = build_pipeline(r.model, parts.stages, program, examples, target, num_microbatches,
+                              r.group, r.timeout, r.compile_stages, r.overlap, example_kwargs=kwargs,
+                              call=partition.captured.call, outputs=partition.captured.output_layout,
+                              part_graphs=partition.stages, device=r.device, pending=pending,
+                              data_parallel=r.data_parallel, experts=r.experts, mixed_precision=r.mixed_precision,
+                              tensor_parallel=r.tensor_parallel)
+    pipe.recompute = r.memory.recompute  # the policy the stage graphs were split with (ActivationBudget: chosen)
+    return pipe, partition.kept
+
+
+def _build_shape(recipe: _Recipe, keep, examples: tuple, target, kwargs, num_microbatches: int) -> Pipeline:
+    """A later shape's pipeline (``runtime.programs.Shapes.build``): the first cut, no allocation."""
+    program = generate(recipe.schedule, dist.get_world_size(recipe.group), num_microbatches)
+    return _build(recipe, program, num_microbatches, examples, target, kwargs, keep=keep,
+                  where="step()'s build for new shapes")[0]
+
+
+def _shape_refusal(par: Parallelism, tensor_parallel) -> Optional[str]:
+    """Why a pipeline cannot build programs for other shapes, or None."""
+    if tensor_parallel is not None:
+        return ("the model is tensor-parallel: each shape's program would need the TP layouts traced again, "
+                "which dualpipe_fx does not do yet. Fix: pad every batch to the traced shapes (e.g. the "
+                "dataset's longest sequence)")
+    if par.dp_group is None:
+        return None
+    return ("this pipeline has data parallelism (parallelism.dp_group, and with it any expert_parallel): its "
+            "replicas would have to build and agree on each new shape too, which dualpipe_fx does not do yet. Fix: pad every batch to the traced shapes "
+            "(e.g. the dataset's longest sequence), or compile() without dp_group")
+
+
+def _signature(pipe: Pipeline, shapes: Shapes):
+    """The signature of ``compile()``'s own program: its example micro-batch, C times."""
+    c = pipe.num_microbatches
+    values = {name: torch.empty((c * t.shape[0], *t.shape[1:]), dtype=t.dtype, device="meta")
+              for name, t in pipe._example_values.items()}
+    shared = {n: tuple(pipe._example_values[n].shape) for n in pipe._call.mask_names}
+    values.update({n: pipe._example_values[n] for n in shared})
+    target = pipe.example_target
+    target = None if target is None else torch.empty((c * target.shape[0], *target.shape[1:]),
+                                                     dtype=target.dtype, device="meta")
+    return shapes.signature(values, target, pipe._call, shared)

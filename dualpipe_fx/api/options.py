@@ -122,3 +122,15 @@ def resolve(fn: str, legacy: Mapping[str, Any], allowed: tuple[str, ...] = ("par
                       f"{group}=dualpipe_fx.{cls.__name__}({field}=...) instead", FutureWarning, stacklevel=3)
         out[group] = replace(out[group], **{field: value})
     return out
+
+
+def check_max_programs(value) -> None:
+    """``compile(max_programs=)``: how many programs (one per input-shape signature, see
+    ``Pipeline.step``) a pipeline keeps, least recently used evicted first: an int >= 1.
+
+    Raises:
+        ValueError: another value, naming it and the fix.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"compile(max_programs={value!r}); expected an int >= 1 (default 8): how many programs, "
+                         "one per batch shape, the pipeline keeps")

@@ -28,7 +28,7 @@ from passes.capture import capture
 from passes.cost_model import activation_bytes, node_costs
 from passes.recompute import Policy, recompute_policy
 from passes.split_backward import saved_bytes, split_backward
-from passes.split_stages import StagePartition, default_placement, split_stages
+from passes.split_stages import KeptCut, StagePartition, default_placement, split_stages
 from passes.stage_graphs import StageGraphs
 
 __all__ = ["Split", "split", "split_for_program"]
@@ -276,7 +276,8 @@ def split(model: nn.Module, loss_fn: Callable, example_inputs, example_target=No
           only_stages: Optional[Collection[int]] = None, in_flight: Optional[Mapping[int, int]] = None,
           peaks: Optional[Mapping[int, PeakModel]] = None,
           memory: Optional[MemoryPolicy] = None, mixed_precision: Optional[MixedPrecisionPolicy] = None,
-          captured=None, backward_cache: Optional[dict] = None, **deprecated) -> Split:
+          captured=None, backward_cache: Optional[dict] = None, keep_cut: Optional[KeptCut] = None,
+          **deprecated) -> Split:
     """Capture ``model`` + ``loss_fn``, cut it into stages, split each stage's backward.
 
     **Contract**: ``(model, loss_fn, one example micro-batch) -> Split`` with
@@ -337,6 +338,9 @@ def split(model: nn.Module, loss_fn: Callable, example_inputs, example_target=No
         backward_cache: a dict kept between calls on one capture: a stage whose graph, index
             role and recompute policy were split before is not split again (autoplan's cuts
             share most of their stages).
+        keep_cut: ``Split.partition.kept`` of an earlier split of this model at other input
+            shapes: cut at the same ops (``passes.split_stages``' ``keep``), so each parameter
+            stays in its stage (``Pipeline.step`` builds a new shape's program this way).
         **deprecated: ``recompute=``, ``balance=``, ``memory_budget=``, ``optimizer=``: the
             fields of ``memory`` as 0.1 took them; they warn (``FutureWarning``) and go in 0.3.
 
@@ -362,7 +366,7 @@ def split(model: nn.Module, loss_fn: Callable, example_inputs, example_target=No
                            device=device, mixed_precision=mixed_precision)
     placement = default_placement(num_stages) if placement is None else dict(placement)
     partition = split_stages(captured, num_stages, cost=cost, split_points=split_points, placement=placement,
-                             balance=policy.balance, memory=spec)
+                             balance=policy.balance, memory=spec, keep=keep_cut)
     last = len(partition.stages) - 1
     wanted = _only(only_stages, len(partition.stages))
     stages = tuple(_split_backward(gm, s, s == last, policy.recompute, backward_cache) if s in wanted

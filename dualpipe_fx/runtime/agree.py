@@ -192,15 +192,24 @@ def vote(error: Optional[BaseException], group, timeout: timedelta, what: str,
     """None when no rank failed; else the lowest failing rank's error (and ``where`` it
     failed), the same on every rank. ``kind``: the error's type name, when ``error`` relays
     another rank's (default: ``type(error).__name__``)."""
+    return vote_keyed(error, 0, group, timeout, what, where, kind)[0]
+
+
+def vote_keyed(error: Optional[BaseException], key: int, group, timeout: timedelta, what: str,
+               where: str = "", kind: Optional[str] = None) -> tuple[Optional[StepFailure], bool]:
+    """``vote``, and whether every rank passed the same ``key`` (an int64, e.g. a digest of
+    the step's shapes) in the same all-reduce: MIN over ``[failed rank, key, -key]``, so
+    the keys agree iff their min equals their max. No extra collective."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     if world == 1:
-        return None if error is None else StepFailure(rank, kind or type(error).__name__, str(error), where)
+        return (None if error is None else StepFailure(rank, kind or type(error).__name__, str(error), where)), True
     device = vote_device(group)
-    flag = torch.tensor([rank if error is not None else world], dtype=torch.int64, device=device)
+    flag = torch.tensor([rank if error is not None else world, key, -key], dtype=torch.int64, device=device)
     _wait(dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group, async_op=True), group, timeout, what)
-    failed = int(flag.item())
+    failed, low, minus_high = (int(v) for v in flag.tolist())
+    same = low == -minus_high
     if failed == world:
-        return None
+        return None, same
     buf = torch.zeros(_MESSAGE_BYTES, dtype=torch.uint8, device=device)
     if rank == failed:
         text = f"{kind or type(error).__name__}\n{where}\n{error}".encode()[: _MESSAGE_BYTES - 1]
@@ -208,7 +217,7 @@ def vote(error: Optional[BaseException], group, timeout: timedelta, what: str,
     _wait(dist.broadcast(buf, group_src=failed, group=group, async_op=True), group, timeout, what)
     raw = bytes(buf.tolist()).rstrip(b"\0").decode(errors="replace")
     kind, where, message = raw.split("\n", 2)
-    return StepFailure(failed, kind, message, where)
+    return StepFailure(failed, kind, message, where), same
 
 
 @contextlib.contextmanager

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import time
 from datetime import timedelta
 from typing import Any, Iterator, Mapping, Optional
 
@@ -30,11 +31,12 @@ import torch.distributed as dist
 from torch import nn
 
 from dualpipe_fx.planning.memory import pipeline_plan
-from dualpipe_fx.runtime.agree import StepFailure, vote
+from dualpipe_fx.runtime.agree import StepFailure, agree, together, vote, vote_keyed
 from dualpipe_fx.runtime.errors import (PeerTimeoutError, PipelineBrokenError, PipelineStepError, check_batch,
                                         check_inputs)
 from dualpipe_fx.runtime.materialize import copy_into
 from dualpipe_fx.runtime.profile import profile_pipeline
+from dualpipe_fx.runtime.programs import Shapes, Signature, first_microbatch, microbatch_count
 from dualpipe_fx.runtime.stage import named_params
 from dualpipe_fx.runtime.sync import exchange, set_aside_shared_grads, sum_shared_grads, sync_shared_grads
 from dualpipe_fx.runtime.values import external_values, micro_batches
@@ -44,6 +46,11 @@ from passes._compat import tree_map
 _RECOMPILE = "call dualpipe_fx.compile() again"
 _log = logging.getLogger(__name__)
 _TORCH_RUNTIME_LOG = "torch.distributed.pipelining.schedules"
+# What one input-shape signature's program holds (``runtime.programs``): a step at other shapes
+# swaps them for that program's. Parameters, checkpoint state and the group are the pipeline's own.
+_PER_SHAPE = ("program", "stages", "schedule", "_schedules", "_executor", "examples", "example_kwargs",
+              "example_target", "_call", "_example_values", "_outputs", "num_microbatches", "_holders",
+              "_output_metas", "_data_parallel", "_loss_ranks", "_grad_loss")
 
 
 class Pipeline:
@@ -58,6 +65,14 @@ class Pipeline:
     the trace). Under ``torch.no_grad()`` ``step`` runs forward only and returns the model's
     own output structure (dict, dataclass, ``ModelOutput``, tensor), each tensor
     concatenated over micro-batches along dim 0 (0-dim ones stacked), instead of the loss.
+
+    Shapes (``runtime.programs``): a batch of other shapes than the traced ones (another
+    sequence length, batch size, or a smaller last batch) gets its own program, traced, cut
+    at the first program's cut and built on every rank at its first step, and kept in an LRU
+    of ``compile(max_programs=)``; the ranks agree on the shapes before any P2P. The
+    attributes in ``_PER_SHAPE`` (``program``, ``stages``, ``num_microbatches``, ...) are those
+    of the program of the latest step; the parameters and their ``.grad`` are the same objects
+    for every program, so grads accumulate across steps of different shapes.
     """
 
     def __init__(self, *, state, program, stages, schedules, executor, examples, example_target,
@@ -99,6 +114,110 @@ class Pipeline:
         self._loss_ranks = tuple(sorted({program.stage_to_rank()[c[-1]] for c in program.chains}))
         self._broken: Optional[str] = None  # why the group cannot be used again
         self._grad_loss: Optional[torch.Tensor] = None  # d(step loss)/d(micro-batch loss) = 1/C, made once
+        self._shapes: Optional[Shapes] = None  # other shapes refused (check_inputs) until enable_shapes()
+        self._signature: Optional[Signature] = None  # the active program's
+
+    # -- programs per shape ----------------------------------------------------------------
+
+    def enable_shapes(self, shapes: Shapes, signature: Signature) -> None:
+        """Run batches of other shapes through ``shapes`` (``compile()`` calls it); this
+        pipeline's own program is the one of ``signature``."""
+        self._shapes, self._signature = shapes, signature
+        shapes.add(signature, self._program_state())
+
+    def microbatches(self, batch_size: int) -> int:
+        """How many micro-batches a step of ``batch_size`` samples runs (``runtime.programs``:
+        ``num_microbatches``, or fewer for a smaller last batch where the schedule allows it).
+
+        Raises:
+            ValueError: the batch does not divide into any count the schedule accepts.
+        """
+        if self._shapes is None:
+            return self.num_microbatches
+        shapes = self._shapes
+        return microbatch_count(batch_size, shapes.num_microbatches, shapes.schedule, shapes.world)
+
+    def _program_state(self) -> dict:
+        return {name: self.__dict__[name] for name in _PER_SHAPE}
+
+    def _activate(self, signature: Signature) -> None:
+        if signature != self._signature:
+            if self._signature in self._shapes.programs:  # not when the build just evicted it
+                self._shapes.programs[self._signature] = self._program_state()  # keeps _grad_loss
+            self.__dict__.update(self._shapes.programs[signature])
+            self._signature = signature
+
+    def _program_for(self, inputs: tuple, target, forward_only: bool,
+                     kwargs: dict) -> tuple[Optional[Signature], bool]:
+        """The step's signature (None without ``_shapes``), and whether a cached program serves
+        it (then made active).
+
+        Raises ValueError/TypeError for a batch no program can take (before any P2P).
+        """
+        if self._shapes is None:
+            return None, True
+        values = self._call.values(inputs, kwargs, "step()", _RECOMPILE)
+        shared = {n: tuple(self._example_values[n].shape) for n in self._call.mask_names}
+        wanted = self._shapes.signature(values, target, self._call, shared, self.device)
+        found = self._shapes.find(wanted)
+        if found is not None:
+            self._activate(found)
+            return wanted, True
+        traced = {label: dtype for label, _, dtype in self._signature.inputs}
+        for label, _, dtype in wanted.inputs:  # a dtype change is a mistake more often than a new program
+            if traced.get(label, dtype) != dtype:
+                raise ValueError(f"step(): {label} has dtype torch.{dtype}, but the pipeline was traced for "
+                                 f"torch.{traced[label]}; pass {label}.to(torch.{traced[label]})")
+        if self._shapes.refusal is not None:
+            raise ValueError(f"step(): a batch of new shapes ({wanted.describe()}; traced: "
+                             f"{self._signature.describe()}), but {self._shapes.refusal}")
+        if self._call.mask_names:
+            raise ValueError(f"step(): a batch of new shapes ({wanted.describe()}; traced: "
+                             f"{self._signature.describe()}) with a flex-attention BlockMask: a new shape's "
+                             "mask is not traced again yet. Fix: pad the batch to the traced shapes")
+        if wanted.target is None and self.example_target is not None and not forward_only:
+            raise ValueError("step(): target=None, but the loss takes a target; pass target= (the full batch of "
+                             "targets) on every rank")
+        if wanted.target is None and self.example_target is not None:
+            raise ValueError(f"step() under torch.no_grad(): a batch of new shapes ({wanted.describe()}) and no "
+                             "target=: the loss is part of the traced program, and the target's shape at these "
+                             "shapes is not known. Fix: pass target= (the full batch of targets)")
+        return wanted, False
+
+    def _build_program(self, signature: Signature, inputs: tuple, target, kwargs: dict) -> None:
+        """Trace, cut and build ``signature``'s program on every rank (a miss: one log line)."""
+        count, shapes = signature.num_microbatches, self._shapes
+        start = time.perf_counter()
+        with together(self.group, self.timeout, "step()'s build for new shapes"):
+            try:
+                built = shapes.build(tuple(first_microbatch(x, count) for x in inputs),
+                                     first_microbatch(target, count),
+                                     tree_map(lambda v: first_microbatch(v, count), kwargs), count)
+            except Exception as err:
+                text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+                raise ValueError(f"step(): a batch of new shapes ({signature.describe()}; traced: "
+                                 f"{self._signature.describe()}), and building its program failed: "
+                                 f"{type(err).__name__}: {text[:500]}. Fix: pass batches the model takes (or "
+                                 "of the traced shapes)") from err
+            if {k: id(v) for k, v in built._params.items()} != {k: id(v) for k, v in self._params.items()}:
+                raise AssertionError("a new shape's program must hold this rank's parameters and no others")
+        shapes.builds += 1
+        evicted = shapes.add(signature, built._program_state())
+        self._activate(signature)
+        _log.info("rank %d: step() traced, cut and built a program for %s in %.2f s (%d of max_programs=%d "
+                  "kept%s)", self.rank, signature.describe(), time.perf_counter() - start, len(shapes.programs),
+                  shapes.max_programs, f"; evicted {evicted[0].describe()}" if evicted else "")
+
+    def _shape_disagreement(self, signature: Optional[Signature]) -> str:
+        """The ranks' step shapes differ (their digests did, in the input vote): the text of the
+        ValueError every rank raises, naming each rank's shapes (one gather)."""
+        try:
+            agree({"step() input shapes": None if signature is None else signature.describe()}, self.group,
+                  self.timeout, "step()", {"step() input shapes": "pass the same batch (the same shapes) to "
+                                           "step() on every rank of the pipeline: each rank splits the whole batch"})
+        except ValueError as err:
+            return str(err)
+        raise AssertionError("the shape digests differed but the shapes agree")
 
     # -- parameters and checkpoints ------------------------------------------------------
 
@@ -276,14 +395,26 @@ class Pipeline:
             self._broken = f"{type(err).__name__} on rank {self.rank}: {str(err).splitlines()[0][:300]}"
             _abort(self.group)
 
-    def _agree(self, error: Optional[Exception], phase: str, where: str = "") -> None:
-        """Every rank learns whether any rank failed ``phase``; if one did, all raise its error."""
+    def _agree(self, error: Optional[Exception], phase: str, where: str = "",
+               signature: Optional[Signature] = None) -> None:
+        """Every rank learns whether any rank failed ``phase``; if one did, all raise its error.
+        With ``signature`` (the input phase under ``_shapes``) the same vote compares the ranks'
+        step shapes."""
         try:
-            failure = vote(error, self.group, self.timeout, f"the step's {phase} vote", where)
-            failure = self._agree_replicas(failure, phase)
+            key = 0 if signature is None else signature.key
+            failure, same = vote_keyed(error, key, self.group, self.timeout, f"the step's {phase} vote", where)
+            disagreement = self._shape_disagreement(signature) if failure is None and not same else None
+            if disagreement is not None:  # the replicas drop the step too
+                self._agree_replicas(StepFailure(self.rank, "ValueError", disagreement), phase)
+            else:
+                failure = self._agree_replicas(failure, phase)
         except PeerTimeoutError as err:
             self._break(err)
             raise
+        if disagreement is not None:
+            for stage in self.stages.values():
+                stage.clear_runtime_states()
+            raise ValueError(disagreement)
         if failure is None:
             return
         for stage in self.stages.values():
@@ -316,10 +447,13 @@ class Pipeline:
         """One pipelined step of ``model(*inputs, **kwargs)`` on the full batch; see the class docstring.
 
         Raises:
-            ValueError/TypeError: before any communication, for a batch that does not
-                divide into micro-batches, shapes other than the example's, inputs on
-                another device, a missing target, other keywords than ``example_kwargs``
-                or a non-tensor keyword value other than the traced one.
+            ValueError/TypeError: before any communication, for a batch that divides into no
+                micro-batch count the schedule accepts, ranks passing different shapes, a
+                dtype other than the example's, a batch of new shapes under data parallelism
+                or with a BlockMask, inputs on another device, a missing target, other
+                keywords than ``example_kwargs`` or a non-tensor keyword value other than the
+                traced one; or, after the ranks agreed on new shapes, a model that cannot be
+                traced or built at them (every rank; the pipeline keeps its programs).
             PeerTimeoutError: a peer rank died or did not answer within ``timeout``.
             PipelineStepError: an action raised on some rank (named); every rank dropped the step.
             PipelineBrokenError: an earlier step lost a peer; the process group must be rebuilt.
@@ -327,13 +461,24 @@ class Pipeline:
         if self._broken is not None:
             raise PipelineBrokenError(self.rank, self._broken)
         forward_only = not torch.is_grad_enabled()
-        error = None
+        error, signature, cached = None, None, True
         try:
             self._check_initialised("step()")
-            self._feed(self._check(inputs, target, forward_only, kwargs), target)
+            signature, cached = self._program_for(inputs, target, forward_only, kwargs or {})
+            if cached:
+                self._feed(self._check(inputs, target, forward_only, kwargs), target)
         except Exception as err:  # noqa: BLE001 - every rank raises it, after the vote
             error = err
-        self._agree(error, "inputs")
+        self._agree(error, "inputs", signature=signature)
+        if cached and signature is not None:
+            self._shapes.used(self._signature)
+        if not cached:  # the same miss on every rank: they agreed on the shapes
+            self._build_program(signature, inputs, target, kwargs)
+            try:
+                self._feed(self._check(inputs, target, forward_only, kwargs), target)
+            except Exception as err:  # noqa: BLE001 - every rank raises it, after the vote
+                error = err
+            self._agree(error, "inputs")
         dp = self._data_parallel
         if dp is not None:
             dp.begin_step(forward_only)  # earlier grads set aside: they are reduced already
@@ -408,7 +553,11 @@ class Pipeline:
         return outs[0] if len(outs) == 1 else outs
 
     def profile(self, *inputs, target=None, steps: int = 3):
-        """Measure ``steps`` steps; see ``dualpipe_fx.runtime.profile.profile_pipeline``."""
+        """Measure ``steps`` steps; see ``dualpipe_fx.runtime.profile.profile_pipeline``. At
+        shapes whose program a ``step()`` built earlier (the same cache on every rank)."""
+        if self._shapes is not None and not self._program_for(inputs, target, False, {})[1]:
+            raise ValueError("profile(): no program for these shapes yet (profiling measures a built program); "
+                             "run one step() at them first, then profile")
         return profile_pipeline(self, inputs, target, steps)
 
 

@@ -529,3 +529,71 @@ def test_bad_cost(cost, err, msg):
     _, _, _, cap = _mlp_capture(depth=1)
     with pytest.raises(err, match=msg):
         split_stages(cap, 2, cost=cost)
+
+
+# --------------------------------------------------------------------------------------
+# A kept cut: the same model traced at other input shapes, cut at the same places
+
+
+def _drawn_cost(seed):
+    weights = torch.rand(10_000, generator=torch.Generator().manual_seed(seed)).tolist()
+    return lambda node: weights[hash(node.name) % len(weights)] + 0.01  # an arbitrary cut to keep
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cfg=mlp_configs, num_stages=st.integers(2, 4), seed=st.integers(0, 3),
+       batches=st.lists(st.integers(1, 5), min_size=2, max_size=2, unique=True))
+def test_a_kept_cut_cuts_another_shape_at_the_same_ops(cfg, num_stages, seed, batches):
+    """Traced at batch b1 and cut by a drawn cost; traced at b2 and cut with ``keep``: the
+    same positions, every parameter in the same stages, and the stages rebuild the b2 graph."""
+    model = GenMLP(**cfg, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    (x1, y1), (x2, y2) = [(torch.randn(b, cfg["width"], generator=gen), torch.randn(b, cfg["width"], generator=gen))
+                          for b in batches]
+    first = split_stages(capture(model, mse, (x1,), y1), num_stages, cost=_drawn_cost(seed))
+    cap = capture(model, mse, (x2,), y2)
+    kept = split_stages(cap, num_stages, keep=first.kept)
+    assert kept.kept == first.kept
+    assert dict(kept.param_stages) == dict(first.param_stages)
+    check_layout(kept, cap)
+    check_equal(kept, cap, model, (x2,), y2)
+
+
+class _Double(nn.Module):
+    def forward(self, h):
+        return h * 2.0
+
+
+class _ExtraWhenWide(nn.Module):
+    """Two Linear layers with a module between them that runs only for batches wider than 2
+    (the traces of two batch sizes differ by its op)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.extra, self.b = nn.Linear(4, 4), _Double(), nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        if x.shape[0] > 2:
+            h = self.extra(h)
+        return self.b(h)
+
+
+def test_a_kept_cut_maps_through_ops_that_one_trace_lacks():
+    model = _ExtraWhenWide()
+    x1, y1, x2, y2 = torch.randn(4, 4), torch.randn(4, 4), torch.randn(2, 4), torch.randn(2, 4)
+    first = split_stages(capture(model, mse, (x1,), y1), 2, split_points=["b"])
+    cap = capture(model, mse, (x2,), y2)
+    kept = split_stages(cap, 2, keep=first.kept)
+    assert len(kept.kept.ops) == len(first.kept.ops) - 1  # extra's mul is not in the batch-2 trace
+    assert dict(kept.param_stages) == dict(first.param_stages) == {"a.weight": (0,), "a.bias": (0,),
+                                                                   "b.weight": (1,), "b.bias": (1,)}
+    check_equal(kept, cap, model, (x2,), y2)
+
+
+def test_a_kept_cut_at_an_op_the_other_trace_lacks_is_refused():
+    model = _ExtraWhenWide()
+    first = split_stages(capture(model, mse, (torch.randn(4, 4),), torch.randn(4, 4)), 2, split_points=["extra"])
+    with pytest.raises(ValueError, match="no op matching .*mul.*extra.*cannot keep their parameters"):
+        split_stages(capture(model, mse, (torch.randn(2, 4),), torch.randn(2, 4)), 2, keep=first.kept)

@@ -126,9 +126,15 @@ def _replica_failure(rank: int, pp_group, dp_group) -> dict:
     except ValueError as err:
         error = str(err)
     seconds = time.perf_counter() - start
+    new_shape = None  # a batch of new shapes on one replica: refused on every rank (no replica builds alone)
+    try:
+        pipe.step(x[:16] if rank // PP == 1 else xs, target=y[:16] if rank // PP == 1 else ys)
+    except ValueError as err:
+        new_shape = str(err)
     loss = pipe.step(xs, target=ys)
     grads = {n: _full(p.grad) for n, p in pipe.named_parameters() if p.grad is not None}
-    return {"error": error, "seconds": seconds, "loss": None if loss is None else loss.item(), "grads": grads}
+    return {"error": error, "seconds": seconds, "loss": None if loss is None else loss.item(), "grads": grads,
+            "new shape": new_shape}
 
 
 def _reference(kind: str, c: int, opt_kind: str):
@@ -212,6 +218,8 @@ def test_a_bad_batch_on_one_replica_raises_on_every_rank_at_once(results):
         assert res["error"] is not None and "batch size 7" in res["error"], (rank, res["error"])
         assert res["seconds"] < 20, (rank, res["seconds"])  # a vote, not dp_group's timeout
     assert "data-parallel replica of global rank" in got[0]["error"]  # replica 0 names replica 1's rank
+    for rank, res in got.items():
+        assert res["new shape"] is not None and "parallelism.dp_group" in res["new shape"], (rank, res["new shape"])
     # the next step runs everywhere, and the replicas' reduced grads are bitwise equal
     for a, b in ((0, 2), (1, 3)):
         assert got[a]["grads"].keys() == got[b]["grads"].keys() and got[a]["grads"]

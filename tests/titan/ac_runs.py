@@ -62,7 +62,7 @@ def register_qwen3_moe_ci() -> None:
 
 
 def _record_metrics(trainer, record: dict) -> None:
-    """Keep the (step, loss, grad norm) torchtitan's metrics processor is asked to log."""
+    """Keep the (step, loss, grad norm) and the validation losses torchtitan's metrics processor is asked to log."""
     log = trainer.metrics_processor.log
 
     def logged(step, global_avg_loss, global_max_loss, grad_norm, *args, **kwargs):
@@ -71,6 +71,13 @@ def _record_metrics(trainer, record: dict) -> None:
         return log(step, global_avg_loss, global_max_loss, grad_norm, *args, **kwargs)
 
     trainer.metrics_processor.log = logged
+    log_validation = trainer.metrics_processor.log_validation
+
+    def validated(loss, step, *args, **kwargs):
+        record["validation"][step] = float(loss)
+        return log_validation(loss, step, *args, **kwargs)
+
+    trainer.metrics_processor.log_validation = validated
 
 
 def digest(tensor) -> str:
@@ -80,7 +87,7 @@ def digest(tensor) -> str:
 
 
 def _describe(trainer, job_config) -> dict:
-    record = {"losses": {}, "grad_norms": {}, "log": []}
+    record = {"losses": {}, "grad_norms": {}, "validation": {}, "log": []}
     if getattr(trainer, "pp_schedule", None) is None or not hasattr(trainer.pp_schedule, "pipeline"):
         return record  # torchtitan without dualpipe_fx: the reference runs
     pipeline = trainer.pp_schedule.pipeline

@@ -85,7 +85,10 @@ def test_section_is_known_without_custom_config_module(tmp_path):
     (["--parallelism.expert_parallel_degree", "2", "--parallelism.expert_parallel_comm_backend", "deepep"],
      "parallelism.expert_parallel_comm_backend", "\"standard\""),
     (["--compile.enable", "--compile.backend", "aot_eager"], "compile.backend", "\"inductor\""),
-    (["--validation.enable", "--validation.seq_len", "32"], "validation.seq_len", "= 64"),
+    # a validation batch of another shape is a second program: its micro-batch count must fit
+    (["--validation.enable", "--validation.local_batch_size", "6"], "validation.local_batch_size", "C >= 2N"),
+    (["--validation.enable", "--validation.seq_len", "32", "--model.flavor", "debugmodel_flex_attn"],
+     "validation.seq_len", "flex attention"),
     (["--model.flavor", "debugmodel_varlen_attn"], "model.flavor", "attn_mask_type = \"block_causal\""),
 ])
 def test_bad_config_error_names_the_key(extra, key, words):
@@ -104,6 +107,11 @@ def test_auto_schedule_and_memory_budget_reach_compile():
                 "--activation_checkpoint.memory_budget", "0.4")
     assert dpfx_config.compile_kwargs(cfg.dualpipe_fx)["schedule"] == "auto"
     assert dpfx_config.recompute_arg(cfg.activation_checkpoint, None) == ActivationBudget(0.4)
+
+
+def test_validation_at_another_seq_len_and_batch_is_accepted():
+    cfg = parse("--validation.enable", "--validation.seq_len", "32", "--validation.local_batch_size", "8")
+    assert (cfg.validation.seq_len, cfg.validation.local_batch_size) == (32, 8)
 
 
 def test_dualpipe_accepts_grad_clipping():

@@ -80,7 +80,7 @@ def run_trainings(nproc: int, out, runs: dict[str, list[str]]) -> dict[int, dict
     for rank in range(nproc):
         records = json.loads((out / f"rank{rank}.json").read_text())
         for record in records.values():
-            for key in ("losses", "grad_norms"):
+            for key in ("losses", "grad_norms", "validation"):
                 record[key] = {int(step): value for step, value in record[key].items()}
         out_runs[rank] = records
     return out_runs
@@ -94,6 +94,10 @@ def losses_of(records: dict[int, dict], name: str) -> dict[int, float]:
 
 
 NO_PP = ["--dualpipe_fx.no-enable", "--parallelism.pipeline_parallel_degree", "1"]
+# torchtitan's validator after the last step at another seq_len and batch than training's (64, 4):
+# the pipeline builds a second program for it (Pipeline.step, a forward-only step)
+VALIDATION = ["--validation.enable", "--validation.freq", str(STEPS), "--validation.steps", "1",
+              "--validation.seq_len", "32", "--validation.local_batch_size", "8"]
 # qwen3's MoE code (grouped-GEMM experts) on a smaller flavor than debugmodel_moe (ac_runs.py)
 QWEN3_MOE = ["--model.name", "qwen3", "--model.flavor", "debugmodel_moe_ci"]
 # the flex-attention flavors (block-causal document masks built by the model's own
@@ -107,8 +111,9 @@ def references(tmp_path_factory):
     """torchtitan's own single-process runs, no pipeline parallelism, in one job: llama3 (the
     job file's model), qwen3's MoE flavor and the flex flavors of llama3 and deepseek_v3."""
     runs = run_trainings(1, tmp_path_factory.mktemp("references"), {
-        "llama3": NO_PP, "qwen3_moe": NO_PP + QWEN3_MOE, **{name: NO_PP + flags for name, flags in FLEX_RUNS.items()}})
+        "llama3": NO_PP + VALIDATION, "qwen3_moe": NO_PP + QWEN3_MOE, **{name: NO_PP + flags for name, flags in FLEX_RUNS.items()}})
     references = {name: losses_of(runs, name) for name in ("llama3", "qwen3_moe")}
+    references["validation"] = runs[0]["llama3"]["validation"]
     references["grad_norms"] = {name: runs[0][name]["grad_norms"] for name in FLEX_RUNS}
     references.update({name: losses_of(runs, name) for name in FLEX_RUNS})
     return references
@@ -153,7 +158,7 @@ def test_resume_from_step2_checkpoint_gives_the_same_step3_loss(pipelined, ac_ru
 # default memory-aware cut moves with what a mode saves)
 _ONE_CUT = ["--dualpipe_fx.rank_balance", "time"]
 AC_RUNS = {
-    "none": _ONE_CUT,
+    "none": _ONE_CUT + VALIDATION,
     "full": _ONE_CUT + ["--activation_checkpoint.mode", "full"],
     "op": _ONE_CUT + ["--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option",
                       "op"],
@@ -210,6 +215,22 @@ def test_activation_checkpoint_modes_train_like_no_ac(baseline, ac_runs):
             # recomputation reruns the same ops on the same values: the same numbers
             assert runs[name]["losses"] == pytest.approx(plain["losses"], rel=1e-6), (rank, name)
             assert runs[name]["grad_norms"] == pytest.approx(plain["grad_norms"], rel=1e-6), (rank, name)
+
+
+def test_validation_at_another_seq_len_and_batch_equals_unpipelined_torchtitan(references, ac_runs):
+    """torchtitan's validator at seq_len 32 and batch 8 after training at 64 and 4: the pipeline's
+    forward-only step builds a program for that shape, and the validation loss is that of
+    torchtitan's own run without PP."""
+    want = references["validation"]
+    assert sorted(want) == [1, STEPS], want  # torchtitan validates after step 1 and every freq steps
+    for rank, runs in ac_runs.items():
+        got = runs["none"]["validation"]
+        assert sorted(got) == [1, STEPS], (rank, got)
+        for step in got:
+            assert got[step] == pytest.approx(want[step], rel=1e-5), (rank, step, got, want)
+        # built once, after step 1; step 3's validation runs the cached program
+        built = [m for m in runs["none"]["log"] if "traced, cut and built a program" in m]
+        assert len(built) == 1 and "[2, 32]" in built[0], (rank, built)
 
 
 def test_activation_checkpoint_modes_map_onto_recompute(ac_runs):
