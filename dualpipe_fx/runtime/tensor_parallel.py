@@ -35,8 +35,11 @@ wrapping the very local tensors the stage graphs read, and their ``.grad`` are `
 
 Refused (every rank alike, before any communication): a style or hook of
 ``torch.distributed.tensor`` other than those above (a user ParallelStyle subclass, Float8
-styles, loss parallel), DTensor parameters on a module without a supported style, a TP mesh
-that is not 1-D, or several meshes.
+styles), DTensor parameters on a module without a supported style, a TP mesh that is not
+1-D, or several meshes, dims the TP degree does not divide. After the trace
+(:meth:`TensorParallel.check_traced`): a model output that is a sharded DTensor (loss parallel).
+Not detected: a DTensor output (``use_local_output=False``) that the model's own code
+reshapes or reduces over its sharded dim before a style reads it (local here, global there).
 
 **Contract**: ``localize(model) -> TensorParallel | None`` (None: no DTensor parameter);
 mutates ``model`` in place (local parameters, local-form classes and hooks) and remembers
