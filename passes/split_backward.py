@@ -38,7 +38,7 @@ from passes.cost_model import value_bytes
 from passes.recompute import Policy, recompute_policy, recomputed
 from passes.stage_graphs import StageGraphs
 
-__all__ = ["saved_bytes", "split_backward"]
+__all__ = ["saved_bytes", "split_backward", "stage_names"]
 
 _F, _G, _I, _W = "F", "G", "I", "W"
 
@@ -78,6 +78,16 @@ class _ReplayInterpreter(torch.fx.Interpreter):
 
 def _placeholders(gm: GraphModule, kinds: Sequence[str]) -> list[Node]:
     return [n for n in gm.graph.nodes if n.op == "placeholder" and n.meta.get("dpfx_kind") in kinds]
+
+
+def stage_names(stage_gm: GraphModule, is_last: bool) -> dict[str, tuple[str, ...]]:
+    """``StageGraphs``' name fields for ``stage_gm``: its parameters', buffers', activations',
+    external inputs' and outputs' names, in the calling conventions' order."""
+    def names(*kinds: str) -> tuple[str, ...]:
+        return tuple(n.meta["dpfx_name"] for n in _placeholders(stage_gm, kinds))
+
+    return {"param_names": names("param"), "buffer_names": names("buffer"), "input_names": names("activation"),
+            "external_inputs": names("input", "target"), "output_names": _output_names(stage_gm, is_last)}
 
 
 def _output_args(gm: GraphModule) -> list:
@@ -470,11 +480,7 @@ def _partition(stage_gm, joint, index, is_last, params, bufs, acts, ext, out_arg
     used = [len(g.users) > 0 for g in phs[n_fwd:]]
     return StageGraphs(
         index=index,
-        param_names=tuple(p.meta["dpfx_name"] for p in params),
-        buffer_names=tuple(b.meta["dpfx_name"] for b in bufs),
-        input_names=tuple(a.meta["dpfx_name"] for a in acts),
-        external_inputs=tuple(e.meta["dpfx_name"] for e in ext),
-        output_names=_output_names(stage_gm, is_last),
+        **stage_names(stage_gm, is_last),
         forward=StageForward(fwd, n_out),
         backward_input=StageBackwardInput(bwd_i, len(acts), diff_out, used, [out_vals[i] for i in diff_out]),
         backward_weight=StageBackwardWeight(bwd_w),

@@ -27,7 +27,7 @@ from passes.balance import BALANCE_MODES, CUT_FIGURES, MemorySpec, PeakModel
 from passes.capture import capture
 from passes.cost_model import activation_bytes, node_costs
 from passes.recompute import Policy, recompute_policy
-from passes.split_backward import saved_bytes, split_backward
+from passes.split_backward import saved_bytes, split_backward, stage_names
 from passes.split_stages import KeptCut, StagePartition, default_placement, split_stages
 from passes.stage_graphs import StageGraphs
 
@@ -376,9 +376,30 @@ def split(model: nn.Module, loss_fn: Callable, example_inputs, example_target=No
 
 
 def _stage_key(gm: torch.fx.GraphModule) -> tuple:
-    """What a stage's backward split depends on: its code and its inputs' shapes and dtypes."""
-    vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
-    return gm.code, tuple((tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else repr(v) for v in vals)
+    """What a stage's backward split depends on: its ops and their wiring, its constants (by
+    identity) and checkpoint marks, and its values' shapes and dtypes; not its names, so the
+    stages of identical layers share one split (each keeps its own names: ``stage_names``)."""
+    number: dict[torch.fx.Node, int] = {}
+    key = []
+    for n in gm.graph.nodes:
+        number[n] = len(number)
+        if n.op == "placeholder":
+            what = n.meta.get("dpfx_kind")
+        elif n.op == "get_attr":
+            what = id(_attr(gm, n.target))
+        else:
+            what = str(n.target)
+        val = n.meta.get("val")
+        shape = (tuple(val.shape), val.dtype) if isinstance(val, torch.Tensor) else repr(val)
+        args = torch.fx.node.map_arg((n.args, n.kwargs), lambda a: f"%{number[a]}")
+        key.append((n.op, what, repr(args), shape, n.meta.get("dpfx_recompute")))
+    return tuple(key)
+
+
+def _attr(gm: torch.fx.GraphModule, target: str):
+    for name in target.split("."):
+        gm = getattr(gm, name)
+    return gm
 
 
 def _split_backward(gm, index: int, is_last: bool, recompute, cache: Optional[dict]) -> StageGraphs:
@@ -387,7 +408,7 @@ def _split_backward(gm, index: int, is_last: bool, recompute, cache: Optional[di
     key = (_stage_key(gm), is_last, recompute)
     if key not in cache:
         cache[key] = split_backward(gm, index=0, is_last=is_last, recompute=recompute)
-    return dataclasses.replace(cache[key], index=index)
+    return dataclasses.replace(cache[key], index=index, **stage_names(gm, is_last))
 
 
 def part_placement(program: Program) -> dict[int, int]:
