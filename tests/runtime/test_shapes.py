@@ -233,6 +233,7 @@ def hf_padded_steps(rank, world):
     return {"losses": losses, "grads": _grads(pipe)}
 
 
+@pytest.mark.long  # its own 2-rank job with a transformers model: the long tier (docs/contributing.md)
 @pytest.mark.timeout(400)
 def test_hf_llama_with_dynamic_padding_trains_like_one_process():
     results = run_ranks(hf_padded_steps, 2, timeout=360)
