@@ -22,7 +22,7 @@ import dualpipe_fx
 from dualpipe_fx.examples import LlamaDecoder, llama_batch, llama_loss
 from dualpipe_fx.planning.memory import stage_memory
 from passes.capture import capture
-from passes.cost_model import activation_bytes, weight_inputs_estimate
+from passes.cost_model import activation_bytes, scalar_costs, weight_inputs_estimate
 from passes.split_backward import saved_bytes, split_backward
 from tests import models
 from tests.passes.test_inplace_programs import B, D, Program, _eager, _policy, mse, programs
@@ -128,3 +128,25 @@ def test_selective_weight_grad_recomputes_no_matmul_and_input_grad_does_no_matmu
             fwd = _mms(plain.forward.gm)
             # I: its input-grad matmuls and at most one recomputation of the forward's; never a weight grad's
             assert _mms(sg.backward_input.gm) <= _mms(plain.backward_input.gm) + fwd
+
+
+def test_weight_grads_recompute_is_counted_in_their_cost(llama_splits):
+    """W's recomputation is in W's graph, so the cost model (autoplan's roofline, the
+    simulator's W) counts it in W's time: full's W costs its weight grads' FLOPs and more."""
+    def flops(gm):
+        return sum(scalar_costs(gm).values())
+
+    pairs = [(flops(sg.backward_weight.gm), flops(p.backward_weight.gm))
+             for sg, p in zip(llama_splits["full"].stages, llama_splits[None].stages)]
+    assert all(full >= plain for full, plain in pairs) and any(full > plain for full, plain in pairs), pairs
+
+
+def test_a_full_backward_pair_recomputes_once(llama_splits):
+    """In an F&B pair whose B is a full backward (I and W merged), W's recomputation is I's
+    (passes.multiplex reuses equal nodes): the merged graph's GEMMs are F's, I's and the
+    weight grads' only."""
+    from passes.multiplex import multiplex
+
+    full, plain = llama_splits["full"].stages, llama_splits[None].stages
+    gm = multiplex(full[0].forward, full[1].backward_input, full[1].backward_weight)
+    assert _mms(gm) == _mms(full[0].forward.gm) + _mms(full[1].backward_input.gm) + _mms(plain[1].backward_weight.gm)
