@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import dualpipe_fx
-from dualpipe_fx.examples import LlamaDecoder, llama_batch, llama_loss
+from dualpipe_fx.examples import llama_loss
 from passes.capture import TraceError
 from passes.split_backward import saved_bytes
 
@@ -28,14 +28,9 @@ def _eager_grads(model, loss_fn, x, y):
 
 
 @pytest.fixture(scope="module")
-def llama_modes():
-    model, (tokens, target) = LlamaDecoder(), llama_batch()
+def llama_modes(llama_recompute_splits):
+    model, tokens, target, splits = llama_recompute_splits  # one cut for every mode (conftest)
     ref = _eager_grads(model, llama_loss, tokens, target)
-    # balance="time": the same cut for every mode (a memory-aware cut moves with what is saved),
-    # so that the modes' stages compare
-    splits = {mode: dualpipe_fx.split(model, llama_loss, tokens, target, num_stages=4,
-                                      memory=dualpipe_fx.MemoryPolicy(recompute=mode, balance="time"))
-              for mode in (None, "selective", "full")}
     return model, tokens, target, ref, splits
 
 

@@ -19,7 +19,6 @@ from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
 import dualpipe_fx
-from dualpipe_fx.examples import LlamaDecoder, llama_batch, llama_loss
 from dualpipe_fx.planning.memory import stage_memory
 from passes.capture import capture
 from passes.cost_model import activation_bytes, scalar_costs, weight_inputs_estimate
@@ -47,7 +46,7 @@ def _kept_bytes(sg) -> int:
 
 
 @pytest.mark.timeout(600)
-@settings(max_examples=25, deadline=None, derandomize=True,
+@settings(max_examples=15, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(steps=programs, num_stages=st.integers(1, 3), seed=st.integers(0, 2 ** 16),
        recompute=st.sampled_from(["full", "selective", "arbitrary"]))
@@ -91,11 +90,8 @@ def test_drawn_models_one_stage_equal_autograd(case, recompute):
 
 
 @pytest.fixture(scope="module")
-def llama_splits():
-    model, (tokens, target) = LlamaDecoder(), llama_batch()
-    splits = {mode: dualpipe_fx.split(model, llama_loss, tokens, target, num_stages=4,
-                                      memory=dualpipe_fx.MemoryPolicy(recompute=mode, balance="time"))
-              for mode in (None, "selective", "full")}
+def llama_splits(llama_recompute_splits):
+    model, _, _, splits = llama_recompute_splits  # one cut for every mode (conftest)
     return {"model": model, **splits}
 
 
