@@ -15,6 +15,7 @@ cost nothing and are absent), ``edge_bytes(gm) -> Mapping[(producer, consumer), 
 """
 from __future__ import annotations
 
+import operator
 import statistics
 import time
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ import sympy
 import torch
 import torch.fx as fx
 from torch.fx.node import map_aggregate
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from passes._compat import (FakeTensorMode, decomposes_implicitly, quiet_fake_kernel_errors, sym_size_facts,
                             tree_flatten)
@@ -236,6 +237,20 @@ def _node_time(node: fx.Node, repeats: int) -> float:
     except Exception:  # noqa: BLE001 - an op that cannot run on random inputs is not timed
         return 0.0
     return statistics.median(times)
+
+
+def has_flop_formula(node: fx.Node) -> bool:
+    """Whether ``node`` is matmul-class work (matmuls, convolutions, attention, their
+    backwards): the FLOP counter has a formula for its op (``extra_flop_formulas`` included),
+    or it is a higher-order op or Python callable (a getitem is not). Everything else
+    (pointwise, reductions, views, norms) counts 0 FLOPs here and is memory-bound."""
+    target = node.target
+    if target is operator.getitem:
+        return False
+    packet = getattr(target, "overloadpacket", None)
+    if packet is None:
+        return True
+    return packet in flop_registry or packet in extra_flop_formulas() or "grouped_mm" in packet.__name__
 
 
 def _is_compute(node: fx.Node) -> bool:

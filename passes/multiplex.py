@@ -6,7 +6,10 @@ pair as a single FX graph whose node order *is* the overlap:
 
 1. **Merge.** The forward graph's nodes and the backward graph's nodes (backward_input,
    then backward_weight fed by backward_input's ``saved_for_weight``) are copied into one
-   graph. The two chunks share no data, so any interleaving computes the same values.
+   graph. The two chunks share no data, so any interleaving computes the same values. A
+   weight-grad node equal to a backward-input node (same pure op, same inputs: W
+   recomputing forward values under a recompute policy, ``passes.weight_inputs``) is that
+   node: a full backward recomputes once.
 2. **Collectives split in two.** A functional collective (``_c10d_functional.*``, e.g. the
    expert all_to_all, all_gather/reduce_scatter of sharded parameters) is *issued* when
    the node runs and only *waited for* at its ``wait_tensor``. Both graphs already hold
@@ -112,8 +115,32 @@ def _copy_attr(attrs: dict, src: fx.GraphModule, target: str, prefix: str) -> st
     return name
 
 
-def _inline(graph: fx.Graph, attrs: dict, src: fx.GraphModule, args: Sequence, chunk: str) -> list:
-    """Copy ``src``'s nodes into ``graph`` with placeholders bound to ``args``; its flat outputs."""
+def _pure_key(node: fx.Node) -> Optional[tuple]:
+    """``(op, args, kwargs)`` of a node that always computes the same value from the same
+    inputs (an ATen op that writes nothing and draws no random numbers); else None."""
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+        return None
+    if target._schema.is_mutable or torch.Tag.nondeterministic_seeded in target.tags:
+        return None
+
+    def frozen(a):
+        return tuple(frozen(x) for x in a) if isinstance(a, (list, tuple)) else a
+
+    key = (target, frozen(node.args), frozen(tuple(sorted(node.kwargs.items()))))
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _inline(graph: fx.Graph, attrs: dict, src: fx.GraphModule, args: Sequence, chunk: str,
+            known: Optional[dict] = None) -> list:
+    """Copy ``src``'s nodes into ``graph`` with placeholders bound to ``args``; its flat outputs.
+    With ``known``, a pure node equal to one copied before (in ``known``) is that node (W
+    recomputing what I computed: ``passes.weight_inputs``; I's own twin views, which W's
+    copies would otherwise match one of), else it joins ``known``."""
     env: dict[fx.Node, Any] = {}
     placeholders = [n for n in src.graph.nodes if n.op == "placeholder"]
     assert len(placeholders) == len(args), (len(placeholders), len(args))
@@ -124,6 +151,13 @@ def _inline(graph: fx.Graph, attrs: dict, src: fx.GraphModule, args: Sequence, c
         if node.op == "output":
             return list(fx.node.map_arg(_as_list(node.args[0]), lambda n: env[n]))
         new = graph.node_copy(node, lambda n: env[n])
+        key = None if known is None else _pure_key(new)
+        if key is not None and key in known:
+            graph.erase_node(new)
+            env[node] = known[key]
+            continue
+        if key is not None:
+            known[key] = new
         if node.op in ("get_attr", "call_module"):
             new.target = _copy_attr(attrs, src, node.target, chunk.lower() + "_")
         new.meta["dpfx_chunk"] = chunk
@@ -156,10 +190,12 @@ def _merge(forward: fx.GraphModule, backward_input: fx.GraphModule, backward_wei
     f_args = _placeholders(graph, forward, "f_")
     b_args = _placeholders(graph, backward_input, "b_")
     f_out = _inline(graph, attrs, forward, f_args, "F")
-    b_out = _inline(graph, attrs, backward_input, b_args, "B")
+    # a full backward computes each value once: W nothing I computed (W's recomputation)
+    known = None if backward_weight is None else {}
+    b_out = _inline(graph, attrs, backward_input, b_args, "B", known)
     if backward_weight is not None:
         saved_for_weight = b_out[num_grad_inputs:]
-        b_out = b_out[:num_grad_inputs] + _inline(graph, attrs, backward_weight, saved_for_weight, "B")
+        b_out = b_out[:num_grad_inputs] + _inline(graph, attrs, backward_weight, saved_for_weight, "B", known)
     _add_send_hooks(graph, "F", f_out[:num_outputs])
     _add_send_hooks(graph, "B", b_out[:num_grad_inputs])
     graph.output(tuple(f_out + b_out))
@@ -316,7 +352,7 @@ def multiplex(forward: Any, backward_input: Any, backward_weight: Any = None, *,
     by one; ``gm.meta["dpfx_multiplex"]`` (``MultiplexInfo``) says where each part is.
 
     **Pseudocode**:
-        graph = copy(F) + copy(I) [+ copy(W) fed by I's saved_for_weight]
+        graph = copy(F) + copy(I) [+ copy(W) fed by I's saved_for_weight, a node equal to I's is I's]
         add send_hook(kind, i, value) after every stage output and grad_input
         list-schedule: issue collectives/sends first; cheapest path to the next issue;
             else the chunk less far along; a wait_tensor only when nothing else can run

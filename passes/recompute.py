@@ -4,8 +4,10 @@
 every F value that I or W reads is saved from F to I. With a policy, an F value whose
 node the policy marks ``"recompute"`` is computed again at the start of I (from saved
 values and the stage's inputs and parameters), and only the values the recomputation
-starts from are saved. W reads recomputed values through I (``saved_for_weight``), so
-each value is recomputed once, never once for I and again for W.
+starts from are saved. What I keeps for W (``saved_for_weight``) is a minimum cut
+(``passes.weight_inputs``): W recomputes, from fewer kept bytes, the forward values the
+policy drops where that keeps less alive from I to W (which DualPipeV defers); otherwise
+it reads them from I. Each value is recomputed at most once in I and once in W.
 
 Policies (``split_backward(..., recompute=...)``):
 

@@ -18,6 +18,9 @@ then partitioned by dataflow:
 ``saved`` = F values (params and inputs included) that I or W read; W reads F values only
 through I: ``saved_for_weight`` = values of F, I or the grad outputs that W reads, and I
 returns them unchanged (a reference, not a copy), so each tensor is saved once per edge.
+Under a recompute policy, ``saved_for_weight`` is instead the fewest bytes from which W can
+finish (``passes.weight_inputs``): W recomputes the forward values the policy drops from
+them, and I computes cheap weight-grad work whose result is smaller than its inputs.
 Fused backward kernels with an ``output_mask`` (layer norm, convolution, group/batch
 norm) are split into an input-grad call (in I) and a weight-grad call (in W) first, so
 that I does no weight-grad work.
@@ -37,6 +40,7 @@ from passes.trace_error import TraceError
 from passes.cost_model import value_bytes
 from passes.recompute import Policy, recompute_policy, recomputed
 from passes.stage_graphs import StageGraphs
+from passes.weight_inputs import weight_inputs
 
 __all__ = ["saved_bytes", "split_backward", "stage_names"]
 
@@ -422,6 +426,7 @@ def split_backward(stage_gm: GraphModule, *, index: Optional[int] = None,
         split fused masked backward ops into input-grad and weight-grad calls
         F = anc(outputs); I = anc(grad_inputs, backward collectives) - F; W = anc(param_grads) - F - I
         R = F values read by I/W that the recompute policy recomputes (and theirs); I += R
+        (under a policy: saved_for_weight = min cut, W recomputes from it; R for I and the cut)
         saved = F values read by I or W; saved_for_weight = values W reads (via I)
         copy F, I, W into three graphs; wrap them in the calling conventions
 
@@ -433,7 +438,9 @@ def split_backward(stage_gm: GraphModule, *, index: Optional[int] = None,
             only the loss differentiated); inferred from annotations when None.
         recompute: None, ``"full"``, ``"selective"`` or ``policy(node) -> "save" |
             "recompute"`` (see ``passes.recompute``): forward values I recomputes instead
-            of F saving them; checkpoint regions of the model recompute under any policy.
+            of F saving them, and W too where that keeps fewer bytes from I to W (see
+            ``passes.weight_inputs``); checkpoint regions of the model recompute under any
+            policy (with None, W reads them from I).
 
     Returns:
         :class:`passes.stage_graphs.StageGraphs`.
@@ -449,10 +456,43 @@ def split_backward(stage_gm: GraphModule, *, index: Optional[int] = None,
     diff_out = [0] if is_last else [i for i, v in enumerate(out_vals) if _differentiable(v)]
     joint = _trace_joint(stage_gm, params, bufs, acts + ext, diff_out, out_vals)
     return _partition(stage_gm, joint, index, is_last, params, bufs, acts, ext, out_args, diff_out, out_vals,
-                      recompute_policy(recompute))
+                      recompute_policy(recompute), bounded=recompute is not None)
 
 
-def _partition(stage_gm, joint, index, is_last, params, bufs, acts, ext, out_args, diff_out, out_vals, wants):
+def _is_forward(phase):
+    return lambda n: phase.get(n) == _F and n.op != "placeholder"
+
+
+def _handed_backward(graph, phase, body, g_in, g_par, wants):
+    """I recomputes what the policy drops of the values I and W read, and hands W the ones W
+    reads: ``(I's nodes, saved_for_weight, saved)``."""
+    needed = _reads(body[_I] + body[_W], g_in, phase, (_F,))
+    redo = recomputed(needed, _is_forward(phase), wants)
+    phase = {n: (_I if n in redo else p) for n, p in phase.items()}
+    i_body = [n for n in graph.nodes if phase.get(n) == _I and n.op != "placeholder"]
+    sfw = _reads(body[_W], g_par, phase, (_F, _G, _I))
+    saved = _reads(i_body + body[_W], g_in, phase, (_F,))
+    return i_body, sfw, saved + [n for n in sfw if phase[n] == _F and n not in saved]
+
+
+def _bounded_backward(graph, phase, body, g_in, g_par, wants, free):
+    """What I keeps for W is a minimum (``passes.weight_inputs``): W recomputes forward values
+    the policy drops, I computes cheap weight-grad work with small results; I recomputes
+    what it reads and what it keeps: ``(I's nodes, W's nodes, saved_for_weight, saved)``."""
+    plan = weight_inputs(graph, phase, body[_W], g_par, wants, free)
+    moved = [n for n in body[_W] if n in plan.moved]
+    needed = _reads(body[_I] + moved, list(g_in) + list(plan.keep), phase, (_F,))
+    redo = recomputed(needed, _is_forward(phase), wants)
+    phase = {n: (_I if n in redo else p) for n, p in phase.items()}
+    i_body = [n for n in graph.nodes if n.op != "placeholder" and (phase.get(n) == _I or n in plan.moved)]
+    w_body = [n for n in graph.nodes if n in plan.recompute or (phase.get(n) == _W and n not in plan.moved)]
+    saved = _reads(i_body, g_in, phase, (_F,))
+    saved = saved + [n for n in plan.keep if phase[n] == _F and n not in saved]
+    return i_body, w_body, list(plan.keep), saved
+
+
+def _partition(stage_gm, joint, index, is_last, params, bufs, acts, ext, out_args, diff_out, out_vals, wants,
+               bounded=False):
     phs = [n for n in joint.graph.nodes if n.op == "placeholder"]
     n_fwd = len(params) + len(bufs) + len(acts) + len(ext)
     flat_out = list(_output_args(joint))
@@ -466,14 +506,11 @@ def _partition(stage_gm, joint, index, is_last, params, bufs, acts, ext, out_arg
     phase = _phases(joint.graph, phs[:n_fwd], phs[n_fwd:], outs + [new for _, new in writes], g_in, g_par)
     body = {ph: [n for n in joint.graph.nodes if phase.get(n) == ph and n.op != "placeholder"]
             for ph in (_F, _I, _W)}
-    # Forward values the policy recomputes are copied into I (body[_F] keeps them for F's outputs)
-    needed = _reads(body[_I] + body[_W], g_in, phase, (_F,))
-    redo = recomputed(needed, lambda n: phase.get(n) == _F and n.op != "placeholder", wants)
-    phase = {n: (_I if n in redo else p) for n, p in phase.items()}
-    body[_I] = [n for n in joint.graph.nodes if phase.get(n) == _I and n.op != "placeholder"]
-    sfw = _reads(body[_W], g_par, phase, (_F, _G, _I))
-    saved = _reads(body[_I] + body[_W], g_in, phase, (_F,))
-    saved = saved + [n for n in sfw if phase[n] == _F and n not in saved]
+    if bounded:
+        body[_I], body[_W], sfw, saved = _bounded_backward(joint.graph, phase, body, g_in, g_par, wants,
+                                                             set(phs[: len(params) + len(bufs)]))
+    else:
+        body[_I], sfw, saved = _handed_backward(joint.graph, phase, body, g_in, g_par, wants)
     fwd = _sub_graph(joint, phs[:n_fwd], body[_F], outs + saved, writes)
     bwd_i = _sub_graph(joint, saved + phs[n_fwd:], body[_I], g_in + sfw)
     bwd_w = _sub_graph(joint, sfw, body[_W], g_par)
