@@ -42,7 +42,7 @@ from passes.recompute import Policy, recompute_policy, recomputed
 from passes.stage_graphs import StageGraphs
 from passes.weight_inputs import weight_inputs
 
-__all__ = ["saved_bytes", "split_backward", "stage_names"]
+__all__ = ["saved_bytes", "split_backward", "stage_names", "trace_joint"]
 
 _F, _G, _I, _W = "F", "G", "I", "W"
 
@@ -407,8 +407,33 @@ def _trace_joint(stage_gm, params, bufs, inputs, diff_out, out_vals):
     return joint
 
 
+def trace_joint(stage_gm: GraphModule, is_last: Optional[bool] = None) -> GraphModule:
+    """The stage's functionalised forward+backward graph that :func:`split_backward` partitions:
+    trace it once and pass it as ``split_backward(..., joint=)`` for several policies."""
+    return _joint_of(stage_gm, _infer_is_last(stage_gm) if is_last is None else is_last)[0]
+
+
+def _io(stage_gm: GraphModule, is_last: bool) -> tuple:
+    """``(params, bufs, acts, ext, out_args, diff_out, out_vals)`` of the stage graph."""
+    params = _placeholders(stage_gm, ("param",))
+    bufs = _placeholders(stage_gm, ("buffer",))
+    acts = _placeholders(stage_gm, ("activation",))
+    ext = _placeholders(stage_gm, ("input", "target"))
+    out_args = _output_args(stage_gm)
+    out_vals = [a.meta.get("val") if isinstance(a, Node) else a for a in out_args]
+    diff_out = [0] if is_last else [i for i, v in enumerate(out_vals) if _differentiable(v)]
+    return params, bufs, acts, ext, out_args, diff_out, out_vals
+
+
+def _joint_of(stage_gm: GraphModule, is_last: bool) -> tuple[GraphModule, tuple]:
+    io = _io(stage_gm, is_last)
+    params, bufs, acts, ext, _, diff_out, out_vals = io
+    return _trace_joint(stage_gm, params, bufs, acts + ext, diff_out, out_vals), io
+
+
 def split_backward(stage_gm: GraphModule, *, index: Optional[int] = None,
-                   is_last: Optional[bool] = None, recompute: Policy = None) -> StageGraphs:
+                   is_last: Optional[bool] = None, recompute: Policy = None,
+                   joint: Optional[GraphModule] = None) -> StageGraphs:
     """Split one stage graph into forward, backward-input and backward-weight graphs.
 
     **Contract**: ``stage_gm(*params, *buffers, *activations, *external) -> outputs``
@@ -441,21 +466,17 @@ def split_backward(stage_gm: GraphModule, *, index: Optional[int] = None,
             of F saving them, and W too where that keeps fewer bytes from I to W (see
             ``passes.weight_inputs``); checkpoint regions of the model recompute under any
             policy (with None, W reads them from I).
+        joint: ``trace_joint(stage_gm, is_last)`` (or that of a stage graph with the same
+            ops, wiring and shapes), traced once for several policies; default: traced here.
 
     Returns:
         :class:`passes.stage_graphs.StageGraphs`.
     """
     is_last = _infer_is_last(stage_gm) if is_last is None else is_last
     index = stage_gm.meta.get("dpfx_stage", 0) if index is None else index
-    params = _placeholders(stage_gm, ("param",))
-    bufs = _placeholders(stage_gm, ("buffer",))
-    acts = _placeholders(stage_gm, ("activation",))
-    ext = _placeholders(stage_gm, ("input", "target"))
-    out_args = _output_args(stage_gm)
-    out_vals = [a.meta.get("val") if isinstance(a, Node) else a for a in out_args]
-    diff_out = [0] if is_last else [i for i, v in enumerate(out_vals) if _differentiable(v)]
-    joint = _trace_joint(stage_gm, params, bufs, acts + ext, diff_out, out_vals)
-    return _partition(stage_gm, joint, index, is_last, params, bufs, acts, ext, out_args, diff_out, out_vals,
+    traced, (params, bufs, acts, ext, out_args, diff_out, out_vals) = _joint_of(stage_gm, is_last) \
+        if joint is None else (joint, _io(stage_gm, is_last))
+    return _partition(stage_gm, traced, index, is_last, params, bufs, acts, ext, out_args, diff_out, out_vals,
                       recompute_policy(recompute), bounded=recompute is not None)
 
 

@@ -27,7 +27,7 @@ from passes.balance import BALANCE_MODES, CUT_FIGURES, MemorySpec, PeakModel
 from passes.capture import capture
 from passes.cost_model import activation_bytes, node_costs
 from passes.recompute import Policy, recompute_policy
-from passes.split_backward import saved_bytes, split_backward, stage_names
+from passes.split_backward import saved_bytes, split_backward, stage_names, trace_joint
 from passes.split_stages import KeptCut, StagePartition, default_placement, split_stages
 from passes.stage_graphs import StageGraphs
 
@@ -405,10 +405,13 @@ def _attr(gm: torch.fx.GraphModule, target: str):
 def _split_backward(gm, index: int, is_last: bool, recompute, cache: Optional[dict]) -> StageGraphs:
     if cache is None or not (recompute is None or isinstance(recompute, str)):
         return split_backward(gm, index=index, is_last=is_last, recompute=recompute)
-    key = (_stage_key(gm), is_last, recompute)
-    if key not in cache:
-        cache[key] = split_backward(gm, index=0, is_last=is_last, recompute=recompute)
-    return dataclasses.replace(cache[key], index=index, **stage_names(gm, is_last))
+    stage = (_stage_key(gm), is_last)  # the joint graph is the policies' common part: traced once
+    if (stage, recompute) not in cache:
+        if (stage, "joint") not in cache:
+            cache[stage, "joint"] = trace_joint(gm, is_last)
+        cache[stage, recompute] = split_backward(gm, index=0, is_last=is_last, recompute=recompute,
+                                                 joint=cache[stage, "joint"])
+    return dataclasses.replace(cache[stage, recompute], index=index, **stage_names(gm, is_last))
 
 
 def part_placement(program: Program) -> dict[int, int]:
