@@ -1,0 +1,69 @@
+"""torchtitan's own tensor-parallel plan on the meta model, before ``dualpipe_fx.compile`` traces it.
+
+torchtitan 0.2.2's ``parallelize_fn`` (``parallelize_llama``, ``parallelize_qwen3``, ...) applies
+TP first, with a module-level function of the same file: ``apply_tp`` (llama3) or
+``apply_non_moe_tp`` (qwen3, deepseek_v3, llama4, gpt_oss). Under ``dualpipe_fx.enable`` the
+rest of ``parallelize_fn`` (activation checkpointing, torch.compile, FSDP/DDP) maps onto
+``dualpipe_fx.compile`` arguments, so :func:`apply_titan_tp` calls only that TP function, on
+the meta model with torchtitan's ``tp`` mesh; ``compile()`` then turns the DTensor styles into
+local shards and traced collectives (``dualpipe_fx.runtime.tensor_parallel``).
+
+Arguments torchtitan would pass, and what is passed here:
+
+- ``loss_parallel``: ``False`` whatever ``parallelism.disable_loss_parallel`` says. With loss
+  parallel the head's output stays a vocab-sharded DTensor and the loss runs under
+  ``loss_parallel()``; dualpipe_fx traces the loss with the model and refuses a sharded model
+  output. The head then gathers its logits (``output_layouts=Replicate()``) and the loss is
+  the model's own cross entropy on them: the same loss and gradients (a pure parallelisation
+  choice), at the cost of the full ``[micro-batch, seq, vocab]`` logits on each TP rank.
+- ``enable_float8_tensorwise_tp`` / ``enable_async_tp``: ``False``; Float8 converters and async
+  TP with TP are refused by ``titan_integration.config.validate_job_config``, naming their keys.
+- ``cp_enabled``: ``False`` (context parallelism is refused).
+
+**Contract**: ``apply_titan_tp(model, parallelize_fn, tp_mesh) -> str`` (the function's name);
+``model`` (meta) carries torchtitan's DTensor parameters and ParallelStyle hooks afterwards.
+"""
+from __future__ import annotations
+
+import inspect
+import sys
+
+from torch import nn
+
+TP_FUNCTIONS = ("apply_tp", "apply_non_moe_tp")  # llama3; qwen3, deepseek_v3, llama4, gpt_oss
+_ARGS = {"loss_parallel": False, "enable_float8_tensorwise_tp": False, "enable_async_tp": False,
+         "cp_enabled": False}
+
+
+def titan_tp_function(parallelize_fn, model_name: str):
+    """The TP function of the module that defines ``parallelize_fn`` (see :data:`TP_FUNCTIONS`).
+
+    Raises:
+        ValueError: that module has none (naming the model and the key).
+    """
+    module = sys.modules.get(getattr(parallelize_fn, "__module__", ""), None)
+    for name in TP_FUNCTIONS:
+        fn = getattr(module, name, None)
+        if callable(fn):
+            return fn
+    raise ValueError(f"parallelism.tensor_parallel_degree > 1 with dualpipe_fx.enable applies the TP part of "
+                     f"model.name = {model_name!r}'s parallelize_fn ({getattr(parallelize_fn, '__qualname__', parallelize_fn)}), "
+                     f"a function named one of {TP_FUNCTIONS} in {getattr(module, '__name__', module)}, which has none; "
+                     f"set parallelism.tensor_parallel_degree = 1 for this model")
+
+
+def apply_titan_tp(model: nn.Module, parallelize_fn, tp_mesh, model_name: str) -> str:
+    """Apply torchtitan's TP plan for ``model`` (module docstring) on ``tp_mesh``; its name.
+
+    Raises:
+        ValueError: no TP function for this model, or one whose parameters are not
+            ``(model, tp_mesh, ...)`` plus keywords from :data:`_ARGS`.
+    """
+    fn = titan_tp_function(parallelize_fn, model_name)
+    params = list(inspect.signature(fn).parameters)
+    unknown = [p for p in params[2:] if p not in _ARGS]
+    if unknown:
+        raise ValueError(f"{fn.__module__}.{fn.__name__} takes {unknown}, which dualpipe_fx does not know how to "
+                         f"set (it knows {sorted(_ARGS)}); set parallelism.tensor_parallel_degree = 1")
+    fn(model, tp_mesh, **{p: _ARGS[p] for p in params[2:]})
+    return fn.__name__
