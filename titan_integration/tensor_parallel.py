@@ -20,8 +20,14 @@ Arguments torchtitan would pass, and what is passed here:
   TP with TP are refused by ``titan_integration.config.validate_job_config``, naming their keys.
 - ``cp_enabled``: ``False`` (context parallelism is refused).
 
-**Contract**: ``apply_titan_tp(model, parallelize_fn, tp_mesh) -> str`` (the function's name);
-``model`` (meta) carries torchtitan's DTensor parameters and ParallelStyle hooks afterwards.
+Tied parameters (qwen3's ``enable_weight_tying``: ``tok_embeddings.weight`` is ``output.weight``,
+both ``Shard(0)`` over the vocabulary) stay tied: ``parallelize_module`` distributes each module's
+parameter separately, and torchtitan re-ties them in ``init_weights``, after its TP; here that
+happens right after the plan, before the trace.
+
+**Contract**: ``apply_titan_tp(model, parallelize_fn, tp_mesh, model_name) -> str`` (the function's
+name); ``model`` (meta) carries torchtitan's DTensor parameters and ParallelStyle hooks afterwards,
+tied FQNs sharing one DTensor.
 """
 from __future__ import annotations
 
@@ -65,5 +71,37 @@ def apply_titan_tp(model: nn.Module, parallelize_fn, tp_mesh, model_name: str) -
     if unknown:
         raise ValueError(f"{fn.__module__}.{fn.__name__} takes {unknown}, which dualpipe_fx does not know how to "
                          f"set (it knows {sorted(_ARGS)}); set parallelism.tensor_parallel_degree = 1")
+    tied = _tied(model)
     fn(model, tp_mesh, **{p: _ARGS[p] for p in params[2:]})
+    _retie(model, tied)
     return fn.__name__
+
+
+def _tied(model: nn.Module) -> list[list[str]]:
+    """FQNs that name one parameter (qwen3's ``enable_weight_tying``: embedding and head)."""
+    by_id: dict[int, list[str]] = {}
+    for fqn, param in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(param), []).append(fqn)
+    return [fqns for fqns in by_id.values() if len(fqns) > 1]
+
+
+def _retie(model: nn.Module, tied: list[list[str]]) -> None:
+    """Tie again what ``parallelize_module`` untied: it distributes each module's parameter on
+    its own, so a tied embedding and head become two DTensors (torchtitan ties them back in
+    ``init_weights``; dualpipe_fx traces before that, so here). They must share placements.
+
+    Raises:
+        ValueError: the plan placed the tied FQNs differently.
+    """
+    for fqns in tied:
+        params = [model.get_parameter(f) for f in fqns]
+        first = params[0]
+        layouts = {(tuple(getattr(p, "placements", ())), tuple(p.shape)) for p in params}
+        if len(layouts) > 1:
+            raise ValueError(f"the tensor-parallel plan places the tied parameters {fqns} differently "
+                             f"({[getattr(p, 'placements', 'not a DTensor') for p in params]}); expected one "
+                             f"placement for one tensor. Fix: disable weight tying in the model flavor, or set "
+                             f"parallelism.tensor_parallel_degree = 1")
+        for fqn in fqns[1:]:
+            owner, _, leaf = fqn.rpartition(".")
+            model.get_submodule(owner).register_parameter(leaf, first)
