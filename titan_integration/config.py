@@ -361,6 +361,13 @@ def _check_tensor_parallel(job_config) -> None:
         raise ValueError(f"model.converters = {job_config.model.converters} with {key} and dualpipe_fx.enable: "
                          f"Float8 linears and their Float8 TP styles are not traced by dualpipe_fx; remove "
                          f"\"float8\" from model.converters or set parallelism.tensor_parallel_degree = 1")
+    for other, degree in (("data_parallel_shard_degree", par.data_parallel_shard_degree),
+                          ("expert_parallel_degree", par.expert_parallel_degree)):
+        if degree > 1:  # -1 (the rest of the world) is resolved later: titan_integration.pipelining checks it
+            raise ValueError(f"parallelism.{other} = {degree} with {key} and dualpipe_fx.enable: dualpipe_fx "
+                             f"composes tensor parallelism with replicated data parallelism only (sharded DP and "
+                             f"EP beside TP are not composed yet). Fix: parallelism.{other} = 1 and "
+                             f"parallelism.data_parallel_replicate_degree for the data-parallel ranks")
     if train.seq_len % tp:
         raise ValueError(f"training.seq_len = {train.seq_len} with {key}: torchtitan needs the sequence length "
                          f"divisible by the TP degree (sequence parallelism shards it, seq_len_divisor); set "

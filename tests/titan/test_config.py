@@ -87,6 +87,8 @@ def test_section_is_known_without_custom_config_module(tmp_path):
      "parallelism.enable_async_tensor_parallel", "= false"),
     (["--parallelism.tensor_parallel_degree", "2", "--model.converters", "float8"], "model.converters", "float8"),
     (["--parallelism.tensor_parallel_degree", "3"], "training.seq_len", "multiple of 3"),
+    (["--parallelism.tensor_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "2"],
+     "parallelism.data_parallel_shard_degree", "data_parallel_replicate_degree"),
     (["--parallelism.tensor_parallel_degree", "2", "--validation.enable", "--validation.seq_len", "32"],
      "validation.seq_len", "traced at only"),
     (["--parallelism.expert_parallel_degree", "2", "--parallelism.expert_parallel_comm_backend", "deepep"],
