@@ -27,7 +27,8 @@ happens right after the plan, before the trace.
 
 **Contract**: ``apply_titan_tp(model, parallelize_fn, tp_mesh, model_name) -> str`` (the function's
 name); ``model`` (meta) carries torchtitan's DTensor parameters and ParallelStyle hooks afterwards,
-tied FQNs sharing one DTensor.
+tied FQNs sharing one DTensor; every parameter is a DTensor (else ``ValueError``: MoE layers,
+whose TP is torchtitan's separate ``apply_moe_ep_tp``, are refused).
 """
 from __future__ import annotations
 
@@ -74,7 +75,27 @@ def apply_titan_tp(model: nn.Module, parallelize_fn, tp_mesh, model_name: str) -
     tied = _tied(model)
     fn(model, tp_mesh, **{p: _ARGS[p] for p in params[2:]})
     _retie(model, tied)
+    _check_all_placed(model, fn)
     return fn.__name__
+
+
+def _check_all_placed(model: nn.Module, fn) -> None:
+    """Every parameter is a DTensor after the plan. A plain one would run as a replica on each TP
+    rank's local part of its input (a sequence shard) with a partial grad that nothing reduces:
+    torchtitan's MoE layers, whose TP (``apply_moe_ep_tp``) is a separate function not applied here.
+
+    Raises:
+        ValueError: naming the first such parameters.
+    """
+    from torch.distributed.tensor import DTensor
+
+    plain = [n for n, p in model.named_parameters() if not isinstance(p, DTensor)]
+    if plain:
+        raise ValueError(f"parallelism.tensor_parallel_degree > 1 with dualpipe_fx.enable: after {fn.__name__} "
+                         f"{len(plain)} parameters are not tensor-parallel, e.g. {plain[:3]} (MoE layers: their TP "
+                         f"is torchtitan's apply_moe_ep_tp, which dualpipe_fx does not apply yet); expected the "
+                         f"plan to place every parameter. Fix: parallelism.tensor_parallel_degree = 1 for this "
+                         f"model (MoE models: expert_parallel_degree shards the experts instead)")
 
 
 def _tied(model: nn.Module) -> list[list[str]]:

@@ -36,8 +36,35 @@ def test_qwen3_plan_keeps_the_tied_embedding_and_head_one_parameter(tp_mesh):
     weight = model.output.weight
     assert isinstance(weight, DTensor) and weight is model.tok_embeddings.weight
     assert tuple(weight.placements) == (Shard(0),)
-    assert isinstance(model.layers["0"].attention.wq.weight, DTensor)
+    assert all(isinstance(p, DTensor) for p in model.parameters())
     tp = localize(model)
     assert model.output.weight is model.tok_embeddings.weight and not isinstance(model.output.weight, DTensor)
     public = tp.public(dict(model.state_dict(keep_vars=True)))
     assert public["output.weight"] is public["tok_embeddings.weight"]  # one DTensor: one optimizer entry
+
+
+def test_moe_layers_under_tp_are_refused_naming_the_key(tp_mesh):
+    """qwen3's MoE flavor: apply_non_moe_tp leaves the experts and router plain (torchtitan's
+    apply_moe_ep_tp shards them); as replicas on sequence shards their grads would be partial."""
+    from torchtitan.models.qwen3.infra.parallelize import parallelize_qwen3
+
+    from tests.titan.ac_runs import QWEN3_MOE_CI, register_qwen3_moe_ci
+    from tests.titan.unsplit import build
+    from titan_integration.tensor_parallel import apply_titan_tp
+
+    register_qwen3_moe_ci()
+    model = build("qwen3", on_meta=True, flavor=QWEN3_MOE_CI)
+    with pytest.raises(ValueError, match="apply_moe_ep_tp.*parallelism.tensor_parallel_degree = 1"):
+        apply_titan_tp(model, parallelize_qwen3, tp_mesh, "qwen3")
+
+
+def test_llama3_plan_places_every_parameter(tp_mesh):
+    from torch.distributed.tensor import DTensor
+    from torchtitan.models.llama3.infra.parallelize import parallelize_llama
+
+    from tests.titan.unsplit import build
+    from titan_integration.tensor_parallel import apply_titan_tp
+
+    model = build("llama3", on_meta=True)
+    assert apply_titan_tp(model, parallelize_llama, tp_mesh, "llama3") == "apply_tp"
+    assert all(isinstance(p, DTensor) for p in model.parameters())
