@@ -423,7 +423,7 @@ def pipeline_dualpipe_fx(model: nn.Module, parallel_dims, job_config, device: to
     has_first_stage, has_last_stage)``; ``token_kwargs``: names of model keywords shaped like
     the token batch (0.3's ``positions``), traced as compile's ``example_kwargs`` and given
     to ``step_normalized``; ``example_masks``: ``tokens -> {name: mask}``, the model's
-    attention-mask keywords for the example micro-batch (0.3's flex ``attention_masks``). ``parallelize_fn`` is not applied: its FSDP/DDP become
+    attention-mask keywords for the example micro-batch (0.3's flex ``attention_masks``). ``parallelize_fn`` is not applied as a whole: its FSDP/DDP become
     ``compile(dp_group=, dp_mode=)`` over torchtitan's ``batch`` mesh (:func:`data_parallel_args`),
     its EP becomes ``compile(expert_parallel=)`` with the experts' all_to_all inside the traced
     forward (:func:`expert_parallel_args`); its TP part (``apply_tp`` / ``apply_non_moe_tp``) IS
