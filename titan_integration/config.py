@@ -344,12 +344,50 @@ def recompute_arg(ac, model):
     return BlockRecompute(ac_blocks(model, every))
 
 
+def _check_tensor_parallel(job_config) -> None:
+    """``parallelism.tensor_parallel_degree > 1``: torchtitan's sequence-length rule, and no async TP,
+    Float8 or batch shapes other than training's (each new shape would need the TP layouts
+    traced again). ``disable_loss_parallel`` is accepted either way: the head's output is
+    replicated (``titan_integration.tensor_parallel``), the same loss."""
+    par, train = job_config.parallelism, job_config.training
+    tp = par.tensor_parallel_degree
+    key = f"parallelism.tensor_parallel_degree = {tp}"
+    if par.enable_async_tensor_parallel:
+        raise ValueError(f"parallelism.enable_async_tensor_parallel = true with {key} and dualpipe_fx.enable: "
+                         f"async TP is Inductor's micro-pipelining of torchtitan's compiled TP regions, which "
+                         f"dualpipe_fx's traced stage graphs do not run (their F&B pairs overlap the TP "
+                         f"collectives instead); set parallelism.enable_async_tensor_parallel = false")
+    if "float8" in job_config.model.converters:
+        raise ValueError(f"model.converters = {job_config.model.converters} with {key} and dualpipe_fx.enable: "
+                         f"Float8 linears and their Float8 TP styles are not traced by dualpipe_fx; remove "
+                         f"\"float8\" from model.converters or set parallelism.tensor_parallel_degree = 1")
+    for other, degree in (("data_parallel_shard_degree", par.data_parallel_shard_degree),
+                          ("expert_parallel_degree", par.expert_parallel_degree)):
+        if degree > 1:  # -1 (the rest of the world) is resolved later: titan_integration.pipelining checks it
+            raise ValueError(f"parallelism.{other} = {degree} with {key} and dualpipe_fx.enable: dualpipe_fx "
+                             f"composes tensor parallelism with replicated data parallelism only (sharded DP and "
+                             f"EP beside TP are not composed yet). Fix: parallelism.{other} = 1 and "
+                             f"parallelism.data_parallel_replicate_degree for the data-parallel ranks")
+    if train.seq_len % tp:
+        raise ValueError(f"training.seq_len = {train.seq_len} with {key}: torchtitan needs the sequence length "
+                         f"divisible by the TP degree (sequence parallelism shards it, seq_len_divisor); set "
+                         f"training.seq_len to a multiple of {tp}")
+    val = job_config.validation
+    if val.enable and (val.local_batch_size, val.seq_len) != (train.local_batch_size, train.seq_len):
+        raise ValueError(f"validation.seq_len = {val.seq_len} and validation.local_batch_size = "
+                         f"{val.local_batch_size} differ from training's ({train.seq_len}, {train.local_batch_size}) "
+                         f"with {key}: a tensor-parallel pipeline runs the shapes it was traced at only. Fix: "
+                         f"validation.seq_len = {train.seq_len} and validation.local_batch_size = "
+                         f"{train.local_batch_size}")
+
+
 def _check_other_parallelisms(job_config) -> None:
     par = job_config.parallelism
-    degrees = {
-        "parallelism.tensor_parallel_degree": par.tensor_parallel_degree,
-        "parallelism.context_parallel_degree": par.context_parallel_degree,
-    }
+    degrees = {"parallelism.context_parallel_degree": par.context_parallel_degree}
+    # tensor_parallel_degree applies torchtitan's own TP plan before the trace
+    # (titan_integration.tensor_parallel); what it cannot take is refused here
+    if par.tensor_parallel_degree > 1:
+        _check_tensor_parallel(job_config)
     # data_parallel_replicate_degree / data_parallel_shard_degree map onto compile(dp_group=,
     # dp_mode=) (titan_integration.pipelining.data_parallel_args)
     # expert_parallel_degree maps onto compile(expert_parallel=) (pipelining.expert_parallel_args)
@@ -361,7 +399,7 @@ def _check_other_parallelisms(job_config) -> None:
     for key, degree in degrees.items():
         if degree > 1:
             raise ValueError(f"{key} = {degree} is not supported together with dualpipe_fx.enable "
-                             f"(pipeline, data and expert parallelism only, for now); set {key} = 1")
+                             f"(pipeline, data, tensor and expert parallelism only, for now); set {key} = 1")
     # compile.enable with "model" maps onto compile(compile_stages=True) (compiles_model)
     if compiles_model(job_config.compile) and job_config.compile.backend != "inductor":
         raise ValueError(f"compile.backend = {job_config.compile.backend!r} with dualpipe_fx.enable: "
@@ -452,7 +490,8 @@ def validate_job_config(job_config) -> None:
         schedule known, balance in (flops, measured)
         C = local_batch_size / microbatch_size fits the schedule (e.g. C >= 2N)
         activation_checkpoint: mode none/full/selective ("op" or an int), no debug
-        no TP/CP/EP (DP maps onto compile(dp_group=)), no torch.compile of model parts, split_points count
+        no CP (DP maps onto compile(dp_group=), EP onto expert_parallel=, TP onto torchtitan's own plan:
+            seq_len % tp == 0, no async TP, no Float8), no torch.compile of model parts, split_points count
         a validation batch shape other than training's fits the schedule (a second program); keys map onto
             dualpipe_fx.compile arguments
         the flavor's attention is sdpa or flex (varlen refused: flex block_causal is its twin)

@@ -56,6 +56,7 @@ from titan_integration.config import compile_kwargs, num_microbatches, recompute
 from titan_integration.expert_parallel import full_experts, shard_experts
 from titan_integration.init import init_like_unsplit
 from titan_integration.moe import expose_moe_load_balancing, use_traceable_permute_indices
+from titan_integration.tensor_parallel import apply_titan_tp
 
 
 class StageLocalModel(nn.Module):
@@ -313,16 +314,28 @@ def _local_tensors(model: nn.Module, pipeline) -> list[tuple[str, torch.Tensor]]
     local = {id(t) for stage in pipeline.stages.values() for t in stage.params}
     tensors = {k: v for k, v in _state_tensors(model).items() if id(v) in local}
     dp = getattr(pipeline, "_data_parallel", None)  # sharded data parallelism: the DTensor shards
-    return sorted((dp.public(tensors) if dp is not None else tensors).items())
+    tensors = dp.public(tensors) if dp is not None else tensors
+    tp = getattr(pipeline, "_tensor_parallel", None)  # TP: DTensor parameters around the local shards
+    return sorted((tp.public(tensors) if tp is not None else tensors).items())
 
 
 def _check_parallel_dims(parallel_dims) -> None:
-    for name in ("cp", "tp", "etp"):
+    for name in ("cp", "etp"):
         degree = getattr(parallel_dims, name, 1)
         if degree > 1:
-            raise ValueError(f"dualpipe_fx.enable runs pipeline, data and expert parallelism only, but the "
+            raise ValueError(f"dualpipe_fx.enable runs pipeline, data, tensor and expert parallelism only, but the "
                              f"resolved {name} degree is {degree}; set the matching parallelism.* "
-                             f"degree to 1 (world size = pipeline_parallel_degree x data-parallel degrees)")
+                             f"degree to 1 (world size = pipeline_parallel_degree x data-parallel degrees x "
+                             f"tensor_parallel_degree)")
+    if parallel_dims.tp > 1 and (parallel_dims.dp_shard > 1 or parallel_dims.ep > 1):
+        key, degree = (("data_parallel_shard_degree", parallel_dims.dp_shard) if parallel_dims.dp_shard > 1
+                       else ("expert_parallel_degree", parallel_dims.ep))
+        raise ValueError(f"parallelism.tensor_parallel_degree = {parallel_dims.tp} with the resolved parallelism.{key} "
+                         f"= {degree} and dualpipe_fx.enable: dualpipe_fx composes tensor parallelism with replicated "
+                         f"data parallelism only (sharded DP and EP beside TP are not composed yet). Fix: "
+                         f"parallelism.{key} = 1 and parallelism.data_parallel_replicate_degree for the data-parallel "
+                         f"ranks (world size = pipeline_parallel_degree x data_parallel_replicate_degree x "
+                         f"tensor_parallel_degree)")
 
 
 def expert_replica_rows(parallel_dims) -> list[list[int]]:
@@ -410,17 +423,20 @@ def pipeline_dualpipe_fx(model: nn.Module, parallel_dims, job_config, device: to
     has_first_stage, has_last_stage)``; ``token_kwargs``: names of model keywords shaped like
     the token batch (0.3's ``positions``), traced as compile's ``example_kwargs`` and given
     to ``step_normalized``; ``example_masks``: ``tokens -> {name: mask}``, the model's
-    attention-mask keywords for the example micro-batch (0.3's flex ``attention_masks``). ``parallelize_fn`` is not applied: its FSDP/DDP become
+    attention-mask keywords for the example micro-batch (0.3's flex ``attention_masks``). ``parallelize_fn`` is not applied as a whole: its FSDP/DDP become
     ``compile(dp_group=, dp_mode=)`` over torchtitan's ``batch`` mesh (:func:`data_parallel_args`),
     its EP becomes ``compile(expert_parallel=)`` with the experts' all_to_all inside the traced
-    forward (:func:`expert_parallel_args`); TP/CP are refused (``validate_job_config``,
-    ``_check_parallel_dims``); its activation
+    forward (:func:`expert_parallel_args`); its TP part (``apply_tp`` / ``apply_non_moe_tp``) IS
+    applied, to the meta model on torchtitan's ``tp`` mesh, before compile traces it
+    (:mod:`titan_integration.tensor_parallel`; loss parallel becomes a replicated head output);
+    CP is refused (``validate_job_config``, ``_check_parallel_dims``); its activation
     checkpoint wrappers are replaced by ``compile(recompute=...)`` from
     ``[activation_checkpoint]``, so nothing is recomputed twice).
 
     **Pseudocode**::
 
         C = local_batch_size / pipeline_parallel_microbatch_size
+        if tp > 1: parallelize_fn's TP function(meta model, tp mesh, loss_parallel=False)
         recompute = [activation_checkpoint] as None | "full" | "selective" | BlockRecompute
         masks = example_attention_masks(model, one micro-batch)  # flex: {"attention_masks": BlockMask}
         pipeline = dualpipe_fx.compile(meta model, loss_fn, one micro-batch, recompute, example_kwargs=masks,
@@ -433,8 +449,10 @@ def pipeline_dualpipe_fx(model: nn.Module, parallel_dims, job_config, device: to
         ValueError: the model does not trace (naming ``model.name``), or the resolved
             parallel degrees use something other than pipeline parallelism.
     """
-    del parallelize_fn, model_args
+    del model_args
     _check_parallel_dims(parallel_dims)
+    if parallel_dims.tp > 1:  # torchtitan's own TP plan, on meta, before compile traces it
+        apply_titan_tp(model, parallelize_fn, parallel_dims.get_mesh("tp"), job_config.model.name)
     group = parallel_dims.get_mesh("pp").get_group()
     if device.type == "cpu":
         device = torch.device("cpu")  # the trainer's "cpu:<LOCAL_RANK>" is the one CPU device

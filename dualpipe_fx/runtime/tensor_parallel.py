@@ -291,8 +291,10 @@ class TensorParallel:
                 out[name] = t
                 continue
             if name not in self._public:
+                tied = next((k for k, v in self._local.items() if v is t), None)  # one DTensor per local tensor
                 self._local[name] = t
-                self._public[name] = nn.Parameter(self._dtensor(name, t.detach()), requires_grad=t.requires_grad)
+                self._public[name] = self._public[tied] if tied is not None else \
+                    nn.Parameter(self._dtensor(name, t.detach()), requires_grad=t.requires_grad)
             out[name] = self._public[name]
         return out
 
@@ -301,7 +303,7 @@ class TensorParallel:
         they hold), all-reducing the partial ones over the TP group first."""
         for name, local in self._local.items():
             grad, local.grad = local.grad, None
-            if grad is None:
+            if grad is None:  # none this step, or a tied name whose grad the first name moved
                 continue
             if self.specs[name].partial_grad:
                 dist.all_reduce(grad, group=self.group)
@@ -427,7 +429,8 @@ def localize(model: nn.Module) -> Optional[TensorParallel]:
     done = model.__dict__.get("_dpfx_tensor_parallel")
     if done is not None:  # localized by an earlier compile(): its parameters are local shards now
         return TensorParallel(*done)
-    dparams = {n: p for n, p in model.named_parameters() if isinstance(p, DTensor)}
+    # every FQN, tied ones included (a tied embedding and head: one DTensor under two names)
+    dparams = {n: p for n, p in model.named_parameters(remove_duplicate=False) if isinstance(p, DTensor)}
     meshes = {p.device_mesh: p.device_mesh for p in dparams.values()}  # DeviceMesh hashes by layout
     styled = {fqn: _styles(m, meshes) for fqn, m in model.named_modules()}
     if not meshes:
@@ -440,12 +443,16 @@ def localize(model: nn.Module) -> Optional[TensorParallel]:
     partial: set[str] = set()
     for fqn, module in model.named_modules():
         partial |= {f"{fqn}.{n}" if fqn else n for n in _localize_module(fqn, module, styled[fqn], layouts, mesh)}
-    specs = {n: ParamSpec(p.device_mesh, tuple(p.placements), p.shape, p.stride(), n in partial)
+    partial_ids = {id(dparams[n]) for n in partial if n in dparams}
+    specs = {n: ParamSpec(p.device_mesh, tuple(p.placements), p.shape, p.stride(), id(p) in partial_ids)
              for n, p in dparams.items()}
+    local_of: dict[int, nn.Parameter] = {}  # a tied DTensor becomes ONE local parameter, still tied
     for fqn, module in model.named_modules():
         for name, p in list(module.named_parameters(recurse=False)):
             if isinstance(p, DTensor):
-                module.register_parameter(name, nn.Parameter(p.to_local().detach(), requires_grad=p.requires_grad))
+                if id(p) not in local_of:
+                    local_of[id(p)] = nn.Parameter(p.to_local().detach(), requires_grad=p.requires_grad)
+                module.register_parameter(name, local_of[id(p)])
     model.register_forward_hook(functools.partial(_check_outputs, layouts))
     model.__dict__["_dpfx_tensor_parallel"] = (mesh, specs, layouts)
     return TensorParallel(mesh, specs, layouts)

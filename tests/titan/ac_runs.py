@@ -16,7 +16,8 @@ torchtitan logged, the bytes each of this rank's stages saves per micro-batch, t
 recompute argument compile() got, how many torch.utils.checkpoint wrappers the model
 carries (torchtitan's own AC must not be applied on the pipelining path), and a digest of
 each of the rank's tensors as the trainer got them, before the first step (the initial
-weights, to compare bitwise with torchtitan's non-pipelined init); how many of its
+weights, to compare bitwise with torchtitan's non-pipelined init; with tensor parallelism,
+pipelined or not, ``tp_init_digest`` holds the local shards of DTensors too); how many of its
 parameters count in a lower rank's grad norm (DualPipe's mirrors), and whether an MoE
 model's expert_bias moved (torchtitan's load-balancing hook ran); how many graphs
 torch.compile compiled during the run (``compile.enable``: the stage graphs); and the run's wall
@@ -35,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch._dynamo.utils import counters
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+from torch.distributed.tensor import DTensor
 from torchtitan.tools.logging import init_logger
 
 from passes.split_backward import saved_bytes
@@ -88,6 +90,8 @@ def digest(tensor) -> str:
 
 def _describe(trainer, job_config) -> dict:
     record = {"losses": {}, "grad_norms": {}, "validation": {}, "log": []}
+    if job_config.parallelism.tensor_parallel_degree > 1:  # this TP rank's shards as initialised (DTensors too)
+        record["tp_init_digest"] = {k: digest(v) for k, v in trainer.model_parts[0].state_dict().items()}
     if getattr(trainer, "pp_schedule", None) is None or not hasattr(trainer.pp_schedule, "pipeline"):
         return record  # torchtitan without dualpipe_fx: the reference runs
     pipeline = trainer.pp_schedule.pipeline
@@ -99,6 +103,7 @@ def _describe(trainer, job_config) -> dict:
             "schedule": pipeline.program.name,
             "checkpoint_wrappers": sum(isinstance(m, CheckpointWrapper) for m in model.modules()),
             "init_digest": {k: digest(v) for k, v in model.state_dict().items() if type(v) is torch.Tensor},
+            "dtensor_params": sum(isinstance(p, DTensor) for p in model.parameters()),  # TP: the plan's placements
             "replicas_marked": sum(bool(getattr(p, "_dualpipe_fx_counted_elsewhere", False))
                                    for p in model.parameters())}
 

@@ -81,7 +81,16 @@ def test_section_is_known_without_custom_config_module(tmp_path):
      "activation_checkpoint.determinism_check", "\"default\""),
     (["--dualpipe_fx.schedule", "zb-vv"], "dualpipe_fx.schedule", "known schedules"),
     (["--dualpipe_fx.split_points", "layers.3"], "dualpipe_fx.split_points", "exactly 3"),
-    (["--parallelism.tensor_parallel_degree", "2"], "parallelism.tensor_parallel_degree", "= 1"),
+    (["--parallelism.context_parallel_degree", "2"], "parallelism.context_parallel_degree", "= 1"),
+    # tensor parallelism takes torchtitan's TP plan (titan_integration.tensor_parallel), but not these
+    (["--parallelism.tensor_parallel_degree", "2", "--parallelism.enable_async_tensor_parallel"],
+     "parallelism.enable_async_tensor_parallel", "= false"),
+    (["--parallelism.tensor_parallel_degree", "2", "--model.converters", "float8"], "model.converters", "float8"),
+    (["--parallelism.tensor_parallel_degree", "3"], "training.seq_len", "multiple of 3"),
+    (["--parallelism.tensor_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "2"],
+     "parallelism.data_parallel_shard_degree", "data_parallel_replicate_degree"),
+    (["--parallelism.tensor_parallel_degree", "2", "--validation.enable", "--validation.seq_len", "32"],
+     "validation.seq_len", "traced at only"),
     (["--parallelism.expert_parallel_degree", "2", "--parallelism.expert_parallel_comm_backend", "deepep"],
      "parallelism.expert_parallel_comm_backend", "\"standard\""),
     (["--compile.enable", "--compile.backend", "aot_eager"], "compile.backend", "\"inductor\""),
@@ -240,3 +249,38 @@ def test_fsdp_mixed_precision_is_torchtitans_apply_fsdp_policy():
     assert fsdp_mixed_precision(parse()) is None  # the example job: mixed_precision_param = "float32"
     policy = fsdp_mixed_precision(parse("--training.mixed_precision_param", "bfloat16"))
     assert policy == MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("degrees, key", [
+    (dict(dp_replicate=1, dp_shard=2, ep=1, world_size=8), "parallelism.data_parallel_shard_degree = 2"),
+    (dict(dp_replicate=1, dp_shard=1, ep=2, world_size=4), "parallelism.expert_parallel_degree = 2"),
+])
+def test_tensor_parallel_beside_sharded_dp_or_ep_is_refused_naming_the_keys(degrees, key):
+    """The core API composes TP with replicated data parallelism only; the resolved degrees
+    (``data_parallel_shard_degree = -1`` fills the world) are checked before anything is built."""
+    from torchtitan.distributed import ParallelDims
+
+    from titan_integration.pipelining import _check_parallel_dims
+
+    dims = ParallelDims(cp=1, tp=2, pp=2, etp=1, **degrees)
+    with pytest.raises(ValueError) as info:
+        _check_parallel_dims(dims)
+    message = str(info.value)
+    assert key in message and "parallelism.tensor_parallel_degree = 2" in message, message
+    assert "data_parallel_replicate_degree" in message, message  # the composable layout
+
+
+def test_tensor_parallel_plan_is_the_models_own_and_unknown_models_are_refused():
+    from torchtitan.models.llama3.infra import parallelize as llama3
+    from torchtitan.models.qwen3.infra import parallelize as qwen3
+
+    from titan_integration.tensor_parallel import titan_tp_function
+
+    assert titan_tp_function(llama3.parallelize_llama, "llama3") is llama3.apply_tp
+    assert titan_tp_function(qwen3.parallelize_qwen3, "qwen3") is qwen3.apply_non_moe_tp
+    with pytest.raises(ValueError, match="model.name = 'mine'.*tensor_parallel_degree = 1"):
+        titan_tp_function(_parallelize_without_tp, "mine")
+
+
+def _parallelize_without_tp(*args):
+    """A parallelize_fn whose module has no TP function."""

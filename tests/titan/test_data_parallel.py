@@ -21,6 +21,13 @@ exactly like torchtitan without pipeline parallelism at the same global batch.
   (its ``fully_shard`` with that policy) on 2 ranks, from the same seed checkpoint. Losses within
   1e-3 relative of torchtitan's bf16 run, and after the first step closer to it than to its fp32 run.
 
+- tensor parallelism: ``tensor_parallel_degree = 2`` -> torchtitan's own llama3 TP plan (its
+  ``apply_tp``) on the meta model before ``compile`` (``titan_integration.tensor_parallel``);
+  reference: torchtitan's TP=2 without PP, with its default loss parallel (ours gathers the
+  head's logits instead: the same loss). Losses and grad norms equal; each rank's TP shards
+  start bitwise from the reference's TP rank's shards (on CPU torchtitan's DTensor init draws
+  each shard locally from the same seed, as the pipelined init of the local shards does).
+
 All runs share three torchrun jobs, one per world size (tests/titan/ac_runs.py).
 """
 import pytest
@@ -37,6 +44,7 @@ SHARD = ["--parallelism.data_parallel_shard_degree", "2"]
 DEEPSEEK = ["--model.name", "deepseek_v3"]
 EP = ["--parallelism.data_parallel_shard_degree", "2", "--parallelism.expert_parallel_degree", "2"]
 BF16 = ["--training.mixed_precision_param", "bfloat16"]
+TP = ["--parallelism.tensor_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "1"]
 SEED = ["--checkpoint.enable", "--checkpoint.create_seed_checkpoint", "--parallelism.data_parallel_shard_degree", "1"]
 
 
@@ -58,7 +66,8 @@ def runs(tmp_path_factory):
         "ddp": [*NO_PP, *REPLICATE],
         "fsdp": [*NO_PP, *SHARD, *_from_seed(seeds, "llama3", two / "fsdp")],
         "fsdp bf16": [*NO_PP, *SHARD, *BF16, *_from_seed(seeds, "llama3", two / "fsdp_bf16")],
-        "torchtitan ep": [*NO_PP, *DEEPSEEK, *EP, *_from_seed(seeds, "deepseek", two / "ep")]})
+        "torchtitan ep": [*NO_PP, *DEEPSEEK, *EP, *_from_seed(seeds, "deepseek", two / "ep")],
+        "torchtitan tp": [*NO_PP, *TP]})
     four = tmp_path_factory.mktemp("four_ranks")
     out4 = run_trainings(4, four, {
         "pp x replicate": REPLICATE,
@@ -66,7 +75,8 @@ def runs(tmp_path_factory):
         "pp x shard bf16": [*SHARD, *BF16, *_from_seed(seeds, "llama3", four / "pp_shard_bf16")],
         "pp x ep dualpipe from seed": [*DEEPSEEK, *EP, *_from_seed(seeds, "deepseek", four / "pp_ep_seed"),
                                        "--dualpipe_fx.schedule", "dualpipe"],
-        "pp x ep": [*DEEPSEEK, *EP]})
+        "pp x ep": [*DEEPSEEK, *EP],
+        "pp x tp": TP})
     return {**{name: _summary(out, name) for name in out[0]}, **{name: _summary(out4, name) for name in out4[0]}}
 
 
@@ -74,7 +84,9 @@ def _summary(records, name):
     norms = [records[rank][name]["grad_norms"] for rank in sorted(records)]
     assert all(n == pytest.approx(norms[0], rel=1e-6) for n in norms), f"ranks disagree on {name}: {norms}"
     return {"losses": losses_of(records, name), "grad_norms": norms[0],
-            "log": [m for rank in sorted(records) for m in records[rank][name]["log"]]}
+            "log": [m for rank in sorted(records) for m in records[rank][name]["log"]],
+            "tp_init_digest": [records[rank][name].get("tp_init_digest") for rank in sorted(records)],
+            "dtensor_params": [records[rank][name].get("dtensor_params") for rank in sorted(records)]}
 
 
 @pytest.mark.parametrize("ours,reference", [("pp x replicate", "ddp"), ("pp x shard", "fsdp")])
@@ -110,3 +122,29 @@ def test_pp2_x_ep2_losses_and_grad_norms_equal_torchtitan_ep_without_pp(runs, ou
     for step in range(1, STEPS + 1):
         assert got["losses"][step] == pytest.approx(ref["losses"][step], rel=1e-5, abs=1e-5), (step, got, ref)
         assert got["grad_norms"][step] == pytest.approx(ref["grad_norms"][step], rel=1e-4), (step, got, ref)
+
+
+def test_pp2_x_tp2_losses_and_grad_norms_equal_torchtitan_tp2_without_pp(runs):
+    """torchtitan's llama3 TP plan under DualPipeV on PP=2 x TP=2 trains as torchtitan's own TP=2."""
+    ref, got = runs["torchtitan tp"], runs["pp x tp"]
+    print(f"PP=2 x TP=2 losses {got['losses']} grad norms {got['grad_norms']}; torchtitan TP=2 losses "
+          f"{ref['losses']} grad norms {ref['grad_norms']}")
+    assert all(n > 0 for n in got["dtensor_params"]), got["dtensor_params"]  # the plan's DTensor parameters
+    assert sorted(got["losses"]) == sorted(ref["losses"]) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        assert got["losses"][step] == pytest.approx(ref["losses"][step], rel=1e-5, abs=1e-5), (step, got, ref)
+        assert got["grad_norms"][step] == pytest.approx(ref["grad_norms"][step], rel=1e-4), (step, got, ref)
+
+
+def test_pp2_x_tp2_ranks_start_from_torchtitans_tp2_shards_bitwise(runs):
+    """Rank (pp, tp) = (r // 2, r % 2) of torchtitan's [pp, tp] mesh holds its stages' TP shards
+    with bitwise the values torchtitan's TP rank r % 2 starts from; the two pipeline ranks of a
+    TP rank hold every tensor once between them."""
+    ref, got = runs["torchtitan tp"]["tp_init_digest"], runs["pp x tp"]["tp_init_digest"]
+    for tp_rank in range(2):
+        held = [got[pp * 2 + tp_rank] for pp in range(2)]
+        for digests in held:
+            assert digests and digests == {k: ref[tp_rank][k] for k in digests}, tp_rank
+        assert set(held[0]) | set(held[1]) == set(ref[tp_rank]) and not set(held[0]) & set(held[1])
+    # (on CPU torchtitan's DTensor init draws each rank's shard locally from one seed, so both TP
+    # ranks start from the same local values; DTensor's offset-based RNG is for CUDA-like devices)
