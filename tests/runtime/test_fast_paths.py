@@ -34,7 +34,7 @@ def test_eager_pairs_with_and_without_early_sends_equal_one_process(early):
     assert (_total(results, "early_sends") > 0) == early
     assert _total(results, "in_place_sums") > 0, "no W summed its grads in place"
     assert _total(results, "accumulating_pairs") > 0, "no F&B pair summed its grads in place"
-    assert _total(results, "compiled_pairs") == 0
+    assert _total(results, "compiled_pairs") == 0 and _total(results, "compiled_weights") == 0
     _check_sends_released(results)
 
 
@@ -63,11 +63,22 @@ def _check_sends_released(results):
 
 
 def test_compiled_stages_run_compiled_merged_pairs_and_equal_one_process():
+    """Compiled: single-process numerics; every pair compiled; the only graph breaks are the
+    send hooks of the pairs that ran (one each: the in-place grad sums are custom ops, and
+    hooks that could never send are dropped); a second step compiles nothing (one Dynamo
+    cache entry per graph, no recompiles)."""
     results = run_ranks(cases.fast_paths_step, 2, ("llama", True, True), timeout=600)
     check_step(results, "llama", "dualpipev", 4)
     assert _total(results, "pairs") > 0
     assert _total(results, "compiled_pairs") == _total(results, "pairs")
     assert _total(results, "early_sends") > 0, "the compiled pairs' send hooks did not fire"
+    assert _total(results, "compiled_weights") > 0, "no accumulating W ran compiled"
+    for rank, r in enumerate(results):
+        dynamo = r["dynamo"]
+        assert dynamo["first"]["graphs"] > 0, (rank, dynamo)
+        assert dynamo["second"] == {"graphs": 0, "frames": 0}, (rank, dynamo)
+        assert all("SendHook.forward" in reason for reason in dynamo["breaks"]), (rank, list(dynamo["breaks"]))
+        assert sum(dynamo["breaks"].values()) == dynamo["hooks_run"] > 0, (rank, dynamo)
 
 
 def test_pipeline_tags_are_distinct_streams_and_leave_tag_zero_free():
