@@ -2,13 +2,14 @@
 
 - sends started inside an F&B pair (gloo: tagged streams) and the same step without them;
 - grads summed in place (``passes.accumulate_grads``) from a step's second micro-batch on;
-- with ``compile_stages=True``, every F&B pair runs its merged graph through torch.compile
-  (recompute with compiled stages: torchtitan's ``compile.enable`` with full activation
+- with ``compile_stages=True``, every F&B pair runs its merged graph through torch.compile, the
+  only graph breaks are the send hooks that can send (none on one rank), and a second step
+  compiles nothing (recompute with compiled stages: torchtitan's ``compile.enable`` with full activation
   checkpointing, tests/titan/test_train.py, long tier);
 - sends released as they complete: each send is waited for and dropped at its release point
   (``schedules.release``), so the sends pending after each action (the stages' own count of
   works, each holding its tensor) follow the plan, not the step's end.
-Each case is one 2-rank dualpipev step compared with the unsplit model on the same batch.
+Each case is one 2-rank (one: 1-rank) dualpipev step compared with the unsplit model on the same batch.
 """
 from __future__ import annotations
 
@@ -79,6 +80,18 @@ def test_compiled_stages_run_compiled_merged_pairs_and_equal_one_process():
         assert dynamo["second"] == {"graphs": 0, "frames": 0}, (rank, dynamo)
         assert all("SendHook.forward" in reason for reason in dynamo["breaks"]), (rank, list(dynamo["breaks"]))
         assert sum(dynamo["breaks"].values()) == dynamo["hooks_run"] > 0, (rank, dynamo)
+
+
+def test_compiled_stages_on_one_rank_compile_each_graph_whole():
+    """Both DualPipeV stages on one rank (as on one GPU): no send can start early, so the
+    compiled pairs keep no send hook and no graph breaks at all; W compiled; a second step
+    compiles nothing; single-process numerics."""
+    (result,) = run_ranks(cases.fast_paths_step, 1, ("linear", True, True), timeout=300)
+    check_step([result], "linear", "dualpipev", 4)
+    counts, dynamo = result["counts"], result["dynamo"]
+    assert counts["compiled_pairs"] == counts["pairs"] > 0 and counts["compiled_weights"] > 0, counts
+    assert counts["send_hooks"] == 0 and dynamo["breaks"] == {}, (counts, dynamo)
+    assert dynamo["second"] == {"graphs": 0, "frames": 0}, dynamo
 
 
 def test_pipeline_tags_are_distinct_streams_and_leave_tag_zero_free():
