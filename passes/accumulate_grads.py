@@ -52,17 +52,43 @@ def _peel(value: fx.Node) -> tuple[fx.Node, bool]:
     return value, transposed
 
 
-@torch.compiler.disable
+# The in-place sums of a graph that will be compiled are custom ops that mutate ``acc``:
+# Dynamo keeps them in its graph (no break, so Inductor compiles the whole graph as one),
+# functionalization records the mutation, and Inductor re-applies it in place to ``acc``
+# (a graph input), so the sum still makes no grad-sized temporary. The Python wrappers
+# return ``acc`` so that the graph's result *is* the accumulator, as with ``addmm_``.
+@torch.library.custom_op("dualpipe_fx::addmm_into", mutates_args=("acc",))
+def _addmm_into_op(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    acc.addmm_(a, b)
+
+
+@_addmm_into_op.register_fake
+def _addmm_into_fake(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    return None
+
+
+@torch.library.custom_op("dualpipe_fx::add_into", mutates_args=("acc",))
+def _add_into_op(acc: torch.Tensor, value: torch.Tensor) -> None:
+    acc.add_(value)
+
+
+@_add_into_op.register_fake
+def _add_into_fake(acc: torch.Tensor, value: torch.Tensor) -> None:
+    return None
+
+
 def addmm_into(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``acc += a @ b`` in place, run as is even inside torch.compile (which would
-    otherwise turn the input mutation into a GEMM to a new buffer plus a copy)."""
-    return acc.addmm_(a, b)
+    """``acc += a @ b`` in place, kept in place inside torch.compile (which would otherwise
+    turn the input mutation into a GEMM to a new buffer plus a copy); returns ``acc``."""
+    _addmm_into_op(acc, a, b)
+    return acc
 
 
-@torch.compiler.disable
 def add_into(acc: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """``acc += value`` in place, run as is even inside torch.compile."""
-    return acc.add_(value)
+    """``acc += value`` in place (converting to ``acc``'s dtype), kept in place inside
+    torch.compile; returns ``acc``."""
+    _add_into_op(acc, value)
+    return acc
 
 
 def _rows_into(acc: torch.Tensor, grad_output: torch.Tensor, indices: torch.Tensor, padding_idx: int) -> torch.Tensor:
@@ -77,10 +103,20 @@ def _rows_into(acc: torch.Tensor, grad_output: torch.Tensor, indices: torch.Tens
     return acc.index_put_((flat,), rows, accumulate=True)
 
 
-@torch.compiler.disable
+@torch.library.custom_op("dualpipe_fx::rows_into", mutates_args=("acc",))
+def _rows_into_op(acc: torch.Tensor, grad_output: torch.Tensor, indices: torch.Tensor, padding_idx: int) -> None:
+    _rows_into(acc, grad_output, indices, padding_idx)
+
+
+@_rows_into_op.register_fake
+def _rows_into_fake(acc: torch.Tensor, grad_output: torch.Tensor, indices: torch.Tensor, padding_idx: int) -> None:
+    return None
+
+
 def rows_into(acc: torch.Tensor, grad_output: torch.Tensor, indices: torch.Tensor, padding_idx: int) -> torch.Tensor:
-    """``_rows_into`` run as is even inside torch.compile."""
-    return _rows_into(acc, grad_output, indices, padding_idx)
+    """``_rows_into``, kept in place inside torch.compile; returns ``acc``."""
+    _rows_into_op(acc, grad_output, indices, padding_idx)
+    return acc
 
 
 def _is_embedding_grad(node: fx.Node) -> bool:
@@ -114,8 +150,10 @@ def accumulate_grads(gm: fx.GraphModule, positions: Iterable[int], *, opaque: bo
         gm: a flat graph returning a tuple (e.g. a ``backward_weight`` or a multiplexed
             F&B graph's ``.gm``); it is not modified.
         positions: indices into its results that are grads to accumulate.
-        opaque: emit the in-place sums as ``addmm_into``/``add_into`` calls that
-            torch.compile leaves alone (for a graph that will be compiled).
+        opaque: emit the in-place sums as the ``dualpipe_fx::addmm_into`` / ``add_into`` /
+            ``rows_into`` custom ops (for a graph that will be compiled: Inductor keeps them
+            in place and in one graph, where it would turn ``aten.addmm_`` on a graph input
+            into a GEMM to a new buffer plus a copy).
         cast: positions whose accumulator has another dtype than the grad (mixed precision:
             fp32 ``.grad``, bf16 grad): summed with ``add_``, which converts as it adds.
 

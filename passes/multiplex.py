@@ -49,6 +49,7 @@ chunks concurrently must.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -391,3 +392,21 @@ def multiplex(forward: Any, backward_input: Any, backward_weight: Any = None, *,
         order=tuple((n.name, n.meta.get("dpfx_chunk", "")) for n in order))
     gm.recompile()
     return gm
+
+
+def drop_send_hooks(gm: fx.GraphModule, kinds: Sequence[str]) -> fx.GraphModule:
+    """``gm`` (a ``multiplex`` graph) without its ``send_hook`` nodes of the given kinds.
+
+    For a graph that will be compiled: each hook is a graph break (it cannot be traced), so
+    the hooks whose callback could never send (no peer on another rank, or a backend whose
+    P2P keeps torch's places: NCCL) are dropped and the compiled graph has fewer segments.
+    The values and the schedule's order are otherwise unchanged; ``gm`` is not modified.
+    """
+    out = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
+    for node in list(out.graph.nodes):
+        if node.meta.get("dpfx_send") and node.args[0] in kinds:
+            out.graph.erase_node(node)
+    out.graph.lint()
+    out.meta.update(gm.meta)
+    out.recompile()
+    return out

@@ -27,8 +27,9 @@ that I does no weight-grad work.
 """
 from __future__ import annotations
 
+import copy
 import operator
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.fx
@@ -286,14 +287,18 @@ def _sub_graph(joint: GraphModule, inputs: Sequence[Node], body: Sequence[Node],
 
 
 class StageForward:
-    """``forward(params, inputs) -> (outputs, saved)``; ``.gm`` takes them flat."""
+    """``forward(params, inputs) -> (outputs, saved)``; ``.gm`` takes them flat.
+
+    Each of these callables runs ``.run``: ``.gm`` itself, or (``compiled``) its compiled
+    forward, so that ``.gm`` stays the GraphModule the passes read."""
 
     def __init__(self, gm: GraphModule, num_outputs: int):
         self.gm, self.num_outputs = gm, num_outputs
+        self.run: Callable = gm
 
     def __call__(self, params: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]):
         with torch.no_grad():
-            res = self.gm(*params, *inputs)
+            res = self.run(*params, *inputs)
         return tuple(res[: self.num_outputs]), tuple(res[self.num_outputs:])
 
 
@@ -324,6 +329,7 @@ class StageBackwardInput:
                  used: Sequence[bool], grad_vals: Sequence[Any]):
         self.gm, self.num_grad_inputs = gm, num_grad_inputs
         self.grad_slots, self.used, self.grad_vals = tuple(grad_slots), tuple(used), tuple(grad_vals)
+        self.run: Callable = gm
 
     def grad_args(self, grad_outputs: Sequence[Optional[torch.Tensor]]) -> list[Optional[torch.Tensor]]:
         """The graph's grad arguments: None where unused, zeros for a missing grad, and
@@ -343,7 +349,7 @@ class StageBackwardInput:
     def __call__(self, saved: Sequence[torch.Tensor], grad_outputs: Sequence[Optional[torch.Tensor]]):
         grads = self.grad_args(grad_outputs)
         with torch.no_grad():
-            res = self.gm(*saved, *grads)
+            res = self.run(*saved, *grads)
         return tuple(res[: self.num_grad_inputs]), tuple(res[self.num_grad_inputs:])
 
 
@@ -352,10 +358,30 @@ class StageBackwardWeight:
 
     def __init__(self, gm: GraphModule):
         self.gm = gm
+        self.run: Callable = gm
 
     def __call__(self, saved_for_weight: Sequence[torch.Tensor]):
         with torch.no_grad():
-            return tuple(self.gm(*saved_for_weight))
+            return tuple(self.run(*saved_for_weight))
+
+
+def compile_graph(gm: GraphModule) -> Callable:
+    """``torch.compile`` of ``gm``'s own ``forward`` (static shapes, compiled on first call).
+
+    Dynamo caches compiled code per Python code object. Each GraphModule's generated
+    ``forward`` is a code object of its own, so each graph gets one cache entry. Compiling
+    the module, or a ``StageForward``-like callable, would instead compile a wrapper whose
+    code object every graph shares: each graph one more cache entry of it, guarded on the
+    object, and past ``torch._dynamo.config.recompile_limit`` graphs the rest run eager."""
+    return torch.compile(gm.forward, dynamic=False)
+
+
+def compiled(graph_callable: Any, compile_fn: Callable[[GraphModule], Callable] = compile_graph) -> Any:
+    """A copy of a ``StageForward`` / ``StageBackwardInput`` / ``StageBackwardWeight`` that
+    runs ``compile_fn(graph_callable.gm)``; ``.gm`` is the same GraphModule."""
+    out = copy.copy(graph_callable)
+    out.run = compile_fn(graph_callable.gm)
+    return out
 
 
 # --------------------------------------------------------------------------------------

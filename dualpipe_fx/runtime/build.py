@@ -38,6 +38,7 @@ from dualpipe_fx.runtime.sync import shared_holders
 from dualpipe_fx.schedules.ir import Program
 from dualpipe_fx.schedules.lowering import RECV_LOOKAHEAD
 from passes.model_call import ModelCall, OutputLayout
+from passes.split_backward import compiled
 from passes.stage_graphs import StageGraphs
 
 
@@ -83,10 +84,10 @@ def part_params(model: nn.Module, graphs: StageGraphs) -> tuple[torch.Tensor, ..
 
 
 def compile_graphs(graphs: StageGraphs) -> StageGraphs:
-    """The same stage with each graph wrapped in ``torch.compile`` (compiled on first call)."""
-    return dataclasses.replace(graphs, forward=torch.compile(graphs.forward, dynamic=False),
-                               backward_input=torch.compile(graphs.backward_input, dynamic=False),
-                               backward_weight=torch.compile(graphs.backward_weight, dynamic=False))
+    """The same stage with each graph's ``.gm`` compiled (``passes.split_backward.compile_graph``:
+    one Dynamo cache entry per graph, compiled on first call); ``.gm`` stays the GraphModule."""
+    return dataclasses.replace(graphs, forward=compiled(graphs.forward), backward_input=compiled(graphs.backward_input),
+                               backward_weight=compiled(graphs.backward_weight))
 
 
 def _place(program: Program, stage: int, placement: dict[int, int]) -> StagePlace:
@@ -98,17 +99,17 @@ def _place(program: Program, stage: int, placement: dict[int, int]) -> StagePlac
 
 def _make_stages(model, parts, program, rank, metas, group, device, compile_stages) -> dict[int, GraphStage]:
     placement = program.stage_to_rank()
-    compiled: dict[int, StageGraphs] = {}  # part -> graphs; DualPipe mirrors share one compile
+    graphs: dict[int, StageGraphs] = {}  # part -> graphs; DualPipe mirrors share one compile
     stages = {}
     for stage in sorted(s for s, r in placement.items() if r == rank):
         k = program.model_part(stage)
-        if k not in compiled:
-            compiled[k] = compile_graphs(parts[k]) if compile_stages else parts[k]
+        if k not in graphs:
+            graphs[k] = compile_graphs(parts[k]) if compile_stages else parts[k]
         place = _place(program, stage, placement)
         in_metas = metas[program.model_part(place.prev_stage)] if place.prev_stage is not None else ()
         out_metas = metas[k] if place.next_stage is not None else ()
-        stages[stage] = GraphStage(compiled[k], place, part_params(model, parts[k]),
-                                   in_metas, out_metas, group, device, flat_graphs=parts[k])
+        stages[stage] = GraphStage(graphs[k], place, part_params(model, parts[k]), in_metas, out_metas,
+                                   group, device, flat_graphs=parts[k], compile_stages=compile_stages)
     return stages
 
 

@@ -32,7 +32,8 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from passes.accumulate_grads import accumulate_grads, accumulated_positions
-from passes.multiplex import multiplex
+from passes.multiplex import drop_send_hooks, multiplex
+from passes.split_backward import compile_graph
 from passes.stage_graphs import StageGraphs
 
 
@@ -126,8 +127,10 @@ class OverlapRunner:
 
     ``compile_graphs``: run each merged graph through ``torch.compile`` (the stages are
     compiled); its ``send_hook`` calls stay eager, so the compiled segments run between
-    them. A full-backward pair runs the ``accumulate_grads`` form of its graph: the weight
-    GEMMs sum into ``.grad`` in place (``GraphStage.grad_buffers`` zeroes a missing one).
+    them, and the hooks that could never send (``GraphStage.sends_early``: NCCL, a
+    same-rank hand-over, no peer) are dropped first, so that those breaks are not paid.
+    A full-backward pair runs the ``accumulate_grads`` form of its graph: the weight GEMMs
+    sum into ``.grad`` in place (``GraphStage.grad_buffers`` zeroes a missing one).
     Each stage output and grad_input is handed to the stage's ``send_early`` the moment
     the graph makes it; the stage starts the send when its backend allows (gloo).
     """
@@ -152,7 +155,10 @@ class OverlapRunner:
         if accumulate:
             gm = accumulate_grads(gm, range(grads_at, grads_at + bstage.num_params), opaque=self.compile_graphs,
                                   cast=[grads_at + i for i in bstage.cast_positions()])
-        run = torch.compile(gm, dynamic=False) if self.compile_graphs else gm
+        if self.compile_graphs:  # a send hook is a graph break: keep only those that can send
+            never = [kind for kind, stage in (("F", fstage), ("B", bstage)) if not stage.sends_early(kind)]
+            gm = drop_send_hooks(gm, never) if never else gm
+        run = compile_graph(gm) if self.compile_graphs else gm
         return _Pair(gm, run, grads_at)
 
     def _accumulating(self, fstage, bstage) -> tuple[Optional[_Pair], Sequence[torch.Tensor]]:

@@ -16,7 +16,7 @@ RECV_* actions. Param grads accumulate into the model's own ``nn.Parameter.grad`
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -27,6 +27,7 @@ from dualpipe_fx.runtime.clock import HostClock
 from dualpipe_fx.runtime.errors import PeerTimeoutError
 from dualpipe_fx.runtime.sync import wait
 from passes.accumulate_grads import accumulate_grads, accumulated_positions
+from passes.split_backward import compile_graph
 from passes.stage_graphs import StageGraphs
 
 
@@ -128,17 +129,21 @@ class GraphStage(PipelineStageBase):
         group: the pipeline's process group; device: where tensors live.
         flat_graphs: the same stage's uncompiled graphs (with flat ``.gm``), when ``graphs``
             are compiled; the overlapped and accumulating graphs are built from them.
+        compile_stages: compile the accumulating W graph too (its in-place sums as custom
+            ops, ``accumulate_grads(opaque=True)``, so that it compiles as one graph).
     """
 
     def __init__(self, graphs: StageGraphs, place: StagePlace, params: Sequence[torch.Tensor],
                  input_metas: Sequence[TensorMeta], output_metas: Sequence[TensorMeta],
                  group: Optional[dist.ProcessGroup], device: torch.device,
-                 flat_graphs: Optional[StageGraphs] = None) -> None:
+                 flat_graphs: Optional[StageGraphs] = None, compile_stages: bool = False) -> None:
         super().__init__(nn.Module(), place.stage, place.num_stages, device, group)
         self.graphs = graphs
         self.flat_graphs = graphs if flat_graphs is None else flat_graphs
         self._own_weight = graphs.backward_weight
         self._accumulating_weight = None  # built on first use; False when there is no flat graph
+        self._run_accumulating_weight: Optional[Callable] = None  # it, or its compiled forward
+        self.compile_stages = compile_stages
         self.early_sends = False  # send_early starts sends (only where P2P matches by tag: gloo)
         self._sent_early: set[tuple[str, int, int]] = set()  # (kind, mb, index) already sent
         # ("F"|"B", mb) -> the works of the sends of that micro-batch's outputs / grad_inputs, each
@@ -212,7 +217,7 @@ class GraphStage(PipelineStageBase):
         accs = self.grad_buffers(accumulated_positions(gm)) if gm is not None else None
         if accs is not None:
             with torch.no_grad():
-                grads = gm(*saved_w, *accs)
+                grads = self._run_accumulating_weight(*saved_w, *accs)
         else:
             grads = self.graphs.backward_weight(saved_w)
         # an F&B pair's W ran inside the pair: saved_w are its grads, ``shared`` what they may alias
@@ -222,8 +227,12 @@ class GraphStage(PipelineStageBase):
         """``backward_weight`` as an ``accumulate_grads`` graph (None without a flat graph)."""
         if self._accumulating_weight is None:
             gm = getattr(self.flat_graphs.backward_weight, "gm", None)
-            self._accumulating_weight = (accumulate_grads(gm, range(self.num_params), cast=self.cast_positions())
-                                         if isinstance(gm, torch.fx.GraphModule) else False)
+            if not isinstance(gm, torch.fx.GraphModule):
+                self._accumulating_weight = False
+                return None
+            gm = accumulate_grads(gm, range(self.num_params), opaque=self.compile_stages, cast=self.cast_positions())
+            self._accumulating_weight = gm
+            self._run_accumulating_weight = compile_graph(gm) if self.compile_stages else gm
         return self._accumulating_weight or None
 
     def cast_positions(self) -> tuple[int, ...]:
@@ -328,15 +337,21 @@ class GraphStage(PipelineStageBase):
     def send_early(self, kind: str, mb: int, index: int, tensor: torch.Tensor) -> None:
         """Start sending output (``"F"``) or grad_input (``"B"``) ``index`` of ``mb`` now,
         while the rest of its F&B pair computes; the SEND_F/SEND_B action then skips it."""
-        peer = self.place.next_rank if kind == "F" else self.place.prev_rank
-        if not self.early_sends or peer is None or peer == self.place.rank:
-            return  # no peer, a same-rank hand-over, or a backend that matches P2P by order
+        if not self.sends_early(kind):
+            return
         if kind == "B" and not self.input_metas[index].differentiable:
             return
         self._isend(kind, mb, index, tensor)
         self._sent_early.add((kind, mb, index))
         if self.comm_log is not None:  # profiling: when this result left the rank
             self.comm_log.append((self.stage_index, kind, mb, self.clock.mark()))
+
+    def sends_early(self, kind: str) -> bool:
+        """Whether ``send_early`` can start a send of outputs (``"F"``) or grad_inputs (``"B"``):
+        not without a peer, nor to a same-rank hand-over, nor on a backend that matches P2P
+        by order (``early_sends`` off)."""
+        peer = self.place.next_rank if kind == "F" else self.place.prev_rank
+        return self.early_sends and peer is not None and peer != self.place.rank
 
     def _unsent(self, kind: str, mb: int, index: int) -> bool:
         if (kind, mb, index) in self._sent_early:

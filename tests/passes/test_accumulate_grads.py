@@ -12,11 +12,12 @@ import pytest
 from hypothesis import given, settings, strategies as st
 import torch
 from torch import nn
+from torch._dynamo.utils import counters
 
 from passes.accumulate_grads import accumulate_grads, accumulated_positions
 from passes.capture import capture
-from passes.multiplex import multiplex
-from passes.split_backward import split_backward
+from passes.multiplex import drop_send_hooks, multiplex
+from passes.split_backward import compile_graph, split_backward
 from passes.split_stages import split_stages
 from tests.models import zoo
 
@@ -146,21 +147,68 @@ def test_a_position_outside_the_results_names_the_range():
         accumulate_grads(gm, [3])
 
 
+def _breaks() -> int:
+    return sum(counters["graph_break"].values())
+
+
 def test_opaque_sums_stay_in_place_under_torch_compile():
     """Compiled, an in-place sum on an input would become a GEMM into a new buffer and a
-    copy; the opaque form runs the addmm_ itself, so the buffer is the same object."""
+    copy; the opaque form is a custom op that mutates the buffer: one graph (no break), the
+    buffer is the same object, and nothing of its size is allocated."""
     class G(torch.nn.Module):
-        def forward(self, a, b):
-            return (torch.ops.aten.mm.default(torch.ops.aten.gelu.default(a), b),)
+        def forward(self, a, b, c):
+            return (torch.ops.aten.mm.default(torch.ops.aten.gelu.default(a), b), torch.ops.aten.mul.Tensor(c, 2))
 
     gm = torch.fx.symbolic_trace(G())
-    out = accumulate_grads(gm, [0], opaque=True)
-    a, b, acc = torch.randn(4, 3), torch.randn(3, 5), torch.randn(4, 5)
-    want = acc + torch.nn.functional.gelu(a) @ b
-    compiled = torch.compile(out, dynamic=False)
-    (res,) = compiled(a, b, acc)
-    assert res is acc
+    out = accumulate_grads(gm, [0, 1], opaque=True)
+    a, b, c = torch.randn(64, 48), torch.randn(48, 80), torch.randn(80, 64)
+    acc, acc_c = torch.randn(64, 80), torch.randn(80, 64)
+    want, want_c = acc + 2 * (torch.nn.functional.gelu(a) @ b), acc_c + 4 * c
+    compiled = compile_graph(out)
+    breaks = _breaks()
+    compiled(a, b, c, acc, acc_c)  # compiles
+    with torch.profiler.profile(profile_memory=True) as prof:
+        res = compiled(a, b, c, acc, acc_c)
+    assert res[0] is acc and res[1] is acc_c
+    assert _breaks() == breaks, dict(counters["graph_break"])
+    big = [e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage >= acc_c.nbytes]
+    assert big == [], f"a grad-sized temporary: {big}"
     torch.testing.assert_close(acc, want)
+    torch.testing.assert_close(acc_c, want_c)
+
+
+def test_compiled_accumulating_pair_is_one_graph_and_each_send_hook_one_break():
+    """A multiplexed F&B graph with its sums in place, compiled: without send hooks one graph
+    (no break: the sums are custom ops), equal to the eager graph; with them, one break per
+    hook and nothing else (``torch.compiler.disable``d ``SendHook``, by design)."""
+    torch.manual_seed(2)
+    model = nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(12, 12), nn.GELU())])
+    x, y = torch.randn(3, 12), torch.randn(3, 12)
+    part = split_stages(capture(model, lambda o, t: ((o - t) ** 2).mean(), (x,), y), 2)
+    sg = [split_backward(g, index=i, is_last=i == 1) for i, g in enumerate(part.stages)]
+    named = dict(model.named_parameters())
+    p0, p1 = ([named[n].detach() for n in s.param_names] for s in sg)
+    _, saved1 = sg[1].forward(p1, [sg[0].forward(p0, [x])[0][0], y])
+    gm = multiplex(sg[0].forward, sg[1].backward_input, sg[1].backward_weight)
+    info = gm.meta["dpfx_multiplex"]
+    args = [*p0, x, *saved1, torch.ones(())]
+    at = info.num_forward_results + info.num_grad_inputs
+    acc_gm = accumulate_grads(gm, range(at, at + len(sg[1].param_names)), opaque=True)
+    hooks = sum(bool(n.meta.get("dpfx_send")) for n in acc_gm.graph.nodes)
+    bare = drop_send_hooks(acc_gm, ["F", "B"])
+    assert hooks > 0 and not any(n.meta.get("dpfx_send") for n in bare.graph.nodes)
+    plain_accs = [torch.zeros_like(p) for p in p1]
+    with torch.no_grad():
+        want = acc_gm(*args, *plain_accs)
+    for graph, expected_breaks in ((bare, 0), (acc_gm, hooks)):
+        accs = [torch.zeros_like(p) for p in p1]
+        breaks = _breaks()
+        with torch.no_grad():
+            got = compile_graph(graph)(*args, *accs)
+        assert _breaks() - breaks == expected_breaks, dict(counters["graph_break"])
+        for i, (g, w) in enumerate(zip(got, want)):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, msg=f"result {i}")
+        assert all(got[at + k] is acc for k, acc in enumerate(accs))
 
 
 def test_bf16_grads_sum_into_fp32_accumulators_with_add_not_addmm():
@@ -211,7 +259,7 @@ def _embedding_sum(vocab, dim, shape, padding_idx, seed, opaque, compiled=False)
     acc = torch.randn(vocab, dim, generator=gen)
     want = acc + grad
     with torch.no_grad():
-        (out,) = (torch.compile(gm, dynamic=False) if compiled else gm)(*saved_w, acc)
+        (out,) = (compile_graph(gm) if compiled else gm)(*saved_w, acc)
     assert out is acc, "the result must be the buffer itself, summed in place"
     return acc, want, [n.target for n in gm.graph.nodes if n.op == "call_function"]
 

@@ -198,15 +198,42 @@ def fast_paths_step(rank, world, kind, compile_stages, early_sends, recompute=No
             return got
         stage.send_early, stage.grad_buffers = counted_early, counted_buffers
     pending = _count_pending_sends(pipe)
+    dynamo = _dynamo_counts()
     loss = pipe.step(x, target=y)
+    first = _dynamo_counts()
     pairs = [p for p in pipe._executor.overlap._graphs.values() if p is not None]
     counts["pairs"] = len(pairs)
     counts["compiled_pairs"] = sum(p.run is not p.gm for p in pairs)
     counts["accumulating_pairs"] = sum("dpfx_accumulated" in p.gm.meta for p in pairs)
     counts["pending_after_step"] = sum(s.pending_sends for s in pipe.stages.values())
-    return {"dualpipev": {"loss": None if loss is None else loss.item(), "grads": _grads(pipe),
-                          "names": [n for n, _ in pipe.named_parameters()]}, "counts": counts,
-            "pending": pending, "released": _released_plan(pipe)}
+    counts["compiled_weights"] = sum(s._run_accumulating_weight not in (None, s._accumulating_weight)
+                                     for s in pipe.stages.values())  # accumulating W graphs compiled
+    counts["send_hooks"] = sum(bool(n.meta.get("dpfx_send")) for p in pairs for n in p.gm.graph.nodes)
+    out = {"dualpipev": {"loss": None if loss is None else loss.item(), "grads": _grads(pipe),
+                         "names": [n for n, _ in pipe.named_parameters()]}, "counts": counts,
+           "pending": pending, "released": _released_plan(pipe)}
+    if compile_stages:  # a second step: what torch.compile did in a steady state
+        pipe.step(x, target=y)
+        second = _dynamo_counts()
+        out["dynamo"] = {"first": {k: first[k] - dynamo[k] for k in ("graphs", "frames")},
+                         "second": {k: second[k] - first[k] for k in ("graphs", "frames")},
+                         "breaks": {r: n - dynamo["breaks"].get(r, 0) for r, n in second["breaks"].items()
+                                    if n > dynamo["breaks"].get(r, 0)},
+                         # the pairs that ran: an I pair, or a B pair's accumulating form (all
+                         # of this case's B pairs sum in place; the plain form is only built)
+                         "hooks_run": sum(bool(n.meta.get("dpfx_send"))
+                                          for (_, _, full, acc), p in pipe._executor.overlap._graphs.items()
+                                          if p is not None and (acc or not full) for n in p.gm.graph.nodes)}
+    return out
+
+
+def _dynamo_counts() -> dict:
+    """torch.compile's running totals in this process: graphs compiled, frames (a graph
+    break's resume is one more) and graph breaks by reason."""
+    from torch._dynamo.utils import counters
+
+    return {"graphs": counters["stats"]["unique_graphs"], "frames": counters["frames"]["total"],
+            "breaks": dict(counters["graph_break"])}
 
 
 def _count_pending_sends(pipe) -> list:

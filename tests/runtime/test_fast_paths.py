@@ -2,13 +2,14 @@
 
 - sends started inside an F&B pair (gloo: tagged streams) and the same step without them;
 - grads summed in place (``passes.accumulate_grads``) from a step's second micro-batch on;
-- with ``compile_stages=True``, every F&B pair runs its merged graph through torch.compile
-  (recompute with compiled stages: torchtitan's ``compile.enable`` with full activation
+- with ``compile_stages=True``, every F&B pair runs its merged graph through torch.compile, the
+  only graph breaks are the send hooks that can send (none on one rank), and a second step
+  compiles nothing (recompute with compiled stages: torchtitan's ``compile.enable`` with full activation
   checkpointing, tests/titan/test_train.py, long tier);
 - sends released as they complete: each send is waited for and dropped at its release point
   (``schedules.release``), so the sends pending after each action (the stages' own count of
   works, each holding its tensor) follow the plan, not the step's end.
-Each case is one 2-rank dualpipev step compared with the unsplit model on the same batch.
+Each case is one 2-rank (one: 1-rank) dualpipev step compared with the unsplit model on the same batch.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def test_eager_pairs_with_and_without_early_sends_equal_one_process(early):
     assert (_total(results, "early_sends") > 0) == early
     assert _total(results, "in_place_sums") > 0, "no W summed its grads in place"
     assert _total(results, "accumulating_pairs") > 0, "no F&B pair summed its grads in place"
-    assert _total(results, "compiled_pairs") == 0
+    assert _total(results, "compiled_pairs") == 0 and _total(results, "compiled_weights") == 0
     _check_sends_released(results)
 
 
@@ -63,11 +64,34 @@ def _check_sends_released(results):
 
 
 def test_compiled_stages_run_compiled_merged_pairs_and_equal_one_process():
+    """Compiled: single-process numerics; every pair compiled; the only graph breaks are the
+    send hooks of the pairs that ran (one each: the in-place grad sums are custom ops, and
+    hooks that could never send are dropped); a second step compiles nothing (one Dynamo
+    cache entry per graph, no recompiles)."""
     results = run_ranks(cases.fast_paths_step, 2, ("llama", True, True), timeout=600)
     check_step(results, "llama", "dualpipev", 4)
     assert _total(results, "pairs") > 0
     assert _total(results, "compiled_pairs") == _total(results, "pairs")
     assert _total(results, "early_sends") > 0, "the compiled pairs' send hooks did not fire"
+    assert _total(results, "compiled_weights") > 0, "no accumulating W ran compiled"
+    for rank, r in enumerate(results):
+        dynamo = r["dynamo"]
+        assert dynamo["first"]["graphs"] > 0, (rank, dynamo)
+        assert dynamo["second"] == {"graphs": 0, "frames": 0}, (rank, dynamo)
+        assert all("SendHook.forward" in reason for reason in dynamo["breaks"]), (rank, list(dynamo["breaks"]))
+        assert sum(dynamo["breaks"].values()) == dynamo["hooks_run"] > 0, (rank, dynamo)
+
+
+def test_compiled_stages_on_one_rank_compile_each_graph_whole():
+    """Both DualPipeV stages on one rank (as on one GPU): no send can start early, so the
+    compiled pairs keep no send hook and no graph breaks at all; W compiled; a second step
+    compiles nothing; single-process numerics."""
+    (result,) = run_ranks(cases.fast_paths_step, 1, ("linear", True, True), timeout=300)
+    check_step([result], "linear", "dualpipev", 4)
+    counts, dynamo = result["counts"], result["dynamo"]
+    assert counts["compiled_pairs"] == counts["pairs"] > 0 and counts["compiled_weights"] > 0, counts
+    assert counts["send_hooks"] == 0 and dynamo["breaks"] == {}, (counts, dynamo)
+    assert dynamo["second"] == {"graphs": 0, "frames": 0}, dynamo
 
 
 def test_pipeline_tags_are_distinct_streams_and_leave_tag_zero_free():
