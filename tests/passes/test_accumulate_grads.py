@@ -115,19 +115,23 @@ def test_a_grad_used_twice_is_added_not_fused():
     torch.testing.assert_close(res[1], 2 * (a @ b))
 
 
-def test_multiplexed_pair_keeps_every_other_result_bitwise():
-    torch.manual_seed(1)
+def _pair(seed: int):
+    """A 2-stage Linear/GELU stack's F&B pair graph (stage 0's F with stage 1's I and W):
+    ``(stage graphs, pair graph, its multiplex info, its arguments, stage 1's parameters)``."""
+    torch.manual_seed(seed)
     model = nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(12, 12), nn.GELU())])
     x, y = torch.randn(3, 12), torch.randn(3, 12)
-    loss = lambda o, t: ((o - t) ** 2).mean()  # noqa: E731
-    part = split_stages(capture(model, loss, (x,), y), 2)
+    part = split_stages(capture(model, lambda o, t: ((o - t) ** 2).mean(), (x,), y), 2)
     sg = [split_backward(g, index=i, is_last=i == 1) for i, g in enumerate(part.stages)]
     named = dict(model.named_parameters())
     p0, p1 = ([named[n].detach() for n in s.param_names] for s in sg)
     _, saved1 = sg[1].forward(p1, [sg[0].forward(p0, [x])[0][0], y])
     gm = multiplex(sg[0].forward, sg[1].backward_input, sg[1].backward_weight)
-    info = gm.meta["dpfx_multiplex"]
-    args = [*p0, x, *saved1, torch.ones(())]
+    return sg, gm, gm.meta["dpfx_multiplex"], [*p0, x, *saved1, torch.ones(())], p1
+
+
+def test_multiplexed_pair_keeps_every_other_result_bitwise():
+    sg, gm, info, args, p1 = _pair(seed=1)
     plain = gm(*args)
     at = info.num_forward_results + info.num_grad_inputs
     acc_gm = accumulate_grads(gm, range(at, at + len(sg[1].param_names)))
@@ -181,17 +185,7 @@ def test_compiled_accumulating_pair_is_one_graph_and_each_send_hook_one_break():
     """A multiplexed F&B graph with its sums in place, compiled: without send hooks one graph
     (no break: the sums are custom ops), equal to the eager graph; with them, one break per
     hook and nothing else (``torch.compiler.disable``d ``SendHook``, by design)."""
-    torch.manual_seed(2)
-    model = nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(12, 12), nn.GELU())])
-    x, y = torch.randn(3, 12), torch.randn(3, 12)
-    part = split_stages(capture(model, lambda o, t: ((o - t) ** 2).mean(), (x,), y), 2)
-    sg = [split_backward(g, index=i, is_last=i == 1) for i, g in enumerate(part.stages)]
-    named = dict(model.named_parameters())
-    p0, p1 = ([named[n].detach() for n in s.param_names] for s in sg)
-    _, saved1 = sg[1].forward(p1, [sg[0].forward(p0, [x])[0][0], y])
-    gm = multiplex(sg[0].forward, sg[1].backward_input, sg[1].backward_weight)
-    info = gm.meta["dpfx_multiplex"]
-    args = [*p0, x, *saved1, torch.ones(())]
+    sg, gm, info, args, p1 = _pair(seed=2)
     at = info.num_forward_results + info.num_grad_inputs
     acc_gm = accumulate_grads(gm, range(at, at + len(sg[1].param_names)), opaque=True)
     hooks = sum(bool(n.meta.get("dpfx_send")) for n in acc_gm.graph.nodes)
