@@ -475,6 +475,9 @@ def pipeline_dualpipe_fx(model: nn.Module, parallel_dims, job_config, device: to
     owner = _loss_owner(pipeline.program, group)
     schedule = DualPipeFxSchedule(pipeline, num_mb, loss_owner=owner, group=group, loss_fn=loss_fn)
     schedule.recompute = pipeline.recompute  # what the stage graphs were split with (ActivationBudget: chosen)
+    # a step at new shapes (validation at another seq_len) traces the model again, and the pipeline
+    # holds it weakly: the schedule, which the trainer keeps, holds it (meta but this rank's tensors)
+    schedule.model = model
     schedule.grad_sum = dp.get("grad_sum", 1)
     # Every rank feeds the full batch and sees the (broadcast) loss; see DualPipeFxSchedule.
     return schedule, [part], True, True

@@ -16,6 +16,7 @@ example; nothing is communicated until ``step()``.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
@@ -369,7 +370,8 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
         _check_mirrored_running_stats(model, program, schedule)
     if isinstance(cost, str) and cost == "measured" and world > 1:
         cost = _RankZeroTimings(group)
-    recipe = _Recipe(model, loss_fn, schedule, group, timeout, device, cost, split_points, mem, mixed_precision,
+    recipe = _Recipe(weakref.ref(model), loss_fn, schedule, group, timeout, device, cost, split_points, mem,
+                     mixed_precision,
                      compile_stages, overlap, data_parallel, experts, par.dp_mode, tensor_parallel)
     pipe, cut = _build(recipe, program, num_microbatches, examples, example_target, example_kwargs, call=call,
                        first=(param_init_fn, verify_weights))
@@ -383,7 +385,9 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
 class _Recipe:
     """What ``compile()`` settled once (options, device, groups) and every shape's program reuses."""
 
-    model: nn.Module
+    # weakly: a pipeline keeps no reference to the model, so that dropping a fully built model
+    # frees the other ranks' parameters; a step at new shapes needs it alive (_model)
+    model_ref: Callable[[], Optional[nn.Module]]
     loss_fn: Callable
     schedule: str
     group: Optional[dist.ProcessGroup]
@@ -412,8 +416,9 @@ def _build(recipe: _Recipe, program: Program, num_microbatches: int, examples: t
     r, pending = recipe, None
     mine = local_parts(program, dist.get_rank(r.group))
     with together(r.group, r.timeout, where):
+        model = _model(r, where)
         cost = r.cost if keep is None else "flops"  # a kept cut is not chosen: no measured timings
-        parts = split_for_program(program, r.model, r.loss_fn, examples, target, cost=cost,
+        parts = split_for_program(program, model, r.loss_fn, examples, target, cost=cost,
                                   split_points=r.split_points, example_kwargs=kwargs, device=r.device,
                                   only_stages=mine, memory=r.memory, mixed_precision=r.mixed_precision,
                                   keep_cut=keep)
@@ -421,11 +426,11 @@ def _build(recipe: _Recipe, program: Program, num_microbatches: int, examples: t
         if r.tensor_parallel is not None:
             r.tensor_parallel.check_traced()
         check_compile_stages(r.compile_stages, partition.captured.gm)
-        state, verify = r.model.state_dict(keep_vars=True), []
+        state, verify = model.state_dict(keep_vars=True), []
         if first is not None:
             names = local_names(partition.stages, mine, partition.captured.param_aliases)
-            pending = materialize(r.model, names, r.device, first[0])
-            state = r.model.state_dict(keep_vars=True)
+            pending = materialize(model, names, r.device, first[0])
+            state = model.state_dict(keep_vars=True)
             verify = verify_names(state, partition.stages, program, first[1],
                                   skip=[n for p in pending.values() for n in p.names])
     cut = cut_fields(partition.stages, state, verify)
@@ -434,7 +439,7 @@ def _build(recipe: _Recipe, program: Program, num_microbatches: int, examples: t
         agree({**call, **dp_fields(r.group, r.dp_mode), **_replica_fields(cut, r.experts)},
               r.data_parallel[0], r.timeout, "compile()", HINTS)
     with together(r.group, r.timeout, where):
-        pipe = build_pipeline(r.model, parts.stages, program, examples, target, num_microbatches,
+        pipe = build_pipeline(model, parts.stages, program, examples, target, num_microbatches,
                               r.group, r.timeout, r.compile_stages, r.overlap, example_kwargs=kwargs,
                               call=partition.captured.call, outputs=partition.captured.output_layout,
                               part_graphs=partition.stages, device=r.device, pending=pending,
@@ -442,6 +447,16 @@ def _build(recipe: _Recipe, program: Program, num_microbatches: int, examples: t
                               tensor_parallel=r.tensor_parallel)
     pipe.recompute = r.memory.recompute  # the policy the stage graphs were split with (ActivationBudget: chosen)
     return pipe, partition.kept
+
+
+def _model(recipe: _Recipe, where: str) -> nn.Module:
+    model = recipe.model_ref()
+    if model is None:
+        raise ValueError(f"{where}: the model passed to compile() is gone (garbage-collected), and a batch of new "
+                         "shapes traces it again; the pipeline holds it weakly so that dropping a fully built model "
+                         "frees the other ranks' parameters. Fix: keep a reference to the model while stepping at "
+                         "other shapes, or pad batches to the compiled shapes")
+    return model
 
 
 def _build_shape(recipe: _Recipe, keep, examples: tuple, target, kwargs, num_microbatches: int) -> Pipeline:

@@ -106,10 +106,12 @@ def measured_costs(entries: list[TimelineEntry]) -> Costs:
         key = e.action.kind if e.action.kind != "FB" else "F" + e.action.backward.kind
         by_kind.setdefault(key, []).append(e.duration)
     f, w = _median(by_kind.get("F", [])), _median(by_kind.get("W", []))
-    b = _median(by_kind.get("B", []), _median(by_kind.get("I", [])) + w)
+    # a full backward is at least its W (measured apart, noise can say otherwise), and a pair at
+    # least its longer part: the simulator refuses costs that break either
+    b = max(_median(by_kind.get("B", []), _median(by_kind.get("I", [])) + w), w)
     pairs = by_kind.get("FB", []) + [d + w for d in by_kind.get("FI", [])]
     fb = max(_median(pairs, f + b), f, b) if pairs else None
-    return Costs(F=f, B=max(b, w), W=w, FB=fb)
+    return Costs(F=f, B=b, W=w, FB=fb)
 
 
 def stage_costs(entries: list[TimelineEntry], base: Costs, replay: list[TimelineEntry] = ()) -> StageCosts:

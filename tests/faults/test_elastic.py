@@ -83,6 +83,7 @@ def _losses(out: Path, attempt: int) -> list[tuple[int, str]]:
         if path.exists() else []
 
 
+@pytest.mark.long  # a torchrun job killed and restarted: the long tier (docs/contributing.md)
 def test_a_killed_rank_is_restarted_by_torchrun_and_resumes_from_its_checkpoint(tmp_path):
     (tmp_path / "uninterrupted").mkdir()
     start = time.monotonic()

@@ -108,6 +108,7 @@ def _rank_param_bytes(sp) -> dict[int, int]:
     return out
 
 
+@pytest.mark.long  # torchtitan's 8B traced on meta: the long tier
 def test_llama3_8b_dualpipev_ranks_hold_even_parameter_bytes(llama3_8b):
     """Per stage, rank 0 got the embedding and the LM head: 2.85 GiB against ~1.75 GiB."""
     model, loss_fn, tokens = llama3_8b
