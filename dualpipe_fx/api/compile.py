@@ -16,6 +16,8 @@ example; nothing is communicated until ``step()``.
 """
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import weakref
 from dataclasses import dataclass
 from datetime import timedelta
@@ -375,6 +377,7 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
                      compile_stages, overlap, data_parallel, experts, par.dp_mode, tensor_parallel)
     pipe, cut = _build(recipe, program, num_microbatches, examples, example_target, example_kwargs, call=call,
                        first=(param_init_fn, verify_weights))
+    recipe = dataclasses.replace(recipe, model_ref=_model_ref(model, pipe))
     shapes = Shapes(partial(_build_shape, recipe, cut), schedule, world, num_microbatches, max_programs,
                     refusal=_shape_refusal(par, tensor_parallel))
     pipe.enable_shapes(shapes, _signature(pipe, shapes))
@@ -385,8 +388,8 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
 class _Recipe:
     """What ``compile()`` settled once (options, device, groups) and every shape's program reuses."""
 
-    # weakly: a pipeline keeps no reference to the model, so that dropping a fully built model
-    # frees the other ranks' parameters; a step at new shapes needs it alive (_model)
+    # how the pipeline holds the model for later shapes' traces (_model_ref: weakly when it holds
+    # other ranks' real tensors)
     model_ref: Callable[[], Optional[nn.Module]]
     loss_fn: Callable
     schedule: str
@@ -449,13 +452,26 @@ def _build(recipe: _Recipe, program: Program, num_microbatches: int, examples: t
     return pipe, partition.kept
 
 
+def _model_ref(model: nn.Module, pipe: Pipeline) -> Callable[[], Optional[nn.Module]]:
+    """How the pipeline keeps ``model`` for later shapes' traces: strongly when the model holds
+    nothing but this rank's tensors and meta ones (a meta-built model: keeping it costs
+    nothing), else weakly, so that dropping a fully built model frees the other ranks'
+    parameters (then a step at new shapes needs the caller to keep it)."""
+    mine = {id(t) for t in pipe._state_tensors.values()} | {id(t) for s in pipe.stages.values() for t in s.params}
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    if any(t.device.type != "meta" and id(t) not in mine for t in tensors):
+        return weakref.ref(model)
+    return lambda: model
+
+
 def _model(recipe: _Recipe, where: str) -> nn.Module:
     model = recipe.model_ref()
     if model is None:
         raise ValueError(f"{where}: the model passed to compile() is gone (garbage-collected), and a batch of new "
-                         "shapes traces it again; the pipeline holds it weakly so that dropping a fully built model "
+                         "shapes traces it again; the pipeline holds a fully built model weakly so that dropping it "
                          "frees the other ranks' parameters. Fix: keep a reference to the model while stepping at "
-                         "other shapes, or pad batches to the compiled shapes")
+                         "other shapes, build it on meta (compile(device=...)), or pad batches to the compiled "
+                         "shapes")
     return model
 
 

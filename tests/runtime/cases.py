@@ -131,7 +131,8 @@ def _expect_value_error(fn) -> str:
 
 def step_errors(rank, world):
     """Each user error of step()/compile() raised on every rank, then a good step still works."""
-    pipe, x, y = _compile("linear", "dualpipev", 4)
+    model, loss_fn, x, y = make_case("linear", 4)  # kept: the new width's step traces it again
+    pipe = dualpipe_fx.compile(model, loss_fn, (x[:2],), y[:2], schedule="dualpipev", num_microbatches=4)
     errors = {
         "indivisible": _expect_value_error(lambda: pipe.step(x[:-1], target=y[:-1])),
         "shape": _expect_value_error(lambda: pipe.step(x, target=torch.cat([y, y[:2]]))),
