@@ -113,6 +113,9 @@ def test_the_ranks_beside_the_pipeline_are_data_parallel_replicas(searched):
     kwargs = got[2, 2, "shard"].compile_kwargs
     assert kwargs["schedule"] == "1f1b" and "parallelism" not in kwargs  # build_kwargs() makes the groups
     assert "2 shard" in plans.table() and "rejected: pp=4, 1f1b, C=2" in plans.table()
+    # 8 ranks and a batch of 4: no 8 replicas of one rank each (and nothing else fits C=2 here)
+    with pytest.raises(ValueError, match="the batch of 4 does not split into 8 data-parallel replicas"):
+        autoplan(model, mse_loss, (x[:4],), y[:4], world_size=8, device="h100", space=space)
 
 
 def test_data_parallel_bytes_and_waits_follow_the_mode():

@@ -319,6 +319,10 @@ def autoplan(model: torch.nn.Module, loss_fn: Callable, batch_inputs, batch_targ
     for pp in grid["pp_degree"]:
         dp = world_size // pp
         modes = [m for m in grid["dp_mode"] if m is not None] if dp > 1 else [None]
+        if batch % dp:  # each replica takes batch / dp samples
+            rejected += [Rejected(s, 0, r, f"the batch of {batch} does not split into {dp} data-parallel replicas",
+                                  pp, dp, m) for s in grid["schedule"] for r in grid["recompute"] for m in modes]
+            continue
         for c in grid["num_microbatches"] or _counts(batch // dp, pp):
             if batch % (dp * c):
                 rejected += [Rejected(s, c, r, f"the batch of {batch} does not split into {dp} replica(s) x {c} "
