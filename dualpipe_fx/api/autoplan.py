@@ -315,28 +315,33 @@ def autoplan(model: torch.nn.Module, loss_fn: Callable, batch_inputs, batch_targ
     inputs = (batch_inputs,) if isinstance(batch_inputs, torch.Tensor) else tuple(batch_inputs)
     batch = _batch_size(inputs)
     grid = _space(space, batch, world_size, pp_degree)
-    plans, rejected, memo, backward_cache = [], [], {}, {}
+    plans, rejected, memo, backward_cache, captures = [], [], {}, {}, {}
+
+    def unsplittable(c: int, pp: int, dp: int, modes: list, why: str) -> list[Rejected]:
+        return [Rejected(s, c, r, f"the batch of {batch} does not split into {why}", pp, dp, m)
+                for s in grid["schedule"] for r in grid["recompute"] for m in modes]
+
     for pp in grid["pp_degree"]:
         dp = world_size // pp
         modes = [m for m in grid["dp_mode"] if m is not None] if dp > 1 else [None]
         if batch % dp:  # each replica takes batch / dp samples
-            rejected += [Rejected(s, 0, r, f"the batch of {batch} does not split into {dp} data-parallel replicas",
-                                  pp, dp, m) for s in grid["schedule"] for r in grid["recompute"] for m in modes]
+            rejected += unsplittable(0, pp, dp, modes, f"{dp} data-parallel replicas")
             continue
         for c in grid["num_microbatches"] or _counts(batch // dp, pp):
             if batch % (dp * c):
-                rejected += [Rejected(s, c, r, f"the batch of {batch} does not split into {dp} replica(s) x {c} "
-                                      "micro-batches", pp, dp, m)
-                             for s in grid["schedule"] for r in grid["recompute"] for m in modes]
+                rejected += unsplittable(c, pp, dp, modes, f"{dp} replica(s) x {c} micro-batches")
                 continue
             mb = batch // (dp * c)
             examples = tuple(t[:mb] if isinstance(t, torch.Tensor) and t.dim() > 0 else t for t in inputs)
             target = batch_target[:mb] if isinstance(batch_target, torch.Tensor) and batch_target.dim() > 0 \
                 else batch_target
+            if mb not in captures:  # one trace per micro-batch size, whatever the degrees around it
+                captures[mb] = capture(model, loss_fn, examples, target,
+                                       device=torch.device("cpu" if trace_device is None else trace_device))
             got = _search(model, loss_fn, examples, target, None, schedules=grid["schedule"], num_microbatches=c,
                           recomputes=grid["recompute"], ranks=pp, device=dev, network=net, budget=budget,
                           optimizer=optimizer, trace_device=trace_device, memo=memo, dp=dp, dp_modes=modes,
-                          backward_cache=backward_cache)
+                          backward_cache=backward_cache, captured=captures[mb])
             plans += got[0]
             rejected += got[1]
     return _ranked(plans, rejected, top, time.perf_counter() - start, dev, net, world_size)
@@ -413,15 +418,16 @@ def _search(model, loss_fn, examples: tuple, target, example_kwargs, *, schedule
             num_microbatches: int, recomputes: Sequence, ranks: int, device: DeviceModel, network: NetworkModel,
             budget: Optional[int], optimizer, trace_device, memo: dict, fraction: Optional[float] = None,
             dp: int = 1, dp_modes: Sequence[Optional[str]] = (None,),
-            backward_cache: Optional[dict] = None) -> tuple[list[Plan], list[Rejected]]:
+            backward_cache: Optional[dict] = None, captured=None) -> tuple[list[Plan], list[Rejected]]:
     """Every schedule x dp mode x recompute policy for one micro-batch count of a ``ranks``-deep
     pipeline (``dp`` replicas of it), on one capture. Policies go from saving the most to
     recomputing the most, and stop at the first that fits the bytes ``budget`` (and
     ``fraction``, an ``ActivationBudget``'s, against the schedule's plan without recompute):
     recompute only adds compute, so a later one that fits too is slower (it is listed as
-    rejected, why)."""
+    rejected, why). ``captured``: the micro-batch's capture, when the caller has it."""
     trace_on = torch.device("cpu" if trace_device is None else trace_device)
-    captured = capture(model, loss_fn, examples, target, example_kwargs=example_kwargs, device=trace_on)
+    if captured is None:
+        captured = capture(model, loss_fn, examples, target, example_kwargs=example_kwargs, device=trace_on)
     plans, rejected, pipelines = [], [], {}
     backward_cache = {} if backward_cache is None else backward_cache
 
