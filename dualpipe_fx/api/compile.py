@@ -372,9 +372,8 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
         _check_mirrored_running_stats(model, program, schedule)
     if isinstance(cost, str) and cost == "measured" and world > 1:
         cost = _RankZeroTimings(group)
-    recipe = _Recipe(weakref.ref(model), loss_fn, schedule, group, timeout, device, cost, split_points, mem,
-                     mixed_precision,
-                     compile_stages, overlap, data_parallel, experts, par.dp_mode, tensor_parallel)
+    recipe = _Recipe(lambda: model, loss_fn, schedule, group, timeout, device, cost, split_points, mem,
+                     mixed_precision, compile_stages, overlap, data_parallel, experts, par.dp_mode, tensor_parallel)
     pipe, cut = _build(recipe, program, num_microbatches, examples, example_target, example_kwargs, call=call,
                        first=(param_init_fn, verify_weights))
     recipe = dataclasses.replace(recipe, model_ref=_model_ref(model, pipe))
