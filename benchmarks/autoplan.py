@@ -19,6 +19,7 @@ It prints the table and the ratios and writes ``--json``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -91,8 +92,8 @@ def _measure(rank, world, kind, width, batch, grid, steps):
         predicted["_pick"] = str((plans[0].schedule, plans[0].num_microbatches, str(plans[0].recompute)))
         predicted["_search_s"] = plans.search_s
         predicted["_network"] = (network.bandwidth, network.latency_s)
-        predicted["_device"] = (device.peak_flops["float32"], device.bandwidth, device.kernel_overhead_s,
-                                device.action_overhead_s)
+        predicted["_device"] = {f.name: (dict(v) if f.name == "peak_flops" else v)
+                                for f in dataclasses.fields(device) for v in [getattr(device, f.name)]}
     return {"measured": measured, "predicted": predicted}
 
 

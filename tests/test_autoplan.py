@@ -77,6 +77,35 @@ def test_the_network_and_the_device_change_the_prediction(searched):
     assert a100.predicted_step_s >= fast.predicted_step_s
 
 
+def test_the_runtime_costs_each_action_and_each_transfer_it_posts():
+    """An action costs the device's per-action overhead plus one per-transfer overhead for each
+    receive or send across ranks; a merged F&B pair is one action with both parts' transfers."""
+    from types import SimpleNamespace
+
+    from dualpipe_fx.api.autoplan import stage_costs
+    from dualpipe_fx.schedules.registry import generate
+
+    empty = torch.fx.GraphModule({}, torch.fx.Graph())  # no kernels: only the runtime's costs remain
+    empty.graph.output(())
+    graphs = SimpleNamespace(forward=SimpleNamespace(gm=empty), backward_input=SimpleNamespace(gm=empty),
+                             backward_weight=SimpleNamespace(gm=empty))
+    parts = SimpleNamespace(stages=[graphs] * 4, partition=SimpleNamespace(stages=[empty] * 4))
+    device = DeviceModel("runtime only", {"float32": 1.0}, 1.0, 0, action_overhead_s=1.0, p2p_overhead_s=10.0)
+    program = generate("dualpipev", 2, 4)  # stages 0, 3 on rank 0 and 1, 2 on rank 1
+    costs = stage_costs(parts, program, device, NETWORKS["nvlink"])
+    crossing = {("F", 0): 1, ("F", 1): 1, ("F", 2): 1, ("F", 3): 1, ("I", 0): 1, ("I", 3): 1, ("B", 0): 1,
+                ("I", 1): 1, ("I", 2): 1, ("B", 1): 1, ("B", 2): 1, ("B", 3): 1, ("W", 0): 0, ("W", 1): 0,
+                ("W", 2): 0, ("W", 3): 0}
+    seen = set()
+    for action in (a for actions in program.values() for a in actions):
+        parts_ = action.parts()
+        seen.add(action.kind)
+        assert costs.of(action) == 1.0 + 10.0 * sum(crossing[(p.kind, p.stage)] for p in parts_), action
+    assert "FB" in seen and "W" in seen
+    one_rank = generate("1f1b", 2, 4)
+    assert {stage_costs(parts, one_rank, device, NETWORKS["nvlink"]).of(a) for a in one_rank[0]} == {11.0}
+
+
 @pytest.mark.parametrize("kwargs,match", [
     ({"pp_degree": 3}, r"pipeline degrees \[3\] do not divide world_size=2"),
     ({"space": {"dp_mode": ["zero9"]}}, "dp_mode"),

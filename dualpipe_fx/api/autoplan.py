@@ -250,12 +250,22 @@ def stage_costs(parts, program: Program, device: DeviceModel, network: NetworkMo
         w = _graph_seconds(sg.backward_weight.gm, device, memo)
         per_part[k] = (f, i, w)
     extra = device.action_overhead_s
+    rank_of = program.stage_to_rank()
+
+    def transfers(action) -> int:
+        """The P2P transfers ``action`` posts or waits on: F receives its input and sends its
+        output, B or I receives its output's grad and sends its input's; only across ranks."""
+        if action.kind == "W":
+            return 0
+        peers = (program.previous_stage(action.stage), program.next_stage(action.stage))
+        return sum(peer is not None and rank_of[peer] != rank_of[action.stage] for peer in peers)
 
     def seconds(action) -> float:
-        if action.kind == "FB":
+        if action.kind == "FB":  # one action of the runtime, with both parts' transfers
             return seconds(action.forward) + seconds(action.backward) - extra
         f, i, w = per_part[program.model_part(action.stage)]
-        return {"F": f, "B": i + w, "I": i, "W": w}[action.kind] + extra
+        return ({"F": f, "B": i + w, "I": i, "W": w}[action.kind] + extra
+                + device.p2p_overhead_s * transfers(action))
 
     by_action = {a: seconds(a) for actions in program.values() for a in actions}
     mean = [sum(v[j] for v in per_part.values()) / len(per_part) for j in range(3)]
@@ -489,14 +499,14 @@ def _agreed_device(device: torch.device, group) -> DeviceModel:
     probed = probe_device(device)
     bounds = [bound for bound, _ in probed.small_gemms]
     figures = torch.tensor([probed.peak_flops["float32"], probed.peak_flops["bfloat16"], probed.bandwidth,
-                            probed.kernel_overhead_s, probed.action_overhead_s,
+                            probed.kernel_overhead_s, probed.action_overhead_s, probed.p2p_overhead_s,
                             *(fraction for _, fraction in probed.small_gemms)], dtype=torch.float64)
     if dist.get_world_size(group) > 1:
         figures = figures.to(vote_device(group))
         dist.broadcast(figures, group_src=0, group=group)
-    f32, bf16, bandwidth, kernel, action, *fractions = figures.cpu().tolist()
+    f32, bf16, bandwidth, kernel, action, p2p, *fractions = figures.cpu().tolist()
     return dataclasses.replace(probed, peak_flops=MappingProxyType({"float32": f32, "bfloat16": bf16}),
-                               bandwidth=bandwidth, kernel_overhead_s=kernel, action_overhead_s=action,
+                               bandwidth=bandwidth, kernel_overhead_s=kernel, action_overhead_s=action, p2p_overhead_s=p2p,
                                small_gemms=tuple(zip(bounds, fractions)))
 
 

@@ -17,7 +17,7 @@ datasheet bandwidth). They are starting points: a probe on the device replaces t
 **Pseudocode**
     node_seconds = max(flops / (peak[dtype] * efficiency), bytes / (bandwidth * bw_efficiency))
                    + kernel_overhead_s
-    action_seconds = sum(node_seconds) + action_overhead_s
+    action_seconds = sum(node_seconds) + action_overhead_s + p2p_overhead_s * transfers it posts
     p2p_seconds(bytes) = latency_s + bytes / bandwidth
 """
 from __future__ import annotations
@@ -42,7 +42,9 @@ class DeviceModel:
     ``"float16"``) to its dense matmul peak; ``efficiency`` is the fraction a large GEMM
     achieves; ``bandwidth`` is bytes/s of device memory, ``bandwidth_efficiency`` the
     fraction a streaming kernel achieves. ``kernel_overhead_s`` is paid per graph node,
-    ``action_overhead_s`` per pipeline action (the runtime's Python between graphs)."""
+    ``action_overhead_s`` per pipeline action (the runtime's Python between graphs), and
+    ``p2p_overhead_s`` per transfer to or from another rank that an action posts and waits
+    on (the rank's own time for it, beside the link's latency, which the peer waits)."""
 
     name: str
     peak_flops: Mapping[str, float]
@@ -52,6 +54,7 @@ class DeviceModel:
     bandwidth_efficiency: float = 1.0
     kernel_overhead_s: float = 0.0
     action_overhead_s: float = 0.0
+    p2p_overhead_s: float = 0.0
     source: str = ""
     # shape classes: (the GEMM's smallest dimension up to, the fraction of the large-GEMM rate);
     # a probe measures them, the GPU rows know large GEMMs only (an empty tuple: every shape alike)
@@ -84,7 +87,7 @@ def _device(name, fp32, tf32, bf16, bandwidth_gbps, memory_gib, efficiency, sour
     return DeviceModel(name, MappingProxyType({"float32": tf32 * TFLOPS, "float32_ieee": fp32 * TFLOPS,
                                                "bfloat16": bf16 * TFLOPS, "float16": bf16 * TFLOPS}),
                        bandwidth_gbps * GBPS, memory_gib << 30, efficiency=efficiency, bandwidth_efficiency=0.8,
-                       kernel_overhead_s=5e-6, action_overhead_s=50e-6, source=source)
+                       kernel_overhead_s=5e-6, action_overhead_s=50e-6, p2p_overhead_s=20e-6, source=source)
 
 
 # float32 matmuls run as TF32 on the tensor cores (torch.backends.cuda.matmul.allow_tf32 or
@@ -151,11 +154,16 @@ def _timed(fn, min_s: float = 0.1) -> float:
 
 
 # The runtime's own time per pipeline action (its Python between graphs: the executor, torch's
-# schedule runtime, the P2P calls), beyond the graphs' kernels. cpu: benchmarks/autoplan.py --width 8
-# (2 gloo ranks, kernels next to free) on the quiet 2-core dev machine, 2026-12-07: 1f1b with 16
-# micro-batches 27.0 ms for 32 actions a rank, zbv 59.6 ms for 96, gpipe 24.2 ms for 32: about
-# 0.6 ms an action. cuda: the same Python per action, assumed until a GPU run measures it.
-ACTION_OVERHEAD_S = MappingProxyType({"cpu": 0.6e-3, "cuda": 0.6e-3})
+# schedule runtime) and per transfer an action posts to or waits on from another rank (the P2P
+# call and, on gloo, the rank's copy into the socket), beyond the graphs' kernels and the link's
+# latency. cpu: fitted to benchmarks/autoplan.py --width 8 (2 gloo ranks, kernels next to free)
+# on the quiet 2-core dev machine, 2026-12-07: 1f1b with 16 micro-batches 27.0 ms for 32 actions
+# and 32 transfers a rank, gpipe 24.2 ms for the same, zbv 59.6 ms for 96 actions and 64
+# transfers: 0.26 ms an action and 0.54 ms a transfer. A merged F&B pair is one action that
+# posts both parts' transfers. cuda: the same Python per action, and a NCCL launch per
+# transfer, assumed until a GPU run measures them.
+ACTION_OVERHEAD_S = MappingProxyType({"cpu": 0.26e-3, "cuda": 0.26e-3})
+P2P_OVERHEAD_S = MappingProxyType({"cpu": 0.54e-3, "cuda": 20e-6})
 
 PROBE_SMALL_DIMS = (4, 16, 64)  # the shape classes probe_device measures below a large GEMM
 
@@ -181,6 +189,7 @@ def probe_device(device: Union[str, torch.device] = "cpu", size: int = 512) -> D
     overhead = _timed(lambda: (tiny.add(1), sync()), min_s=0.02)
     return DeviceModel(f"{device.type} (probed)", MappingProxyType(peaks), bandwidth, 0,
                        kernel_overhead_s=overhead, action_overhead_s=ACTION_OVERHEAD_S.get(device.type, 0.0),
+                       p2p_overhead_s=P2P_OVERHEAD_S.get(device.type, 0.0),
                        small_gemms=small,
                        source=f"probe_device({str(device)!r}) on this machine, {time.strftime('%Y-%m-%d')}")
 
