@@ -9,13 +9,13 @@ exactly like torchtitan without pipeline parallelism at the same global batch.
   (torchtitan's ``create_seed_checkpoint``, loaded by DCP into each run's shards).
 - ``expert_parallel_degree = 2`` (borrowing ``data_parallel_shard_degree = 2``) with the MoE
   model deepseek_v3 -> ``compile(expert_parallel=)``, the experts' all_to_all inside the stage
-  graphs; reference: torchtitan's own EP x FSDP on 2 ranks from a seed checkpoint. Ours runs
-  twice: DualPipeV from its own init (each rank keeps its rows of the unsplit init, which is
-  what the seed checkpoint holds), and the bidirectional DualPipe (mirrored experts) loading
-  the seed checkpoint's expert slices by DCP. Losses and logged grad norms (clipping with
-  EP) equal the reference. (The flex flavor with EP ran this way in CI until 2026-12-07, equal
-  too; now flex meets deepseek_v3 in test_train.py, without EP, to keep the long tier within
-  12 minutes.)
+  graphs; reference: torchtitan's own EP x FSDP on 2 ranks from a seed checkpoint. Ours
+  (DualPipeV) loads the seed checkpoint's expert slices by DCP too. Losses and logged grad
+  norms (clipping with EP) equal the reference. To keep the long tier within 12 minutes, these
+  equal runs left CI: the flex flavor with EP (until 2026-12-07; flex meets deepseek_v3 in
+  test_train.py, without EP), DualPipeV from its own init (until 2026-12-08; each rank's rows
+  of the unsplit init: tests/titan/test_init.py) and the bidirectional DualPipe with mirrored
+  experts from the seed (until 2026-12-08, 92 s; DualPipe x EP: tests/runtime/test_moe_ep.py).
 - mixed precision: ``training.mixed_precision_param = "bfloat16"`` with ``dp_shard = 2`` ->
   ``compile(mixed_precision=MixedPrecisionPolicy(bf16, fp32))``; reference: torchtitan's FSDP
   (its ``fully_shard`` with that policy) on 2 ranks, from the same seed checkpoint. Losses within
@@ -73,9 +73,7 @@ def runs(tmp_path_factory):
         "pp x replicate": REPLICATE,
         "pp x shard": [*SHARD, *_from_seed(seeds, "llama3", four / "pp_shard")],
         "pp x shard bf16": [*SHARD, *BF16, *_from_seed(seeds, "llama3", four / "pp_shard_bf16")],
-        "pp x ep dualpipe from seed": [*DEEPSEEK, *EP, *_from_seed(seeds, "deepseek", four / "pp_ep_seed"),
-                                       "--dualpipe_fx.schedule", "dualpipe"],
-        "pp x ep": [*DEEPSEEK, *EP],
+        "pp x ep": [*DEEPSEEK, *EP, *_from_seed(seeds, "deepseek", four / "pp_ep")],
         "pp x tp": TP})
     return {**{name: _summary(out, name) for name in out[0]}, **{name: _summary(out4, name) for name in out4[0]}}
 
@@ -97,8 +95,7 @@ def test_pp2_x_dp2_losses_equal_torchtitan_without_pp(runs, ours, reference):
         assert got[step] == pytest.approx(loss, rel=1e-5, abs=1e-5), (step, got, ref)
 
 
-@pytest.mark.parametrize("run", ["pp x shard", "fsdp", "pp x shard bf16", "fsdp bf16", "torchtitan ep",
-                                 "pp x ep dualpipe from seed"])
+@pytest.mark.parametrize("run", ["pp x shard", "fsdp", "pp x shard bf16", "fsdp bf16", "torchtitan ep", "pp x ep"])
 def test_seeded_runs_loaded_the_seed_checkpoint(runs, run):
     assert any("Loading the checkpoint" in m for m in runs[run]["log"]), runs[run]["log"][-40:]
 
@@ -115,9 +112,8 @@ def test_pp2_x_shard2_bf16_losses_follow_torchtitans_bf16_fsdp(runs):
             assert abs(ours[step] - bf16[step]) < abs(ours[step] - fp32[step]), (step, ours, bf16, fp32)
 
 
-@pytest.mark.parametrize("ours, reference", [("pp x ep", "torchtitan ep"), ("pp x ep dualpipe from seed", "torchtitan ep")])
-def test_pp2_x_ep2_losses_and_grad_norms_equal_torchtitan_ep_without_pp(runs, ours, reference):
-    ref, got = runs[reference], runs[ours]
+def test_pp2_x_ep2_losses_and_grad_norms_equal_torchtitan_ep_without_pp(runs):
+    ref, got = runs["torchtitan ep"], runs["pp x ep"]
     assert sorted(got["losses"]) == sorted(ref["losses"]) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):
         assert got["losses"][step] == pytest.approx(ref["losses"][step], rel=1e-5, abs=1e-5), (step, got, ref)
