@@ -428,13 +428,15 @@ def _search(model, loss_fn, examples: tuple, target, example_kwargs, *, schedule
             num_microbatches: int, recomputes: Sequence, ranks: int, device: DeviceModel, network: NetworkModel,
             budget: Optional[int], optimizer, trace_device, memo: dict, fraction: Optional[float] = None,
             dp: int = 1, dp_modes: Sequence[Optional[str]] = (None,),
-            backward_cache: Optional[dict] = None, captured=None) -> tuple[list[Plan], list[Rejected]]:
+            backward_cache: Optional[dict] = None, captured=None,
+            dp_network: Optional[NetworkModel] = None) -> tuple[list[Plan], list[Rejected]]:
     """Every schedule x dp mode x recompute policy for one micro-batch count of a ``ranks``-deep
     pipeline (``dp`` replicas of it), on one capture. Policies go from saving the most to
     recomputing the most, and stop at the first that fits the bytes ``budget`` (and
     ``fraction``, an ``ActivationBudget``'s, against the schedule's plan without recompute):
     recompute only adds compute, so a later one that fits too is slower (it is listed as
-    rejected, why). ``captured``: the micro-batch's capture, when the caller has it."""
+    rejected, why). ``captured``: the micro-batch's capture, when the caller has it;
+    ``dp_network``: the replicas' links (default ``network``)."""
     trace_on = torch.device("cpu" if trace_device is None else trace_device)
     if captured is None:
         captured = capture(model, loss_fn, examples, target, example_kwargs=example_kwargs, device=trace_on)
@@ -463,7 +465,7 @@ def _search(model, loss_fn, examples: tuple, target, example_kwargs, *, schedule
                 rejected.append(dataclasses.replace(got, dp_degree=dp, dp_mode=mode))
                 cannot = got.reason
                 continue
-            got = _with_replicas(got, dp, mode, network)
+            got = _with_replicas(got, dp, mode, dp_network or network)
             reference = got if recompute is None else reference
             why = _unfit(got, reference, budget, fraction)
             if why:
@@ -511,14 +513,19 @@ def _agreed_device(device: torch.device, group) -> DeviceModel:
 
 
 def pick_schedule(model, loss_fn, examples: tuple, target, example_kwargs, *, group, world: int,
-                  num_microbatches: int, device: torch.device, memory: MemoryPolicy, timeout) -> tuple[str, MemoryPolicy]:
+                  num_microbatches: int, device: torch.device, memory: MemoryPolicy, timeout,
+                  dp_group=None, dp_mode: str = "replicate") -> tuple[str, MemoryPolicy]:
     """``compile(schedule="auto")``: the fastest schedule (and, unless ``memory.recompute`` is
     a policy, the recompute policy: within its ``ActivationBudget`` if it is one) for these
     micro-batches that keeps every rank within ``memory.budget`` (or the device's memory).
-    Every rank measures alike (rank 0's probes, broadcast) and so picks alike; rank 0 logs the
-    ranking."""
+    With a ``dp_group`` the pipeline is one of its replicas in ``dp_mode``: each rank's bytes
+    and the step's wait for the reductions count as ``autoplan`` counts them (the reductions
+    priced on the links probed over ``dp_group``). Every rank measures alike (rank 0's probes,
+    broadcast) and so picks alike; rank 0 logs the ranking."""
     dev = _agreed_device(device, group)
     net = probe_network(group, device=vote_device(group)) if world > 1 else NETWORKS["localhost"]
+    dp = 1 if dp_group is None else dist.get_world_size(dp_group)
+    dp_net = probe_network(dp_group, device=vote_device(dp_group)) if dp > 1 else net
     budget = memory.budget if memory.budget is not None else (dev.memory_bytes or None)
     chosen = memory.recompute is None or isinstance(memory.recompute, ActivationBudget)
     recomputes = list(DEFAULT_RECOMPUTE) if chosen else [memory.recompute]
@@ -527,13 +534,19 @@ def pick_schedule(model, loss_fn, examples: tuple, target, example_kwargs, *, gr
         plans, rejected = _search(model, loss_fn, examples, target, example_kwargs, schedules=DEFAULT_SCHEDULES,
                                   num_microbatches=num_microbatches, recomputes=recomputes, ranks=world, device=dev,
                                   network=net, budget=budget, optimizer=memory.optimizer, trace_device=device,
-                                  memo={}, fraction=_fraction(memory))
+                                  memo={}, fraction=_fraction(memory), dp=dp,
+                                  dp_modes=(dp_mode if dp > 1 else None,), dp_network=dp_net)
         ranked = _ranked(plans, rejected, None, time.perf_counter() - start, dev, net, world)
     best = ranked[0]
+    schedule, recompute = best.schedule, best.recompute
+    if dp > 1:  # each replica probed its own links: every replica takes the first replica's pick
+        choice = torch.tensor([DEFAULT_SCHEDULES.index(schedule), recomputes.index(recompute)],
+                              device=vote_device(dp_group))
+        dist.broadcast(choice, group_src=0, group=dp_group)
+        schedule, recompute = DEFAULT_SCHEDULES[int(choice[0])], recomputes[int(choice[1])]
     if dist.get_rank(group) == 0:
-        log.info("compile(schedule='auto') picked %s, recompute=%s:\n%s", best.schedule, best.recompute,
-                 ranked.table())
-    return best.schedule, dataclasses.replace(memory, recompute=best.recompute)
+        log.info("compile(schedule='auto') picked %s, recompute=%s:\n%s", schedule, recompute, ranked.table())
+    return schedule, dataclasses.replace(memory, recompute=recompute)
 
 
 def _fraction(memory: MemoryPolicy) -> Optional[float]:

@@ -222,8 +222,8 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
             policy within it) for these micro-batches
             that keeps every rank within ``memory.budget`` (or the device's memory), predicted
             by ``dualpipe_fx.autoplan``'s model (``api.autoplan.pick_schedule``; rank 0 logs the
-            ranking). To choose ``num_microbatches`` too, call ``dualpipe_fx.autoplan`` with
-            the whole batch.
+            ranking), with ``parallelism.dp_group``'s replicas counted in its mode. To choose
+            ``num_microbatches`` too, call ``dualpipe_fx.autoplan`` with the whole batch.
         num_microbatches: micro-batches per step; ``step`` splits its batch into this many.
         group: the pipeline's process group (default: the world).
         compile_stages: wrap each stage graph in ``torch.compile`` (refused for a model that
@@ -362,7 +362,7 @@ def compile(model: nn.Module, loss_fn: Callable, example_inputs, example_target=
     if schedule == AUTO:  # every rank picks alike (api.autoplan)
         schedule, mem = pick_schedule(model, loss_fn, examples, example_target, example_kwargs, group=group,
                                       world=world, num_microbatches=num_microbatches, device=device, memory=mem,
-                                      timeout=timeout)
+                                      timeout=timeout, dp_group=par.dp_group, dp_mode=par.dp_mode)
     elif isinstance(mem.recompute, ActivationBudget):  # every rank picks alike: from the graphs alone
         with together(group, timeout, "compile()"):
             mem = fit_recompute(model, loss_fn, examples, example_target, example_kwargs, schedule=schedule,

@@ -10,6 +10,8 @@ dp_group that is no grid column, an unknown mode) are raised before any communic
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import warnings
 
 import pytest
@@ -34,6 +36,9 @@ CASES = [
     ("tied", "dualpipev", 4, "replicate", "adamw"),
     ("tied", "dualpipe", 4, "replicate", "sgd"),
     ("tied", "dualpipe", 4, "shard", "sgd"),
+    # compile(schedule="auto") with a dp_group: the search counts the replicas (shard: the kept
+    # bytes / dp, the gathers and reductions), and every replica builds the first one's pick
+    ("linear", "auto", 4, "shard", "sgd"),
 ]
 
 
@@ -86,8 +91,12 @@ def _all_cases(rank: int, world: int):
         local = x.shape[0] // DP
         xs, ys = x[replica * local:(replica + 1) * local], y[replica * local:(replica + 1) * local]
         mb = local // c
-        pipe = dualpipe_fx.compile(model, loss_fn, (xs[:mb],), ys[:mb], schedule=schedule, num_microbatches=c,
-                                   group=pp_group, parallelism=dualpipe_fx.Parallelism(dp_group, mode))
+        # "auto": recompute given, so that the search ranks the schedules alone (fewer candidates)
+        memory = dualpipe_fx.MemoryPolicy(recompute="full" if schedule == "auto" else None)
+        with _logged("dualpipe_fx.api.autoplan") as log:
+            pipe = dualpipe_fx.compile(model, loss_fn, (xs[:mb],), ys[:mb], schedule=schedule, num_microbatches=c,
+                                       group=pp_group, parallelism=dualpipe_fx.Parallelism(dp_group, mode),
+                                       memory=memory)
         opt = _optimizer(opt_kind, pipe.parameters())
         losses, grads = [], {}
         for step in range(STEPS):
@@ -105,9 +114,28 @@ def _all_cases(rank: int, world: int):
                                      for p in pipe.parameters()),
                   "numel": sum(p.numel() for p in pipe.parameters())}
         results[(kind, schedule, mode)] = {"losses": losses, "grads": grads, "params": params, "state": state,
-                                           "memory": memory}
+                                           "memory": memory, "picked": pipe.program.name, "log": log}
     results["replica failure"] = _replica_failure(rank, pp_group, dp_group)
     return results
+
+
+@contextlib.contextmanager
+def _logged(name: str):
+    """The messages logger ``name`` emits inside the block."""
+    messages, logger = [], logging.getLogger(name)
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    handler, level = Keep(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def _replica_failure(rank: int, pp_group, dp_group) -> dict:
@@ -196,6 +224,15 @@ def test_pp2_x_dp2_equals_single_process_on_the_global_batch(results, kind, sche
     for i in range(PP):
         a, b = got[i]["params"], got[PP + i]["params"]
         assert all(torch.equal(a[n], b[n]) for n in a), f"pipeline rank {i}: replicas differ"
+
+
+def test_auto_counts_the_replicas_and_every_replica_builds_one_pick(results):
+    got = [r[("linear", "auto", "shard")] for r in results]
+    assert len({g["picked"] for g in got}) == 1, [g["picked"] for g in got]
+    for rank in (0, PP):  # each pipeline's rank 0 logs its ranking: pipelines of 2, 2 replicas sharded
+        (table,) = [m for m in got[rank]["log"] if "picked" in m]
+        rows = [line.split() for line in table.splitlines() if line.split() and line.split()[0].isdigit()]
+        assert rows and all(row[:3] == ["2", "2", "shard"] for row in rows), table
 
 
 def test_shard_modes_hold_a_shard_and_zero3_frees_the_gathered_parameters(results):
