@@ -1,20 +1,23 @@
 """``dualpipe_fx.autoplan`` against measured step times, on CPU gloo ranks.
 
-2 ranks (1 thread each), ``LinearGeluStack(depth=8, width=WIDTH)`` and the llama example, the
-whole batch ``BATCH``. For every configuration of the grid (schedule x micro-batch count x
-recompute; at least 12) it measures the step (median of ``--steps`` timed steps after a
-warm-up, all configurations compiled first and timed round-robin so that a load change hits
-every one alike) and compares it with autoplan's prediction for that configuration, made with
-this machine's probed device (``planning.devices.probe_device``) and the group's probed links
+``--ranks`` gloo ranks (2 or 4, 1 thread each), ``LinearGeluStack(depth=8, width=WIDTH)`` (or
+the llama example), the whole batch ``BATCH``. The grid: pipeline degree (``--pp``; the other
+ranks are ``replicate`` data-parallel replicas, each fed its share of the batch) x schedule x
+micro-batch count x recompute (``--recompute``). Every configuration is compiled first, then
+each is timed round-robin (median of ``--steps`` timed steps after a warm-up), so that a load
+change hits every one alike, and compared with autoplan's prediction for it, made with this
+machine's probed device (``planning.devices.probe_device``) and the group's probed links
 (``probe_network``):
 
 - Spearman rank correlation of predicted against measured (target >= 0.9);
 - median absolute relative error (target <= 15%);
 - the measured time of autoplan's pick over the best measured time (target <= 1.05).
 
-It prints the table and the ratios and writes ``--json``.
+It prints the table and the ratios and writes ``--json`` (with the whole device model, so that
+the prediction can be rerun offline).
 
     python benchmarks/autoplan.py --json /tmp/autoplan.json
+    python benchmarks/autoplan.py --ranks 4 --pp 2 4 --recompute none full --json /tmp/autoplan4.json
 """
 from __future__ import annotations
 
@@ -38,9 +41,8 @@ from dualpipe_fx.api.autoplan import autoplan  # noqa: E402
 from dualpipe_fx.planning.devices import probe_device, probe_network  # noqa: E402
 from tests.runtime.dist_harness import run_ranks  # noqa: E402
 
-RANKS = 2
-GRID = {"schedule": ["dualpipev", "1f1b", "zbv", "gpipe"], "num_microbatches": [4, 8, 16],
-        "recompute": [None]}
+SCHEDULES = ["dualpipev", "1f1b", "zbv", "gpipe"]
+COUNTS = [4, 8, 16]
 
 
 def _case(kind: str, width: int, batch: int):
@@ -55,42 +57,70 @@ def _case(kind: str, width: int, batch: int):
     return model, loss_fn, x, y
 
 
+def _key(pp: int, schedule: str, c: int, recompute) -> str:
+    return str((pp, schedule, c, str(recompute)))
+
+
+def _grid(world: int, pps, counts, recomputes) -> list[tuple]:
+    """(pp degree, schedule, C, recompute) of every configuration the schedule can run."""
+    out = []
+    for pp in pps:
+        for schedule in SCHEDULES:
+            for c in counts:
+                try:
+                    dualpipe_fx.get_schedule(schedule).validate(pp, c)
+                except ValueError:
+                    continue
+                out += [(pp, schedule, c, r) for r in recomputes]
+    return out
+
+
 def _measure(rank, world, kind, width, batch, grid, steps):
     """Every configuration's step time on this rank (and, on rank 0, the predictions)."""
+    from dualpipe_fx.api.autoplan import pipeline_grid
+
     torch.manual_seed(0)
     model, loss_fn, x, y = _case(kind, width, batch)
     network = probe_network()  # every rank takes part; rank 0 predicts
     device = probe_device("cpu")
+    groups = {pp: pipeline_grid(pp, world // pp) for pp in sorted({g[0] for g in grid})}
     pipes = {}
-    for schedule in grid["schedule"]:
-        for c in grid["num_microbatches"]:
-            for recompute in grid["recompute"]:
-                try:
-                    dualpipe_fx.get_schedule(schedule).validate(world, c)
-                except ValueError:
-                    continue
-                mb = batch // c
-                pipes[(schedule, c, str(recompute))] = dualpipe_fx.compile(
-                    model, loss_fn, (x[:mb],), y[:mb], schedule=schedule, num_microbatches=c,
-                    memory=dualpipe_fx.MemoryPolicy(recompute=recompute))
+    for pp, schedule, c, recompute in grid:
+        pp_group, dp_group = groups[pp]
+        dp = world // pp
+        share = batch // dp  # this replica's part of the batch
+        replica = rank // pp
+        xs, ys = x[replica * share:(replica + 1) * share], y[replica * share:(replica + 1) * share]
+        mb = share // c
+        parallelism = dualpipe_fx.Parallelism(dp_group, "replicate") if dp > 1 else None
+        pipes[_key(pp, schedule, c, recompute)] = (xs, ys, dualpipe_fx.compile(
+            model, loss_fn, (xs[:mb],), ys[:mb], schedule=schedule, num_microbatches=c, group=pp_group,
+            parallelism=parallelism, memory=dualpipe_fx.MemoryPolicy(recompute=recompute)))
     times = {k: [] for k in pipes}
     for round_ in range(steps + 1):
-        for key, pipe in pipes.items():
+        for key, (xs, ys, pipe) in pipes.items():
             dist.barrier()
             start = time.perf_counter()
             pipe.zero_grad()
-            pipe.step(x, target=y)
+            pipe.step(xs, target=ys)
             dist.barrier()
             if round_:  # the first round warms up
                 times[key].append(time.perf_counter() - start)
-    measured = {str(k): statistics.median(v) for k, v in times.items()}
+    measured = {k: statistics.median(v) for k, v in times.items()}
     predicted = {}
     if rank == 0:
-        plans = autoplan(model, loss_fn, (x,), y, world_size=world, pp_degree=world, device=device, network=network,
-                         space=grid, top=None)
-        predicted = {str((p.schedule, p.num_microbatches, str(p.recompute))): p.predicted_step_s for p in plans}
-        predicted["_pick"] = str((plans[0].schedule, plans[0].num_microbatches, str(plans[0].recompute)))
-        predicted["_search_s"] = plans.search_s
+        search_s, first = 0.0, None
+        for recompute in sorted({g[3] for g in grid}, key=str):  # one search per policy: each keeps its own
+            space = {"schedule": sorted({g[1] for g in grid}), "num_microbatches": sorted({g[2] for g in grid}),
+                     "recompute": [recompute], "pp_degree": sorted({g[0] for g in grid}), "dp_mode": ["replicate"]}
+            plans = autoplan(model, loss_fn, (x,), y, world_size=world, device=device, network=network,
+                             space=space, top=None)
+            search_s += plans.search_s
+            predicted.update({_key(p.pp_degree, p.schedule, p.num_microbatches, p.recompute): p.predicted_step_s
+                              for p in plans})
+            first = plans[0] if first is None or plans[0].predicted_step_s < first.predicted_step_s else first
+        predicted["_pick"] = _key(first.pp_degree, first.schedule, first.num_microbatches, first.recompute)
+        predicted["_search_s"] = search_s
         predicted["_network"] = (network.bandwidth, network.latency_s)
         predicted["_device"] = {f.name: (dict(v) if f.name == "peak_flops" else v)
                                 for f in dataclasses.fields(device) for v in [getattr(device, f.name)]}
@@ -114,14 +144,23 @@ def main() -> None:
     parser.add_argument("--kind", choices=["mlp", "llama"], default="mlp")
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--ranks", type=int, default=2, choices=[2, 4])
+    parser.add_argument("--pp", type=int, nargs="+", default=None, help="pipeline degrees (default: --ranks)")
+    parser.add_argument("--counts", type=int, nargs="+", default=COUNTS, help="micro-batch counts per replica")
+    parser.add_argument("--recompute", nargs="+", default=["none"], choices=["none", "selective", "full"])
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
-    results = run_ranks(_measure, RANKS, (args.kind, args.width, args.batch, GRID, args.steps), timeout=3000)
+    recomputes = [None if r == "none" else r for r in args.recompute]
+    grid = _grid(args.ranks, args.pp or [args.ranks], args.counts, recomputes)
+    results = run_ranks(_measure, args.ranks, (args.kind, args.width, args.batch, grid, args.steps), timeout=3000)
     measured = {k: max(r["measured"][k] for r in results) for k in results[0]["measured"]}
     predicted = results[0]["predicted"]
-    keys = sorted(measured, key=measured.get)
+    missing = sorted(k for k in measured if k not in predicted)
+    if missing:  # autoplan rejected them (its reason is in its table); nothing to compare
+        print(f"no prediction (rejected by autoplan): {missing}")
+    keys = sorted((k for k in measured if k in predicted), key=measured.get)
     rows = [(k, measured[k], predicted[k], predicted[k] / measured[k] - 1) for k in keys]
     print(f"{'configuration':40s} {'measured ms':>12s} {'predicted ms':>13s} {'error':>8s}")
     for k, m, p, e in rows:

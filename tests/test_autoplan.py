@@ -104,6 +104,11 @@ def test_the_runtime_costs_each_action_and_each_transfer_it_posts():
     assert "FB" in seen and "W" in seen
     one_rank = generate("1f1b", 2, 4)
     assert {stage_costs(parts, one_rank, device, NETWORKS["nvlink"]).of(a) for a in one_rank[0]} == {11.0}
+    # and each step its votes: an all_reduce of a flag per vote, over the pipeline's ranks
+    from dualpipe_fx.api.autoplan import STEP_VOTES, vote_seconds
+    net = NETWORKS["ib-400g"]
+    assert vote_seconds(1, net) == 0.0
+    assert vote_seconds(4, net) == pytest.approx(STEP_VOTES * 2 * (0.75 * 8 / net.bandwidth + 3 * net.latency_s))
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -15,8 +15,10 @@ by the simulator with roofline costs of its stage graphs on the device model
         program = generate(schedule, P, C)          (a schedule that cannot run P, C: rejected)
         parts = the cut compile() makes for one micro-batch (batch / C)
         memory = split_plan(parts, program)          (a rank over the budget: rejected, by how much)
-        per stage: F, I, W seconds = sum of node_seconds over its graphs (+ per-action overhead)
+        per stage: F, I, W seconds = sum of node_seconds over its graphs (+ per-action overhead,
+                   + per-transfer overhead for each P2P transfer an action posts across ranks)
         step = simulate(program, those costs, a hop = network.seconds(boundary bytes)).makespan
+               + the step's votes (STEP_VOTES all_reduces of a flag over the pipeline)
     rank the survivors by step (then by peak memory)
 
 The pipeline degree ranges over the divisors of ``world_size`` (up to ``MAX_PP_DEGREE``
@@ -384,8 +386,19 @@ def candidate(model, loss_fn, examples: tuple, target, *, schedule: str, num_mic
                            trace_on, captured, backward_cache, gloo)
     sim = simulate(program, stage_costs(parts, program, device, network, memo), early_results=gloo)
     mb = next((t.shape[0] for t in examples if isinstance(t, torch.Tensor) and t.dim() > 0), 1)
-    return Plan(schedule, num_microbatches, recompute, sim.makespan, sim.bubble_ratio, plan, mb,
-                mb * num_microbatches / sim.makespan, pp_degree=ranks)
+    step = sim.makespan + vote_seconds(ranks, network)
+    return Plan(schedule, num_microbatches, recompute, step, sim.bubble_ratio, plan, mb,
+                mb * num_microbatches / step, pp_degree=ranks)
+
+
+# Pipeline.step's agreement: its "inputs" and "outcome" votes (runtime/agree.py), one small
+# all_reduce each over the pipeline's group, and over dp_group too when there are replicas.
+STEP_VOTES = 2
+
+
+def vote_seconds(ranks: int, network: NetworkModel) -> float:
+    """The time a step spends in its votes over ``ranks`` ranks (an 8-byte flag each)."""
+    return STEP_VOTES * network.ring_seconds(8, ranks) if ranks > 1 else 0.0
 
 
 def _planned(model, loss_fn, examples, target, example_kwargs, program: Program, recompute, optimizer,
@@ -481,7 +494,7 @@ def _with_replicas(plan: Plan, dp: int, mode: Optional[str], network: NetworkMod
     (``planning.data_parallel``): its ranks' bytes, and the step's wait for the reductions."""
     if dp == 1:
         return plan
-    step = plan.predicted_step_s + exposed_seconds(plan.memory, dp, mode, network)
+    step = plan.predicted_step_s + exposed_seconds(plan.memory, dp, mode, network) + vote_seconds(dp, network)
     return dataclasses.replace(plan, predicted_step_s=step, memory=replicated(plan.memory, dp, mode), dp_degree=dp,
                                dp_mode=mode, samples_per_s=plan.samples_per_s * plan.predicted_step_s / step * dp)
 

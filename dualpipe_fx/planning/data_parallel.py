@@ -65,10 +65,6 @@ def replicated(memory: MemoryPlan, dp: int, mode: str) -> MemoryPlan:
     return dataclasses.replace(memory, ranks=tuple(_rank(r, dp, mode) for r in memory.ranks))
 
 
-def _ring(nbytes: float, dp: int, passes: int, network: NetworkModel) -> float:
-    return passes * ((dp - 1) / dp * nbytes / network.bandwidth + (dp - 1) * network.latency_s)
-
-
 def exposed_seconds(memory: MemoryPlan, dp: int, mode: str, network: NetworkModel) -> float:
     """Seconds the slowest rank's step waits for its data-parallel collectives (``memory``: the
     replica's plan before :func:`replicated`)."""
@@ -78,8 +74,8 @@ def exposed_seconds(memory: MemoryPlan, dp: int, mode: str, network: NetworkMode
     worst = 0.0
     for rank in memory.ranks:
         grads = _per_stage(rank, rank.grads)
-        wait = _ring(grads, dp, 2 if mode == "replicate" else 1, network)
+        wait = network.ring_seconds(grads, dp, 2 if mode == "replicate" else 1)
         if mode != "replicate":
-            wait += _ring(_per_stage(rank, rank.params), dp, 1, network)
+            wait += network.ring_seconds(_per_stage(rank, rank.params), dp, 1)
         worst = max(worst, wait)
     return worst

@@ -19,6 +19,7 @@ datasheet bandwidth). They are starting points: a probe on the device replaces t
                    + kernel_overhead_s
     action_seconds = sum(node_seconds) + action_overhead_s + p2p_overhead_s * transfers it posts
     p2p_seconds(bytes) = latency_s + bytes / bandwidth
+    ring_seconds(bytes, n) = passes * ((n - 1) / n * bytes / bandwidth + (n - 1) * latency_s)
 """
 from __future__ import annotations
 
@@ -81,6 +82,11 @@ class NetworkModel:
 
     def seconds(self, nbytes: int) -> float:
         return self.latency_s + nbytes / self.bandwidth
+
+    def ring_seconds(self, nbytes: float, ranks: int, passes: int = 2) -> float:
+        """A ring collective of ``nbytes`` over ``ranks``: ``passes`` rounds (an all-reduce 2, a
+        reduce-scatter or an all-gather 1) of ``ranks - 1`` hops, each with ``1 / ranks`` of it."""
+        return passes * ((ranks - 1) / ranks * nbytes / self.bandwidth + (ranks - 1) * self.latency_s)
 
 
 def _device(name, fp32, tf32, bf16, bandwidth_gbps, memory_gib, efficiency, source) -> DeviceModel:
