@@ -127,7 +127,8 @@ def _intermediate_peak(gm: torch.fx.GraphModule, results: Iterable[int] = (), bo
     outputs the walk counts from this action on: each from the node that makes it), less the
     bytes of ``results`` and ``born`` (values the walk counts through the whole action though
     the graph makes them and frees them, e.g. a full backward's inputs for W in a merged pair;
-    their storages are then intermediates here). Under recompute an I's peak comes while it
+    their storages are then intermediates here; the figure is below zero where they are
+    never all alive at once). Under recompute an I's peak comes while it
     reruns its forward, before the grads it keeps for W exist: counting those for the whole
     action on top of that peak overstated it. Outputs in neither set (W's param grads, summed
     into ``.grad`` in place) are not counted."""
