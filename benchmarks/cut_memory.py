@@ -11,7 +11,8 @@ total (GiB), the cut's own figure for the largest rank over plan()'s, and the si
 (``planning.simulate``; every action's cost from its stage's FLOPs: F = f, B = 2f, I = W = f)
 over ``"time"``'s. Models: torchtitan's llama3 8B and 70B (bf16) and a 7B GPT-style decoder
 (fp32: learned positions, LayerNorm, GELU MLP; dim 4096, 32 layers, vocab 50304).
-``--json FILE`` writes the figures. Never asserts.
+``--recompute selective|full``: the cut and the plan under that policy. ``--json FILE`` writes the
+figures. Never asserts.
 
     PYTHONPATH=$PWD python benchmarks/cut_memory.py --models gpt7b 8B 70B --json /tmp/cut_memory.json
 
@@ -98,7 +99,7 @@ def _makespan(program, stage_costs) -> float:
     return simulate(program, StageCosts(base=Costs(F=1, B=2, W=1), by_key={}, by_action=by_action)).makespan
 
 
-def measure(models=("gpt7b", "8B"), ranks: int = 8, microbatches: int = 16, seq: int = 2048) -> dict:
+def measure(models=("gpt7b", "8B"), ranks: int = 8, microbatches: int = 16, seq: int = 2048, recompute=None) -> dict:
     results = {}
     program = generate("dualpipev", ranks, microbatches)
     for name in models:
@@ -108,9 +109,9 @@ def measure(models=("gpt7b", "8B"), ranks: int = 8, microbatches: int = 16, seq:
         for mode in MODES:
             start = time.perf_counter()
             sp = split_for_program(program, model, _loss, (tokens,), tokens, device="cpu",
-                                   memory=dualpipe_fx.MemoryPolicy(balance=mode))
+                                   memory=dualpipe_fx.MemoryPolicy(balance=mode, recompute=recompute))
             cut_s = time.perf_counter() - start
-            mp = split_plan(sp, program, optimizer="adamw", recv_lookahead=RECV_LOOKAHEAD)
+            mp = split_plan(sp, program, optimizer="adamw", recv_lookahead=RECV_LOOKAHEAD, recompute=recompute)
             totals = {r.rank: r.total for r in mp.ranks}
             top = max(totals, key=totals.get)
             cut = {r: m for r, (_, m, _) in sp.partition.rank_loads.items()}
@@ -130,9 +131,9 @@ def measure(models=("gpt7b", "8B"), ranks: int = 8, microbatches: int = 16, seq:
     return results
 
 
-def _print(results: dict, seq: int) -> None:
+def _print(results: dict, seq: int, recompute=None) -> None:
     for name, rows in results.items():
-        print(f"\n{name} (DualPipeV, 8 ranks, 16 micro-batches, seq {seq}, AdamW)")
+        print(f"\n{name} (DualPipeV, 8 ranks, 16 micro-batches, seq {seq}, AdamW, recompute {recompute})")
         print("| balance | total max/mean (plan) | largest total (GiB) | cut figure / plan | makespan vs time |")
         print("|---|---|---|---|---|")
         for mode, r in rows.items():
@@ -145,9 +146,10 @@ def main(argv=None) -> None:
     parser.add_argument("--json", help="write the figures to this file")
     parser.add_argument("--models", nargs="+", default=["gpt7b", "8B", "70B"])
     parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--recompute", choices=["selective", "full"], default=None)
     args = parser.parse_args(argv)
-    results = measure(tuple(args.models), seq=args.seq)
-    _print(results, args.seq)
+    results = measure(tuple(args.models), seq=args.seq, recompute=args.recompute)
+    _print(results, args.seq, args.recompute)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

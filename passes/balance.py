@@ -16,7 +16,10 @@ A rank's load, from per-node figures (prefix sums over the graph's compute nodes
   each action a linear form in the stages' per-micro-batch figures), on the cut's estimates of
   those figures (``CUT_FIGURES``): what autograd saves, found by running each distinct op once
   on fake tensors (``passes.cost_model.saved_bytes_estimate``), of it the matmul inputs that I
-  hands W and the matmul output grads I keeps for W (``weight_inputs_estimate``), the bytes
+  hands W and the matmul output grads I keeps for W (``weight_inputs_estimate``; under a
+  recompute policy, ``MemorySpec.recompute``: what the split's minimum cut keeps, from the I/W
+  split of the time-balanced cut's stages, each value charged to the weight it serves,
+  ``passes.weight_inputs.kept_for_weight``), the bytes
   crossing each cut (received, sent, and their grads), the model outputs of the last stage
   and the largest value's grad as I's temporary. ``plan()``'s totals are the same form on
   the I/W split's exact figures (``tests/test_cut_memory.py``). Without ``peaks`` (``split()``
@@ -50,7 +53,7 @@ import bisect
 import math
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -84,6 +87,7 @@ class MemorySpec:
     budget: Optional[int] = None
     inputs_only: bool = False
     selective: bool = False  # activations: what recompute="selective" keeps
+    recompute: Any = None  # the policy itself: what I keeps for W is the split's (``weight_inputs.kept_for_weight``)
     peaks: Optional[Mapping[int, "PeakModel"]] = None  # rank -> its step peak as the plan walks it
 
 
@@ -159,11 +163,16 @@ class RankLoads:
         last = len(self.time) - 1
         recv = float(self.received[a]) if a > 0 else 0.0
         sent = float(self.received[b]) if b < last else 0.0
+        gw = self.grad_for_weight[b] - self.grad_for_weight[a] if self.grad_for_weight else 0.0
         if self.memory.inputs_only:
-            return {"input|saved": recv, "F|output": sent, "grad_output|": sent, "I|grad_input": recv}
+            out = {"input|saved": recv, "F|output": sent, "grad_output|": sent, "I|grad_input": recv}
+            if self.for_weight:  # what the split's minimum cut keeps for W (kept_for_weight)
+                temp = 2 * self.largest_value(a, b)
+                out.update({"F|for_weight,saved": self.for_weight[b] - self.for_weight[a], "I|for_weight": gw,
+                            "temp|I": temp, "temp|B": temp, "F|model_output": self.model_outputs if b == last else 0.0})
+            return out
         own = self.acts[b] - self.acts[a]
         fw = min(own, self.for_weight[b] - self.for_weight[a]) if self.for_weight else 0.0
-        gw = self.grad_for_weight[b] - self.grad_for_weight[a] if self.grad_for_weight else 0.0
         temp = 2 * self.largest_value(a, b)  # I holds a value's grad and its input's grad at once
         return {"input|saved": recv, "F|saved": own - fw, "F|for_weight,saved": fw, "I|for_weight": gw,
                 "F|output": sent, "grad_output|": sent, "I|grad_input": recv, "temp|I": temp, "temp|B": temp,

@@ -15,7 +15,7 @@ import difflib
 from collections import deque
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -23,6 +23,7 @@ import torch.fx as fx
 from passes.balance import BALANCE_MODES, MemorySpec, RankLoads, best_cuts
 from passes.cost_model import CostSpec, activation_bytes, saved_bytes_estimate, scalar_costs, weight_inputs_estimate
 from passes.grad_flow import grad_carrying
+from passes.weight_inputs import kept_for_weight
 
 __all__ = ["KeptCut", "StagePartition", "default_placement", "split_stages"]
 
@@ -270,20 +271,32 @@ def _choose_cuts(lay: _Layout, num_stages: int, forced: Sequence[int]) -> tuple[
 # Per rank: the cut moved until every rank's time and memory are even (passes.balance)
 
 
-def _rank_loads(lay: _Layout, placement: Mapping[int, int], memory: MemorySpec, mode: str) -> RankLoads:
+def _rank_loads(lay: _Layout, placement: Mapping[int, int], memory: MemorySpec, mode: str,
+                stages: Optional[Callable[[], Sequence[fx.GraphModule]]] = None) -> RankLoads:
+    """``stages``: the stage graphs of a reference cut, read under a recompute policy for what
+    I keeps for W (the split's own minimum cut, ``weight_inputs.kept_for_weight``)."""
     param_at = [0.0] * len(lay.nodes)
+    first_use: dict[str, int] = {}
     for ph in lay.graph.nodes:
         uses = [lay.pos[u] for u in ph.users if u in lay.pos]
         if _kind(ph) == "param" and uses and isinstance(ph.meta.get("val"), torch.Tensor):
             param_at[min(uses)] += memory.param_bytes(ph.meta["val"])
+            first_use[ph.meta["dpfx_name"]] = min(uses)
     received = list(lay.cut_bytes) + [0]
     saved = {} if memory.inputs_only else saved_bytes_estimate(lay.graph.owning_module, selective=memory.selective)
     extra = {}
-    if memory.peaks is not None and not memory.inputs_only:
+    if memory.peaks is not None and memory.recompute is not None and stages is not None:
+        f_at, i_at = [0] * len(lay.nodes), [0] * len(lay.nodes)
+        for name, (f, i) in kept_for_weight(stages(), memory.recompute).items():
+            f_at[first_use[name]] += f
+            i_at[first_use[name]] += i
+        extra = dict(for_weight=_prefix(f_at), grad_for_weight=_prefix(i_at))
+    elif memory.peaks is not None and not memory.inputs_only:
         from_f, from_i = weight_inputs_estimate(lay.graph.owning_module)
         extra = dict(for_weight=_prefix([from_f.get(n.name, 0) for n in lay.nodes]),
-                     grad_for_weight=_prefix([from_i.get(n.name, 0) for n in lay.nodes]),
-                     largest=_sparse_max([activation_bytes(n) for n in lay.nodes]),
+                     grad_for_weight=_prefix([from_i.get(n.name, 0) for n in lay.nodes]))
+    if memory.peaks is not None and (extra or not memory.inputs_only):
+        extra.update(largest=_sparse_max([activation_bytes(n) for n in lay.nodes]),
                      model_outputs=_model_output_bytes(lay.graph))
     return RankLoads(time=lay.prefix, params=_prefix(param_at), acts=_prefix([saved.get(n.name, 0) for n in lay.nodes]),
                      received=received, placement=placement, memory=memory, mode=mode, **extra)
@@ -582,7 +595,14 @@ def split_stages(captured, num_stages: int, *, cost: CostSpec = "flops", split_p
                          f"num_stages <= {len(lay.allowed) + 1}")
     forced = _forced_cuts(lay, split_points, num_stages) if keep is None else ()
     placement = default_placement(num_stages) if placement is None else placement
-    loads = _rank_loads(lay, placement, memory or MemorySpec(), balance or "time")
+    carrying = grad_carrying(gm)
+
+    def time_cut_stages() -> list[fx.GraphModule]:  # the reference cut for what I keeps for W
+        bounds = list(zip((0, *(c := _choose_cuts(lay, num_stages, forced))), (*c, len(lay.nodes))))
+        return [_build_stage(gm, lay, b, i, num_stages, carrying) for i, b in enumerate(bounds)]
+
+    loads = _rank_loads(lay, placement, memory or MemorySpec(), balance or "time",
+                        time_cut_stages if balance is not None and keep is None else None)
     if keep is not None:
         cuts = _kept_cuts(lay, keep, num_stages)
     elif balance is None:
@@ -595,7 +615,6 @@ def split_stages(captured, num_stages: int, *, cost: CostSpec = "flops", split_p
     if keep is not None:
         _check_kept_params(keep, params)
     bounds = list(zip((0, *cuts), (*cuts, len(lay.nodes))))
-    carrying = grad_carrying(gm)
     stages = tuple(_build_stage(gm, lay, b, i, num_stages, carrying) for i, b in enumerate(bounds))
     costs = tuple(lay.prefix[b] - lay.prefix[a] for a, b in bounds)
     mean = sum(costs) / num_stages

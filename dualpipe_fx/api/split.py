@@ -261,7 +261,8 @@ def memory_spec(optimizer="adamw", in_flight: Optional[Mapping[int, int]] = None
                          "(e.g. 80 * 2**30), or None")
     return MemorySpec(param_bytes=_param_state_bytes(optimizer, master), in_flight=dict(in_flight or {}),
                       budget=memory_budget, inputs_only=isinstance(recompute, str) and recompute == "full",
-                      selective=isinstance(recompute, str) and recompute == "selective", peaks=peaks)
+                      selective=isinstance(recompute, str) and recompute == "selective", peaks=peaks,
+                      recompute=recompute if isinstance(recompute, str) or callable(recompute) else None)
 
 
 def _check_balance(balance) -> None:

@@ -30,8 +30,20 @@ The model of a step, per micro-batch of a stage (what ``runtime.stage.GraphStage
   training step: the runtime keeps them for forward-only steps alone);
 - param grads: allocated by the stage's first W (or B) when the step starts without them,
   summed in place afterwards;
-- inside an action, its graph's intermediates (neither inputs nor outputs) add their
-  largest live sum; an F&B pair adds both halves'.
+- inside an action, its graph runs node by node: its inputs live throughout (the runtime
+  holds them), each result from the node that makes it, each intermediate from its node to
+  its last reader; the action adds the peak of that (intermediates + results made so far)
+  beyond its results (``_intermediate_peak``: under recompute I's peak comes while it reruns
+  the forward, before the grads it keeps for W exist). A B runs I, then W after I's saved
+  inputs and received grads are dropped (``backward_intermediates``); an F&B pair runs its
+  merged graph (``pair_intermediates``), or, without one, both halves' figures added.
+- a value I's graph makes again (a forward value it recomputes) is I's, not F's, when F does
+  not return it: the two share a storage in the traced ``meta["val"]``.
+
+Not modelled: workspaces a kernel allocates inside one op (on CPU the flash-attention
+backward's, a few times one head's ``[seq, head_dim]`` buffers per thread), and a boundary
+value that two stages on one rank both keep (a stage that saves what it hands over) is
+counted once by each.
 
 Optimizer state (per parameter, after the first ``optimizer.step()``): ``"adamw"`` /
 ``"adam"``: torch's ``exp_avg`` and ``exp_avg_sq`` are ``zeros_like(param)``, so 2 x the
@@ -108,12 +120,22 @@ def _outputs(gm: torch.fx.GraphModule) -> list:
     return list(out) if isinstance(out, (tuple, list)) else [out]
 
 
-def _intermediate_peak(gm: torch.fx.GraphModule, counted: Iterable[int] = ()) -> int:
-    """The most bytes of the graph's own intermediates (storages neither of its inputs nor of
-    its outputs, nor ``counted`` elsewhere) alive at once, running its nodes in order, each
-    freed after its last reader."""
+def _intermediate_peak(gm: torch.fx.GraphModule, results: Iterable[int] = (), born: Iterable[int] = ()) -> int:
+    """What running the graph adds at its peak to what the walk counts for its action: the most
+    bytes alive at once, running its nodes in order, of its own intermediates (storages neither
+    of its inputs nor of its outputs; each freed after its last reader) and of ``results`` (its
+    outputs the walk counts from this action on: each from the node that makes it), less the
+    bytes of ``results`` and ``born`` (values the walk counts through the whole action though
+    the graph makes them and frees them, e.g. a full backward's inputs for W in a merged pair;
+    their storages are then intermediates here; the figure is below zero where they are
+    never all alive at once). Under recompute an I's peak comes while it
+    reruns its forward, before the grads it keeps for W exist: counting those for the whole
+    action on top of that peak overstated it. Outputs in neither set (W's param grads, summed
+    into ``.grad`` in place) are not counted."""
     nodes = list(gm.graph.nodes)
-    keep = set(_keys(_placeholders(gm))) | set(_keys(_outputs(gm))) | set(counted)
+    results, born = set(results), set(born)
+    inputs = set(_keys(_placeholders(gm)))
+    keep = inputs | (set(_keys(_outputs(gm))) - results - born)
     first: dict[int, int] = {}
     last: dict[int, int] = {}
     size: dict[int, int] = {}
@@ -123,10 +145,10 @@ def _intermediate_peak(gm: torch.fx.GraphModule, counted: Iterable[int] = ()) ->
                 if k not in keep:
                     first.setdefault(k, i)
                     size[k] = b
-                    last[k] = i
+                    last[k] = len(nodes) - 1 if k in results else i
         for a in n.all_input_nodes:
             for k, _ in _storages(a.meta.get("val")):
-                if k in last:
+                if k in last and k not in results:
                     last[k] = i
     delta = [0] * (len(nodes) + 1)
     for k, b in size.items():
@@ -136,7 +158,7 @@ def _intermediate_peak(gm: torch.fx.GraphModule, counted: Iterable[int] = ()) ->
     for d in delta:
         live += d
         peak = max(peak, live)
-    return peak
+    return peak - sum(b for k, b in size.items() if k in results or k in born)
 
 
 @dataclass(frozen=True)
@@ -190,10 +212,13 @@ def stage_memory(graphs) -> StageMemory:
     grad_in, for_weight = _keys(i_out[:n_gin]), _keys(i_out[n_gin:])
     source: dict[int, str] = {}
     size: dict[int, int] = {}
+    # under recompute, I's graph reruns forward nodes, whose values share their storages
+    # (meta["val"]) with F's: such a value that F does not return is made again by I
+    remade = set(_keys(n for n in bwd_i.graph.nodes if n.op == "call_function")) - set(_keys(f_out))
     for kind, nodes in (("input", phs[n_par: n_par + n_act]), ("F", fwd.graph.nodes),
                         ("grad_output", i_phs[_n_saved(graphs):]), ("I", bwd_i.graph.nodes)):
         for k, b in _keys(nodes).items():
-            if k not in outer and k not in source:
+            if k not in outer and k not in source and not (kind == "F" and k in remade):
                 source[k], size[k] = kind, b
     keepers: dict[tuple[str, frozenset], int] = {}
     for k, src in source.items():
@@ -211,22 +236,28 @@ def stage_memory(graphs) -> StageMemory:
         saved=sum(b for k, b in saved.items() if k not in outer),
         for_weight=sum(b for k, b in for_weight.items() if k not in outer),
         held=tuple((src, keep, b) for (src, keep), b in sorted(keepers.items(), key=str)),
-        intermediates={"F": _intermediate_peak(fwd), "I": _intermediate_peak(bwd_i), "W": _intermediate_peak(bwd_w)},
+        intermediates={"F": _intermediate_peak(fwd, _keys(f_out)), "I": _intermediate_peak(bwd_i, _keys(i_out)),
+                       "W": _intermediate_peak(bwd_w)},
         param_grads=named_grads,
     )
 
 
 def pair_intermediates(fwd, bwd, full_backward: bool) -> int:
-    """The most bytes of an F&B pair's own temporaries alive at once in its merged graph
-    (``passes.multiplex``, in the order the runtime runs it: the two halves interleave, so
-    their peaks need not add up). W's inputs (a full backward's ``saved_for_weight``) are
-    not counted: the walk counts them as the B's ``for_weight`` through the pair."""
+    """What an F&B pair's merged graph (``passes.multiplex``, in the order the runtime runs it:
+    the two halves interleave, so their peaks need not add up) adds at its peak to what the
+    walk counts for the action (``_intermediate_peak``): F's results and B's grad inputs from
+    where each is made; a full backward's inputs for W, which the walk counts through the B,
+    are the merged graph's own intermediates (made by its I half, freed by its W half)."""
     from passes.multiplex import multiplex
 
     gm = multiplex(fwd.forward, bwd.backward_input, bwd.backward_weight if full_backward else None)
+    info = gm.meta["dpfx_multiplex"]
+    results = _keys(_outputs(gm)[: info.num_forward_results + info.num_grad_inputs])
     i_out = _outputs(bwd.backward_input.gm)
-    for_weight = _keys(i_out[bwd.backward_input.num_grad_inputs:]) if full_backward else {}
-    return _intermediate_peak(gm, for_weight)
+    for_weight = _keys(i_out[bwd.backward_input.num_grad_inputs:])
+    if not full_backward:
+        return _intermediate_peak(gm, set(results) | set(for_weight))
+    return _intermediate_peak(gm, results, set(for_weight) - set(results))
 
 
 PairFn = Callable[[int, int, bool], Optional[int]]  # (F's model part, B's, full backward) -> bytes
@@ -360,13 +391,13 @@ def held_key(src: str, keep: Iterable[str]) -> str:
 def stage_figures(mem: StageMemory) -> dict[str, int]:
     """A stage's per-micro-batch figures by ``PeakModel`` name: its ``held`` entries
     (``held_key``) and its graphs' temporaries (``"temp|F"``, ``"temp|I"``, ``"temp|W"``;
-    ``"temp|B"``: the larger of I's and W's, what a B runs)."""
+    ``"temp|B"``: what a B runs, ``backward_intermediates``)."""
     out: dict[str, int] = {}
     for src, keep, nbytes in mem.held:
         out[held_key(src, keep)] = out.get(held_key(src, keep), 0) + nbytes
     inter = mem.intermediates
     out.update({"temp|F": inter["F"], "temp|I": inter["I"], "temp|W": inter["W"],
-                "temp|B": max(inter["I"], inter["W"])})
+                "temp|B": backward_intermediates(mem)})
     return out
 
 
@@ -431,9 +462,16 @@ def _action_intermediates(action: Action, mem: Callable[[int], StageMemory],
         return merged
 
     def one(p: Action) -> int:
-        inter = mem(p.stage).intermediates
-        return max(inter["I"], inter["W"]) if p.kind == "B" else inter["I" if p.kind == "I" else p.kind]
+        return backward_intermediates(mem(p.stage)) if p.kind == "B" else mem(p.stage).intermediates[p.kind]
     return sum(one(p) for p in action.parts())
+
+
+def backward_intermediates(mem: StageMemory) -> int:
+    """What a B (I, then W, one after the other) adds to what the walk counts for it: I's rise,
+    or W's temporaries less what I's end freed (its saved inputs and the received grads,
+    which the runtime drops when I returns; the walk counts them through the B)."""
+    freed = sum(b for src, keep, b in mem.held if keep == {"saved"} or (src == "grad_output" and not keep))
+    return max(mem.intermediates["I"], mem.intermediates["W"] - freed)
 
 
 def _peak(n: int, intervals, intermediates: Sequence[int]) -> dict[str, int]:
