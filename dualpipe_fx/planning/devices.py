@@ -23,6 +23,7 @@ datasheet bandwidth). They are starting points: a probe on the device replaces t
 """
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass, replace
 from types import MappingProxyType
@@ -150,13 +151,16 @@ def network_model(network: Union[str, NetworkModel, None], device: DeviceModel) 
 
 
 def _timed(fn, min_s: float = 0.1) -> float:
-    """Seconds per call of ``fn``: repeated until ``min_s`` has passed (after one warm-up)."""
+    """Seconds per call of ``fn``: the median call, repeated until ``min_s`` has passed (after
+    one warm-up); the median, not the mean, so that another process's burst on a shared
+    machine does not become the device's rate."""
     fn()
-    n, start = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < min_s or n < 3:
+    calls, start = [], time.perf_counter()
+    while time.perf_counter() - start < min_s or len(calls) < 3:
+        begin = time.perf_counter()
         fn()
-        n += 1
-    return elapsed / n
+        calls.append(time.perf_counter() - begin)
+    return statistics.median(calls)
 
 
 # The runtime's own time per pipeline action (its Python between graphs: the executor, torch's
@@ -200,7 +204,7 @@ def probe_device(device: Union[str, torch.device] = "cpu", size: int = 512) -> D
                        source=f"probe_device({str(device)!r}) on this machine, {time.strftime('%Y-%m-%d')}")
 
 
-def probe_network(group=None, nbytes: int = 4 << 20, repeats: int = 5, device="cpu") -> NetworkModel:
+def probe_network(group=None, nbytes: int = 4 << 20, repeats: int = 9, device="cpu") -> NetworkModel:
     """Ping-pong between ranks 0 and 1 of ``group`` (every rank must call it; the others
     wait at the barrier): one byte for the latency, ``nbytes`` for the bandwidth, with tensors
     on ``device`` (the group's: a pure NCCL group takes no CPU tensor). Every rank returns
@@ -214,16 +218,18 @@ def probe_network(group=None, nbytes: int = 4 << 20, repeats: int = 5, device="c
     for k, n in enumerate((1, nbytes)):
         t = torch.zeros(n, dtype=torch.uint8, device=device)
         dist.barrier(group)
-        start = time.perf_counter()
+        trips = []
         for _ in range(repeats):
+            start = time.perf_counter()
             if rank == 0:
                 dist.send(t, group_dst=1, group=group)
                 dist.recv(t, group_src=1, group=group)
             elif rank == 1:
                 dist.recv(t, group_src=0, group=group)
                 dist.send(t, group_dst=0, group=group)
-        sync()
-        figures[k] = (time.perf_counter() - start) / repeats / 2  # one way
+            sync()
+            trips.append(time.perf_counter() - start)
+        figures[k] = statistics.median(trips) / 2  # one way; the median round trip, as _timed
     dist.broadcast(figures, group_src=0, group=group)
     latency, big = figures.tolist()
     return NetworkModel("probed", nbytes / max(big - latency, 1e-9), latency,
