@@ -51,7 +51,7 @@ from dualpipe_fx.schedules.lowering import RECV_LOOKAHEAD
 from dualpipe_fx.schedules.registry import SCHEDULES, generate
 from passes.capture import capture
 from passes.split_stages import split_stages
-from passes.cost_model import node_costs
+from passes.cost_model import concrete_size, node_costs
 
 __all__ = ["autoplan", "Plan", "Plans", "Rejected", "DEFAULT_SCHEDULES", "pick_schedule", "fit_recompute",
            "pipeline_grid", "expert_grid", "is_expert_param"]
@@ -263,7 +263,8 @@ def _smallest_dim(node: torch.fx.Node) -> Optional[int]:
     first = node.all_input_nodes[0].meta.get("val") if node.all_input_nodes else None
     dims = list(val.shape[-2:]) if isinstance(val, torch.Tensor) else []
     dims += [first.shape[-1]] if isinstance(first, torch.Tensor) and first.dim() else []
-    return int(min(dims)) if dims else None
+    # a data-dependent size (an expert's tokens) by the cost model's guess
+    return min(concrete_size(d) for d in dims) if dims else None
 
 
 def _graph_seconds(gm: torch.fx.GraphModule, device: DeviceModel, memo: Optional[dict] = None) -> float:

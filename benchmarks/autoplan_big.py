@@ -1,0 +1,125 @@
+"""``dualpipe_fx.autoplan`` on big models: the plans and the search time on this machine.
+
+torchtitan 0.2.2's llama3 8B and 70B and deepseek_v3 16B and 671B, built on meta (nothing
+allocated), bf16, sequences of ``--seq`` tokens (4096), on 8, 64 and 512 H100s (``device="h100"``,
+``network="ib-400g"``, a budget of ``--budget-gib`` per rank: 70 GiB of the 80 GB, the rest
+for the CUDA context, NCCL's buffers and fragmentation), AdamW, a global batch of
+``--per-gpu`` sequences per GPU (8: 256k tokens on 8 GPUs, 2M on 64, 16M on 512). The search
+is autoplan's default: pipeline degrees up to 16, every schedule, micro-batch count, recompute
+policy, dp mode and, for deepseek_v3, EP degree; ``granularity="auto"`` (these models are cut
+between layers, ``planning.layers``).
+
+deepseek_v3 is the flavor as torchtitan builds it on this machine: flex attention with
+block-causal masks (the masks of one example micro-batch are passed as ``example_kwargs``, as
+the torchtitan plugin does) and the experts' for-loop (``use_grouped_mm = False``: torchtitan
+turns grouped GEMMs off below SM90, and their token-index padding, ``fill_indices_cpu``,
+branches on tensor values, which a graph cannot trace on CPU). The for-loop computes the same
+FLOPs per routed token and holds the same parameters.
+
+Prints one table row per (model, world): the pick, its predicted step and peak, the number of
+plans and rejections, the search time; ``--json FILE`` writes them with the top plans' tables.
+
+    PYTHONPATH=$PWD python benchmarks/autoplan_big.py --json /tmp/autoplan_big.json
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dualpipe_fx.api.autoplan import autoplan  # noqa: E402
+
+MODELS = ("llama3-8B", "llama3-70B", "deepseek_v3-16B", "deepseek_v3-671B")
+WORLDS = (8, 64, 512)
+
+
+def _loss(out, target):
+    return F.cross_entropy(out.flatten(0, 1).float(), target.flatten())
+
+
+def build(name: str, seq: int):
+    """(model on meta, example kwargs for a batch of one) of ``"llama3-8B"``, ...."""
+    family, flavor = name.split("-")
+    if family == "llama3":
+        from torchtitan.models.llama3 import Transformer, llama3_args
+
+        args = dataclasses.replace(llama3_args[flavor], max_seq_len=seq)
+        with torch.device("meta"):
+            return Transformer(args).to(torch.bfloat16), {}
+    from titan_integration.cpu import use_cpu_when_no_gpu
+    from titan_integration.pipelining import example_attention_masks
+    from torchtitan.models.deepseek_v3 import DeepSeekV3Model, deepseekv3_args
+
+    use_cpu_when_no_gpu()
+    args = copy.deepcopy(deepseekv3_args[flavor])
+    args.max_seq_len = seq
+    args.moe_impl = "standard"                # what update_from_config sets from the default job config
+    args.moe_args.use_grouped_mm = False      # what update_from_config sets below SM90 (see the docstring)
+    with torch.device("meta"):
+        model = DeepSeekV3Model(args).to(torch.bfloat16)
+    return model, example_attention_masks(model, torch.zeros(1, seq, dtype=torch.long))
+
+
+def plan(name: str, world: int, seq: int, per_gpu: int, budget: int, top: int):
+    model, kwargs = build(name, seq)
+    batch = per_gpu * world
+    tokens = torch.zeros(batch, seq, dtype=torch.long, device="meta")
+    start = time.perf_counter()
+    plans = autoplan(model, _loss, (tokens,), tokens, world_size=world, device="h100", network="ib-400g",
+                     memory_budget=budget, top=top, example_kwargs=kwargs or None)
+    return plans, time.perf_counter() - start
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--worlds", nargs="+", type=int, default=list(WORLDS))
+    parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--per-gpu", type=int, default=8, help="sequences per GPU in the global batch")
+    parser.add_argument("--budget-gib", type=float, default=70.0)
+    parser.add_argument("--top", type=int, default=5)
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    budget = int(args.budget_gib * 2 ** 30)
+    rows, out = [], []
+    print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores", flush=True)
+    for name in args.models:
+        for world in args.worlds:
+            load = os.getloadavg()[0]
+            plans, seconds = plan(name, world, args.seq, args.per_gpu, budget, args.top)
+            best = plans[0]
+            row = {"model": name, "world": world, "global_batch": args.per_gpu * world, "pp": best.pp_degree,
+                   "dp": best.dp_degree, "dp_mode": best.dp_mode, "ep": best.ep_degree, "schedule": best.schedule,
+                   "C": best.num_microbatches, "mb": best.microbatch_size, "recompute": best.recompute,
+                   "step_s": best.predicted_step_s, "bubble": best.bubble_ratio,
+                   "peak_GiB": best.peak_bytes / 2 ** 30, "tokens_per_s": best.samples_per_s * args.seq,
+                   "rejected": len(plans.rejected), "search_s": seconds, "load_average": load}
+            rows.append(row)
+            out.append({**row, "table": plans.table().splitlines()[:args.top + 2]})
+            print(plans.table().splitlines()[0])
+            print("\n".join(plans.table().splitlines()[1:args.top + 2]), flush=True)
+            print(f"== {name} on {world}: searched in {seconds:.1f} s (load {load:.2f})", flush=True)
+    print("\n| model | H100s | global batch | pick: pp x dp (mode, ep) | schedule | C x mb | recompute | "
+          "step s | bubble | peak GiB | rejected | search s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        dp = f"{r['dp']} ({r['dp_mode']}, ep {r['ep']})" if r["dp"] > 1 else "1"
+        print(f"| {r['model']} | {r['world']} | {r['global_batch']} | {r['pp']} x {dp} | {r['schedule']} | "
+              f"{r['C']} x {r['mb']} | {r['recompute']} | {r['step_s']:.2f} | {r['bubble']:.3f} | "
+              f"{r['peak_GiB']:.1f} | {r['rejected']} | {r['search_s']:.1f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": out, "args": vars(args)}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
