@@ -74,9 +74,21 @@ def plan(name: str, world: int, seq: int, per_gpu: int, budget: int, top: int):
     batch = per_gpu * world
     tokens = torch.zeros(batch, seq, dtype=torch.long, device="meta")
     start = time.perf_counter()
-    plans = autoplan(model, _loss, (tokens,), tokens, world_size=world, device="h100", network="ib-400g",
-                     memory_budget=budget, top=top, example_kwargs=kwargs or None)
+    try:
+        plans = autoplan(model, _loss, (tokens,), tokens, world_size=world, device="h100", network="ib-400g",
+                         memory_budget=budget, top=top, example_kwargs=kwargs or None)
+    except ValueError as err:  # nothing fits: the search's answer, with every candidate's reason
+        if "no configuration fits" not in str(err):
+            raise
+        return str(err), time.perf_counter() - start
     return plans, time.perf_counter() - start
+
+
+def _least_over(message: str) -> str:
+    """The candidate that misses the budget by the least, from autoplan's no-fit message."""
+    overs = [(float(line.split(" by ")[1].split(" GiB")[0].replace(",", "")), line.strip())
+             for line in message.splitlines() if "out of memory on rank" in line]
+    return min(overs)[1] if overs else message.splitlines()[1].strip()
 
 
 def main(argv=None) -> None:
@@ -96,6 +108,14 @@ def main(argv=None) -> None:
         for world in args.worlds:
             load = os.getloadavg()[0]
             plans, seconds = plan(name, world, args.seq, args.per_gpu, budget, args.top)
+            if isinstance(plans, str):
+                row = {"model": name, "world": world, "global_batch": args.per_gpu * world, "fits": False,
+                       "least_over": _least_over(plans), "search_s": seconds, "load_average": load}
+                rows.append(row)
+                out.append(row)
+                print(f"== {name} on {world}: nothing fits ({row['least_over']}); searched in {seconds:.1f} s "
+                      f"(load {load:.2f})", flush=True)
+                continue
             best = plans[0]
             row = {"model": name, "world": world, "global_batch": args.per_gpu * world, "pp": best.pp_degree,
                    "dp": best.dp_degree, "dp_mode": best.dp_mode, "ep": best.ep_degree, "schedule": best.schedule,
@@ -112,6 +132,10 @@ def main(argv=None) -> None:
           "step s | bubble | peak GiB | rejected | search s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        if not r.get("fits", True):
+            print(f"| {r['model']} | {r['world']} | {r['global_batch']} | nothing fits: {r['least_over']} | "
+                  f"| | | | | | | {r['search_s']:.1f} |")
+            continue
         dp = f"{r['dp']} ({r['dp_mode']}, ep {r['ep']})" if r["dp"] > 1 else "1"
         print(f"| {r['model']} | {r['world']} | {r['global_batch']} | {r['pp']} x {dp} | {r['schedule']} | "
               f"{r['C']} x {r['mb']} | {r['recompute']} | {r['step_s']:.2f} | {r['bubble']:.3f} | "

@@ -52,6 +52,12 @@ def test_every_candidate_is_ranked_or_rejected_with_its_reason(searched):
         assert kwargs["schedule"] == plan.schedule and kwargs["num_microbatches"] == plan.num_microbatches
         assert kwargs["memory"].recompute == plan.recompute
     assert "schedule" in plans.table() and "rejected: pp=2, dualpipev, C=2" in plans.table()
+    # top=2 skips the memory plan of what cannot enter the top 2, and returns the same 2
+    model, x, y, _ = searched
+    best = autoplan(model, mse_loss, (x,), y, world_size=2, pp_degree=2, device="h100", space=SPACE, top=2)
+    assert [(p.schedule, p.num_microbatches, p.predicted_step_s) for p in best] == \
+        [(p.schedule, p.num_microbatches, p.predicted_step_s) for p in plans[:2]]
+    assert any("slower than the top 2 found" in r.reason for r in best.rejected), best.table()
 
 
 def test_the_memory_budget_prunes_by_the_plan_and_names_the_rank(searched):

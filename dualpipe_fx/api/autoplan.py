@@ -26,7 +26,9 @@ bytes per rank and the reductions a step waits for. Expert parallelism is not pl
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -322,16 +324,21 @@ def _moe_layers(names: set, experts: Optional[_Experts]) -> int:
 
 @dataclass(frozen=True)
 class _Pipeline:
-    """One replica's pipeline for a candidate: its program, memory plan, (F, I, W) seconds per
-    model part, the largest activation a stage hands the next, MoE layers per part, and each
-    rank's bytes of expert parameters."""
+    """One replica's pipeline for a candidate: its program, (F, I, W) seconds per model part,
+    the largest activation a stage hands the next, MoE layers per part, each rank's bytes of
+    expert parameters, and its memory plan (``memory``: planned on first use, so that a
+    candidate the step time rules out is never planned)."""
 
     program: Program
-    memory: MemoryPlan
     seconds: Mapping[int, tuple]
     hop_bytes: int
     moe: Mapping[int, int]
     expert_bytes: Mapping[int, int]
+    plan_memory: Callable[[], MemoryPlan]
+
+    @functools.cached_property
+    def memory(self) -> MemoryPlan:
+        return self.plan_memory()
 
 
 def _expert_bytes(program: Program, values: Mapping[int, Mapping[str, torch.Tensor]],
@@ -489,6 +496,7 @@ def autoplan(model: torch.nn.Module, loss_fn: Callable, batch_inputs, batch_targ
     layers = _granularity(model, granularity)
     floor = _static_floor(model, optimizer, moe)
     search = _Searcher(model, loss_fn, example_kwargs, dev, net, optimizer, trace_device, moe, layers)
+    search.top = top
     plans, rejected = [], []
 
     def unsplittable(c: int, pp: int, dp: int, families: list, why: str) -> list[Rejected]:
@@ -558,6 +566,17 @@ class _Searcher:
         self.memo, self.backward_cache, self.captures, self.profiles, self.bounds = {}, {}, {}, {}, {}
         self.unit_cuts: dict = {}
         self.trainable = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+        self.top: Optional[int] = None  # a search that returns only the top plans skips what cannot enter them
+        self.steps: list[float] = []    # the feasible plans' step times, fastest first (with top)
+
+    def bar(self) -> float:
+        """The step time a candidate must beat to enter the top plans (inf: any may)."""
+        return self.steps[self.top - 1] if self.top is not None and len(self.steps) >= self.top else float("inf")
+
+    def found(self, step: float) -> None:
+        if self.top is not None:
+            bisect.insort(self.steps, step)
+            del self.steps[self.top:]
 
     def captured(self, examples, target, kwargs):
         mb = _mb(examples)
@@ -576,14 +595,14 @@ class _Searcher:
                                   memory=memory, example_kwargs=kwargs, captured=captured,
                                   backward_cache=self.backward_cache)
         plan = split_plan(parts, program, optimizer=self.optimizer,
-                          recv_lookahead=RECV_LOOKAHEAD if self.gloo else 0, recompute=recompute)
+                          recv_lookahead=RECV_LOOKAHEAD if self.gloo else 0, recompute=recompute)  # cheap here
         seconds = {k: tuple(_graph_seconds(g.gm, self.device, self.memo)
                             for g in (sg.forward, sg.backward_input, sg.backward_weight))
                    for k, sg in enumerate(parts.stages)}
         values = _graph_values(parts.partition.stages)
-        return _Pipeline(program, plan, seconds, _boundary_bytes(parts),
+        return _Pipeline(program, seconds, _boundary_bytes(parts),
                          {k: _moe_layers(set(v), self.experts) for k, v in values.items()},
-                         _expert_bytes(program, values, self.experts))
+                         _expert_bytes(program, values, self.experts), lambda: plan)
 
     def profile(self, recompute, examples, target, kwargs) -> LayerProfile:
         mb = _mb(examples)
@@ -614,10 +633,10 @@ class _Searcher:
         if key not in self.bounds:
             self.bounds[key] = layer_bounds([sum(s) for s in prof.seconds], parts)
         mems, values, secs, hop = prof.stages(self.bounds[key])
-        plan = _plan_from(program, mems, values, self.trainable, self.optimizer,
-                          RECV_LOOKAHEAD if self.gloo else 0, recompute, sorted(program))
         moe = {k: sum(prof.experts[u] for u in range(a, b)) for k, (a, b) in enumerate(self.bounds[key])}
-        return _Pipeline(program, plan, secs, hop, moe, _expert_bytes(program, values, self.experts))
+        return _Pipeline(program, secs, hop, moe, _expert_bytes(program, values, self.experts),
+                         lambda: _plan_from(program, mems, values, self.trainable, self.optimizer,
+                                            RECV_LOOKAHEAD if self.gloo else 0, recompute, sorted(program)))
 
 
 def _mb(examples) -> int:
@@ -649,10 +668,13 @@ def candidate(searcher: "_Searcher", examples: tuple, target, kwargs, *, schedul
     return Rejected(schedule, num_microbatches, recompute, got, ranks) if isinstance(got, str) else got
 
 
-def _timed(pipe: _Pipeline, searcher: "_Searcher", schedule: str, recompute, mb: int, ep: int) -> Plan:
-    """The replica's ``Plan``: its step simulated with the EP all_to_alls of ``ep``."""
+def _timed(pipe: _Pipeline, searcher: "_Searcher", ep: int):
+    """The replica's step simulated with the EP all_to_alls of ``ep``."""
     costs = stage_costs(pipe, searcher.device, searcher.network, ep, searcher.experts)
-    sim = simulate(pipe.program, costs, early_results=searcher.gloo)
+    return simulate(pipe.program, costs, early_results=searcher.gloo)
+
+
+def _plan(pipe: _Pipeline, sim, searcher: "_Searcher", schedule: str, recompute, mb: int, ep: int) -> Plan:
     c = pipe.program.num_microbatches
     return Plan(schedule, c, recompute, sim.makespan, sim.bubble_ratio, pipe.memory, mb, mb * c / sim.makespan,
                 pp_degree=len(pipe.program), ep_degree=ep,
@@ -737,7 +759,15 @@ def _search(model, loss_fn, examples: tuple, target, example_kwargs, *, schedule
                 rejected.append(dataclasses.replace(got, dp_degree=dp, dp_mode=mode, ep_degree=ep))
                 cannot = got.reason
                 continue
-            plan = _with_replicas(_timed(got, searcher, schedule, recompute, mb, ep), got, dp, mode, ep,
+            sim = _timed(got, searcher, ep)
+            bar = searcher.bar()
+            if sim.makespan > bar:  # cannot enter the top plans: recomputing more is slower still
+                cannot = (f"slower than the top {searcher.top} found: its pipeline alone takes "
+                          f"{sim.makespan * 1e3:,.1f} ms with recompute={recompute!r}, {sim.makespan / bar - 1:.1%} "
+                          "over the last of them (recomputing more only adds compute)")
+                rejected.append(Rejected(schedule, num_microbatches, recompute, cannot, ranks, dp, mode, ep))
+                continue
+            plan = _with_replicas(_plan(got, sim, searcher, schedule, recompute, mb, ep), got, dp, mode, ep,
                                   searcher.network)
             reference = plan if recompute is None else reference
             why = _unfit(plan, reference, budget, fraction)
@@ -745,6 +775,7 @@ def _search(model, loss_fn, examples: tuple, target, example_kwargs, *, schedule
                 rejected.append(Rejected(schedule, num_microbatches, recompute, why, ranks, dp, mode, ep))
             else:
                 plans.append(plan)
+                searcher.found(plan.predicted_step_s)
                 fits = plan
     return plans, rejected
 
