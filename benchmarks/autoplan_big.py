@@ -9,12 +9,13 @@ is autoplan's default: pipeline degrees up to 16, every schedule, micro-batch co
 policy, dp mode and, for deepseek_v3, EP degree; ``granularity="auto"`` (these models are cut
 between layers, ``planning.layers``).
 
-deepseek_v3 is the flavor as torchtitan builds it on this machine: flex attention with
+deepseek_v3 is the flavor as torchtitan builds it on an H100: flex attention with
 block-causal masks (the masks of one example micro-batch are passed as ``example_kwargs``, as
-the torchtitan plugin does) and the experts' for-loop (``use_grouped_mm = False``: torchtitan
-turns grouped GEMMs off below SM90, and their token-index padding, ``fill_indices_cpu``,
-branches on tensor values, which a graph cannot trace on CPU). The for-loop computes the same
-FLOPs per routed token and holds the same parameters.
+the torchtitan plugin does) and grouped GEMMs for the experts (torchtitan turns them off below
+SM90, i.e. on this machine, so its ``update_from_config`` is not called; its token padding's
+index fill, a Python loop over ``.item()`` values, is traced through
+``titan_integration.cpu.use_traceable_permute_indices``: the same indices from static-shape
+tensor ops).
 
 Prints one table row per (model, world): the pick, its predicted step and peak, the number of
 plans and rejections, the search time; ``--json FILE`` writes them with the top plans' tables.
@@ -55,15 +56,16 @@ def build(name: str, seq: int):
         args = dataclasses.replace(llama3_args[flavor], max_seq_len=seq)
         with torch.device("meta"):
             return Transformer(args).to(torch.bfloat16), {}
-    from titan_integration.cpu import use_cpu_when_no_gpu
+    from titan_integration.cpu import use_cpu_when_no_gpu, use_traceable_permute_indices
     from titan_integration.pipelining import example_attention_masks
     from torchtitan.models.deepseek_v3 import DeepSeekV3Model, deepseekv3_args
 
     use_cpu_when_no_gpu()
+    use_traceable_permute_indices()
     args = copy.deepcopy(deepseekv3_args[flavor])
     args.max_seq_len = seq
-    args.moe_impl = "standard"                # what update_from_config sets from the default job config
-    args.moe_args.use_grouped_mm = False      # what update_from_config sets below SM90 (see the docstring)
+    args.moe_impl = "standard"  # what update_from_config sets from the default job config
+    # grouped GEMMs stay on, as torchtitan builds the model on an H100 (SM90; see the docstring)
     with torch.device("meta"):
         model = DeepSeekV3Model(args).to(torch.bfloat16)
     return model, example_attention_masks(model, torch.zeros(1, seq, dtype=torch.long))

@@ -1,28 +1,37 @@
-"""``dualpipe_fx.autoplan``: choose the schedule, micro-batch count and recompute policy of a
-pipeline under a memory budget, from the model alone (no process group, nothing allocated
-for a meta model).
+"""``dualpipe_fx.autoplan``: choose the pipeline degree, schedule, micro-batch count, recompute
+policy, data-parallel mode and expert-parallel degree of a pipeline under a memory budget,
+from the model alone (no process group, nothing allocated for a meta model).
 
 **Contract**: ``autoplan(model, loss_fn, batch_inputs, batch_target, *, world_size, device,
 memory_budget, ...) -> Plans`` (a list of ``Plan``, fastest first, with ``.rejected``: every
-candidate left out and why). Each candidate is cut and planned exactly as ``compile()`` would
-build it (``split_for_program`` on one micro-batch of the batch, ``planning.memory``), timed
-by the simulator with roofline costs of its stage graphs on the device model
-(``planning.devices``), and kept when every rank's total fits ``memory_budget``.
+candidate left out and why). Each candidate is cut and planned as ``compile()`` would build
+it (``granularity="op"``: ``split_for_program`` on one micro-batch of the batch,
+``planning.memory``) or from its layers' figures (``"layer"``: ``planning.layers``, one
+traced layer of each kind, stages of whole layers), timed by the simulator with roofline
+costs of its stage graphs on the device model (``planning.devices``), and kept when every
+rank's total fits ``memory_budget``.
 
 **Pseudocode**
-    for C, schedule in the space, recompute from None to "full" until one fits (recomputing
-    more only adds compute: the rest are listed as not tried):
-        program = generate(schedule, P, C)          (a schedule that cannot run P, C: rejected)
-        parts = the cut compile() makes for one micro-batch (batch / C)
-        memory = split_plan(parts, program)          (a rank over the budget: rejected, by how much)
-        per stage: F, I, W seconds = sum of node_seconds over its graphs (+ per-action overhead)
-        step = simulate(program, those costs, a hop = network.seconds(boundary bytes)).makespan
+    for pp in the divisors of world_size; dp = world_size / pp; for (dp mode, ep) families:
+        a family whose kept bytes (params, grads, optimizer state) alone average over the
+        budget per rank: rejected for every C, schedule and policy, before any trace
+        for C, schedule, recompute from None to "full" until one fits:
+            program = generate(schedule, pp, C)       (a schedule that cannot run pp, C: rejected)
+            parts = the cut for one micro-batch (batch / (dp C)), one replica's pipeline
+            per stage: F, I, W seconds = sum of node_seconds over its graphs (+ per-action
+                overhead; + each MoE layer's all_to_alls over ep)
+            step = simulate(program, those costs, a hop = network.seconds(boundary bytes))
+            with top: step slower than the top found so far -> rejected, memory not planned
+            memory = the plan, with dp replicas and the experts' split applied
+                                                      (a rank over the budget: rejected, by how much)
+            step += the data-parallel reductions the step waits for
     rank the survivors by step (then by peak memory)
 
 The pipeline degree ranges over the divisors of ``world_size`` (up to ``MAX_PP_DEGREE``
 unless named); the other ranks are data-parallel replicas of the pipeline (``replicate`` or
 ``shard``), each fed ``1 / dp`` of the batch, counted by ``planning.data_parallel``: their
-bytes per rank and the reductions a step waits for. Expert parallelism is not planned yet.
+bytes per rank and the reductions a step waits for; for an MoE model, the experts are split
+over ``ep`` of those ranks (``1 / ep`` of their bytes per rank, their all_to_alls in F and I).
 """
 from __future__ import annotations
 
@@ -44,7 +53,7 @@ from dualpipe_fx.api.split import _split_backward, split_for_program, stage_io_b
 from dualpipe_fx.planning.devices import (DEVICES, NETWORKS, DeviceModel, NetworkModel, device_model, network_model,
                                          node_seconds, probe_device, probe_network)
 from dualpipe_fx.planning.data_parallel import DP_MODES, all_to_all_seconds, exposed_seconds, replicated
-from dualpipe_fx.planning.layers import LayerProfile, layer_bounds, layer_names, profile_layers
+from dualpipe_fx.planning.layers import LayerProfile, affine, layer_bounds, layer_names, profile_layers
 from dualpipe_fx.planning.memory import MemoryPlan, _fmt, _graph_values, _plan_from, optimizer_bytes, split_plan
 from dualpipe_fx.planning.simulate import Costs, StageCosts, simulate
 from dualpipe_fx.runtime.agree import together, vote_device
@@ -607,6 +616,10 @@ class _Searcher:
     def profile(self, recompute, examples, target, kwargs) -> LayerProfile:
         mb = _mb(examples)
         key = (mb, _recompute_key(recompute))
+        if key not in self.profiles and mb > 2:  # traced at 1 and 2 samples, affine beyond (layers.affine)
+            one, two = (self.profile(recompute, *(_sliced(v, n) for v in (examples, target)),
+                                     {k: _sliced(v, n) for k, v in (kwargs or {}).items()} or None) for n in (1, 2))
+            self.profiles[key] = affine(one, two, mb)
         if key not in self.profiles:
             def split_units(points):  # called with the model cut down to one layer of each kind
                 if (mb, tuple(points)) not in self.unit_cuts:  # one trace and cut per micro-batch size

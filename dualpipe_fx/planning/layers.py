@@ -37,7 +37,7 @@ from torch import nn
 
 from dualpipe_fx.planning.memory import StageMemory, stage_memory
 
-__all__ = ["LayerProfile", "layer_names", "layer_kinds", "kept_layers", "profile_layers", "layer_bounds", "merge_units"]
+__all__ = ["LayerProfile", "affine", "layer_names", "layer_kinds", "kept_layers", "profile_layers", "layer_bounds", "merge_units"]
 
 
 def layer_names(model: nn.Module) -> list[str]:
@@ -74,6 +74,25 @@ class LayerProfile:
                 for k, (a, b) in enumerate(bounds)}
         hop = max((self.out_bytes[b - 1] for _, b in bounds[:-1]), default=0)
         return mems, values, secs, hop
+
+
+def affine(one: LayerProfile, two: LayerProfile, mb: int) -> LayerProfile:
+    """The profile at micro-batch size ``mb`` from those at 1 and 2: every figure (seconds,
+    activation bytes, temporaries) as ``f(1) + (f(2) - f(1)) (mb - 1)``. Exact for what is
+    affine in the batch size: activations and FLOPs (linear), the parameters a GEMM reads
+    (constant); a roofline op that turns from memory- to compute-bound between sizes, or a
+    GEMM whose shape class changes, is where it is not."""
+    def at(a: float, b: float):
+        return max(0, type(a)(a + (b - a) * (mb - 1)))
+
+    def mem(a: StageMemory, b: StageMemory) -> StageMemory:
+        held = {(s, k): at(n, dict(((s2, k2), n2) for s2, k2, n2 in b.held).get((s, k), n)) for s, k, n in a.held}
+        return StageMemory(a.index, at(a.saved, b.saved), at(a.for_weight, b.for_weight),
+                           tuple((s, k, n) for (s, k), n in held.items()),
+                           {g: at(a.intermediates[g], b.intermediates[g]) for g in a.intermediates}, a.param_grads)
+    return LayerProfile(seconds=tuple(tuple(at(x, y) for x, y in zip(a, b)) for a, b in zip(one.seconds, two.seconds)),
+                        memory=tuple(mem(a, b) for a, b in zip(one.memory, two.memory)), values=one.values,
+                        out_bytes=tuple(at(a, b) for a, b in zip(one.out_bytes, two.out_bytes)), experts=one.experts)
 
 
 def merge_units(units: Sequence[StageMemory], index: int) -> StageMemory:
