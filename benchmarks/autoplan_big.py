@@ -87,9 +87,16 @@ def plan(name: str, world: int, seq: int, per_gpu: int, budget: int, top: int):
 
 
 def _least_over(message: str) -> str:
-    """The candidate that misses the budget by the least, from autoplan's no-fit message."""
-    overs = [(float(line.split(" by ")[1].split(" GiB")[0].replace(",", "")), line.strip())
-             for line in message.splitlines() if "out of memory on rank" in line]
+    """The candidate that misses the budget by the least, from autoplan's no-fit message (a
+    family pruned before any cut: its average kept bytes over the budget)."""
+    overs = []
+    for line in message.splitlines():
+        if "out of memory on rank" in line:
+            overs.append((float(line.split(" by ")[1].split(" GiB")[0].replace(",", "")), line.strip()))
+        elif "alone average" in line:
+            mean = float(line.split("average ")[1].split(" GiB")[0].replace(",", ""))
+            budget = float(line.split("(budget ")[1].split(" GiB")[0].replace(",", ""))
+            overs.append((mean - budget, line.strip()))
     return min(overs)[1] if overs else message.splitlines()[1].strip()
 
 

@@ -749,7 +749,7 @@ def _search(model, loss_fn, examples: tuple, target, example_kwargs, *, schedule
         searcher.backward_cache = {} if backward_cache is None else backward_cache
     if captured is None and searcher.layers is None:
         captured = searcher.captured(examples, target, example_kwargs)
-    plans, rejected, pipelines = [], [], {}
+    plans, rejected, pipelines, sims = [], [], {}, {}
     mb = _mb(examples)
 
     def pipeline(schedule, recompute) -> Union[_Pipeline, Rejected]:  # one replica's, shared by the families
@@ -772,7 +772,9 @@ def _search(model, loss_fn, examples: tuple, target, example_kwargs, *, schedule
                 rejected.append(dataclasses.replace(got, dp_degree=dp, dp_mode=mode, ep_degree=ep))
                 cannot = got.reason
                 continue
-            sim = _timed(got, searcher, ep)
+            if (schedule, recompute, ep) not in sims:  # the dp modes share the replica's step
+                sims[schedule, recompute, ep] = _timed(got, searcher, ep)
+            sim = sims[schedule, recompute, ep]
             bar = searcher.bar()
             if sim.makespan > bar:  # cannot enter the top plans: recomputing more is slower still
                 cannot = (f"slower than the top {searcher.top} found: its pipeline alone takes "
