@@ -344,10 +344,46 @@ class _Pipeline:
     moe: Mapping[int, int]
     expert_bytes: Mapping[int, int]
     plan_memory: Callable[[], MemoryPlan]
+    kept: Mapping[int, tuple[int, int]] = dataclasses.field(default_factory=dict)  # rank -> (dense, expert)
 
     @functools.cached_property
     def memory(self) -> MemoryPlan:
         return self.plan_memory()
+
+
+def _kept_bytes(program: Program, values: Mapping[int, Mapping[str, torch.Tensor]], trainable: set, optimizer,
+                experts: Optional[_Experts]) -> dict[int, tuple[int, int]]:
+    """Per rank, the params, grads and optimizer state of its parts (non-expert, expert)."""
+    place = program.stage_to_rank()
+    is_e = experts.is_expert if experts is not None else (lambda n: False)
+    out = {}
+    for r in sorted(program):
+        parts = {program.model_part(s) for s, q in place.items() if q == r}
+        named = {n: t for k in parts for n, t in values[k].items()}
+        out[r] = tuple(_kept([(t, n in trainable) for n, t in named.items() if is_e(n) == e], optimizer)
+                       for e in (False, True))
+    return out
+
+
+def _kept(tensors: list, optimizer) -> int:
+    """Bytes of these (tensor, trainable) pairs, of the trainable ones' grads and optimizer state."""
+    nbytes = sum(t.numel() * t.element_size() for t, _ in tensors)
+    train = [t for t, trainable in tensors if trainable]
+    tbytes = sum(t.numel() * t.element_size() for t in train)
+    return nbytes + tbytes + optimizer_bytes(optimizer, tbytes, sum(t.numel() for t in train), len(train))
+
+
+def _kept_over(pipe: _Pipeline, dp: int, mode: Optional[str], ep: int, budget: Optional[int]) -> Optional[str]:
+    """A rank whose params, grads and optimizer state alone (non-expert ones over dp when
+    sharded, experts over ep) exceed the budget: no need to plan the rest."""
+    if budget is None or not pipe.kept:
+        return None
+    shard = dp if mode in ("shard", "shard_grad_op") and dp > 1 else 1
+    rank, kept = max(((r, d / shard + e / ep) for r, (d, e) in pipe.kept.items()), key=lambda x: x[1])
+    if kept <= budget:
+        return None
+    return (f"out of memory on rank {rank} by at least {(kept - budget) / 2 ** 30:,.3f} GiB: its params, grads and "
+            "optimizer state alone")
 
 
 def _expert_bytes(program: Program, values: Mapping[int, Mapping[str, torch.Tensor]],
@@ -649,7 +685,8 @@ class _Searcher:
         moe = {k: sum(prof.experts[u] for u in range(a, b)) for k, (a, b) in enumerate(self.bounds[key])}
         return _Pipeline(program, secs, hop, moe, _expert_bytes(program, values, self.experts),
                          lambda: _plan_from(program, mems, values, self.trainable, self.optimizer,
-                                            RECV_LOOKAHEAD if self.gloo else 0, recompute, sorted(program)))
+                                            RECV_LOOKAHEAD if self.gloo else 0, recompute, sorted(program)),
+                         _kept_bytes(program, values, self.trainable, self.optimizer, self.experts))
 
 
 def _mb(examples) -> int:
@@ -681,9 +718,13 @@ def candidate(searcher: "_Searcher", examples: tuple, target, kwargs, *, schedul
     return Rejected(schedule, num_microbatches, recompute, got, ranks) if isinstance(got, str) else got
 
 
-def _timed(pipe: _Pipeline, searcher: "_Searcher", ep: int):
-    """The replica's step simulated with the EP all_to_alls of ``ep``."""
+def _timed(pipe: _Pipeline, searcher: "_Searcher", ep: int, bar: float = float("inf")):
+    """The replica's step simulated with the EP all_to_alls of ``ep``; or, when its busiest
+    rank's work alone (a lower bound of the step) exceeds ``bar``, that figure (a float)."""
     costs = stage_costs(pipe, searcher.device, searcher.network, ep, searcher.experts)
+    busy = max(sum(costs.by_action[a] for a in actions) for actions in pipe.program.values())
+    if busy > bar:
+        return busy
     return simulate(pipe.program, costs, early_results=searcher.gloo)
 
 
@@ -772,13 +813,22 @@ def _search(model, loss_fn, examples: tuple, target, example_kwargs, *, schedule
                 rejected.append(dataclasses.replace(got, dp_degree=dp, dp_mode=mode, ep_degree=ep))
                 cannot = got.reason
                 continue
-            if (schedule, recompute, ep) not in sims:  # the dp modes share the replica's step
-                sims[schedule, recompute, ep] = _timed(got, searcher, ep)
-            sim = sims[schedule, recompute, ep]
+            if fraction is None and budget is not None:  # what is cheap to check first
+                why = _kept_over(got, dp, mode, ep, budget)
+                if why is None and "memory" in got.__dict__:  # planned already
+                    why = _over_budget(replicated(got.memory, dp, mode, ep, got.expert_bytes if ep > 1 else None),
+                                       budget)
+                if why:
+                    rejected.append(Rejected(schedule, num_microbatches, recompute, why, ranks, dp, mode, ep))
+                    continue
             bar = searcher.bar()
-            if sim.makespan > bar:  # cannot enter the top plans: recomputing more is slower still
-                cannot = (f"slower than the top {searcher.top} found: its pipeline alone takes "
-                          f"{sim.makespan * 1e3:,.1f} ms with recompute={recompute!r}, {sim.makespan / bar - 1:.1%} "
+            if (schedule, recompute, ep) not in sims:  # the dp modes share the replica's step
+                sims[schedule, recompute, ep] = _timed(got, searcher, ep, bar)
+            sim = sims[schedule, recompute, ep]
+            step = sim if isinstance(sim, float) else sim.makespan  # a float: its busiest rank, not simulated
+            if step > bar:  # cannot enter the top plans: recomputing more is slower still
+                cannot = (f"slower than the top {searcher.top} found: its pipeline alone takes at least "
+                          f"{step * 1e3:,.1f} ms with recompute={recompute!r}, {step / bar - 1:.1%} "
                           "over the last of them (recomputing more only adds compute)")
                 rejected.append(Rejected(schedule, num_microbatches, recompute, cannot, ranks, dp, mode, ep))
                 continue
