@@ -92,7 +92,8 @@ def _least_over(message: str) -> str:
     overs = []
     for line in message.splitlines():
         if "out of memory on rank" in line:
-            overs.append((float(line.split(" by ")[1].split(" GiB")[0].replace(",", "")), line.strip()))
+            by = line.split(" by ")[1].replace("at least ", "")
+            overs.append((float(by.split(" GiB")[0].replace(",", "")), line.strip()))
         elif "alone average" in line:
             mean = float(line.split("average ")[1].split(" GiB")[0].replace(",", ""))
             budget = float(line.split("(budget ")[1].split(" GiB")[0].replace(",", ""))

@@ -728,8 +728,7 @@ def _timed(pipe: _Pipeline, searcher: "_Searcher", ep: int, bar: float = float("
     return simulate(pipe.program, costs, early_results=searcher.gloo)
 
 
-def _plan(pipe: _Pipeline, sim, searcher: "_Searcher", schedule: str, recompute, mb: int, ep: int) -> Plan:
-    c = pipe.program.num_microbatches
+def _plan(pipe: _Pipeline, sim, searcher: "_Searcher", schedule: str, c: int, recompute, mb: int, ep: int) -> Plan:
     return Plan(schedule, c, recompute, sim.makespan, sim.bubble_ratio, pipe.memory, mb, mb * c / sim.makespan,
                 pp_degree=len(pipe.program), ep_degree=ep,
                 expert_params=searcher.experts.is_expert if searcher.experts is not None else None)
@@ -832,7 +831,7 @@ def _search(model, loss_fn, examples: tuple, target, example_kwargs, *, schedule
                           "over the last of them (recomputing more only adds compute)")
                 rejected.append(Rejected(schedule, num_microbatches, recompute, cannot, ranks, dp, mode, ep))
                 continue
-            plan = _with_replicas(_plan(got, sim, searcher, schedule, recompute, mb, ep), got, dp, mode, ep,
+            plan = _with_replicas(_plan(got, sim, searcher, schedule, num_microbatches, recompute, mb, ep), got, dp, mode, ep,
                                   searcher.network)
             reference = plan if recompute is None else reference
             why = _unfit(plan, reference, budget, fraction)
