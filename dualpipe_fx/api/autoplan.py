@@ -605,7 +605,8 @@ class _Searcher:
     def __init__(self, model, loss_fn, example_kwargs, device: DeviceModel, network: NetworkModel, optimizer,
                  trace_device, experts: Optional[_Experts], layers: Optional[list[str]]) -> None:
         self.model, self.loss_fn, self.example_kwargs = model, loss_fn, example_kwargs
-        self.device, self.network, self.optimizer, self.experts, self.layers = device, network, optimizer, experts, layers
+        self.device, self.network, self.optimizer = device, network, optimizer
+        self.experts, self.layers = experts, layers
         self.trace_on = torch.device("cpu" if trace_device is None else trace_device)
         self.gloo = network.name in ("localhost", "probed") and self.trace_on.type == "cpu"
         self.memo, self.backward_cache, self.captures, self.profiles, self.bounds = {}, {}, {}, {}, {}
@@ -831,8 +832,8 @@ def _search(model, loss_fn, examples: tuple, target, example_kwargs, *, schedule
                           "over the last of them (recomputing more only adds compute)")
                 rejected.append(Rejected(schedule, num_microbatches, recompute, cannot, ranks, dp, mode, ep))
                 continue
-            plan = _with_replicas(_plan(got, sim, searcher, schedule, num_microbatches, recompute, mb, ep), got, dp, mode, ep,
-                                  searcher.network)
+            plan = _with_replicas(_plan(got, sim, searcher, schedule, num_microbatches, recompute, mb, ep), got, dp,
+                                  mode, ep, searcher.network)
             reference = plan if recompute is None else reference
             why = _unfit(plan, reference, budget, fraction)
             if why:

@@ -1,28 +1,33 @@
-"""Layer-level planning: the figures of a model's repeated layers, split and costed once,
-summed into the stages of any cut at layer boundaries (``autoplan(..., granularity="layer")``).
+"""Layer-level planning: the figures of a model's repeated layers, split and costed once per
+kind, summed into the stages of any cut at layer boundaries (``autoplan(granularity="layer")``).
 
-**Contract**: ``profile_layers(model, captured, recompute, device, ...) -> LayerProfile`` (one
-unit per layer of the model's largest layer container: the first unit also holds what comes
-before the layers, the last what comes after, the loss included; each unit's F, I, W seconds,
-its ``StageMemory``, its parameters' values and its output bytes) and
-``LayerProfile.stages(bounds) -> (StageMemory per part, values per part, seconds per part,
-boundary bytes)`` for parts that are runs of consecutive units. ``layer_bounds(seconds,
-parts)``: the cut at layer boundaries whose longest part is the shortest.
+**Contract**: ``profile_layers(model, names, split_units, seconds_of, expert_layers) ->
+LayerProfile``: units ``[what precedes the layers, layer 0, ..., layer L-1, what follows]``
+(the first and last where a module holds them; the loss is in the last), each with its F, I,
+W seconds, its ``StageMemory``, its parameters' values and the bytes it hands the next, every
+layer's from the one traced layer of its kind (``layer_kinds``: same class, same parameter
+and buffer shapes), renamed. ``LayerProfile.stages(bounds) -> (StageMemory, values, seconds
+per part, boundary bytes)`` for parts that are runs of units; ``layer_bounds(seconds, parts)``
+the cut whose longest part is the shortest; ``affine(profile at 1, profile at 2, mb)`` the
+profile at another micro-batch size.
 
-Why: a candidate of the op-level search (``granularity="op"``) traces the joint graph of each
-of its stages and cuts the whole graph again (about 50 s per candidate for llama3 8B on this
-machine); here the model is cut once per micro-batch size at every layer boundary, identical
-layers share one backward split (``split(backward_cache=)``), and a candidate only adds up
-figures, plans memory and simulates.
+Why: a candidate of the op-level search (``granularity="op"``) cuts the whole graph and
+traces the joint graph of each of its stages (about 50 s per candidate for llama3 8B on this
+machine); here the model, cut down to one layer of each kind (``kept_layers``), is traced
+and split once per micro-batch size (1 and 2, the rest affine) and recompute policy, and a
+candidate only adds figures up, plans memory and simulates.
 
-What it gives up (the op-level search keeps these exact): cuts only between layers (a stage
-is whole layers; the op-level cut may move a few ops across), a part's temporaries are its
-largest layer's (each graph's own peak, as ``stage_memory`` counts them), and the merged F&B
-pair's temporaries are the two halves' (``rank_memory`` without ``pairs``).
+What it gives up (the op-level search keeps these exact): cuts only between layers, layers
+of one kind taken to compute one graph (a layer whose forward reads its index otherwise
+would be misjudged), a part's temporaries are its largest unit's (each graph's own peak, as
+``stage_memory`` counts them), the merged F&B pair's temporaries are the two halves' (no
+``pairs`` for ``rank_memory``), and sizes other than 1 and 2 are extrapolated.
 
 **Pseudocode**
-    units = split(model at micro-batch mb, num_stages=L, split_points=["layers.1", ...])
-    per unit: seconds (F, I, W) = roofline of its graphs; memory = stage_memory(graphs)
+    kinds = first layer of each kind; with the model cut down to them:
+        units = cut(capture at mb, split_points = [each kept layer, the module after them])
+        per unit: seconds (F, I, W) = roofline of its graphs; memory = stage_memory(graphs)
+    every layer: its kind's unit, its own names
     part [a, b): seconds summed; saved / for_weight / grads summed; temporaries the max;
         what one unit hands the next (its output, the next one's input) becomes the part's own
 """
@@ -37,7 +42,8 @@ from torch import nn
 
 from dualpipe_fx.planning.memory import StageMemory, stage_memory
 
-__all__ = ["LayerProfile", "affine", "layer_names", "layer_kinds", "kept_layers", "profile_layers", "layer_bounds", "merge_units"]
+__all__ = ["LayerProfile", "affine", "layer_names", "layer_kinds", "kept_layers", "profile_layers", "layer_bounds",
+           "merge_units"]
 
 
 def layer_names(model: nn.Module) -> list[str]:
