@@ -14,6 +14,7 @@ from dualpipe_fx import ActivationBudget, MemoryPolicy
 from dualpipe_fx.api.autoplan import DEFAULT_SCHEDULES, Plans, autoplan, fit_recompute
 from dualpipe_fx.examples import (LinearGeluStack, LlamaConfig, LlamaDecoder, linear_gelu_batch, llama_batch, llama_loss,
                                   mse_loss)
+from dualpipe_fx.examples.moe import MoEConfig, MoEDecoder, expert_shard, is_expert_param, moe_batch, moe_loss
 from dualpipe_fx.planning.devices import DEVICES, NETWORKS, DeviceModel, node_seconds, probe_device
 from tests.runtime import cases
 from tests.runtime.dist_harness import run_ranks
@@ -51,6 +52,12 @@ def test_every_candidate_is_ranked_or_rejected_with_its_reason(searched):
         assert kwargs["schedule"] == plan.schedule and kwargs["num_microbatches"] == plan.num_microbatches
         assert kwargs["memory"].recompute == plan.recompute
     assert "schedule" in plans.table() and "rejected: pp=2, dualpipev, C=2" in plans.table()
+    # top=2 skips the memory plan of what cannot enter the top 2, and returns the same 2
+    model, x, y, _ = searched
+    best = autoplan(model, mse_loss, (x,), y, world_size=2, pp_degree=2, device="h100", space=SPACE, top=2)
+    assert [(p.schedule, p.num_microbatches, p.predicted_step_s) for p in best] == \
+        [(p.schedule, p.num_microbatches, p.predicted_step_s) for p in plans[:2]]
+    assert any("slower than the top 2 found" in r.reason for r in best.rejected), best.table()
 
 
 def test_the_memory_budget_prunes_by_the_plan_and_names_the_rank(searched):
@@ -64,7 +71,8 @@ def test_the_memory_budget_prunes_by_the_plan_and_names_the_rank(searched):
     assert oom and all("on rank" in r and "GiB" in r for r in oom), kept.rejected
     with pytest.raises(ValueError, match="no configuration fits on 2 ranks") as err:
         autoplan(model, mse_loss, (x,), y, world_size=2, pp_degree=2, device="h100", space=SPACE, memory_budget=1)
-    assert "out of memory on rank" in str(err.value) and "Fix:" in str(err.value)
+    # pruned before any cut: not even the params, grads and optimizer state fit
+    assert "out of memory on every cut" in str(err.value) and "Fix:" in str(err.value)
 
 
 def test_the_network_and_the_device_change_the_prediction(searched):
@@ -80,30 +88,27 @@ def test_the_network_and_the_device_change_the_prediction(searched):
 def test_the_runtime_costs_each_action_and_each_transfer_it_posts():
     """An action costs the device's per-action overhead plus one per-transfer overhead for each
     receive or send across ranks; a merged F&B pair is one action with both parts' transfers."""
-    from types import SimpleNamespace
-
-    from dualpipe_fx.api.autoplan import stage_costs
+    from dualpipe_fx.api.autoplan import _Pipeline, stage_costs
     from dualpipe_fx.schedules.registry import generate
 
-    empty = torch.fx.GraphModule({}, torch.fx.Graph())  # no kernels: only the runtime's costs remain
-    empty.graph.output(())
-    graphs = SimpleNamespace(forward=SimpleNamespace(gm=empty), backward_input=SimpleNamespace(gm=empty),
-                             backward_weight=SimpleNamespace(gm=empty))
-    parts = SimpleNamespace(stages=[graphs] * 4, partition=SimpleNamespace(stages=[empty] * 4))
+    def costs_of(program):  # no kernels: only the runtime's costs remain
+        pipe = _Pipeline(program, {k: (0.0, 0.0, 0.0) for k in range(program.num_model_parts)}, 0, {}, {},
+                         lambda: None)
+        return stage_costs(pipe, device, NETWORKS["nvlink"])
+
     device = DeviceModel("runtime only", {"float32": 1.0}, 1.0, 0, action_overhead_s=1.0, p2p_overhead_s=10.0)
     program = generate("dualpipev", 2, 4)  # stages 0, 3 on rank 0 and 1, 2 on rank 1
-    costs = stage_costs(parts, program, device, NETWORKS["nvlink"])
+    costs = costs_of(program)
     crossing = {("F", 0): 1, ("F", 1): 1, ("F", 2): 1, ("F", 3): 1, ("I", 0): 1, ("I", 3): 1, ("B", 0): 1,
                 ("I", 1): 1, ("I", 2): 1, ("B", 1): 1, ("B", 2): 1, ("B", 3): 1, ("W", 0): 0, ("W", 1): 0,
                 ("W", 2): 0, ("W", 3): 0}
     seen = set()
     for action in (a for actions in program.values() for a in actions):
-        parts_ = action.parts()
         seen.add(action.kind)
-        assert costs.of(action) == 1.0 + 10.0 * sum(crossing[(p.kind, p.stage)] for p in parts_), action
+        assert costs.of(action) == 1.0 + 10.0 * sum(crossing[(p.kind, p.stage)] for p in action.parts()), action
     assert "FB" in seen and "W" in seen
     one_rank = generate("1f1b", 2, 4)
-    assert {stage_costs(parts, one_rank, device, NETWORKS["nvlink"]).of(a) for a in one_rank[0]} == {11.0}
+    assert {costs_of(one_rank).of(a) for a in one_rank[0]} == {11.0}
     # and each step its votes: an all_reduce of a flag per vote, over the pipeline's ranks
     from dualpipe_fx.api.autoplan import STEP_VOTES, vote_seconds
     net = NETWORKS["ib-400g"]
@@ -176,22 +181,114 @@ def test_data_parallel_bytes_and_waits_follow_the_mode():
         replicated(plan, 2, "zero9")
 
 
-def test_the_plan_builds_its_process_groups():
-    plans = run_ranks(plan_groups, 4, timeout=120)
-    assert [r["pp"] for r in plans] == [[0, 1], [0, 1], [2, 3], [2, 3]]
-    assert [r["dp"] for r in plans] == [[0, 2], [1, 3], [0, 2], [1, 3]]
-    assert {r["mode"] for r in plans} == {"shard"}
+MOE = MoEConfig(vocab_size=32, dim=16, n_layers=4, n_heads=2, n_experts=4, top_k=2, expert_hidden=24)
+MOE_SPACE = {"schedule": ["dualpipev", "1f1b"], "num_microbatches": [4], "recompute": [None], "pp_degree": [2],
+             "dp_mode": ["replicate"]}
 
 
-def plan_groups(rank, world):
+@pytest.fixture(scope="module")
+def moe_plans():
+    """The small MoE on 4 ranks: pipelines of 2, 2 data-parallel replicas, the experts split
+    over EP groups of 1 (none) or 2."""
+    x, y = moe_batch(MOE, 8, 4, seed=5)
+    return x, y, autoplan(MoEDecoder(MOE, seed=2), moe_loss, (x,), y, world_size=4, device="h100",
+                          network="ib-400g", space=MOE_SPACE, top=None, experts=is_expert_param)
+
+
+def test_expert_parallel_plans_split_the_experts_and_pay_their_all_to_alls(moe_plans):
+    """EP degrees divide the dp degree and the expert count; a plan with EP keeps 1 / ep of
+    each rank's expert params, grads and optimizer state (the rest as without EP), and its
+    step adds the MoE layers' all_to_alls; build_kwargs says how to build it."""
+    *_, plans = moe_plans
+    got = {(p.schedule, p.ep_degree): p for p in plans}
+    assert set(got) == {(s, e) for s in ("dualpipev", "1f1b") for e in (1, 2)}, plans.table()
+    steps = [p.predicted_step_s for p in plans]
+    assert steps == sorted(steps)
+    model = MoEDecoder(MOE)
+    experts = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if is_expert_param(n))
+    for schedule in ("dualpipev", "1f1b"):
+        one, two = got[schedule, 1], got[schedule, 2]
+        assert two.predicted_step_s > one.predicted_step_s  # the all_to_alls; nothing else changes
+        kept = [sum(r.params for r in p.memory.ranks) for p in (one, two)]
+        assert kept[0] - kept[1] == experts // 2, (kept, experts)  # each pipeline holds half of the experts
+        for a, b in zip(one.memory.ranks, two.memory.ranks):
+            assert b.optimizer < a.optimizer and b.grads < a.grads
+    assert "ep2" in plans.table() and got["dualpipev", 2].compile_kwargs["num_microbatches"] == 4
+
+
+def test_the_plan_builds_its_process_groups(moe_plans):
+    """4 gloo ranks, one job: the groups of a pp 2 x dp 2 plan; then the searched MoE plan
+    with EP 2, built by build_kwargs(), steps like one process on the whole batch."""
+    x, y, plans = moe_plans
+    plan = next(p for p in plans if p.ep_degree == 2 and p.schedule == "dualpipev")
+    results = run_ranks(plan_groups, 4, (plan, x, y), timeout=300)
+    assert [r["pp"] for r in results] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+    assert [r["dp"] for r in results] == [[0, 2], [1, 3], [0, 2], [1, 3]]
+    assert {r["mode"] for r in results} == {"shard"}
+    assert [r["ep"] for r in results] == [[0, 2], [1, 3], [0, 2], [1, 3]]  # EP spans each dp group
+    model = MoEDecoder(MOE, seed=2)
+    loss = moe_loss(model(x), y)
+    loss.backward()
+    losses = [r["loss"] for r in results if r["loss"] is not None]
+    assert losses
+    for got in losses:
+        torch.testing.assert_close(got, loss.detach(), rtol=1e-6, atol=0)
+    seen = set()
+    for r in results:
+        for name, grad in r["grads"].items():
+            want = expert_shard(name, dict(model.named_parameters())[name].grad, r["ep_rank"], 2)
+            torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+            seen.add(name)
+    assert seen == {n for n, _ in model.named_parameters()}
+
+
+def plan_groups(rank, world, plan, x, y):
     import torch.distributed as dist
     from dualpipe_fx.api.autoplan import Plan
 
-    plan = Plan("1f1b", 2, None, 1.0, 0.0, None, 1, 1.0, pp_degree=2, dp_degree=2, dp_mode="shard")
-    kwargs = plan.build_kwargs()
+    grid = Plan("1f1b", 2, None, 1.0, 0.0, None, 1, 1.0, pp_degree=2, dp_degree=2, dp_mode="shard")
+    kwargs = grid.build_kwargs()
     dp = kwargs["parallelism"]
-    return {"pp": dist.get_process_group_ranks(kwargs["group"]), "dp": dist.get_process_group_ranks(dp.dp_group),
-            "mode": dp.dp_mode}
+    out = {"pp": dist.get_process_group_ranks(kwargs["group"]), "dp": dist.get_process_group_ranks(dp.dp_group),
+           "mode": dp.dp_mode}
+    kwargs = plan.build_kwargs()
+    experts = kwargs["parallelism"].expert_parallel
+    assert experts.replica_group is None
+    mine = slice(rank // plan.pp_degree * 4, (rank // plan.pp_degree + 1) * 4)  # this replica's half
+    mb = plan.microbatch_size
+    pipe = dualpipe_fx.compile(MoEDecoder(MOE, seed=2, group=experts.group), moe_loss, (x[mine][:mb],),
+                               y[mine][:mb], **kwargs)
+    loss = pipe.step(x[mine], target=y[mine])
+    if loss is not None:  # the mean over the replicas' halves
+        loss = loss.detach().clone()
+        dist.all_reduce(loss, group=kwargs["parallelism"].dp_group)
+        loss /= 2
+    return {**out, "ep": dist.get_process_group_ranks(experts.group), "loss": loss,
+            "ep_rank": dist.get_rank(experts.group),
+            "grads": {n: p.grad for n, p in pipe.named_parameters() if p.grad is not None}}
+
+
+def test_the_layer_search_ranks_like_the_op_search():
+    """granularity="layer" (one traced layer of each kind, stages of whole layers) ranks a
+    small model's candidates as the op-level search does (ties aside: every schedule shares
+    one cut there), its step times within 10% and its peaks within 10%."""
+    model = LinearGeluStack(depth=8, width=32)
+    x, y = linear_gelu_batch(32, batch=8)
+    space = {"schedule": ["dualpipev", "1f1b", "gpipe", "zbv"], "num_microbatches": [2, 4, 8], "recompute": [None]}
+    op, layer = (autoplan(model, mse_loss, (x,), y, world_size=2, pp_degree=2, device="h100", space=space, top=None,
+                          granularity=g) for g in ("op", "layer"))
+    key = lambda p: (p.schedule, p.num_microbatches, p.recompute)  # noqa: E731
+    by_layer = {key(p): p for p in layer}
+    assert set(by_layer) == {key(p) for p in op}
+    in_op_order = [by_layer[key(p)].predicted_step_s for p in op]
+    assert in_op_order == sorted(in_op_order), (op.table(), layer.table())
+    for p in op:
+        q = by_layer[key(p)]
+        assert q.predicted_step_s == pytest.approx(p.predicted_step_s, rel=0.1)
+        assert q.peak_bytes == pytest.approx(p.peak_bytes, rel=0.1)
+    with pytest.raises(ValueError, match="granularity='layer' needs a model whose layers"):
+        autoplan(torch.nn.Linear(4, 4), mse_loss, (x[:, :4],), y[:, :4], world_size=2, device="h100",
+                 granularity="layer")
 
 
 def test_roofline_takes_the_slower_of_compute_and_memory():

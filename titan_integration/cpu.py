@@ -59,6 +59,13 @@ torchtitan assumes CUDA in these places; :func:`use_cpu_when_no_gpu` handles eac
     and ``flex_attention`` run eagerly (the same mask, the same higher-order op and its dense
     CPU implementation), in the baseline and the pipeline alike.
 
+14. Planning only (``benchmarks/autoplan_big.py``, never applied by ``use_cpu_when_no_gpu``):
+    with ``use_grouped_mm`` (what torchtitan builds on SM90, e.g. the H100 a plan is for),
+    the experts' token padding fills its indices in a Python loop over ``.item()`` values
+    (``fill_indices_cpu``), which a graph cannot trace on fake tensors.
+    -> :func:`use_traceable_permute_indices`: the same indices from tensor ops of static
+    shape (``static_fill_indices``; equal to ``fill_indices_cpu``, tests/titan).
+
 MFU uses a GPU peak-FLOPs table (CPU falls back to A100 with a warning): ignore ``mfu`` on CPU.
 """
 from __future__ import annotations
@@ -148,6 +155,48 @@ def use_cpu_permute_indices() -> None:
         cpu_indices = functools.partial(kernels.generate_permute_indices, use_cpu=True)
         cpu_indices.dualpipe_fx_cpu = True
         utils.generate_permute_indices = cpu_indices
+
+
+def static_fill_indices(tokens_per_expert_group: torch.Tensor, start_index_values: torch.Tensor,
+                        write_offsets: torch.Tensor, experts_per_rank: int, num_ranks: int,
+                        max_len: int) -> torch.Tensor:
+    """Item 14: ``torchtitan.models.moe.kernels.fill_indices_cpu`` without a Python loop: output
+    position ``p`` belongs to the (expert, rank) group whose write range ``[start, end)``
+    holds it (groups in expert-major order, their ranges ascending), and reads that group's
+    source index ``start_index + p - start``; -1 (padding) where no group holds it."""
+    counts = tokens_per_expert_group.view(num_ranks, experts_per_rank).t()      # [expert, rank]
+    sources = start_index_values.view(num_ranks, experts_per_rank).t().reshape(-1)
+    starts = (write_offsets.view(-1, 1) + counts.cumsum(1) - counts).reshape(-1)
+    ends = starts + counts.reshape(-1)
+    pos = torch.arange(max_len, device=tokens_per_expert_group.device)
+    group = torch.searchsorted(ends.contiguous(), pos, right=True).clamp(max=ends.numel() - 1)
+    start = starts[group]
+    inside = (pos >= start) & (pos < ends[group])
+    return torch.where(inside, sources[group] + pos - start, -1).to(torch.int32)
+
+
+def use_traceable_permute_indices() -> None:
+    """Item 14: torchtitan's expert token padding from :func:`static_fill_indices` (planning)."""
+    kernels = importlib.import_module("torchtitan.models.moe.kernels")
+    utils = importlib.import_module("torchtitan.models.moe.utils")
+    if getattr(utils.generate_permute_indices, "dualpipe_fx_static", False):
+        return
+
+    def indices(*args, **kwargs):
+        with _patched(kernels, "fill_indices_cpu", static_fill_indices):
+            return kernels.generate_permute_indices(*args, **{**kwargs, "use_cpu": True})
+    indices.dualpipe_fx_static = True
+    utils.generate_permute_indices = indices
+
+
+@contextlib.contextmanager
+def _patched(module, name: str, value):
+    old = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, old)
 
 
 def use_eager_flex_on_cpu() -> None:

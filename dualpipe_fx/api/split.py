@@ -391,7 +391,8 @@ def _stage_key(gm: torch.fx.GraphModule) -> tuple:
         else:
             what = str(n.target)
         val = n.meta.get("val")
-        shape = (tuple(val.shape), val.dtype) if isinstance(val, torch.Tensor) else repr(val)
+        # symbolic sizes (data-dependent ones, e.g. the tokens an expert gets) by their names
+        shape = (tuple(map(str, val.shape)), val.dtype) if isinstance(val, torch.Tensor) else repr(val)
         args = torch.fx.node.map_arg((n.args, n.kwargs), lambda a: f"%{number[a]}")
         key.append((n.op, what, repr(args), shape, n.meta.get("dpfx_recompute")))
     return tuple(key)

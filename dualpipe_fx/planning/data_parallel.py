@@ -16,6 +16,14 @@ stage count):
 | ``shard`` (ZeRO-3) | (P + G + O) / dp | the gathered params of the rank's stages (every stage of a DualPipeV rank is live through most of the step): P; the full grads until each stage's reduce-scatter: G |
 | ``shard_grad_op`` (ZeRO-2) | P (gathered, kept) + (P + G + O) / dp | the full grads: G |
 
+**Expert parallelism** (``ep > 1``, ``expert_bytes``: each rank's bytes of expert parameters
+in the replica's plan): the experts are split over ``ep`` of the ``dp`` ranks and never
+sharded or gathered over the data-parallel group (``runtime.data_parallel``), so a rank keeps
+``1 / ep`` of its expert params, grads and optimizer state in either mode (grads and states
+in the params' proportion: the same dtypes), and the table above applies to the rest. Their
+grads are all-reduced over the ``dp / ep`` ranks holding the same slice.
+``all_to_all_seconds(nbytes, ep, network)``: one dispatch or combine of ``nbytes`` per rank.
+
 Time: each stage's reduction starts right after its last W and overlaps the rank's remaining
 actions, so what a step waits for is the reduction of the stage that finishes last (G_s), plus, in the shard modes, the all-gather of the first stage's parameters
 before its first F (P_s). Ring collectives on ``network``: all-reduce 2 (dp-1)/dp bytes,
@@ -28,7 +36,7 @@ import dataclasses
 from dualpipe_fx.planning.devices import NetworkModel
 from dualpipe_fx.planning.memory import MemoryPlan, RankMemory
 
-__all__ = ["DP_MODES", "replicated", "exposed_seconds"]
+__all__ = ["DP_MODES", "replicated", "exposed_seconds", "all_to_all_seconds"]
 
 DP_MODES = ("replicate", "shard", "shard_grad_op")
 
@@ -38,44 +46,72 @@ def _per_stage(rank: RankMemory, total: int) -> int:
     return total // max(len(rank.stages), 1)
 
 
-def _rank(rank: RankMemory, dp: int, mode: str) -> RankMemory:
-    p, g, o = rank.params, rank.grads, rank.optimizer
+def _split(rank: RankMemory, experts: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """(params, grads, optimizer) of the rank's non-expert and expert parameters (the experts'
+    grads and states in their params' proportion)."""
+    share = experts / rank.params if rank.params else 0.0
+    e = (experts, round(rank.grads * share), round(rank.optimizer * share))
+    return (rank.params - e[0], rank.grads - e[1], rank.optimizer - e[2]), e
+
+
+def _rank(rank: RankMemory, dp: int, mode: str, ep: int = 1, experts: int = 0) -> RankMemory:
+    (p, g, o), (ep_p, ep_g, ep_o) = _split(rank, experts)
+    mine = [-(-b // ep) for b in (ep_p, ep_g, ep_o)]  # this rank's slice of the experts
     if mode == "replicate":
-        return dataclasses.replace(rank, intermediates=rank.intermediates + _per_stage(rank, g))
-    kept = dict(params=-(-p // dp), grads=-(-g // dp), optimizer=-(-o // dp))
+        return dataclasses.replace(rank, params=p + mine[0], grads=g + mine[1], optimizer=o + mine[2],
+                                   intermediates=rank.intermediates + _per_stage(rank, g + mine[1]))
+    kept = dict(params=-(-p // dp) + mine[0], grads=-(-g // dp) + mine[1], optimizer=-(-o // dp) + mine[2])
     if mode == "shard":
         return dataclasses.replace(rank, **kept, intermediates=rank.intermediates + p + g)
     kept["params"] += p
     return dataclasses.replace(rank, **kept, intermediates=rank.intermediates + g)
 
 
-def _check(dp: int, mode: str) -> None:
+def _check(dp: int, mode: str, ep: int = 1) -> None:
     if dp < 1:
         raise ValueError(f"data parallel degree {dp}; expected >= 1")
+    if ep < 1 or dp % ep:
+        raise ValueError(f"expert parallel degree {ep} over {dp} data-parallel ranks; expected a divisor of {dp}")
     if dp > 1 and mode not in DP_MODES:
         raise ValueError(f"dp_mode={mode!r}; expected one of {DP_MODES}")
 
 
-def replicated(memory: MemoryPlan, dp: int, mode: str) -> MemoryPlan:
+def replicated(memory: MemoryPlan, dp: int, mode: str, ep: int = 1, expert_bytes=None) -> MemoryPlan:
     """``memory`` (one pipeline replica's plan) with each rank's bytes under ``dp`` replicas in
-    ``mode`` (see the module's table)."""
-    _check(dp, mode)
+    ``mode`` (see the module's table), the experts split over ``ep`` of them
+    (``expert_bytes``: ``{rank: expert parameter bytes}`` in ``memory``)."""
+    _check(dp, mode, ep)
     if dp == 1:
         return memory
-    return dataclasses.replace(memory, ranks=tuple(_rank(r, dp, mode) for r in memory.ranks))
+    experts = expert_bytes or {}
+    return dataclasses.replace(memory, ranks=tuple(_rank(r, dp, mode, ep, experts.get(r.rank, 0))
+                                                   for r in memory.ranks))
 
 
-def exposed_seconds(memory: MemoryPlan, dp: int, mode: str, network: NetworkModel) -> float:
+def exposed_seconds(memory: MemoryPlan, dp: int, mode: str, network: NetworkModel, ep: int = 1,
+                    expert_bytes=None) -> float:
     """Seconds the slowest rank's step waits for its data-parallel collectives (``memory``: the
-    replica's plan before :func:`replicated`)."""
-    _check(dp, mode)
+    replica's plan before :func:`replicated`; ``ep``, ``expert_bytes`` as there: the experts'
+    grads are all-reduced over the ``dp / ep`` ranks holding the same slice)."""
+    _check(dp, mode, ep)
     if dp == 1:
         return 0.0
     worst = 0.0
     for rank in memory.ranks:
-        grads = _per_stage(rank, rank.grads)
-        wait = network.ring_seconds(grads, dp, 2 if mode == "replicate" else 1)
+        (p, g, _), (_, ep_g, _) = _split(rank, (expert_bytes or {}).get(rank.rank, 0))
+        stages = max(len(rank.stages), 1)
+        wait = network.ring_seconds(g // stages, dp, 2 if mode == "replicate" else 1)
+        if ep_g:
+            wait += network.ring_seconds(ep_g // ep // stages, dp // ep) if dp // ep > 1 else 0.0
         if mode != "replicate":
-            wait += network.ring_seconds(_per_stage(rank, rank.params), dp, 1)
+            wait += network.ring_seconds(p // stages, dp, 1)
         worst = max(worst, wait)
     return worst
+
+
+def all_to_all_seconds(nbytes: float, ep: int, network: NetworkModel) -> float:
+    """One all_to_all of ``nbytes`` per rank over ``ep`` ranks: each sends ``(ep-1)/ep`` of
+    them, to ``ep - 1`` peers at once (pairwise exchanges: one latency per peer)."""
+    if ep <= 1:
+        return 0.0
+    return (ep - 1) / ep * nbytes / network.bandwidth + (ep - 1) * network.latency_s

@@ -206,6 +206,26 @@ def test_torchtitans_ep_token_permutation_runs_on_cpu():
     assert out[align: align + 2].view(-1).tolist() == [1.0, 2.0]  # expert 1: rank 0's rows
 
 
+def test_the_static_token_padding_indices_equal_torchtitans_loop():
+    """cpu.py item 14: static_fill_indices (tensor ops of static shape, so that the planner
+    traces grouped-GEMM experts on fake tensors) fills the indices torchtitan's CPU loop does,
+    over drawn counts, ranks, experts and padded lengths."""
+    from torchtitan.models.moe import kernels
+
+    from titan_integration.cpu import static_fill_indices
+
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        ranks, experts, align = (int(torch.randint(1, n, (1,), generator=gen)) for n in (4, 5, 9))
+        counts = torch.randint(0, 6, (ranks * experts,), generator=gen)
+        starts = torch.cumsum(counts, 0) - counts
+        sizes = (torch.clamp_min(counts.view(ranks, -1).sum(0), align) + align - 1) // align * align
+        writes = torch.cumsum(sizes, 0) - sizes
+        max_len = int(sizes.sum()) + int(torch.randint(0, 8, (1,), generator=gen))  # as torchtitan pads it
+        want = kernels.fill_indices_cpu(counts, starts, writes, experts, ranks, max_len)
+        assert torch.equal(static_fill_indices(counts, starts, writes, experts, ranks, max_len), want)
+
+
 _REPLICA_ROWS_CHECK = """
 import torch.distributed as dist
 from torch.testing._internal.distributed.fake_pg import FakeStore
