@@ -169,7 +169,9 @@ def _timed(fn, min_s: float = 0.1) -> float:
 # latency. cpu: fitted to benchmarks/autoplan.py --width 8 (2 gloo ranks, kernels next to free)
 # on the quiet 2-core dev machine, 2026-12-07: 1f1b with 16 micro-batches 27.0 ms for 32 actions
 # and 32 transfers a rank, gpipe 24.2 ms for the same, zbv 59.6 ms for 96 actions and 64
-# transfers: 0.26 ms an action and 0.54 ms a transfer. A merged F&B pair is one action that
+# transfers: 0.26 ms an action and 0.54 ms a transfer (a grid of 0.1-0.4 x 0.2-0.8 ms over the
+# 12 configurations of 2026-12-08's --width 8 run kept these: median error 9.7%, the rest
+# 12-48%; docs/schedules.md, "Validation on CPU"). A merged F&B pair is one action that
 # posts both parts' transfers. cuda: the same Python per action, and a NCCL launch per
 # transfer, assumed until a GPU run measures them.
 ACTION_OVERHEAD_S = MappingProxyType({"cpu": 0.26e-3, "cuda": 0.26e-3})
