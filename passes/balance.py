@@ -19,7 +19,7 @@ A rank's load, from per-node figures (prefix sums over the graph's compute nodes
   hands W and the matmul output grads I keeps for W (``weight_inputs_estimate``; under a
   recompute policy, ``MemorySpec.recompute``: what the split's minimum cut keeps, from the I/W
   split of the time-balanced cut's stages, each value charged to the weight it serves,
-  ``passes.weight_inputs.kept_for_weight``), the bytes
+  ``passes.split_backward.kept_for_weight``), the bytes
   crossing each cut (received, sent, and their grads), the model outputs of the last stage
   and the largest value's grad as I's temporary. ``plan()``'s totals are the same form on
   the I/W split's exact figures (``tests/test_cut_memory.py``). Without ``peaks`` (``split()``
@@ -87,7 +87,7 @@ class MemorySpec:
     budget: Optional[int] = None
     inputs_only: bool = False
     selective: bool = False  # activations: what recompute="selective" keeps
-    recompute: Any = None  # the policy itself: what I keeps for W is the split's (``weight_inputs.kept_for_weight``)
+    recompute: Any = None  # the policy itself: what I keeps for W is the split's (``split_backward.kept_for_weight``)
     peaks: Optional[Mapping[int, "PeakModel"]] = None  # rank -> its step peak as the plan walks it
 
 

@@ -20,7 +20,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import sympy
 
@@ -123,6 +123,28 @@ def _concrete(size) -> int:
 
 
 concrete_size = _concrete  # public: memory plans read storage sizes the same way
+
+
+def stage_io_bytes(gm: fx.GraphModule) -> tuple[int, int]:
+    """Activation bytes a stage receives (activation placeholders) and sends (outputs)."""
+    acts_in = sum(activation_bytes(n) for n in gm.graph.nodes
+                  if n.op == "placeholder" and n.meta.get("dpfx_kind") == "activation")
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    acts_out = sum(activation_bytes(a) for a in out.all_input_nodes)
+    return acts_in, acts_out
+
+
+def value_storages(val: Any) -> list[tuple[int, int]]:
+    """``(storage id, storage bytes)`` of the tensors in a node's ``meta["val"]`` (a size that
+    depends on data: a guess, as ``concrete_size``)."""
+    vals = val if isinstance(val, (tuple, list)) else (val,)
+    return [(t.untyped_storage()._cdata, _concrete(t.untyped_storage().nbytes()))
+            for t in vals if isinstance(t, torch.Tensor)]
+
+
+def node_storages(nodes: Iterable) -> dict[int, int]:
+    """``{storage id: bytes}`` of the values of ``nodes`` (each storage once)."""
+    return {k: b for n in nodes if isinstance(n, fx.Node) for k, b in value_storages(n.meta.get("val"))}
 
 
 def _storage_numel(shape, stride) -> int:

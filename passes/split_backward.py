@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import operator
+from collections import defaultdict
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -38,12 +39,12 @@ from torch.fx import GraphModule, Node
 from passes import _compat
 from passes.inplace import mutated_base
 from passes.trace_error import TraceError
-from passes.cost_model import value_bytes
+from passes.cost_model import node_storages, value_bytes
 from passes.recompute import Policy, recompute_policy, recomputed
 from passes.stage_graphs import StageGraphs
 from passes.weight_inputs import weight_inputs
 
-__all__ = ["saved_bytes", "split_backward", "stage_names", "trace_joint"]
+__all__ = ["kept_for_weight", "saved_bytes", "split_backward", "stage_names", "trace_joint"]
 
 _F, _G, _I, _W = "F", "G", "I", "W"
 
@@ -570,3 +571,57 @@ def _partition(stage_gm, joint, index, is_last, params, bufs, acts, ext, out_arg
         backward_weight=StageBackwardWeight(bwd_w),
         is_last=is_last,
     )
+
+
+def kept_for_weight(stages: Sequence[torch.fx.GraphModule], recompute) -> dict[str, tuple[int, int]]:
+    """What I keeps for W under ``recompute``, as the split keeps it, per parameter FQN:
+    ``{fqn: (bytes F saves for W, bytes I makes for W)}`` per micro-batch.
+
+    The memory-aware cut (``passes.split_stages``) reads this instead of a second model:
+    ``stages`` (stage graphs of some cut, e.g. the time-balanced one) are split by
+    ``split_backward`` under the same policy, so the values kept are this module's minimum
+    cut (``passes.weight_inputs``). A kept value is charged to the parameter first in its stage's order among those whose
+    grads W computes from it (the weight it serves), so a cut moves it with its weight.
+    Storages count once; parameters, a stage's inputs and its received grads never (the cut
+    counts what crosses a cut on its own).
+    """
+    out: dict[str, list[int]] = {}
+    for index, gm in enumerate(stages):
+        sg = split_backward(gm, index=index, is_last=index == len(stages) - 1, recompute=recompute)
+        bwd_i, bwd_w = sg.backward_input.gm, sg.backward_weight.gm
+        n_saved = len(_graph_outputs(sg.forward.gm)) - sg.forward.num_outputs
+        from_f = set(node_storages(_graph_outputs(sg.forward.gm)))  # what F returns (saved, or sent on)
+        seen = set(node_storages(_graph_placeholders(sg.forward.gm))) | set(node_storages(_graph_placeholders(bwd_i)[n_saved:]))
+        serves = _served(bwd_w, _graph_outputs(bwd_w))
+        kept = _graph_outputs(bwd_i)[sg.backward_input.num_grad_inputs:]
+        for value, ph in zip(kept, _graph_placeholders(bwd_w)):
+            params = serves.get(ph, ()) if isinstance(value, Node) else ()
+            if not params:
+                continue
+            name = sg.param_names[min(params)]
+            for key, nbytes in node_storages([value]).items():
+                if key not in seen:
+                    seen.add(key)
+                    out.setdefault(name, [0, 0])[0 if key in from_f else 1] += nbytes
+    return {name: (f, i) for name, (f, i) in out.items()}
+
+
+def _served(gm: torch.fx.GraphModule, grads: Sequence) -> dict[Node, set[int]]:
+    """Per node of W's graph: the indices of the param grads computed from it."""
+    serves: dict[Node, set[int]] = defaultdict(set)
+    for i, g in enumerate(grads):
+        if isinstance(g, Node):
+            serves[g].add(i)
+    for n in reversed(list(gm.graph.nodes)):
+        for u in n.all_input_nodes:
+            serves[u] |= serves[n]
+    return serves
+
+
+def _graph_placeholders(gm: GraphModule) -> list[Node]:
+    return [n for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+def _graph_outputs(gm: GraphModule) -> list:
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    return list(out) if isinstance(out, (tuple, list)) else [out]

@@ -23,7 +23,7 @@ import torch.fx as fx
 from passes.balance import BALANCE_MODES, MemorySpec, RankLoads, best_cuts
 from passes.cost_model import CostSpec, activation_bytes, saved_bytes_estimate, scalar_costs, weight_inputs_estimate
 from passes.grad_flow import grad_carrying
-from passes.weight_inputs import kept_for_weight
+from passes.split_backward import kept_for_weight
 
 __all__ = ["KeptCut", "StagePartition", "default_placement", "split_stages"]
 
@@ -274,7 +274,7 @@ def _choose_cuts(lay: _Layout, num_stages: int, forced: Sequence[int]) -> tuple[
 def _rank_loads(lay: _Layout, placement: Mapping[int, int], memory: MemorySpec, mode: str,
                 stages: Optional[Callable[[], Sequence[fx.GraphModule]]] = None) -> RankLoads:
     """``stages``: the stage graphs of a reference cut, read under a recompute policy for what
-    I keeps for W (the split's own minimum cut, ``weight_inputs.kept_for_weight``)."""
+    I keeps for W (the split's own minimum cut, ``split_backward.kept_for_weight``)."""
     param_at = [0.0] * len(lay.nodes)
     first_use: dict[str, int] = {}
     for ph in lay.graph.nodes:

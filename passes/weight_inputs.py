@@ -52,7 +52,7 @@ from torch.fx import Graph, Node
 
 from passes.cost_model import activation_bytes, has_flop_formula
 
-__all__ = ["WeightInputs", "kept_for_weight", "weight_inputs"]
+__all__ = ["WeightInputs", "weight_inputs"]
 
 _INF = 1 << 200
 _BYTE = 1 << 64  # one byte outweighs every tie-breaking cost together
@@ -217,51 +217,3 @@ def _check(keep, recompute, in_w) -> None:
     for n in set(recompute) | set(in_w):
         missing = [u for u in n.all_input_nodes if u not in have]
         assert not missing, f"W computes {n} but has not {missing}"
-
-
-def kept_for_weight(stages: Sequence[torch.fx.GraphModule], recompute) -> dict[str, tuple[int, int]]:
-    """What I keeps for W under ``recompute``, as the split keeps it, per parameter FQN:
-    ``{fqn: (bytes F saves for W, bytes I makes for W)}`` per micro-batch.
-
-    The memory-aware cut (``passes.split_stages``) reads this instead of a second model:
-    ``stages`` (stage graphs of some cut, e.g. the time-balanced one) are split by
-    ``split_backward`` under the same policy, so the values kept are this module's minimum
-    cut. A kept value is charged to the parameter first in its stage's order among those whose
-    grads W computes from it (the weight it serves), so a cut moves it with its weight.
-    Storages count once; parameters, a stage's inputs and its received grads never (the cut
-    counts what crosses a cut on its own).
-    """
-    from dualpipe_fx.planning.memory import _keys, _outputs, _placeholders
-    from passes.split_backward import split_backward
-
-    out: dict[str, list[int]] = {}
-    for index, gm in enumerate(stages):
-        sg = split_backward(gm, index=index, is_last=index == len(stages) - 1, recompute=recompute)
-        bwd_i, bwd_w = sg.backward_input.gm, sg.backward_weight.gm
-        n_saved = len(_outputs(sg.forward.gm)) - sg.forward.num_outputs
-        from_f = set(_keys(_outputs(sg.forward.gm)))  # what F returns (saved, or sent on)
-        seen = set(_keys(_placeholders(sg.forward.gm))) | set(_keys(_placeholders(bwd_i)[n_saved:]))
-        serves = _served(bwd_w, _outputs(bwd_w))
-        kept = _outputs(bwd_i)[sg.backward_input.num_grad_inputs:]
-        for value, ph in zip(kept, _placeholders(bwd_w)):
-            params = serves.get(ph, ()) if isinstance(value, Node) else ()
-            if not params:
-                continue
-            name = sg.param_names[min(params)]
-            for key, nbytes in _keys([value]).items():
-                if key not in seen:
-                    seen.add(key)
-                    out.setdefault(name, [0, 0])[0 if key in from_f else 1] += nbytes
-    return {name: (f, i) for name, (f, i) in out.items()}
-
-
-def _served(gm: torch.fx.GraphModule, grads: Sequence) -> dict[Node, set[int]]:
-    """Per node of W's graph: the indices of the param grads computed from it."""
-    serves: dict[Node, set[int]] = collections.defaultdict(set)
-    for i, g in enumerate(grads):
-        if isinstance(g, Node):
-            serves[g].add(i)
-    for n in reversed(list(gm.graph.nodes)):
-        for u in n.all_input_nodes:
-            serves[u] |= serves[n]
-    return serves

@@ -18,7 +18,7 @@ from dualpipe_fx.planning.memory import peak_models, split_plan, stage_figures
 from dualpipe_fx.schedules import generate
 from dualpipe_fx.schedules.lowering import RECV_LOOKAHEAD
 from passes.balance import CUT_FIGURES, MemorySpec, RankLoads, best_cuts
-from passes.weight_inputs import kept_for_weight
+from passes.split_backward import kept_for_weight
 from tests import models
 
 

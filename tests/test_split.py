@@ -192,7 +192,7 @@ def test_mixed_precision_split_runs_the_bf16_model_and_halves_the_cut():
 
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    from dualpipe_fx.api.split import stage_io_bytes
+    from passes.cost_model import stage_io_bytes
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(),

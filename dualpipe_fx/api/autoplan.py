@@ -49,7 +49,7 @@ import torch.distributed as dist
 
 from dualpipe_fx.api.options import ActivationBudget, MemoryPolicy, Parallelism
 from dualpipe_fx.runtime.data_parallel import ExpertParallel
-from dualpipe_fx.api.split import _split_backward, split_for_program, stage_io_bytes
+from dualpipe_fx.api.split import _split_backward, split_for_program
 from dualpipe_fx.planning.devices import (DEVICES, NETWORKS, DeviceModel, NetworkModel, device_model, network_model,
                                          node_seconds, probe_device, probe_network)
 from dualpipe_fx.planning.data_parallel import DP_MODES, all_to_all_seconds, exposed_seconds, replicated
@@ -62,7 +62,7 @@ from dualpipe_fx.schedules.lowering import RECV_LOOKAHEAD
 from dualpipe_fx.schedules.registry import SCHEDULES, generate
 from passes.capture import capture
 from passes.split_stages import split_stages
-from passes.cost_model import concrete_size, node_costs
+from passes.cost_model import concrete_size, node_costs, stage_io_bytes
 
 __all__ = ["autoplan", "Plan", "Plans", "Rejected", "DEFAULT_SCHEDULES", "pick_schedule", "fit_recompute",
            "pipeline_grid", "expert_grid", "is_expert_param"]

@@ -25,22 +25,13 @@ from dualpipe_fx.schedules.ir import Program
 from dualpipe_fx.schedules.lowering import RECV_LOOKAHEAD
 from passes.balance import BALANCE_MODES, CUT_FIGURES, MemorySpec, PeakModel
 from passes.capture import capture
-from passes.cost_model import activation_bytes, node_costs
+from passes.cost_model import node_costs, stage_io_bytes
 from passes.recompute import Policy, recompute_policy
 from passes.split_backward import saved_bytes, split_backward, stage_names, trace_joint
 from passes.split_stages import KeptCut, StagePartition, default_placement, split_stages
 from passes.stage_graphs import StageGraphs
 
 __all__ = ["Split", "split", "split_for_program"]
-
-
-def stage_io_bytes(gm: torch.fx.GraphModule) -> tuple[int, int]:
-    """Activation bytes a stage receives (activation placeholders) and sends (outputs)."""
-    acts_in = sum(activation_bytes(n) for n in gm.graph.nodes
-                  if n.op == "placeholder" and n.meta.get("dpfx_kind") == "activation")
-    out = next(n for n in gm.graph.nodes if n.op == "output")
-    acts_out = sum(activation_bytes(a) for a in out.all_input_nodes)
-    return acts_in, acts_out
 
 
 @dataclass(frozen=True)

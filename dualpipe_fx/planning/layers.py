@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from dualpipe_fx.planning.memory import StageMemory, stage_memory
+from passes.cost_model import stage_io_bytes
 
 __all__ = ["LayerProfile", "affine", "layer_names", "layer_kinds", "kept_layers", "profile_layers", "layer_bounds",
            "merge_units"]
@@ -180,7 +181,6 @@ def profile_layers(model: nn.Module, names: Sequence[str], split_units: Callable
     is traced. ``split_units(split_points)``: ``dualpipe_fx.split`` of the model (cut down to
     those layers) into one stage per unit; ``seconds_of(gm)``: a graph's roofline seconds;
     ``expert_layers(param names)``: how many MoE layers those parameters hold."""
-    from dualpipe_fx.api.split import stage_io_bytes
     from dualpipe_fx.planning.memory import _graph_values
 
     kinds = layer_kinds(model, names)

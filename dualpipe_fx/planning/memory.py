@@ -66,7 +66,7 @@ from dualpipe_fx.schedules.ir import Action, Program
 from dualpipe_fx.schedules.lowering import COMPUTE_KINDS, RECV_LOOKAHEAD, add_comms, hoist_receives, to_torch_actions
 from dualpipe_fx.schedules.release import compute_positions, send_release_points
 from passes.balance import PeakModel
-from passes.cost_model import concrete_size
+from passes.cost_model import node_storages as _keys, value_storages as _storages
 
 __all__ = ["MemoryPlan", "held_key", "peak_models", "stage_figures", "RankMemory", "StageMemory", "allocator_events", "peak_activation_bytes",
            "peak_live_bytes", "pipeline_plan", "rank_memory", "split_plan", "stage_memory"]
@@ -95,21 +95,6 @@ def allocator_events(prof) -> list[tuple[int, int]]:
 
 
 # -- per stage: the storages its graphs touch --------------------------------------------
-
-def _storages(val: Any) -> list[tuple[int, int]]:
-    """``(storage id, storage bytes)`` of the tensors in a node's ``meta["val"]``."""
-    vals = val if isinstance(val, (tuple, list)) else (val,)
-    out = []
-    for t in vals:
-        if isinstance(t, torch.Tensor):
-            st = t.untyped_storage()
-            out.append((st._cdata, concrete_size(st.nbytes())))  # data-dependent: a guess
-    return out
-
-
-def _keys(nodes: Iterable) -> dict[int, int]:
-    return {k: b for n in nodes if isinstance(n, torch.fx.Node) for k, b in _storages(n.meta.get("val"))}
-
 
 def _placeholders(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "placeholder"]
