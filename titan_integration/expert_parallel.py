@@ -20,6 +20,15 @@ out = GroupedExperts.forward(rows, received.sum(0))   # torchtitan's own expert 
 out = all_to_all(out[inverse order], send, recv)      # back to the sender, in its order
 ```
 
+torchtitan 0.3 keeps ``GroupedExperts`` (``torchtitan.models.common.moe``: ``w1_EFD``,
+``w2_EDF``, ``w3_EFD``, the same ``forward(x, counts)``) inside ``RoutedExperts``, between its
+token dispatcher's ``dispatch`` and ``combine``; 0.3's own EP gives the dispatcher the ``ep``
+mesh, and its dispatch does the exchange above around the experts. Here the dispatcher keeps
+no mesh (0.3's EP = 1 path: the local reorder by expert, and the scoring ``scatter_add``
+combine) and the experts do the exchange, so 0.3's experts receive the same rows in the same
+(local expert, source rank) order as under its ``AllToAllTokenDispatcher``. 0.3 initialises
+per module (``_init_self_parameters``), 0.2.2 with ``init_weights``: both keep this rank's rows.
+
 Each EP rank holds rows ``[r*E_local, (r+1)*E_local)`` of ``w1``/``w2``/``w3`` (dim 0 is the
 expert), the slice torchtitan's ``Shard(0)`` gives it; the dense reorder-free layout (no
 alignment padding: the experts' loop takes any counts) computes each token's output with

@@ -38,10 +38,13 @@ def _expert_layout(trainer) -> dict:
     nodes its stages' forward and input-backward graphs hold (dualpipe_fx's pipeline only)."""
     from torch.distributed.tensor import DTensor
 
-    experts = {fqn: list((p.to_local() if isinstance(p, DTensor) else p).shape)
+    # 0.3's own run names its AC wrapper in the FQNs (named_parameters of the wrapped model)
+    experts = {fqn.replace("_checkpoint_wrapped_module.", ""):
+               list((p.to_local() if isinstance(p, DTensor) else p).shape)
                for part in trainer.model_parts for fqn, p in part.named_parameters()
                if ".inner_experts." in fqn}
-    pipeline = getattr(getattr(trainer.pp_schedule, "schedule", None), "pipeline", None)
+    schedule = getattr(getattr(trainer, "pp_schedule", None), "schedule", None)  # none without PP
+    pipeline = getattr(schedule, "pipeline", None)
     if pipeline is None:
         return {"experts": experts}
     counts = {"forward": 0, "backward_input": 0}
