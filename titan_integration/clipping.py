@@ -14,7 +14,7 @@ DualPipeV's 1.2248 on the llama3 debug model). Here:
   clipping, are DualPipeV's. With expert parallelism the grads live on several meshes
   (expert slices on ``"ep"``, the rest on the data-parallel mesh): one norm per mesh,
   combined. Without marked parameters or EP it is torchtitan's own function.
-- :func:`use_replica_aware_clipping` points ``torchtitan.train``'s ``dist_utils`` at a
+- :func:`use_replica_aware_clipping` points the trainer module's ``dist_utils`` at a
   stand-in module whose ``clip_grad_norm_`` is this one (every other name is torchtitan's).
 """
 from __future__ import annotations
@@ -109,8 +109,9 @@ class _DistUtils:
     clip_grad_norm_ = staticmethod(clip_grad_norm_)
 
 
-def use_replica_aware_clipping() -> None:
-    """The trainer (``torchtitan.train``) clips with :func:`clip_grad_norm_`."""
-    train = importlib.import_module("torchtitan.train")
+def use_replica_aware_clipping(trainer_module: str = "torchtitan.train") -> None:
+    """The trainer (0.2.2's ``torchtitan.train``, 0.3's ``torchtitan.trainer``) clips with
+    :func:`clip_grad_norm_`."""
+    train = importlib.import_module(trainer_module)
     if not isinstance(train.dist_utils, _DistUtils):
         train.dist_utils = _DistUtils(train.dist_utils)

@@ -391,8 +391,10 @@ def _check_other_parallelisms(job_config) -> None:
     # data_parallel_replicate_degree / data_parallel_shard_degree map onto compile(dp_group=,
     # dp_mode=) (titan_integration.pipelining.data_parallel_args)
     # expert_parallel_degree maps onto compile(expert_parallel=) (pipelining.expert_parallel_args)
-    if par.expert_parallel_degree > 1 and par.expert_parallel_comm_backend != "standard":
-        raise ValueError(f"parallelism.expert_parallel_comm_backend = {par.expert_parallel_comm_backend!r} "
+    # (0.3 has no such key: its backend is the model's token dispatcher, checked by titan03.validate)
+    backend = getattr(par, "expert_parallel_comm_backend", "standard")
+    if par.expert_parallel_degree > 1 and backend != "standard":
+        raise ValueError(f"parallelism.expert_parallel_comm_backend = {backend!r} "
                          f"is not supported together with dualpipe_fx.enable: its dispatch/combine are "
                          f"DeepEP kernels outside the traced forward; set it to \"standard\" (the experts' "
                          f"all_to_all then runs inside the stage graphs)")

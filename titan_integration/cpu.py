@@ -65,6 +65,14 @@ torchtitan assumes CUDA in these places; :func:`use_cpu_when_no_gpu` handles eac
     (``fill_indices_cpu``), which a graph cannot trace on fake tensors.
     -> :func:`use_traceable_permute_indices`: the same indices from tensor ops of static
     shape (``static_fill_indices``; equal to ``fill_indices_cpu``, tests/titan).
+15. torchtitan 0.3's own expert parallelism (the reference run without PP) exchanges tokens
+    through ``spmd_types``' uneven ``all_to_all``, which calls ``torch.distributed.all_to_all``
+    on lists of chunks of different sizes; gloo's list ``alltoall`` takes equal sizes only
+    (``ProcessGroupGloo::alltoall: invalid tensor size``). -> :func:`use_uneven_all_to_all_on_gloo`:
+    through spmd_types' own seam for its ``torch.distributed`` (``spmd_types._dist.set_dist``),
+    :class:`GlooAllToAllDist` runs a list ``all_to_all`` as one ``all_to_all_single`` with the
+    chunks' sizes as splits (gloo takes uneven splits there): the same rows to the same
+    ranks; every other name is ``torch.distributed``'s.
 
 MFU uses a GPU peak-FLOPs table (CPU falls back to A100 with a warning): ignore ``mfu`` on CPU.
 """
@@ -208,6 +216,32 @@ def use_eager_flex_on_cpu() -> None:
     for name in _FLEX_MASK_IMPORTERS:
         importlib.import_module(name).create_attention_mask = cpu_masks
     attention.FlexAttentionWrapper._compiled_flex_attn = flex_attention
+
+
+class GlooAllToAllDist:
+    """``torch.distributed`` with a list ``all_to_all`` that takes uneven chunks on gloo (item 15)."""
+
+    def __getattr__(self, name):
+        return getattr(torch.distributed, name)
+
+    @staticmethod
+    def all_to_all(output_tensor_list, input_tensor_list, group=None, async_op=False):
+        if async_op:
+            raise ValueError("GlooAllToAllDist.all_to_all(async_op=True): the CPU stand-in runs "
+                             "synchronously; call it with async_op=False")
+        flat_in = torch.cat([t.reshape(t.shape[0], -1) for t in input_tensor_list])
+        flat_out = flat_in.new_empty((sum(t.shape[0] for t in output_tensor_list), flat_in.shape[1]))
+        torch.distributed.all_to_all_single(flat_out, flat_in, [t.shape[0] for t in output_tensor_list],
+                                            [t.shape[0] for t in input_tensor_list], group=group)
+        for out, rows in zip(output_tensor_list, flat_out.split([t.shape[0] for t in output_tensor_list])):
+            out.copy_(rows.view_as(out))
+
+
+def use_uneven_all_to_all_on_gloo() -> None:
+    """Item 14: spmd_types' collectives (torchtitan 0.3) call :class:`GlooAllToAllDist`."""
+    spmd_dist = importlib.import_module("spmd_types._dist")
+    if not isinstance(spmd_dist.dist, GlooAllToAllDist):
+        spmd_dist.set_dist(GlooAllToAllDist())
 
 
 def use_cpu_when_no_gpu() -> bool:

@@ -20,6 +20,15 @@ out = GroupedExperts.forward(rows, received.sum(0))   # torchtitan's own expert 
 out = all_to_all(out[inverse order], send, recv)      # back to the sender, in its order
 ```
 
+torchtitan 0.3 keeps ``GroupedExperts`` (``torchtitan.models.common.moe``: ``w1_EFD``,
+``w2_EDF``, ``w3_EFD``, the same ``forward(x, counts)``) inside ``RoutedExperts``, between its
+token dispatcher's ``dispatch`` and ``combine``; 0.3's own EP gives the dispatcher the ``ep``
+mesh, and its dispatch does the exchange above around the experts. Here the dispatcher keeps
+no mesh (0.3's EP = 1 path: the local reorder by expert, and the scoring ``scatter_add``
+combine) and the experts do the exchange, so 0.3's experts receive the same rows in the same
+(local expert, source rank) order as under its ``AllToAllTokenDispatcher``. 0.3 initialises
+per module (``_init_self_parameters``), 0.2.2 with ``init_weights``: both keep this rank's rows.
+
 Each EP rank holds rows ``[r*E_local, (r+1)*E_local)`` of ``w1``/``w2``/``w3`` (dim 0 is the
 expert), the slice torchtitan's ``Shard(0)`` gives it; the dense reorder-free layout (no
 alignment padding: the experts' loop takes any counts) computes each token's output with
@@ -33,6 +42,7 @@ whole-model init, keeping this rank's rows.
 from __future__ import annotations
 
 import contextlib
+import importlib
 from typing import Iterator
 
 import torch
@@ -42,14 +52,22 @@ from torch import nn
 from dualpipe_fx import _compat
 
 
-def _grouped_experts_cls():
-    try:
-        from torchtitan.models.moe.moe import GroupedExperts
-    except ImportError as err:
+# where torchtitan keeps GroupedExperts: 0.2.2, 0.3
+_GROUPED_EXPERTS_MODULES = ("torchtitan.models.moe.moe", "torchtitan.models.common.moe")
+
+
+def _grouped_experts_classes() -> tuple[type, ...]:
+    classes = []
+    for name in _GROUPED_EXPERTS_MODULES:
+        try:
+            classes.append(importlib.import_module(name).GroupedExperts)
+        except (ImportError, AttributeError):
+            continue
+    if not classes:
         raise ValueError(f"parallelism.expert_parallel_degree > 1 with dualpipe_fx.enable shards torchtitan's "
-                         f"GroupedExperts (torchtitan.models.moe.moe, torchtitan 0.2.2), which this torchtitan "
-                         f"lacks ({err}); set parallelism.expert_parallel_degree = 1") from err
-    return GroupedExperts
+                         f"GroupedExperts (in {' or '.join(_GROUPED_EXPERTS_MODULES)}: torchtitan 0.2.2 or 0.3), "
+                         f"which this torchtitan lacks; set parallelism.expert_parallel_degree = 1")
+    return tuple(classes)
 
 
 class ExpertParallelGroupedExperts(nn.Module):
@@ -62,16 +80,24 @@ class ExpertParallelGroupedExperts(nn.Module):
     ep_rank: int
 
     def init_weights(self, *args, **kwargs) -> None:
-        """The experts' own init; inside :func:`full_experts`, on full stand-ins, keeping this
-        rank's rows of what it writes."""
+        """The experts' own init (0.2.2); inside :func:`full_experts`, on full stand-ins, keeping
+        this rank's rows of what it writes."""
+        with self._keeping_rows():
+            return super().init_weights(*args, **kwargs)
+
+    def _init_self_parameters(self) -> None:
+        """0.3's per-module init (``Module.init_states`` calls it), as :meth:`init_weights`."""
+        with self._keeping_rows():
+            return super()._init_self_parameters()
+
+    def _keeping_rows(self) -> contextlib.AbstractContextManager:
         held = self.__dict__.get("_ep_held")
         if held is None:
-            return super().init_weights(*args, **kwargs)
+            return contextlib.nullcontext()
         n_local = self.num_experts // self.ep_size
         lo = self.ep_rank * n_local
-        pairs = [(getattr(self, name), live, lo, lo + n_local) for name, live in held.items() if not live.is_meta]
-        with _KeepRows(pairs):
-            return super().init_weights(*args, **kwargs)
+        return _KeepRows([(getattr(self, name), live, lo, lo + n_local) for name, live in held.items()
+                          if not live.is_meta])
 
     def forward(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor) -> torch.Tensor:
         ep, n_local = self.ep_size, self.num_experts // self.ep_size
@@ -119,7 +145,7 @@ def shard_experts(model: nn.Module, ep_group: dist.ProcessGroup) -> set[str]:
             module holds DTensors already (torchtitan's own EP was applied).
     """
     ep_size, ep_rank = dist.get_world_size(ep_group), dist.get_rank(ep_group)
-    grouped = _grouped_experts_cls()
+    grouped = _grouped_experts_classes()
     sharded: set[str] = set()
     for prefix, module in model.named_modules():
         if not isinstance(module, grouped) or isinstance(module, ExpertParallelGroupedExperts):

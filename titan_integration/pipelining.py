@@ -340,8 +340,10 @@ def _check_parallel_dims(parallel_dims) -> None:
 
 def expert_replica_rows(parallel_dims) -> list[list[int]]:
     """Every expert data-parallel group of the world: torchtitan's ``dp_replicate x efsdp`` mesh,
-    the rows of its ``(pp, dp_replicate, efsdp, ep, etp)`` rank layout that vary the first two."""
-    pp, dpr, ep, etp = parallel_dims.pp, parallel_dims.dp_replicate, parallel_dims.ep, parallel_dims.etp
+    the rows of its ``(pp, dp_replicate, efsdp, ep, etp)`` rank layout that vary the first two
+    (0.3 has no expert TP: its sparse mesh is ``(pp, dp_replicate, efsdp, ep)``, etp = 1)."""
+    pp, dpr, ep = parallel_dims.pp, parallel_dims.dp_replicate, parallel_dims.ep
+    etp = getattr(parallel_dims, "etp", 1)
     efsdp = parallel_dims.dp_shard * parallel_dims.cp * parallel_dims.tp // (etp * ep)
     layout = torch.arange(parallel_dims.world_size).view(pp, dpr, efsdp, ep, etp)
     return layout.permute(0, 3, 4, 1, 2).reshape(-1, dpr * efsdp).tolist()

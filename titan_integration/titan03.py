@@ -38,6 +38,7 @@ import torch
 from torchtitan.trainer import Trainer
 
 from titan_integration import config as dpfx_config
+from titan_integration.clipping import use_replica_aware_clipping
 from titan_integration.config import DualPipeFx
 
 # 0.3's modules that did `from torchtitan.tools.utils import device_type, device_module`
@@ -47,7 +48,7 @@ _DEVICE_IMPORTERS_03 = ("torchtitan.tools.utils", "torchtitan.distributed.utils"
 
 
 def use_cpu_when_no_gpu_03() -> bool:
-    """titan_integration.cpu's items 1-5 and 9 for 0.3's module layout, and flex attention on
+    """titan_integration.cpu's items 1-5, 9 and 14 for 0.3's module layout, and flex attention on
     CPU; False with a GPU. CPU-only stand-ins, for 0.3 without PP and the pipeline alike:
 
     - flex's backward: torch refuses it in its Python wrapper although the op's dense
@@ -72,6 +73,7 @@ def use_cpu_when_no_gpu_03() -> bool:
         if hasattr(module, "device_module"):
             module.device_module = device_module
     cpu._fsdp_sums_on_gloo()
+    cpu.use_uneven_all_to_all_on_gloo()  # 0.3's own EP (spmd_types' uneven all_to_all) on gloo
     lift_flex_backward_check_on_cpu()
     FlexAttention._compiled_flex_attn = flex_attention
     return True
@@ -374,17 +376,31 @@ def _one_document_each(tokens: torch.Tensor) -> torch.Tensor:
 
 def validate(config) -> None:
     """0.2's checks on the 0.3 config (the ``dualpipe_fx`` keys, micro-batches, parallelism),
-    and what the 0.3 adapter does not run yet: expert parallelism."""
-    ep = config.parallelism.expert_parallel_degree  # first: 0.2's EP keys differ from 0.3's
-    if ep > 1:
-        raise ValueError(f"parallelism.expert_parallel_degree = {ep} with dualpipe_fx.enable on torchtitan "
-                         f"0.3: dualpipe_fx's expert parallelism shards 0.2.2's GroupedExperts "
-                         f"(titan_integration/expert_parallel.py), and 0.3's MoE dispatches through its "
-                         f"token_dispatcher, which it does not shard yet; set "
-                         f"parallelism.expert_parallel_degree = 1 (or run PP x EP on torchtitan 0.2.2)")
+    and with ``expert_parallel_degree > 1`` that the MoE layers dispatch through 0.3's standard
+    dispatcher (:func:`_check_token_dispatchers`)."""
+    if config.parallelism.expert_parallel_degree > 1:
+        _check_token_dispatchers(config.model_spec.model)
     view = job_config_view(config, training=config.training, parallelism=config.parallelism,
                            ac_config=config.activation_checkpoint)
     dpfx_config.validate_job_config(view)
+
+
+def _check_token_dispatchers(model_config) -> None:
+    """Expert parallelism under dualpipe_fx keeps 0.3's routing, its local reorder and combine
+    (the dispatcher of EP = 1) and does the exchange inside the experts
+    (:mod:`titan_integration.expert_parallel`): the same rows to the same experts in the same
+    order as 0.3's ``AllToAllTokenDispatcher`` (``moe_comm_backend="standard"``). DeepEP,
+    HybridEP and MinimalAsyncEP dispatch with their own kernels and buffers, outside what the
+    stage graphs trace."""
+    from torchtitan.models.common.token_dispatcher import AllToAllTokenDispatcher, LocalTokenDispatcher
+
+    for fqn, dispatcher, *_ in model_config.traverse(LocalTokenDispatcher.Config):
+        if type(dispatcher) not in (LocalTokenDispatcher.Config, AllToAllTokenDispatcher.Config):
+            raise ValueError(f"parallelism.expert_parallel_degree > 1 with dualpipe_fx.enable and the MoE token "
+                             f"dispatcher {type(dispatcher).__qualname__} at {fqn}: its dispatch/combine are "
+                             f"kernels outside the traced forward; build the model with the standard all_to_all "
+                             f"dispatcher (model_registry(..., moe_comm_backend=\"standard\"), "
+                             f"AllToAllTokenDispatcher), whose exchange runs inside the stage graphs")
 
 
 class DualPipeFxTrainer(Trainer):
@@ -400,6 +416,9 @@ class DualPipeFxTrainer(Trainer):
             fn = functools.partial(pipeline_dualpipe_fx_03, config=config)
             config.model_spec = dataclasses.replace(config.model_spec, pipelining_fn=fn)
             _allow_tied_weights(config.model_spec.model)
+            # grads on several meshes (EP's expert slices on "ep", the rest on the data-parallel
+            # mesh, which has no dim names: 0.3's EP clipping asserts them) and DualPipe's mirrors
+            use_replica_aware_clipping("torchtitan.trainer")
             # DualPipeFxSchedule broadcasts the loss to every rank: no "last rank only" warning
             importlib.import_module("torchtitan.trainer").ensure_pp_loss_visible = lambda **kwargs: None
         super().__init__(config)

@@ -8,7 +8,8 @@ checkpoint folder, so 0.3's checkpointer resumes from it. Each run is 0.3's
 ``torchtitan.train.main`` sequence (parse, build the trainer, train, close, destroy the
 process group) in a dump folder of its own (``OUT_DIR/name``); its process group gets a
 fresh TCP store on its own port (as in tests/titan/ac_runs.py). Rank r writes
-``OUT_DIR/rank{r}.json``: per run, the losses and grad norms 0.3 logged.
+``OUT_DIR/rank{r}.json``: per run, the losses and grad norms 0.3 logged, and for a run with
+expert parallelism under dualpipe_fx what the rank holds and traced (:func:`_expert_layout`).
 """
 import json
 import os
@@ -32,6 +33,28 @@ def _record_metrics(trainer, record: dict) -> None:
     trainer.metrics_processor.log = logged
 
 
+def _expert_layout(trainer) -> dict:
+    """This rank's routed-expert parameters (FQN -> local shape) and how many ``all_to_all``
+    nodes its stages' forward and input-backward graphs hold (dualpipe_fx's pipeline only)."""
+    from torch.distributed.tensor import DTensor
+
+    # 0.3's own run names its AC wrapper in the FQNs (named_parameters of the wrapped model)
+    experts = {fqn.replace("_checkpoint_wrapped_module.", ""):
+               list((p.to_local() if isinstance(p, DTensor) else p).shape)
+               for part in trainer.model_parts for fqn, p in part.named_parameters()
+               if ".inner_experts." in fqn}
+    schedule = getattr(getattr(trainer, "pp_schedule", None), "schedule", None)  # none without PP
+    pipeline = getattr(schedule, "pipeline", None)
+    if pipeline is None:
+        return {"experts": experts}
+    counts = {"forward": 0, "backward_input": 0}
+    for stage in pipeline.stages.values():
+        for kind in counts:
+            gm = getattr(stage.flat_graphs, kind).gm
+            counts[kind] += sum("all_to_all" in str(node.target) for node in gm.graph.nodes)
+    return {"experts": experts, "all_to_all": counts}
+
+
 def run(args: list[str], dump: str, port: str) -> dict:
     from torchtitan.config import ConfigManager
 
@@ -45,8 +68,13 @@ def run(args: list[str], dump: str, port: str) -> dict:
     trainer = config.build()
     record = {"losses": {}, "grad_norms": {}}
     try:
+        if config.checkpoint.create_seed_checkpoint:  # as 0.3's torchtitan.train.main does
+            trainer.checkpointer.save(curr_step=0, last_step=True)
+            return record
         _record_metrics(trainer, record)
         trainer.train()
+        if config.parallelism.expert_parallel_degree > 1:
+            record.update(_expert_layout(trainer))
     finally:
         trainer.close()
         if dist.is_initialized():

@@ -39,6 +39,10 @@ CONFIG_MODULE = ("--module", "titan_integration.titan03")
 CONFIGS = ("llama3_debugmodel", "qwen3_debugmodel")
 NO_PP = ("--dualpipe_fx.no-enable", "--parallelism.pipeline_parallel_degree", "1")
 CKPT = ("--checkpoint.enable", "--checkpoint.interval", "2")
+MOE = "deepseek_v3_debugmodel"
+# expert parallelism borrows the data-parallel shard ranks (0.3's EP x FSDP layout, efsdp = 1)
+EP = ("--config", MOE, "--parallelism.data_parallel_shard_degree", "2", "--parallelism.expert_parallel_degree", "2")
+SEED = ("--config", MOE, *NO_PP, "--checkpoint.enable", "--checkpoint.create_seed_checkpoint")
 RUN_TIMEOUT_S = 600
 
 
@@ -65,7 +69,8 @@ def _env(titan03_path: str) -> dict[str, str]:
 
 def run_jobs(titan03_path: str, nproc: int, out, runs: dict[str, list[str]]) -> dict[str, dict]:
     """``runs`` one after another in one torchrun job (tests/titan/runs03.py); ``{run: {losses,
-    grad_norms}}`` with int steps, checked equal over the ranks."""
+    grad_norms, ranks}}`` with int steps, losses and grad norms checked equal over the ranks;
+    ``ranks``: each rank's whole record (expert-parallel runs add what the rank holds)."""
     ports = ",".join(str(free_port()) for _ in runs)
     specs = [f"{name}:{','.join(flags)}" for name, flags in runs.items()]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
@@ -76,31 +81,49 @@ def run_jobs(titan03_path: str, nproc: int, out, runs: dict[str, list[str]]) -> 
                           timeout=RUN_TIMEOUT_S)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
-    assert all(r == ranks[0] for r in ranks), f"ranks disagree: {ranks}"
-    return {name: {key: {int(k): v for k, v in values.items()} for key, values in run.items()}
+    metrics = [{name: {key: run[key] for key in ("losses", "grad_norms")} for name, run in rank.items()}
+               for rank in ranks]
+    assert all(m == metrics[0] for m in metrics), f"ranks disagree: {metrics}"
+    return {name: {**{key: {int(k): v for k, v in run[key].items()} for key in ("losses", "grad_norms")},
+                   "ranks": [rank[name] for rank in ranks]}
             for name, run in ranks[0].items()}
 
 
 @pytest.fixture(scope="module")
 def no_pp(titan03_path, tmp_path_factory):
-    """0.3's own runs without PP (1 rank): every config; llama3 saves checkpoints at steps 2 and 3."""
+    """0.3's own runs without PP (1 rank): every config; llama3 saves checkpoints at steps 2 and 3;
+    deepseek_v3's seed checkpoint (0.3's ``create_seed_checkpoint``: the unsplit init)."""
     out = tmp_path_factory.mktemp("no_pp")
     runs = {name: ["--config", name, *NO_PP] for name in CONFIGS}
     runs["llama3_debugmodel"] += CKPT
+    runs["seed"] = list(SEED)
     return out, run_jobs(titan03_path, 1, out, runs)
 
 
 @pytest.fixture(scope="module")
 def pipelined(titan03_path, no_pp, tmp_path_factory):
     """2 ranks, DualPipeV: every config; llama3 saving checkpoints, resumed from its own step 2,
-    and resumed from 0.3's step 2 without PP."""
+    and resumed from 0.3's step 2 without PP. First, 0.3's own EP=2 run of deepseek_v3 without PP
+    (FSDP x EP, from the seed checkpoint: 0.3's sharded init draws other values on CPU) -- first,
+    so that it runs before any dualpipe_fx trainer installs its clipping in these processes."""
     out = tmp_path_factory.mktemp("dualpipev")
-    runs = {name: ["--config", name] for name in CONFIGS}
+    seed = no_pp[0] / "seed" / "checkpoint" / "step-0"
+    runs = {"ep_no_pp": [*EP, *NO_PP, "--checkpoint.enable", "--checkpoint.load_only",
+                         "--checkpoint.initial_load_path", str(seed)]}
+    runs.update({name: ["--config", name] for name in CONFIGS})
     llama = ["--config", "llama3_debugmodel", *CKPT]
     runs["llama3_debugmodel"] = llama
     runs["resumed"] = [*llama, "--resume-from", str(out / "llama3_debugmodel" / "checkpoint" / "step-2")]
     runs["from_no_pp"] = [*llama, "--resume-from", str(no_pp[0] / "llama3_debugmodel" / "checkpoint" / "step-2")]
     return out, run_jobs(titan03_path, 2, out, runs)
+
+
+@pytest.fixture(scope="module")
+def pp_ep(titan03_path, tmp_path_factory):
+    """4 ranks: deepseek_v3 under DualPipeV with PP=2 x EP=2, from its own init (each rank keeps
+    its expert rows of the unsplit init, which the seed checkpoint holds)."""
+    out = tmp_path_factory.mktemp("pp_ep")
+    return run_jobs(titan03_path, 4, out, {"pp_ep": list(EP)})["pp_ep"]
 
 
 def _model_state(checkpoint) -> dict:
@@ -144,15 +167,18 @@ for batch in (1, 2, 3) * 10:  # random document layouts; positions restart at 0 
     same.append(torch.equal(dense, mask(theirs(positions), batch)))
     per_sample += [torch.equal(dense[b:b + 1], mask(ours(positions[b:b + 1]), 1)) for b in range(batch)]
 from titan_integration import titan03
-moe = titan03.deepseek_v3_debugmodel()
-moe.parallelism.expert_parallel_degree = 2
-try:
-    titan03.validate(moe)
-    refusal = None
-except ValueError as err:
-    refusal = str(err)
+from torchtitan.models.deepseek_v3 import config_registry
+refusals = []
+for moe in (titan03.deepseek_v3_debugmodel(), titan03.with_dualpipe_fx(config_registry.deepseek_v3_debugmodel_hybridep())):
+    moe.parallelism.expert_parallel_degree = 2
+    moe.parallelism.data_parallel_shard_degree = 2
+    try:
+        titan03.validate(moe)
+        refusals.append(None)
+    except ValueError as err:
+        refusals.append(str(err))
 print(json.dumps({"type": type(config).__qualname__, "dualpipe_fx": dataclasses.asdict(config.dualpipe_fx),
-                  "masks_equal_0_3": all(same), "masks_per_sample": all(per_sample), "ep_refusal": refusal}))
+                  "masks_equal_0_3": all(same), "masks_per_sample": all(per_sample), "ep_refusals": refusals}))
 """
 
 
@@ -183,10 +209,12 @@ def test_document_masks_are_0_3s_and_split_per_sample(probe):
     assert probe["masks_equal_0_3"] and probe["masks_per_sample"], probe
 
 
-def test_expert_parallelism_is_refused_naming_the_key(probe):
-    """0.3 with expert_parallel_degree > 1 is refused before the trainer starts, naming the key."""
-    assert probe["ep_refusal"] and "parallelism.expert_parallel_degree = 2" in probe["ep_refusal"], probe
-    assert "expert_parallel_degree = 1" in probe["ep_refusal"], probe
+def test_expert_parallelism_validates_with_the_standard_dispatcher_only(probe):
+    """0.3's deepseek_v3 with expert_parallel_degree = 2 passes validation (its standard all_to_all
+    dispatcher); the HybridEP dispatcher's config is refused before the trainer starts, naming it."""
+    standard, hybridep = probe["ep_refusals"]
+    assert standard is None, standard
+    assert hybridep and "HybridEPTokenDispatcher" in hybridep and 'moe_comm_backend="standard"' in hybridep, hybridep
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -220,3 +248,24 @@ def test_checkpoint_resumes_bitwise_and_cross_loads_with_0_3(no_pp, pipelined):
     assert all(torch.equal(ours[k], again[k]) for k in ours), [k for k in ours if not torch.equal(ours[k], again[k])]
     for key in ("losses", "grad_norms"):
         assert crossed[key][STEPS] == pytest.approx(base["llama3_debugmodel"][key][STEPS], rel=1e-5, abs=1e-6)
+
+
+def test_pp2_x_ep2_equals_0_3s_own_ep2_without_pp(pipelined, pp_ep):
+    """deepseek_v3 (MoE, load balancing, flex, chunked loss, selective AC) on 4 gloo ranks,
+    DualPipeV with PP=2 x EP=2, vs 0.3's own EP=2 run without PP (FSDP x EP on 2 ranks) from the
+    seed checkpoint: the same loss and grad norm at every step. Each rank holds its half of every
+    routed expert it has (the EP rows), and the dispatch/combine all_to_all are in its stage
+    graphs (forward, and their reverse in the input backward)."""
+    reference = pipelined[1]["ep_no_pp"]
+    print(f"PP=2 x EP=2 losses {pp_ep['losses']} grad norms {pp_ep['grad_norms']}; 0.3 EP=2 without PP "
+          f"losses {reference['losses']} grad norms {reference['grad_norms']}")
+    assert sorted(reference["losses"]) == sorted(pp_ep["losses"]) == list(range(1, STEPS + 1)), (reference, pp_ep)
+    for key in ("losses", "grad_norms"):
+        for step, value in reference[key].items():
+            assert pp_ep[key][step] == pytest.approx(value, rel=1e-5, abs=1e-6), (key, step, pp_ep, reference)
+    full = {fqn: shape for rank in reference["ranks"] for fqn, shape in rank["experts"].items()}
+    for rank in pp_ep["ranks"]:
+        assert rank["experts"], rank  # DualPipeV: every rank holds MoE layers
+        for fqn, shape in rank["experts"].items():
+            assert shape == full[fqn], (fqn, shape, full[fqn])  # 0.3's own EP shard: E / 2 rows
+        assert rank["all_to_all"]["forward"] > 0 and rank["all_to_all"]["backward_input"] > 0, rank
