@@ -351,18 +351,20 @@ class _Pipeline:
         return self.plan_memory()
 
 
+def _rank_tensors(program: Program, values: Mapping[int, Mapping[str, torch.Tensor]]) -> dict[int, dict]:
+    """Per rank, ``{name: traced value}`` of the parameters and buffers of its model parts."""
+    place = program.stage_to_rank()
+    parts = {r: {program.model_part(s) for s, q in place.items() if q == r} for r in sorted(program)}
+    return {r: {n: t for k in ks for n, t in values[k].items()} for r, ks in parts.items()}
+
+
 def _kept_bytes(program: Program, values: Mapping[int, Mapping[str, torch.Tensor]], trainable: set, optimizer,
                 experts: Optional[_Experts]) -> dict[int, tuple[int, int]]:
     """Per rank, the params, grads and optimizer state of its parts (non-expert, expert)."""
-    place = program.stage_to_rank()
     is_e = experts.is_expert if experts is not None else (lambda n: False)
-    out = {}
-    for r in sorted(program):
-        parts = {program.model_part(s) for s, q in place.items() if q == r}
-        named = {n: t for k in parts for n, t in values[k].items()}
-        out[r] = tuple(_kept([(t, n in trainable) for n, t in named.items() if is_e(n) == e], optimizer)
-                       for e in (False, True))
-    return out
+    return {r: tuple(_kept([(t, n in trainable) for n, t in named.items() if is_e(n) == e], optimizer)
+                     for e in (False, True))
+            for r, named in _rank_tensors(program, values).items()}
 
 
 def _kept(tensors: list, optimizer) -> int:
@@ -390,13 +392,8 @@ def _expert_bytes(program: Program, values: Mapping[int, Mapping[str, torch.Tens
                   experts: Optional[_Experts]) -> dict[int, int]:
     if experts is None:
         return {}
-    place = program.stage_to_rank()
-    out = {}
-    for r in sorted(program):
-        parts = {program.model_part(s) for s, q in place.items() if q == r}
-        named = {n: t for k in parts for n, t in values[k].items() if experts.is_expert(n)}
-        out[r] = sum(t.numel() * t.element_size() for t in named.values())
-    return out
+    return {r: sum(t.numel() * t.element_size() for n, t in named.items() if experts.is_expert(n))
+            for r, named in _rank_tensors(program, values).items()}
 
 
 def stage_costs(pipe: _Pipeline, device: DeviceModel, network: NetworkModel, ep: int = 1,
