@@ -99,12 +99,11 @@ def exposed_seconds(memory: MemoryPlan, dp: int, mode: str, network: NetworkMode
     worst = 0.0
     for rank in memory.ranks:
         (p, g, _), (_, ep_g, _) = _split(rank, (expert_bytes or {}).get(rank.rank, 0))
-        stages = max(len(rank.stages), 1)
-        wait = network.ring_seconds(g // stages, dp, 2 if mode == "replicate" else 1)
-        if ep_g:
-            wait += network.ring_seconds(ep_g // ep // stages, dp // ep) if dp // ep > 1 else 0.0
+        wait = network.ring_seconds(_per_stage(rank, g), dp, 2 if mode == "replicate" else 1)
+        if ep_g and dp // ep > 1:
+            wait += network.ring_seconds(_per_stage(rank, ep_g // ep), dp // ep)
         if mode != "replicate":
-            wait += network.ring_seconds(p // stages, dp, 1)
+            wait += network.ring_seconds(_per_stage(rank, p), dp, 1)
         worst = max(worst, wait)
     return worst
 
