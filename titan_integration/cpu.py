@@ -238,7 +238,7 @@ class GlooAllToAllDist:
 
 
 def use_uneven_all_to_all_on_gloo() -> None:
-    """Item 14: spmd_types' collectives (torchtitan 0.3) call :class:`GlooAllToAllDist`."""
+    """Item 15: spmd_types' collectives (torchtitan 0.3) call :class:`GlooAllToAllDist`."""
     spmd_dist = importlib.import_module("spmd_types._dist")
     if not isinstance(spmd_dist.dist, GlooAllToAllDist):
         spmd_dist.set_dist(GlooAllToAllDist())

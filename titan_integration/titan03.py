@@ -48,7 +48,7 @@ _DEVICE_IMPORTERS_03 = ("torchtitan.tools.utils", "torchtitan.distributed.utils"
 
 
 def use_cpu_when_no_gpu_03() -> bool:
-    """titan_integration.cpu's items 1-5, 9 and 14 for 0.3's module layout, and flex attention on
+    """titan_integration.cpu's items 1-5, 9 and 15 for 0.3's module layout, and flex attention on
     CPU; False with a GPU. CPU-only stand-ins, for 0.3 without PP and the pipeline alike:
 
     - flex's backward: torch refuses it in its Python wrapper although the op's dense
